@@ -1,0 +1,24 @@
+"""Plain-PyTorch LoRA linear: the definition of correct that every backend is tested against."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def lora_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    backend: str = "torch",
+) -> torch.Tensor:
+    """y = x W^T + b + s * (drop(x) A^T) B^T, written the obvious way (autograd does backward)."""
+    del backend
+    base = F.linear(x, weight, bias)
+    dropped = F.dropout(x, p=dropout_p, training=training) if dropout_p > 0 else x
+    return base + scaling * F.linear(F.linear(dropped, lora_a), lora_b)

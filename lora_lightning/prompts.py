@@ -1,0 +1,103 @@
+"""Prompts: the paper's chat format, few-shot sets and loss-masked training examples.
+
+Every prompt goes through the tokenizer's own chat template, so the same code serves
+Llama-3.1-8B-Instruct and the synthetic world's tiny model.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Literal
+
+from lora_lightning.facts import Fact
+
+SYSTEM_PROMPT = "Answer the following question."
+IGNORE_INDEX = -100
+LossOn = Literal["answer", "all"]
+
+
+def user_turn(question: str) -> dict[str, str]:
+    return {"role": "user", "content": f"Question: {question}"}
+
+
+def assistant_turn(answer: str) -> dict[str, str]:
+    return {"role": "assistant", "content": f"Answer: {answer}"}
+
+
+def qa_messages(question: str, answer: str | None = None) -> list[dict[str, str]]:
+    """Zero-shot conversation (the training format); with `answer`, the assistant turn too."""
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, user_turn(question)]
+    if answer is not None:
+        messages.append(assistant_turn(answer))
+    return messages
+
+
+def fewshot_messages(question: str, shots: Sequence[Fact]) -> list[dict[str, str]]:
+    """System prompt, one user/assistant pair per shot, then the question (SliCK's probe)."""
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}]
+    for shot in shots:
+        messages += [user_turn(shot.question), assistant_turn(shot.answer)]
+    messages.append(user_turn(question))
+    return messages
+
+
+def build_fewshot_sets(
+    pool: Sequence[Fact], n_exp: int = 10, n_shot: int = 4, seed: int = 0
+) -> list[list[Fact]]:
+    """`n_exp` sets of `n_shot` distinct pool facts; the same seed always gives the same sets."""
+    if len(pool) < n_shot:
+        raise ValueError(f"few-shot pool has {len(pool)} facts, fewer than n_shot={n_shot}")
+    rng = random.Random(seed)
+    return [rng.sample(list(pool), n_shot) for _ in range(n_exp)]
+
+
+def render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    """Render messages as text with the tokenizer's chat template."""
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def extract_answer(generated: str) -> str:
+    """The answer a model generated: first line, without the "Answer:" prefix."""
+    text = generated.strip()
+    if text.lower().startswith("answer:"):
+        text = text[len("answer:") :]
+    return text.strip().split("\n", 1)[0].strip()
+
+
+def encode_example(
+    tokenizer,
+    question: str,
+    answer: str,
+    max_length: int,
+    loss_on: LossOn = "answer",
+) -> dict[str, list[int]]:
+    """Token ids and labels for one zero-shot training conversation.
+
+    With `loss_on="answer"` only the assistant turn (from "Answer:" through the end-of-turn
+    marker) carries loss; `"all"` puts it on every token, as the paper's released script does.
+    Positions are found with the fast tokenizer's character offsets, so the mask is exact even
+    where a prompt/answer split would tokenize differently on its own.
+    """
+    prompt = render(tokenizer, qa_messages(question), add_generation_prompt=True)
+    full = render(tokenizer, qa_messages(question, answer), add_generation_prompt=False)
+    if not full.startswith(prompt):
+        raise ValueError("chat template does not render the prompt as a prefix of the conversation")
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = enc["input_ids"]
+    if loss_on == "all":
+        labels = list(ids)
+    elif loss_on == "answer":
+        labels = [
+            tok if end > len(prompt) else IGNORE_INDEX
+            for tok, (_, end) in zip(ids, enc["offset_mapping"])
+        ]
+    else:
+        raise ValueError(f"loss_on must be 'answer' or 'all', got {loss_on!r}")
+    if len(ids) > max_length:
+        raise ValueError(
+            f"example of {len(ids)} tokens exceeds max_length={max_length}: {question!r}"
+        )
+    return {"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)}
