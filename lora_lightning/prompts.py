@@ -92,7 +92,7 @@ def encode_example(
     elif loss_on == "answer":
         labels = [
             tok if end > len(prompt) else IGNORE_INDEX
-            for tok, (_, end) in zip(ids, enc["offset_mapping"])
+            for tok, (_, end) in zip(ids, enc["offset_mapping"], strict=True)
         ]
     else:
         raise ValueError(f"loss_on must be 'answer' or 'all', got {loss_on!r}")

@@ -28,8 +28,9 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_transformers_does_not_mistake_our_kernels_for_hf_kernels():
-    import kernels  # noqa: F401  (ours, importable)
     from transformers.utils.import_utils import is_kernels_available
+
+    import kernels
 
     assert kernels.__file__.startswith(str(ROOT))
     assert is_kernels_available() is False
