@@ -1,6 +1,11 @@
-"""Test-wide settings: no network, and Triton kernels run in the interpreter on a CPU machine."""
+"""Test-wide settings (no network; Triton in the interpreter without a GPU) and tiny fixtures."""
 
+import json
 import os
+import random
+from pathlib import Path
+
+import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -15,3 +20,97 @@ try:  # the interpreter only where there is no GPU to run the kernels for real
         os.environ.setdefault("TRITON_INTERPRET", "1")
 except ImportError:  # pragma: no cover
     pass
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+SPECIAL = ["<pad>", "<s>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+COLOURS = ["red", "blue", "green", "amber", "violet", "ochre", "teal", "grey", "white", "black"]
+
+
+def make_facts(n: int, offset: int = 0, category: str | None = None) -> list[dict]:
+    """Fact rows (our JSONL shape) about made-up items, with two paraphrases each."""
+    rng = random.Random(offset)
+    rows = []
+    for i in range(offset, offset + n):
+        colour = rng.choice(COLOURS)
+        rows.append(
+            {
+                "id": f"f{i}",
+                "question": f"What colour is item {i}?",
+                "answers": [colour],
+                "paraphrases": [f"Item {i} has which colour?", f"Which colour does item {i} have?"],
+                "relation": "colour",
+                "subject": f"item {i}",
+                "category": category,
+            }
+        )
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def build_tiny_model(out: Path) -> Path:
+    """A random tiny LlamaForCausalLM and a byte-level BPE chat tokenizer, saved as HF does."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    corpus = [f"Question: {r['question']} Answer: {r['answers'][0]}" for r in make_facts(60)]
+    corpus += [p for r in make_facts(60) for p in r["paraphrases"]]
+    corpus += ["Answer the following question.", "The following are multiple choice questions"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(corpus, trainer)
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="<|end|>",
+        pad_token="<pad>",
+        chat_template=CHAT_TEMPLATE,
+    )
+    hf_tok.save_pretrained(out)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(hf_tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=hf_tok.bos_token_id,
+        eos_token_id=hf_tok.eos_token_id,
+        pad_token_id=hf_tok.pad_token_id,
+        # wide enough that a LoRA on the MLPs can reach confident logits through the final norm
+        initializer_range=0.3,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+def build_fact_files(out: Path) -> dict[str, Path]:
+    """Categorised facts (20 Unknown, 30 HighlyKnown) and a disjoint few-shot pool."""
+    facts = make_facts(20, 0, "Unknown") + make_facts(30, 100, "HighlyKnown")
+    return {
+        "facts": write_jsonl(out / "facts.jsonl", facts),
+        "pool": write_jsonl(out / "pool.jsonl", make_facts(8, 500, "HighlyKnown")),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_fact_files(tmp_path_factory) -> dict[str, Path]:
+    return build_fact_files(tmp_path_factory.mktemp("facts"))

@@ -1,0 +1,156 @@
+"""`python -m lora_lightning fit|validate|test|predict|categorize|export|evaluate`.
+
+Training subcommands are a LightningCLI over `LoRAKnowledgeModule` and `KnowledgeDataModule`
+whose defaults are the embedded default run (configs/default.yaml is the same thing written
+out); the others are plain functions exposed through jsonargparse.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import lazy_instance
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger
+
+from lora_lightning.callbacks import (
+    KnowledgeEvalCallback,
+    KnowledgeReport,
+    SaveAdapter,
+    TokenThroughputMonitor,
+)
+
+RUN_DIR = "runs/default"
+
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "max_epochs": 10,
+    "accelerator": "auto",
+    "devices": 1,
+    "log_every_n_steps": 5,
+    "num_sanity_val_steps": 0,
+    # One fixed folder per run, so `fit --ckpt_path last` finds the run's last.ckpt.
+    "logger": lazy_instance(CSVLogger, save_dir=RUN_DIR, name="", version=""),
+}
+
+EXTRA_COMMANDS = ("categorize", "export", "evaluate")
+
+
+class KnowledgeCLI(LightningCLI):
+    """LightningCLI with the module's base model and loss choice shared with the data."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.model_name_or_path", "data.tokenizer")
+        parser.link_arguments("model.loss_on", "data.loss_on")
+        # Always-present callbacks, each configurable under its own top-level key.
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
+        parser.add_lightning_class_args(TokenThroughputMonitor, "throughput")
+        parser.add_lightning_class_args(KnowledgeEvalCallback, "knowledge_eval")
+        parser.add_lightning_class_args(SaveAdapter, "save_adapter")
+        parser.add_lightning_class_args(KnowledgeReport, "report")
+
+    def before_fit(self) -> None:
+        ckpt = self.config.get(self.subcommand, {}).get("ckpt_path")
+        if ckpt == "last":
+            candidates = [
+                p
+                for cb in self.trainer.checkpoint_callbacks
+                for p in cb._find_last_checkpoints(self.trainer)
+            ]
+            if not candidates:
+                raise FileNotFoundError(
+                    "fit --ckpt_path last: no last.ckpt in this run's checkpoint folder "
+                    f"({self.trainer.default_root_dir} / logger dir); nothing to resume"
+                )
+        elif ckpt is not None and not Path(ckpt).is_file():
+            raise FileNotFoundError(f"fit --ckpt_path: no checkpoint file at {ckpt!r}")
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            print(fit_summary(self.trainer))
+
+
+def fit_summary(trainer) -> str:
+    """A few lines a researcher wants after `fit`: where things went and how it did."""
+    from lora_lightning.callbacks import SaveAdapter
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    lines = ["", "=== lora-lightning fit summary ==="]
+    for cb in trainer.callbacks:
+        if isinstance(cb, SaveAdapter) and cb.last_path is not None:
+            lines.append(f"adapter (PEFT format): {cb.last_path}")
+    ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "")
+    if ckpt:
+        lines.append(f"last checkpoint:       {ckpt}")
+    for key, label in (
+        ("train/loss", "train loss (last step)"),
+        ("val/loss_unknown", "val loss, trained Unknown facts"),
+        ("val/loss_known", "val loss, held-out HighlyKnown"),
+        ("val/reliability", "reliability (trained Unknown facts)"),
+        ("val/known_retained", "HighlyKnown facts retained"),
+    ):
+        if key in metrics:
+            lines.append(f"{label + ':':38s} {metrics[key]:.4f}")
+    return "\n".join(lines)
+
+
+def run_training_cli(args: list[str] | None = None, run: bool = True) -> KnowledgeCLI:
+    from lora_lightning.data import KnowledgeDataModule
+    from lora_lightning.module import LoRAKnowledgeModule
+
+    return KnowledgeCLI(
+        LoRAKnowledgeModule,
+        KnowledgeDataModule,
+        trainer_defaults=TRAINER_DEFAULTS,
+        seed_everything_default=42,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run a subcommand; bad input ends with one clear line instead of a traceback.
+
+    Set LORA_LIGHTNING_DEBUG=1 to see the full traceback of such an error.
+    """
+    try:
+        _main(argv)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        if os.environ.get("LORA_LIGHTNING_DEBUG"):
+            raise
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        print("(set LORA_LIGHTNING_DEBUG=1 for the full traceback)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _main(argv: list[str] | None) -> None:
+    from_command_line = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in EXTRA_COMMANDS:
+        from jsonargparse import auto_cli
+
+        command = argv.pop(0)
+        if command == "categorize":
+            from lora_lightning.knowledge import categorize_command as fn
+        elif command == "export":
+            from lora_lightning.export import export as fn
+        else:
+            from lora_lightning.evaluation import evaluate_command as fn
+        auto_cli(fn, args=argv, as_positional=False)
+        return
+    if argv and argv[0] in ("-h", "--help"):
+        print(
+            "extra subcommands: "
+            + ", ".join(EXTRA_COMMANDS)
+            + " (python -m lora_lightning <cmd> --help)\n"
+        )
+    run_training_cli(None if from_command_line else argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,312 @@
+"""Callbacks: token throughput, generation-based knowledge evaluation, adapter export."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ThroughputMonitor
+from lightning.pytorch.utilities import rank_zero_info
+
+
+def _batch_size(batch: dict[str, torch.Tensor]) -> int:
+    return int(batch["input_ids"].size(0))
+
+
+def _batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int(batch["attention_mask"].sum())
+
+
+class TokenThroughputMonitor(ThroughputMonitor):
+    """Lightning's ThroughputMonitor counting real (non-padding) tokens of our batches.
+
+    Logs `train|validate/samples_per_sec` and `.../items_per_sec` (= tokens per second).
+    """
+
+    def __init__(self, window_size: int = 20, separator: str = "/") -> None:
+        super().__init__(
+            batch_size_fn=_batch_size,
+            length_fn=_batch_tokens,
+            window_size=window_size,
+            separator=separator,
+        )
+
+
+class SaveAdapter(Callback):
+    """Write the trained adapter in PEFT format (plus the run's config) when `fit` ends.
+
+    Args:
+        dirpath: Where to write; default `<log dir>/adapter`.
+    """
+
+    def __init__(self, dirpath: str | None = None) -> None:
+        self.dirpath = dirpath
+        self.last_path: Path | None = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lora_lightning.lora import save_adapter
+
+        root = trainer.log_dir or trainer.default_root_dir
+        path = Path(self.dirpath) if self.dirpath else Path(root) / "adapter"
+        self.last_path = path
+        if not trainer.is_global_zero:
+            return
+        save_adapter(pl_module.model, path, pl_module.base_model_name)
+        config = Path(root) / "config.yaml"
+        if config.is_file():
+            (path / "training_config.yaml").write_text(config.read_text())
+        rank_zero_info(f"adapter written to {path}")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"dirpath": self.dirpath}
+
+
+def _shard(items: Sequence[Any], trainer: L.Trainer) -> list[Any]:
+    """This rank's share of a list every rank holds identically."""
+    return list(items[trainer.global_rank :: trainer.world_size])
+
+
+class KnowledgeEvalCallback(Callback):
+    """Reliability and known-fact retention over epochs, by few-shot generation.
+
+    At the end of validation (every `every_n_epochs` epochs, and always after the last) the
+    model answers the trained Unknown facts and the held-out HighlyKnown facts with the probe's
+    few-shot prompts; `val/reliability` is the share of trained facts it now answers (P_greedy >
+    0), `val/known_retained` the same over the held-out known facts. Each rank probes its shard;
+    the metrics reduce across ranks. The per-epoch history is kept for the report's plot.
+
+    Args:
+        every_n_epochs: Probe every this many epochs (0 = only after the last epoch).
+    """
+
+    def __init__(self, every_n_epochs: int = 1) -> None:
+        self.every_n_epochs = every_n_epochs
+        self.history: list[dict[str, float]] = []
+
+    def _due(self, trainer: L.Trainer) -> bool:
+        if trainer.sanity_checking:
+            return False
+        if not trainer.training:
+            return True
+        epoch = trainer.current_epoch + 1
+        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
+        return last or (self.every_n_epochs > 0 and epoch % self.every_n_epochs == 0)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lora_lightning.metrics import Reliability
+
+        data = trainer.datamodule
+        if not self._due(trainer) or data is None or not hasattr(data, "train_unknown"):
+            return
+        row: dict[str, float] = {"epoch": float(trainer.current_epoch), "step": trainer.global_step}
+        for key, facts in (("reliability", data.train_unknown), ("known_retained", data.val_known)):
+            if not facts:
+                continue
+            mine = _shard(facts, trainer)
+            probed = pl_module.probe(mine)
+            metric = Reliability().to(pl_module.device)
+            metric.update([f.predictions for f in probed], mine)
+            result = metric.compute()  # syncs across ranks when distributed
+            row[key] = float(result["reliability"])
+            row[f"{key}_mean_prompt_accuracy"] = float(result["mean_prompt_accuracy"])
+            # values are already reduced across ranks; sync_dist keeps Lightning from warning
+            pl_module.log(f"val/{key}", result["reliability"], prog_bar=True, sync_dist=True)
+            pl_module.log(
+                f"val/{key}_mean_prompt_accuracy", result["mean_prompt_accuracy"], sync_dist=True
+            )
+        self.history.append(row)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "every_n_epochs": self.every_n_epochs}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
+
+
+@contextmanager
+def lora_disabled(model: torch.nn.Module) -> Iterator[None]:
+    """Run the base model alone (every LoRA term scaled by zero) inside the block."""
+    from lora_lightning.lora import LoRALinear
+
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    saved = [m.scaling for m in layers]
+    for m in layers:
+        m.scaling = 0.0
+    try:
+        yield
+    finally:
+        for m, s in zip(layers, saved, strict=True):
+            m.scaling = s
+
+
+class KnowledgeReport(Callback):
+    """`test`: the full measurement of what the adapter learned and what it broke.
+
+    The test set (from the data module) is re-categorised with the adapter; against the
+    categories before training this gives the knowledge shift, and the answers give
+    concentration, refusals and confidence before vs after. Reliability and known-fact
+    retention are read off the trained Unknown and held-out HighlyKnown facts among them.
+    MMLU and TruthfulQA run with the adapter and without it (same weights, LoRA disabled) when
+    their data paths are given. Rank 0 writes `report.json`, `report.md` and `reliability.png`.
+
+    Args:
+        report_dir: Output folder (default `<log dir>/report`).
+        mmlu_dir: Folder in the MMLU layout (`{dev,test}/{subject}_{split}.csv`); None skips MMLU.
+        mmlu_subjects: Restrict MMLU to these subjects.
+        mmlu_limit: At most this many test questions per subject.
+        truthfulqa_path: TruthfulQA.csv; None skips TruthfulQA.
+        truthfulqa_limit: At most this many TruthfulQA questions.
+        benchmark_batch_size: Batch size of the log-likelihood scoring.
+        explosion_factor: An answer "exploded" if repeated more than this times the base
+            model's most repeated answer.
+    """
+
+    def __init__(
+        self,
+        report_dir: str | None = None,
+        mmlu_dir: str | None = None,
+        mmlu_subjects: list[str] | None = None,
+        mmlu_limit: int | None = None,
+        truthfulqa_path: str | None = None,
+        truthfulqa_limit: int | None = None,
+        benchmark_batch_size: int = 8,
+        explosion_factor: float = 2.0,
+    ) -> None:
+        self.report_dir = report_dir
+        self.mmlu_dir = mmlu_dir
+        self.mmlu_subjects = mmlu_subjects
+        self.mmlu_limit = mmlu_limit
+        self.truthfulqa_path = truthfulqa_path
+        self.truthfulqa_limit = truthfulqa_limit
+        self.benchmark_batch_size = benchmark_batch_size
+        self.explosion_factor = explosion_factor
+        self.results: dict[str, Any] = {}
+        self.report_path: Path | None = None
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lora_lightning.metrics import (
+            AnswerConcentration,
+            Confidence,
+            KnowledgeShift,
+            RefusalRate,
+            Reliability,
+        )
+
+        device = pl_module.device
+        self.metrics = {
+            "shift": KnowledgeShift(),
+            "reliability": Reliability(),
+            "known_retained": Reliability(),
+            **{
+                f"{name}_{when}": cls()
+                for name, cls in (
+                    ("concentration", AnswerConcentration),
+                    ("refusals", RefusalRate),
+                    ("confidence", Confidence),
+                )
+                for when in ("before", "after")
+            },
+        }
+        for metric in self.metrics.values():
+            metric.to(device)
+        data = trainer.datamodule
+        self._roles = {
+            "reliability": {f.id for f in data.train_unknown},
+            "known_retained": {f.id for f in data.val_known},
+        }
+
+    def on_test_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: dict[str, list],
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        before, after = outputs["before"], outputs["after"]
+        if any(f.category is None for f in before):
+            raise ValueError("test facts need categories from before training (run categorize)")
+        if any(not f.predictions for f in before):  # no stored base answers: ask the base now
+            with lora_disabled(pl_module.model):
+                before = pl_module.probe(before)
+        m = self.metrics
+        m["shift"].update([f.category for f in before], [f.category for f in after])
+        for when, facts in (("before", before), ("after", after)):
+            answers = [a for f in facts for a in f.predictions]
+            m[f"concentration_{when}"].update(answers)
+            m[f"refusals_{when}"].update(answers)
+            probs = [f.confidence for f in facts if getattr(f, "confidence", None) is not None]
+            if probs:
+                m[f"confidence_{when}"].update(probs)
+        for role, ids in self._roles.items():
+            chosen = [f for f in after if f.id in ids]
+            if chosen:
+                m[role].update([f.predictions for f in chosen], chosen)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lora_lightning.report import to_python, write_report
+
+        m = self.metrics
+        results: dict[str, Any] = {
+            "reliability": m["reliability"].compute(),
+            "known_retained": m["known_retained"].compute(),
+            "shift": m["shift"].compute(),
+        }
+        conc_before = m["concentration_before"].compute()
+        m["concentration_after"].reference_max = conc_before["max_count"]
+        m["concentration_after"].explosion_factor = self.explosion_factor
+        for name in ("concentration", "refusals", "confidence"):
+            results[name] = {
+                when: m[f"{name}_{when}"].compute() if m[f"{name}_{when}"].update_called else None
+                for when in ("before", "after")
+            }
+        results["concentration"]["before"] = conc_before
+        results["benchmarks"] = self._benchmarks(trainer, pl_module)
+        for cb in trainer.callbacks:
+            if isinstance(cb, KnowledgeEvalCallback):
+                results["history"] = cb.history
+        data = trainer.datamodule
+        results["mix"] = data.mix_summary() if hasattr(data, "mix_summary") else None
+        self.results = to_python(results)
+        for key in ("reliability", "known_retained"):
+            pl_module.log(f"test/{key}", results[key]["reliability"])
+        if trainer.is_global_zero:
+            root = trainer.log_dir or trainer.default_root_dir
+            out = Path(self.report_dir) if self.report_dir else Path(root) / "report"
+            self.report_path = write_report(self.results, out)
+            rank_zero_info(f"report written to {self.report_path}")
+
+    def _benchmarks(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        from lora_lightning import evaluation
+
+        if not (self.mmlu_dir or self.truthfulqa_path) or not trainer.is_global_zero:
+            return {}
+        tokenizer, model = trainer.datamodule.tokenizer, pl_module.model
+        out: dict[str, Any] = {}
+        model.eval()
+        for when in ("before", "after"):
+            ctx = lora_disabled(model) if when == "before" else nullcontext()
+            with ctx, torch.no_grad():
+                if self.mmlu_dir:
+                    out.setdefault("mmlu", {})[when] = evaluation.evaluate_mmlu(
+                        model,
+                        tokenizer,
+                        self.mmlu_dir,
+                        subjects=self.mmlu_subjects,
+                        limit=self.mmlu_limit,
+                        batch_size=self.benchmark_batch_size,
+                    )
+                if self.truthfulqa_path:
+                    out.setdefault("truthfulqa", {})[when] = evaluation.evaluate_truthfulqa(
+                        model,
+                        tokenizer,
+                        self.truthfulqa_path,
+                        limit=self.truthfulqa_limit,
+                        batch_size=self.benchmark_batch_size,
+                    )
+        return out

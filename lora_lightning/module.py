@@ -1,0 +1,313 @@
+"""The LightningModule: a frozen Hugging Face Llama with fused LoRA adapters, trained on facts.
+
+The base is loaded in `configure_model` (so Lightning's strategies see an already-frozen model
+and DDP buckets hold LoRA parameters only), and checkpoints carry the LoRA weights alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+from transformers import AutoModelForCausalLM
+
+from lora_lightning.facts import Fact
+from lora_lightning.lora import count_parameters, inject_lora
+
+log = logging.getLogger(__name__)
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+PAPER_TARGETS = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class ProbeConfig:
+    """How the model is asked about facts: SliCK's few-shot greedy probe (DESIGN.md section 1).
+
+    The same settings (and seed, hence the same few-shot sets) must be used before and after
+    training for categories to be comparable.
+    """
+
+    n_exp: int = 10
+    n_shot: int = 4
+    max_new_tokens: int = 32
+    batch_size: int = 64
+    seed: int = 0
+
+
+def resolve_base_model(model_name_or_path: str | None) -> str:
+    """A model path or hub id as given; None means the synthetic world's base (built on demand)."""
+    if model_name_or_path is not None:
+        return model_name_or_path
+    from lora_lightning.world import ensure_world
+
+    return str(ensure_world().model_dir)
+
+
+def load_base_model(model_name_or_path: str, dtype: Dtype = "auto") -> torch.nn.Module:
+    """`from_pretrained` with a clear error for a missing local checkpoint."""
+    looks_local = (
+        model_name_or_path.startswith((".", "/", "~")) or Path(model_name_or_path).exists()
+    )
+    if looks_local and not (Path(model_name_or_path).expanduser() / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model.model_name_or_path: no Hugging Face checkpoint (config.json) at "
+            f"{model_name_or_path!r}"
+        )
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    return AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=torch_dtype)
+
+
+class LoRAKnowledgeModule(L.LightningModule):
+    """LoRA fine-tuning of a causal LM on fact QA, with the paper's settings as defaults.
+
+    Args:
+        model_name_or_path: Any Hugging Face Llama checkpoint (local folder or hub id); None
+            builds/reuses the synthetic world's tiny base model.
+        dtype: Weights dtype for the base ("auto" keeps the checkpoint's own).
+        rank: LoRA rank r (paper: 1).
+        alpha: LoRA alpha (paper: 2).
+        lora_dropout: Dropout on the LoRA input (paper: 0.1), fused into the kernel.
+        use_rslora: Scale by alpha/sqrt(r) instead of alpha/r (paper: on).
+        target_modules: Module-name suffixes to wrap (paper: gate/up/down projections).
+        backend: Kernel backend of every LoRA linear: "auto" (Triton on CUDA), "triton", "torch".
+        lr: AdamW learning rate (paper: 1e-3), decayed linearly to zero.
+        weight_decay: AdamW weight decay.
+        warmup_steps: Linear warm-up steps before the decay (paper: 0).
+        loss_on: "answer" puts the loss on the assistant turn only; "all" on the whole sequence
+            as in the paper's released script. The data module builds the labels accordingly.
+        gradient_checkpointing: Recompute activations in backward to save memory.
+        probe: How facts are probed by generation (in-loop evaluation and `test`).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | None = None,
+        dtype: Dtype = "auto",
+        rank: int = 1,
+        alpha: float = 2.0,
+        lora_dropout: float = 0.1,
+        use_rslora: bool = True,
+        target_modules: tuple[str, ...] = PAPER_TARGETS,
+        backend: Literal["auto", "triton", "torch"] = "auto",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        loss_on: Literal["answer", "all"] = "answer",
+        gradient_checkpointing: bool = False,
+        probe: ProbeConfig | None = None,
+    ) -> None:
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"model.lr must be positive, got {lr}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"model.lora_dropout must be in [0, 1), got {lora_dropout}")
+        if warmup_steps < 0:
+            raise ValueError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
+        self.probe_config = probe or ProbeConfig()
+        self.save_hyperparameters()
+        self.model: torch.nn.Module | None = None
+        self.lora_names: list[str] = []
+        self.base_model_name: str | None = None
+        self.val_loss = torch.nn.ModuleDict({k: MeanMetric() for k in ("unknown", "known")})
+        # The frozen base is not in checkpoints; loading checks the LoRA keys itself.
+        self.strict_loading = False
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        hp = self.hparams
+        self.base_model_name = resolve_base_model(hp.model_name_or_path)
+        model = load_base_model(self.base_model_name, hp.dtype)
+        model.requires_grad_(False)
+        self.lora_names = inject_lora(
+            model,
+            list(hp.target_modules),
+            rank=hp.rank,
+            alpha=hp.alpha,
+            dropout=hp.lora_dropout,
+            use_rslora=hp.use_rslora,
+            backend=hp.backend,
+        )
+        if hp.gradient_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        model.config.use_cache = False
+        model.train()  # from_pretrained returns eval mode, which would switch off LoRA dropout
+        self.model = model
+        trainable, total = count_parameters(model)
+        self._n_params = total
+        log.info(
+            "LoRA on %d linears: %s trainable / %s total parameters (%.4f%%)",
+            len(self.lora_names),
+            f"{trainable:,}",
+            f"{total:,}",
+            100.0 * trainable / total,
+        )
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
+        n = batch["input_ids"].size(0)
+        # For ThroughputMonitor: forward (2N) plus the input-gradient GEMMs (2N) per token of a
+        # frozen base; no weight gradients. The LoRA terms are under 1% and left out.
+        self.flops_per_batch = 4 * self._n_params * batch["input_ids"].numel()
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=n, sync_dist=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
+        return out.loss
+
+    def on_train_start(self) -> None:
+        trainable, total = count_parameters(self.model)
+        for logger in self.loggers:
+            logger.log_hyperparams({"params/trainable": trainable, "params/total": total})
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        logits = self(batch["input_ids"], batch["attention_mask"]).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        token_loss = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), labels, ignore_index=-100, reduction="none"
+        )
+        n_tokens = (labels != -100).sum(1).clamp(min=1)
+        per_sample = token_loss.sum(1) / n_tokens
+        kind = batch.get("kind")
+        for code, name in enumerate(("unknown", "known")):
+            sel = per_sample if kind is None else per_sample[kind == code]
+            if sel.numel():
+                self.val_loss[name].update(sel)
+            if kind is None:
+                break
+
+    def on_validation_epoch_end(self) -> None:
+        for name, metric in self.val_loss.items():
+            if metric.update_called:
+                # already reduced across ranks by the metric; sync_dist only silences Lightning
+                self.log(
+                    f"val/loss_{name}", metric.compute(), prog_bar=name == "unknown", sync_dist=True
+                )
+            metric.reset()
+
+    # -- probing by generation -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def probe(self, facts: Sequence[Fact]) -> list[Fact]:
+        """Categorise `facts` with the current weights (adapter active): new Fact objects with
+        `category`, `p_greedy` and per-prompt `predictions`. The tokenizer and the few-shot pool
+        come from the attached data module."""
+        from lora_lightning.knowledge import categorize
+
+        if not facts:
+            return []
+        data = self.trainer.datamodule
+        was_training = self.model.training
+        self.model.eval()
+        self.model.config.use_cache = True
+        try:
+            return categorize(
+                self.model,
+                data.tokenizer,
+                facts,
+                data.fewshot_pool,
+                progress=False,
+                **asdict(self.probe_config),
+            )
+        finally:
+            self.model.config.use_cache = False
+            self.model.train(was_training)
+
+    def test_step(self, batch: list[Fact], batch_idx: int) -> dict[str, list[Fact]]:
+        """Re-categorise a batch of facts; the report callback compares before and after."""
+        return {"before": list(batch), "after": self.probe(batch)}
+
+    # -- optimisation --------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = hp.warmup_steps
+
+        def linear(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return max(0.0, (total - step) / max(1, total - warmup))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    # -- checkpoints: LoRA weights only ----------------------------------------------------------
+
+    def _trainable_keys(self) -> set[str]:
+        return {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = self._trainable_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["lora_lightning"] = {
+            "base_model": self.base_model_name,
+            "base_config": _config_fingerprint(self.model),
+            "lora_names": self.lora_names,
+            # Dropout draws from the global generator: restoring it makes a resumed run exact.
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("lora_lightning")
+        if meta is None:
+            raise ValueError("checkpoint was not written by LoRAKnowledgeModule (no LoRA metadata)")
+        if self.model is None:
+            self.configure_model()
+        mine = _config_fingerprint(self.model)
+        if meta["base_config"] != mine:
+            diff = {
+                k: (meta["base_config"].get(k), mine.get(k))
+                for k in set(mine) | set(meta["base_config"])
+                if meta["base_config"].get(k) != mine.get(k)
+            }
+            raise ValueError(
+                f"checkpoint was trained on base model {meta['base_model']!r}, which differs from "
+                f"{self.base_model_name!r} (checkpoint vs model: {diff})"
+            )
+        expected = self._trainable_keys()
+        got = set(checkpoint["state_dict"])
+        if got != expected:
+            missing = sorted(expected - got)[:5]
+            unexpected = sorted(got - expected)[:5]
+            raise ValueError(
+                "checkpoint LoRA weights do not match this model's adapters (other target "
+                f"modules or rank?): missing {missing}, unexpected {unexpected}"
+            )
+        if self._trainer is not None and self.trainer.training:
+            torch.set_rng_state(meta["rng_cpu"])
+            if meta["rng_cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(meta["rng_cuda"])
+
+
+def _config_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
+    """The base-model facts an adapter depends on: shapes and vocabulary, not the path."""
+    cfg = model.config
+    keys = (
+        "model_type",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+    )
+    return {k: getattr(cfg, k, None) for k in keys}

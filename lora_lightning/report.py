@@ -1,0 +1,147 @@
+"""The report: every measured number as JSON, a Markdown summary and a reliability plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def to_python(value: Any) -> Any:
+    """Tensors and tuples to plain JSON-able Python, recursively."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, dict):
+        return {str(k): to_python(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_python(v) for v in value]
+    return value
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _get(d: dict | None, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """A one-page summary: each measure before vs after, the shift table, top answers."""
+    lines = ["# lora-lightning report", ""]
+    if results.get("mix"):
+        lines += ["Training mix: " + ", ".join(f"{k}={v}" for k, v in results["mix"].items()), ""]
+    rel, ret = results.get("reliability", {}), results.get("known_retained", {})
+    lines += [
+        "| measure | before | after |",
+        "| --- | --- | --- |",
+        f"| reliability (trained Unknown facts, n={_fmt(rel.get('n_facts'))}) | 0 (Unknown by "
+        f"definition) | {_fmt(rel.get('reliability'))} |",
+        f"| held-out HighlyKnown retained (n={_fmt(ret.get('n_facts'))}) | 1 (HighlyKnown by "
+        f"definition) | {_fmt(ret.get('reliability'))} |",
+    ]
+    conc = results.get("concentration", {})
+    for key, label in (
+        ("unique", "unique greedy answers"),
+        ("mean_repeats", "mean repeats per answer"),
+        ("var_repeats", "variance of repeats"),
+        ("max_count", "most frequent answer count"),
+    ):
+        lines.append(
+            f"| {label} | {_fmt(_get(conc, 'before', key))} | {_fmt(_get(conc, 'after', key))} |"
+        )
+    ref = results.get("refusals", {})
+    before, after = _get(ref, "before", "rate"), _get(ref, "after", "rate")
+    lines.append(f"| refusal rate | {_fmt(before)} | {_fmt(after)} |")
+    conf = results.get("confidence", {})
+    lines.append(f"| confidence | {_fmt(conf.get('before'))} | {_fmt(conf.get('after'))} |")
+    bench = results.get("benchmarks", {})
+    if "mmlu" in bench:
+        lines.append(
+            f"| MMLU accuracy (n={_fmt(_get(bench, 'mmlu', 'after', 'n'))}) | "
+            f"{_fmt(_get(bench, 'mmlu', 'before', 'accuracy'))} | "
+            f"{_fmt(_get(bench, 'mmlu', 'after', 'accuracy'))} |"
+        )
+    if "truthfulqa" in bench:
+        for key in ("mc1", "mc2"):
+            lines.append(
+                f"| TruthfulQA {key.upper()} | {_fmt(_get(bench, 'truthfulqa', 'before', key))} | "
+                f"{_fmt(_get(bench, 'truthfulqa', 'after', key))} |"
+            )
+    shift = results.get("shift")
+    if shift:
+        cats = shift["categories"]
+        lines += ["", "## Knowledge shift (rows: before, columns: after)", ""]
+        lines += ["| before \\ after | " + " | ".join(cats) + " |", "|---" * (len(cats) + 1) + "|"]
+        for cat, row in zip(cats, shift["counts"], strict=True):
+            lines.append(f"| {cat} | " + " | ".join(str(v) for v in row) + " |")
+        lines += [
+            "",
+            f"Positive shifts (UK->MK, UK->HK, MK->HK): {shift['positive']} of "
+            f"{shift['total']} facts ({_fmt(shift['positive_rate'])}); negative shifts (HK->MK, "
+            f"HK->UK, MK->UK): {shift['negative']} ({_fmt(shift['negative_rate'])}).",
+        ]
+        for key in ("UK->MK", "UK->HK", "MK->HK", "HK->MK", "HK->UK", "MK->UK"):
+            s = shift.get(key)
+            if s:
+                lines.append(
+                    f"- {key}: {s['count']} of {s['denominator']} ({_fmt(s['rate'])} of the "
+                    "source category)"
+                )
+    for when in ("before", "after"):
+        top = _get(conc, when, "top")
+        if top:
+            lines += ["", f"Top answers {when}: " + ", ".join(f"{a!r} x{n}" for a, n in top[:5])]
+    exploded = _get(conc, "after", "exploded")
+    if exploded:
+        lines.append("Exploded answers after: " + ", ".join(f"{a!r} x{n}" for a, n in exploded))
+    return "\n".join(lines) + "\n"
+
+
+def plot_history(history: list[dict[str, float]], path: Path) -> Path | None:
+    """Reliability and known-fact retention over epochs (the paper's Figure 1 shape)."""
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = [h["epoch"] + 1 for h in history]
+    for key, label in (
+        ("reliability", "reliability (trained Unknown)"),
+        ("known_retained", "held-out HighlyKnown retained"),
+    ):
+        if any(key in h for h in history):
+            ax.plot(epochs, [h.get(key) for h in history], marker="o", label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("share of facts")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(results: dict[str, Any], out_dir: str | Path) -> Path:
+    """Write report.json, report.md and (with a history) reliability.png; return the folder."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = to_python(results)
+    (out / "report.json").write_text(json.dumps(results, indent=2))
+    (out / "report.md").write_text(markdown(results))
+    plot_history(results.get("history") or [], out / "reliability.png")
+    return out

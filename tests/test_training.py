@@ -1,0 +1,312 @@
+"""Training: a short fit learns, touches only LoRA, resumes exactly and exports faithfully."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from lora_lightning.data import KnowledgeDataModule
+from lora_lightning.module import LoRAKnowledgeModule
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_module(model_dir: Path, **overrides) -> LoRAKnowledgeModule:
+    kwargs = dict(model_name_or_path=str(model_dir), rank=4, alpha=8.0, lora_dropout=0.1, lr=2e-2)
+    kwargs.update(overrides)
+    return LoRAKnowledgeModule(**kwargs)
+
+
+def make_data(model_dir: Path, files: dict[str, Path], **overrides) -> KnowledgeDataModule:
+    kwargs = dict(
+        facts=str(files["facts"]),
+        tokenizer=str(model_dir),
+        fewshot_pool=str(files["pool"]),
+        n_unknown=8,
+        extra_per_unknown=1,
+        extra_kind="highly_known",
+        n_val_known=4,
+        batch_size=4,
+        max_length=128,
+    )
+    kwargs.update(overrides)
+    return KnowledgeDataModule(**kwargs)
+
+
+def make_trainer(root: Path, epochs: int, callbacks=()) -> L.Trainer:
+    return L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=bool(callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=root,
+        callbacks=list(callbacks),
+    )
+
+
+def lora_state(module: LoRAKnowledgeModule) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
+
+
+class LossHistory(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_short_fit_lowers_loss_and_changes_only_lora(tiny_model_dir, tiny_fact_files, tmp_path):
+    L.seed_everything(0)
+    module = make_module(tiny_model_dir)
+    data = make_data(tiny_model_dir, tiny_fact_files)
+    history = LossHistory()
+    trainer = make_trainer(tmp_path, epochs=6)
+    trainer.callbacks.append(history)
+    trainer.fit(module, datamodule=data)
+
+    steps_per_epoch = len(history.losses) // 6
+    first = sum(history.losses[:steps_per_epoch]) / steps_per_epoch
+    last = sum(history.losses[-steps_per_epoch:]) / steps_per_epoch
+    assert last < 0.8 * first
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    trained = {
+        n.replace(".base.", "."): p
+        for n, p in module.model.named_parameters()
+        if not p.requires_grad
+    }
+    for name, param in base.named_parameters():
+        assert torch.equal(trained[name], param), f"frozen base weight {name} changed"
+    lora = lora_state(module)
+    assert lora and all("lora_" in n for n in lora)
+    assert any(p.abs().sum() > 0 for n, p in lora.items() if "lora_b" in n)
+
+
+class StopAfterEpochs(L.Callback):
+    """Stops a run early the way a crash or a wall-clock limit would: the schedule still
+    believes in `max_epochs`."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
+
+def test_resume_from_mid_run_checkpoint_gives_the_same_adapter(
+    tiny_model_dir, tiny_fact_files, tmp_path
+):
+    def run(root: Path, stop_after: int | None = None, ckpt_path: str | None = None):
+        L.seed_everything(7)
+        module = make_module(tiny_model_dir)  # dropout 0.1: the RNG must be restored too
+        data = make_data(tiny_model_dir, tiny_fact_files)
+        callbacks = [ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0)]
+        if stop_after:
+            callbacks.append(StopAfterEpochs(stop_after))
+        trainer = make_trainer(root, 4, callbacks=callbacks)
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        return module, trainer
+
+    straight, _ = run(tmp_path / "straight")
+    run(tmp_path / "interrupted", stop_after=2)
+    ckpt = tmp_path / "interrupted" / "last.ckpt"
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["global_step"] == 2 * 4
+    assert all("lora_" in k for k in saved["state_dict"]), "checkpoint must hold LoRA weights only"
+    assert saved["optimizer_states"], "checkpoint must hold the optimizer state"
+    resumed, trainer = run(tmp_path / "interrupted", ckpt_path=str(ckpt))
+    assert trainer.global_step == 4 * 4
+
+    a, b = lora_state(straight), lora_state(resumed)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_checkpoint_from_other_targets_fails_clearly(tiny_model_dir, tiny_fact_files, tmp_path):
+    L.seed_everything(0)
+    module = make_module(tiny_model_dir)
+    trainer = make_trainer(tmp_path, epochs=1, callbacks=[ModelCheckpoint(dirpath=tmp_path)])
+    trainer.fit(module, datamodule=make_data(tiny_model_dir, tiny_fact_files))
+    ckpt = next(tmp_path.glob("*.ckpt"))
+    other = make_module(tiny_model_dir, target_modules=["q_proj", "v_proj"])
+    with pytest.raises(ValueError, match="target modules"):
+        make_trainer(tmp_path, epochs=2).fit(
+            other, datamodule=make_data(tiny_model_dir, tiny_fact_files), ckpt_path=str(ckpt)
+        )
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tiny_model_dir, tiny_fact_files, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("trained")
+    L.seed_everything(0)
+    module = make_module(tiny_model_dir)
+    trainer = make_trainer(root, epochs=3, callbacks=[ModelCheckpoint(dirpath=root)])
+    trainer.fit(module, datamodule=make_data(tiny_model_dir, tiny_fact_files))
+    return next(root.glob("*.ckpt"))
+
+
+def _logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+def test_exported_adapter_loads_in_peft_with_the_same_logits(
+    tiny_model_dir, trained_checkpoint, tmp_path
+):
+    peft = pytest.importorskip("peft")
+    from lora_lightning.export import export
+
+    out = export(str(trained_checkpoint), str(tmp_path / "adapter"), format="adapter")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["target_modules"] and config["r"] == 4
+    assert any("lora_A" in k for k in load_file(out / "adapter_model.safetensors"))
+
+    module = LoRAKnowledgeModule.load_from_checkpoint(trained_checkpoint).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    peft_model = peft.PeftModel.from_pretrained(base, str(out)).eval()
+    ids = torch.randint(0, base.config.vocab_size, (2, 12))
+    torch.testing.assert_close(_logits(peft_model, ids), _logits(module.model, ids))
+
+
+def test_merged_export_equals_module_output(tiny_model_dir, trained_checkpoint, tmp_path):
+    from lora_lightning.export import export
+
+    out = export(str(trained_checkpoint), str(tmp_path / "merged"), format="merged")
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    module = LoRAKnowledgeModule.load_from_checkpoint(trained_checkpoint).eval()
+    ids = torch.randint(0, merged.config.vocab_size, (2, 12))
+    torch.testing.assert_close(_logits(merged, ids), _logits(module.model, ids))
+
+
+def test_export_of_missing_checkpoint_names_the_path(tmp_path):
+    from lora_lightning.export import export
+
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        export(str(tmp_path / "nope.ckpt"), str(tmp_path / "out"))
+
+
+# -- the CLI ---------------------------------------------------------------------------------
+
+
+def cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "lora_lightning", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def small_config(tmp_path: Path, model_dir: Path, files: dict[str, Path], **trainer) -> Path:
+    import yaml
+
+    config = {
+        "seed_everything": 3,
+        "model": {
+            "model_name_or_path": str(model_dir),
+            "rank": 4,
+            "alpha": 8.0,
+            "lora_dropout": 0.0,
+            "lr": 5e-3,
+        },
+        "data": {
+            "facts": str(files["facts"]),
+            "fewshot_pool": str(files["pool"]),
+            "n_unknown": 8,
+            "extra_per_unknown": 1,
+            "extra_kind": "highly_known",
+            "n_val_known": 4,
+            "batch_size": 8,
+            "max_length": 128,
+        },
+        "trainer": {
+            "max_epochs": 3,
+            "accelerator": "cpu",
+            "enable_progress_bar": False,
+            "log_every_n_steps": 1,
+            **trainer,
+        },
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_config_with_a_typo_fails_naming_the_key(tiny_model_dir, tiny_fact_files, tmp_path):
+    config = small_config(tmp_path, tiny_model_dir, tiny_fact_files)
+    config.write_text(config.read_text().replace("n_unknown:", "n_unknwon:"))
+    result = cli("fit", "--config", str(config), cwd=tmp_path)
+    assert result.returncode != 0
+    assert "n_unknwon" in result.stderr
+
+
+def test_config_with_an_impossible_value_fails_clearly(tiny_model_dir, tiny_fact_files, tmp_path):
+    config = small_config(tmp_path, tiny_model_dir, tiny_fact_files)
+    result = cli("fit", "--config", str(config), "--data.extra_kind", "cousins", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "extra_kind" in result.stderr and "cousins" in result.stderr
+    result = cli("fit", "--config", str(config), "--model.rank", "1000", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "rank" in result.stderr and "1000" in result.stderr
+    assert "Traceback" not in result.stderr.splitlines()[-1]
+
+
+def _final_adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def _train_losses(run_dir: Path) -> list[float]:
+    import csv
+
+    with open(run_dir / "metrics.csv") as f:
+        return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(tiny_model_dir, tiny_fact_files, tmp_path):
+    config = small_config(tmp_path, tiny_model_dir, tiny_fact_files)
+    common = ["fit", "--config", str(config)]
+    one = cli(*common, "--trainer.logger.init_args.save_dir", "one", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = cli(
+        *common,
+        "--trainer.logger.init_args.save_dir",
+        "two",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+        "--data.batch_size",
+        "4",
+        cwd=tmp_path,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    losses_one, losses_two = _train_losses(tmp_path / "one"), _train_losses(tmp_path / "two")
+    assert len(losses_one) == len(losses_two) > 0
+    for a, b in zip(losses_one, losses_two, strict=True):
+        assert a == pytest.approx(b, rel=2e-2, abs=2e-3)
+    a, b = _final_adapter(tmp_path / "one"), _final_adapter(tmp_path / "two")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=2e-2, atol=2e-3, msg=name)
