@@ -1,15 +1,36 @@
 """Fused LoRA linear kernels (Triton on CUDA, a fused torch formulation elsewhere).
 
-Independent of Lightning and transformers: only torch (and triton where present).
+Independent of Lightning and transformers: only torch, and triton (imported lazily, only when
+the Triton backend is asked for). Deliberately defines no ``__version__``: Hugging Face ships an
+optional package with the import name ``kernels`` and transformers must not take ours for it.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
 
+from kernels._common import draw_dropout_seed, validate
 from kernels.reference import lora_linear_reference
+from kernels.torch_backend import dropout_scale_mask, lora_linear_torch
 
-__all__ = ["lora_linear", "lora_linear_reference"]
+__all__ = ["dropout_mask", "draw_dropout_seed", "lora_linear", "lora_linear_reference"]
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def _resolve_backend(backend: str, x: torch.Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"lora_linear: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":  # Triton only where it runs natively (and is installed)
+        return "triton" if x.is_cuda and importlib.util.find_spec("triton") else "torch"
+    if backend == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "lora_linear: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)"
+        )
+    return backend
 
 
 def lora_linear(
@@ -23,6 +44,35 @@ def lora_linear(
     training: bool = True,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """y = x W^T + b + s * (drop(x) A^T) B^T, differentiable in x, lora_a and lora_b."""
-    # Placeholder dispatch until the fused backends land (kernels issue).
-    return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training)
+    """y = x W^T + b + s * (drop(x) A^T) B^T, differentiable in x, lora_a and lora_b.
+
+    ``weight`` and ``bias`` are the frozen base layer: no gradient is ever computed for them.
+    x [..., in], weight [out, in], bias [out] or None, lora_a [r, in], lora_b [out, r].
+    The adapters may be kept in another float dtype (e.g. fp32 master weights); they are used in
+    x's dtype and their gradients flow back in their own. Dropout (only when ``training``) uses a
+    seed drawn from torch's global generator and is regenerated, not stored, for backward.
+    """
+    validate(x, weight, bias, lora_a, lora_b, dropout_p)
+    chosen = _resolve_backend(backend, x)
+    lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+    p = float(dropout_p) if training else 0.0
+    seed = draw_dropout_seed() if p > 0.0 else 0
+    if chosen == "torch":
+        return lora_linear_torch(x, weight, bias, lora_a, lora_b, scaling, p, seed)
+    from kernels.triton_backend import lora_linear_triton
+
+    return lora_linear_triton(x, weight, bias, lora_a, lora_b, scaling, p, seed)
+
+
+def dropout_mask(
+    x: torch.Tensor, dropout_p: float, seed: int, backend: str = "auto"
+) -> torch.Tensor:
+    """The dropout multiplier (0 or 1/(1-p), shape and dtype of x) that ``lora_linear`` applies
+    for ``seed`` on ``backend``. For tests and debugging: replay ``torch.manual_seed`` and call
+    ``draw_dropout_seed()`` to get the seed a ``lora_linear`` call used."""
+    chosen = _resolve_backend(backend, x)
+    if chosen == "torch":
+        return dropout_scale_mask(tuple(x.shape), dropout_p, seed, x.dtype, x.device)
+    from kernels.triton_backend import dropout_mask_triton
+
+    return dropout_mask_triton(x, dropout_p, seed)

@@ -17,8 +17,14 @@ def lora_linear_reference(
     training: bool = True,
     backend: str = "torch",
 ) -> torch.Tensor:
-    """y = x W^T + b + s * (drop(x) A^T) B^T, written the obvious way (autograd does backward)."""
+    """y = x W^T + b + s * (drop(x) A^T) B^T, written the obvious way (autograd does backward).
+
+    Adapters are used in x's dtype, as ``lora_linear`` does. ``backend`` is accepted for
+    signature parity and ignored; the dropout draws from torch's own RNG, so compare against a
+    fused backend with dropout only through an explicit mask (see ``kernels.dropout_mask``).
+    """
     del backend
     base = F.linear(x, weight, bias)
     dropped = F.dropout(x, p=dropout_p, training=training) if dropout_p > 0 else x
-    return base + scaling * F.linear(F.linear(dropped, lora_a), lora_b)
+    lora = F.linear(F.linear(dropped, lora_a.to(x.dtype)), lora_b.to(x.dtype))
+    return base + scaling * lora

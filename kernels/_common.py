@@ -1,0 +1,73 @@
+"""Argument checks and dropout-seed plumbing shared by every backend.
+
+Kept free of Triton so that CPU users never import it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+MAX_RANK = 256
+
+
+def validate(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    dropout_p: float,
+) -> None:
+    """Raise a ValueError naming the offending argument; shape bugs otherwise surface as
+    cryptic matmul errors (or, in a Triton kernel, as silently wrong numbers)."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError("lora_linear: x must be a tensor with at least one dimension [..., in]")
+    if weight.dim() != 2:
+        raise ValueError(
+            f"lora_linear: weight must be 2-D [out, in], got shape {tuple(weight.shape)}"
+        )
+    out_features, in_features = weight.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(
+            f"lora_linear: x has {x.shape[-1]} input features but weight is "
+            f"{tuple(weight.shape)} ([out, in] = [{out_features}, {in_features}])"
+        )
+    if lora_a.dim() != 2 or lora_a.shape[1] != in_features:
+        raise ValueError(
+            f"lora_linear: lora_a must be [rank, in={in_features}], got {tuple(lora_a.shape)}"
+        )
+    rank = lora_a.shape[0]
+    if not 1 <= rank <= MAX_RANK:
+        raise ValueError(f"lora_linear: rank must be in [1, {MAX_RANK}], got {rank}")
+    if tuple(lora_b.shape) != (out_features, rank):
+        raise ValueError(
+            f"lora_linear: lora_b must be [out={out_features}, rank={rank}], "
+            f"got {tuple(lora_b.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"lora_linear: bias must be [out={out_features}], got {tuple(bias.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"lora_linear: x has dtype {x.dtype}; supported: float32, bfloat16, float16, float64"
+        )
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise ValueError(
+                f"lora_linear: {name} has dtype {t.dtype} but x has {x.dtype}; the frozen base "
+                "layer must share the activation dtype"
+            )
+    for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
+        if not t.is_floating_point():
+            raise ValueError(f"lora_linear: {name} must be floating point, got {t.dtype}")
+    devices = {t.device for t in (x, weight, bias, lora_a, lora_b) if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"lora_linear: all tensors must be on one device, got {devices}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"lora_linear: dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def draw_dropout_seed() -> int:
+    """A dropout seed drawn from torch's global CPU generator, so ``torch.manual_seed`` makes a
+    run reproducible while the mask itself never has to be stored for backward."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())

@@ -1,0 +1,503 @@
+"""The fused LoRA linear as four Triton kernels (the LoRAFusion layout, DESIGN.md section 3).
+
+forward   1. ``_lora_s``: S' = s * drop(x) A^T  [M, r], a thin GEMM (one read of x).
+          2. ``_fwd``:    y = [x | S'] @ [W | B]^T + b: the LoRA term is one more K-step of the
+             base GEMM's accumulator and the bias is added in the epilogue.
+backward  3. ``_dy_pass``: dS = s dy B and dB = dy^T S' in one pass over dy.
+          4. ``_dx``:     dx = dy W + drop'(dS A), the LoRA term added to the dx accumulator, and,
+             from the same x tile and the same regenerated mask, dA += dS^T drop(x).
+
+Dropout is philox (``tl.randint4x``, one call per 8 elements as 16-bit uniforms) keyed by
+(seed, row, column of x), so backward regenerates exactly the forward mask: no mask, no drop(x),
+no fp32 copy of x is stored. Saved for backward: x (as given, no copy when it can be viewed as
+2-D), the frozen W, A, B and S' [M, r]. p is used to the nearest 1/65536
+and the kept values are scaled by the exact inverse of the resulting keep probability. The rank
+is padded to a power of two >= 16 for ``tl.dot``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The interpreter's tl.dot hands bf16 bits to numpy as integers; upcasting the operands first is
+# exact (bf16 products fit in fp32) and compiles away on a GPU.
+_UPCAST_DOT = tl.constexpr(INTERPRET)
+
+
+def _gemm_configs(reduce_name: str, out_name: str) -> list[triton.Config]:
+    """Autotune space for an [M, out] tile GEMM reducing over ``reduce``; one tiny fixed config
+    under the interpreter, where autotuning would only multiply an already slow run."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, out_name: 16, reduce_name: 16, "GROUP_M": 2})]
+    shapes = [  # (BLOCK_M, out, reduce, stages, warps): H100-friendly bf16 tiles
+        (128, 256, 64, 3, 8),
+        (256, 128, 64, 3, 8),
+        (128, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+    ]
+    return [
+        triton.Config(
+            {"BLOCK_M": bm, out_name: bo, reduce_name: br, "GROUP_M": 8},
+            num_stages=stages,
+            num_warps=warps,
+        )
+        for bm, bo, br, stages, warps in shapes
+    ]
+
+
+def _thin_configs(reduce_name: str) -> list[triton.Config]:
+    """Configs for the rank-wide kernels (S and the dy pass): bandwidth-bound row sweeps."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, reduce_name: 16})]
+    return [
+        triton.Config({"BLOCK_M": bm, reduce_name: br}, num_stages=stages, num_warps=warps)
+        for bm, br, stages, warps in [
+            (64, 64, 4, 4),
+            (64, 128, 3, 4),
+            (128, 64, 3, 8),
+            (32, 256, 3, 4),
+        ]
+    ]
+
+
+@triton.jit
+def _grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """Grouped ordering of output tiles, so consecutive programs share operand tiles in L2."""
+    width = GROUP_M * num_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _mma(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a @ b with fp32 accumulation (``tl.dot``), interpreter-safe for bf16."""
+    if _UPCAST_DOT:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _keep(seed, rows, col0, K, threshold, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """Dropout keep decisions for x[rows, col0 : col0 + BLOCK_COLS] (col0 a multiple of 8).
+
+    One philox call (``randint4x``: 4 x 32 bits) serves 8 consecutive columns as 16-bit
+    uniforms, so the kernels spend 8x fewer integer ops on dropout than with one ``tl.rand``
+    per element. The draw for x[m, k] depends only on (seed, m, k), never on the tile shape,
+    so forward and backward (autotuned to different tiles) see the same mask.
+    """
+    GROUPS: tl.constexpr = BLOCK_COLS // 8
+    groups = col0 // 8 + tl.arange(0, GROUPS)
+    counters = rows[:, None].to(tl.int64) * ((K + 7) // 8) + groups[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, counters)
+    words = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_ROWS, BLOCK_COLS // 2))
+    low = (words & 0xFFFF).to(tl.int32)
+    high = (words >> 16).to(tl.int32)
+    uniform16 = tl.reshape(tl.join(low, high), (BLOCK_ROWS, BLOCK_COLS))  # x[m, col0 + j]
+    return uniform16 >= threshold
+
+
+@triton.autotune(configs=_thin_configs("BLOCK_K"), key=["M_BUCKET", "K", "BLOCK_R"])
+@triton.jit
+def _lora_s_kernel(
+    x_ptr, a_ptr, s_ptr,
+    M, K, R, M_BUCKET,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
+    scale, threshold, seed,
+    HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(
+            x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+            mask=(rm[:, None] < M) & (rk[None, :] < K),
+            other=0.0,
+        )
+        if HAS_DROPOUT:
+            keep = _keep(seed, rm, k0, K, threshold, BLOCK_M, BLOCK_K)
+            x = tl.where(keep, x, tl.zeros_like(x))
+        a = tl.load(
+            a_ptr + rr[None, :] * stride_ar + rk[:, None] * stride_ak,
+            mask=(rr[None, :] < R) & (rk[:, None] < K),
+            other=0.0,
+        )
+        acc = _mma(x, a, acc, PRECISION)
+    acc = acc * scale  # LoRA scaling times the inverted-dropout factor
+    tl.store(
+        s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
+        acc.to(s_ptr.dtype.element_ty),
+        mask=(rm[:, None] < M) & (rr[None, :] < R),
+    )
+
+
+@triton.autotune(configs=_gemm_configs("BLOCK_K", "BLOCK_N"), key=["M_BUCKET", "N", "K", "BLOCK_R"])
+@triton.jit
+def _fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr,
+    M, N, K, R, M_BUCKET,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr,
+    stride_bn, stride_br, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(
+            x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+            mask=(rm[:, None] < M) & (rk[None, :] < K),
+            other=0.0,
+        )
+        w = tl.load(
+            w_ptr + rn[None, :] * stride_wn + rk[:, None] * stride_wk,
+            mask=(rn[None, :] < N) & (rk[:, None] < K),
+            other=0.0,
+        )
+        acc = _mma(x, w, acc, PRECISION)
+    # the concatenated-K step: [.. | S'] @ [.. | B]^T
+    s = tl.load(
+        s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
+        mask=(rm[:, None] < M) & (rr[None, :] < R),
+        other=0.0,
+    )
+    bt = tl.load(
+        b_ptr + rn[None, :] * stride_bn + rr[:, None] * stride_br,
+        mask=(rn[None, :] < N) & (rr[:, None] < R),
+        other=0.0,
+    )
+    acc = _mma(s, bt, acc, PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(
+        y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn,
+        acc.to(y_ptr.dtype.element_ty),
+        mask=(rm[:, None] < M) & (rn[None, :] < N),
+    )
+
+
+@triton.autotune(
+    configs=_thin_configs("BLOCK_N"), key=["M_BUCKET", "N", "BLOCK_R"], reset_to_zero=["db_ptr"]
+)
+@triton.jit
+def _dy_pass_kernel(
+    dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr,
+    M, N, R, M_BUCKET,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr,
+    stride_dsm, stride_dsr, stride_dbn, stride_dbr,
+    scaling,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, BLOCK_R)
+    s = tl.load(
+        s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
+        mask=(rm[:, None] < M) & (rr[None, :] < R),
+        other=0.0,
+    )
+    ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        dy = tl.load(
+            dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn,
+            mask=(rm[:, None] < M) & (rn[None, :] < N),
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br,
+            mask=(rn[:, None] < N) & (rr[None, :] < R),
+            other=0.0,
+        )
+        ds = _mma(dy, b, ds, PRECISION)
+        db = _mma(tl.trans(dy), s, tl.zeros((BLOCK_N, BLOCK_R), tl.float32), PRECISION)
+        tl.atomic_add(
+            db_ptr + rn[:, None] * stride_dbn + rr[None, :] * stride_dbr,
+            db,
+            mask=(rn[:, None] < N) & (rr[None, :] < R),
+        )
+    tl.store(
+        ds_ptr + rm[:, None] * stride_dsm + rr[None, :] * stride_dsr,
+        (ds * scaling).to(ds_ptr.dtype.element_ty),
+        mask=(rm[:, None] < M) & (rr[None, :] < R),
+    )
+
+
+@triton.autotune(
+    configs=_gemm_configs("BLOCK_N", "BLOCK_K"),
+    key=["M_BUCKET", "N", "K", "BLOCK_R", "NEED_DX"],
+    reset_to_zero=["da_ptr"],
+)
+@triton.jit
+def _dx_kernel(
+    dy_ptr, w_ptr, ds_ptr, a_ptr, x_ptr, dx_ptr, da_ptr,
+    M, N, K, R, M_BUCKET,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_dsm, stride_dsr,
+    stride_ar, stride_ak, stride_xm, stride_xk, stride_dxm, stride_dxk, stride_dar, stride_dak,
+    threshold, seed, inv_keep,
+    HAS_DROPOUT: tl.constexpr, NEED_DX: tl.constexpr, NEED_DA: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_k = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rr = tl.arange(0, BLOCK_R)
+    tile_mask = (rm[:, None] < M) & (rk[None, :] < K)
+    if NEED_DX:
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            rn = n0 + tl.arange(0, BLOCK_N)
+            dy = tl.load(
+                dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn,
+                mask=(rm[:, None] < M) & (rn[None, :] < N),
+                other=0.0,
+            )
+            w = tl.load(
+                w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk,
+                mask=(rn[:, None] < N) & (rk[None, :] < K),
+                other=0.0,
+            )
+            acc = _mma(dy, w, acc, PRECISION)
+    # epilogue: the LoRA term and dA, from state loaded only now to keep registers free above
+    ds = tl.load(
+        ds_ptr + rm[:, None] * stride_dsm + rr[None, :] * stride_dsr,
+        mask=(rm[:, None] < M) & (rr[None, :] < R),
+        other=0.0,
+    )
+    if HAS_DROPOUT:
+        keep = _keep(seed, rm, pid_k * BLOCK_K, K, threshold, BLOCK_M, BLOCK_K)
+    if NEED_DX:
+        a = tl.load(
+            a_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak,
+            mask=(rr[:, None] < R) & (rk[None, :] < K),
+            other=0.0,
+        )
+        if HAS_DROPOUT:  # the mask sits on the LoRA branch only, so it needs its own product
+            lora = _mma(ds, a, tl.zeros((BLOCK_M, BLOCK_K), tl.float32), PRECISION)
+            acc += tl.where(keep, lora * inv_keep, 0.0)
+        else:
+            acc = _mma(ds, a, acc, PRECISION)
+        tl.store(
+            dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk,
+            acc.to(dx_ptr.dtype.element_ty),
+            mask=tile_mask,
+        )
+    if NEED_DA:
+        x = tl.load(
+            x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=tile_mask, other=0.0
+        )
+        if HAS_DROPOUT:
+            x = tl.where(keep, x, tl.zeros_like(x))
+        da = _mma(tl.trans(ds), x, tl.zeros((BLOCK_R, BLOCK_K), tl.float32), PRECISION)
+        da = da * inv_keep
+        tl.atomic_add(
+            da_ptr + rr[:, None] * stride_dar + rk[None, :] * stride_dak,
+            da,
+            mask=(rr[:, None] < R) & (rk[None, :] < K),
+        )
+
+
+_LEVELS = 65536  # 16-bit uniforms: p is used to the nearest 1/65536
+
+
+def _threshold(dropout_p: float) -> int:
+    """Drop x[m, k] when its 16-bit uniform is below this."""
+    return min(round(dropout_p * _LEVELS), _LEVELS - 1)
+
+
+def _keep_factor(dropout_p: float) -> float:
+    """1 / keep probability, exact for the quantised p, so the expectation is preserved."""
+    return _LEVELS / (_LEVELS - _threshold(dropout_p))
+
+
+def _block_r(rank: int) -> int:
+    return max(16, triton.next_power_of_2(rank))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 users expect fp32 GEMMs (torch's default), not TF32 on the tensor cores.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _m_bucket(m: int) -> int:
+    """Autotune key for the token count: a power of two, so variable sequence lengths reuse
+    tuned configs instead of re-benchmarking on every new M."""
+    return triton.next_power_of_2(max(m, 1))
+
+
+def _check(x: torch.Tensor, *other_sizes: int) -> None:
+    if x.dtype not in _DTYPES:
+        raise ValueError(
+            f"lora_linear(backend='triton'): dtype {x.dtype} is not supported; "
+            "use float32, bfloat16 or float16 (or backend='torch')"
+        )
+    largest = max((x.numel(), *other_sizes))
+    if largest >= 2**31:  # the kernels index with int32 offsets
+        raise ValueError(
+            f"lora_linear(backend='triton'): a tensor has {largest} elements, more than the "
+            "kernels' int32 indexing allows (2**31 - 1); split the batch"
+        )
+
+
+def _forward(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
+    m, k = x2.shape
+    n, r = weight.shape[0], lora_a.shape[0]
+    block_r = _block_r(r)
+    precision = _precision(x2.dtype)
+    s = torch.empty((m, r), device=x2.device, dtype=x2.dtype)
+    y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+    _lora_s_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](
+        x2, lora_a, s,
+        m, k, r, _m_bucket(m),
+        x2.stride(0), x2.stride(1), lora_a.stride(0), lora_a.stride(1), s.stride(0), s.stride(1),
+        scaling * _keep_factor(dropout_p), _threshold(dropout_p), seed,
+        HAS_DROPOUT=dropout_p > 0.0, PRECISION=precision, BLOCK_R=block_r,
+    )  # fmt: skip
+    _fwd_kernel[
+        lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    ](
+        x2, weight, bias if bias is not None else y, s, lora_b, y,
+        m, n, k, r, _m_bucket(m),
+        x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), s.stride(0), s.stride(1),
+        lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, PRECISION=precision, BLOCK_R=block_r,
+    )  # fmt: skip
+    return y, s
+
+
+def _backward(dy2, x2, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need_dx, need_da):
+    m, k = x2.shape
+    n, r = weight.shape[0], lora_a.shape[0]
+    block_r = _block_r(r)
+    precision = _precision(x2.dtype)
+    d_s = torch.empty((m, r), device=x2.device, dtype=x2.dtype)
+    d_b = torch.zeros((n, r), device=x2.device, dtype=torch.float32)
+    _dy_pass_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](
+        dy2, lora_b, s, d_s, d_b,
+        m, n, r, _m_bucket(m),
+        dy2.stride(0), dy2.stride(1), lora_b.stride(0), lora_b.stride(1), s.stride(0), s.stride(1),
+        d_s.stride(0), d_s.stride(1), d_b.stride(0), d_b.stride(1),
+        scaling,
+        PRECISION=precision, BLOCK_R=block_r,
+    )  # fmt: skip
+    dx = d_a = None
+    if need_dx or need_da:
+        dx = torch.empty((m, k), device=x2.device, dtype=x2.dtype) if need_dx else d_s
+        d_a = torch.zeros((r, k), device=x2.device, dtype=torch.float32)
+        _dx_kernel[
+            lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)
+        ](
+            dy2, weight, d_s, lora_a, x2, dx, d_a,
+            m, n, k, r, _m_bucket(m),
+            dy2.stride(0), dy2.stride(1), weight.stride(0), weight.stride(1),
+            d_s.stride(0), d_s.stride(1), lora_a.stride(0), lora_a.stride(1),
+            x2.stride(0), x2.stride(1), dx.stride(0), dx.stride(1), d_a.stride(0), d_a.stride(1),
+            _threshold(dropout_p), seed, _keep_factor(dropout_p),
+            HAS_DROPOUT=dropout_p > 0.0, NEED_DX=need_dx, NEED_DA=need_da,
+            PRECISION=precision, BLOCK_R=block_r,
+        )  # fmt: skip
+        if not need_dx:
+            dx = None
+    return dx, d_a, d_b
+
+
+class _LoRALinearTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
+        x2 = x.reshape(-1, x.shape[-1])  # a view whenever x allows one: strides go to the kernels
+        y, s = _forward(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+        ctx.save_for_backward(x2, weight, lora_a, lora_b, s)
+        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.x_shape = scaling, dropout_p, seed, x.shape
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, lora_a, lora_b, s = ctx.saved_tensors
+        need_dx, _, _, need_da, need_db = ctx.needs_input_grad[:5]
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx, d_a, d_b = _backward(
+            dy2, x2, weight, lora_a, lora_b, s, ctx.scaling, ctx.dropout_p, ctx.seed,
+            need_dx, need_da,
+        )  # fmt: skip
+        grad_x = dx.view(ctx.x_shape) if need_dx else None
+        grad_a = d_a.to(lora_a.dtype) if need_da else None
+        grad_b = d_b.to(lora_b.dtype) if need_db else None
+        return grad_x, None, None, grad_a, grad_b, None, None, None
+
+
+def lora_linear_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+) -> torch.Tensor:
+    """Fused Triton LoRA linear with an explicit dropout seed (``dropout_p`` already zero when
+    not training). Arguments are assumed validated and in one dtype."""
+    _check(x, weight.numel(), x.numel() // max(x.shape[-1], 1) * weight.shape[0])
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
+    )
+    if needs_grad:
+        return _LoRALinearTriton.apply(
+            x, weight, bias, lora_a, lora_b, float(scaling), dropout_p, seed
+        )
+    x2 = x.reshape(-1, x.shape[-1])
+    y, _ = _forward(x2, weight, bias, lora_a, lora_b, float(scaling), dropout_p, seed)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+@triton.jit
+def _mask_kernel(
+    out_ptr, M, K, threshold, seed, inv_keep, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr
+):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col0 = tl.program_id(1) * BLOCK_K
+    rk = col0 + tl.arange(0, BLOCK_K)
+    keep = _keep(seed, rm, col0, K, threshold, BLOCK_M, BLOCK_K)
+    value = tl.where(keep, inv_keep, 0.0)
+    tl.store(
+        out_ptr + rm[:, None] * K + rk[None, :],
+        value.to(out_ptr.dtype.element_ty),
+        mask=(rm[:, None] < M) & (rk[None, :] < K),
+    )
+
+
+def dropout_mask_triton(x: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+    """The multiplier (0 or 1/keep) the Triton kernels apply to x for ``seed``, materialised."""
+    _check(x)
+    k = x.shape[-1]
+    m = x.numel() // max(k, 1)
+    out = torch.empty((m, k), device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(m, 64), triton.cdiv(k, 64))
+    _mask_kernel[grid](
+        out, m, k, _threshold(dropout_p), seed, _keep_factor(dropout_p), BLOCK_M=64, BLOCK_K=64
+    )
+    return out.view(x.shape)

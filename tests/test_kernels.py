@@ -1,0 +1,363 @@
+"""The fused LoRA linear (both backends) computes exactly the reference LoRA and its gradients.
+
+Every backend is checked against a float64 evaluation of the plain formula on fresh random
+inputs. The adapters are drawn so that the LoRA term is as large as the base term: an indexing
+slip in the LoRA path (or in dA, dB) then moves the relative error by O(1), far above the
+per-dtype rounding bounds below. The Triton kernels run under TRITON_INTERPRET=1 on a CPU
+(tests/conftest.py), so shapes stay tiny.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+
+BACKENDS = ["torch", "triton"]
+# relative Frobenius error allowed per dtype: a few units of rounding of the output dtype
+REL_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+# (x shape, out features, rank, bias): M=1, M and features not multiples of the 16-wide blocks,
+# 3-D x, rank 1, ranks padded up to 32 and to 256
+SHAPES = [
+    ((1, 20), 24, 1, True),
+    ((37, 33), 17, 8, False),
+    ((2, 5, 24), 40, 32, True),
+    ((3, 7, 18), 19, 200, False),
+]
+
+
+def _triton_or_skip(backend: str) -> None:
+    if backend == "triton":
+        pytest.importorskip("triton")
+
+
+def _problem(x_shape, out_features, rank, dtype, bias=True, x=None):
+    in_features = x_shape[-1]
+    if x is None:
+        x = torch.randn(*x_shape, dtype=dtype)
+    weight = (torch.randn(out_features, in_features) / in_features**0.5).to(dtype)
+    b = torch.randn(out_features).to(dtype) if bias else None
+    lora_a = (torch.randn(rank, in_features) / in_features**0.5).to(dtype)
+    lora_b = (torch.randn(out_features, rank) / rank**0.5).to(dtype)
+    scaling = float(torch.empty(()).uniform_(0.5, 2.0))
+    return x.requires_grad_(), weight, b, lora_a.requires_grad_(), lora_b.requires_grad_(), scaling
+
+
+def _reference64(x, weight, bias, lora_a, lora_b, scaling, dy, mask=None):
+    """Output and (dx, dA, dB) of the plain formula in float64, with an explicit dropout mask."""
+
+    def d(t):
+        return None if t is None else t.detach().double().requires_grad_()
+
+    x64, a64, b64 = d(x), d(lora_a), d(lora_b)
+    dropped = x64 if mask is None else x64 * mask.double()
+    y = F.linear(x64, d(weight), d(bias)) + scaling * F.linear(F.linear(dropped, a64), b64)
+    grads = torch.autograd.grad(y, (x64, a64, b64), dy.double())
+    return y.detach(), grads
+
+
+def _rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected).norm() / expected.norm()).item()
+
+
+def _assert_matches(y, grads, y_ref, grads_ref, dtype) -> None:
+    tol = REL_TOL[dtype]
+    names = ("y", "dx", "dA", "dB")
+    for name, got, want in zip(names, (y, *grads), (y_ref, *grads_ref), strict=True):
+        assert got.shape == want.shape, name
+        assert _rel(got, want) < tol, f"{name}: relative error {_rel(got, want):.2e} >= {tol}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("x_shape,out_features,rank,bias", SHAPES)
+def test_forward_and_gradients_match_float64_reference(
+    backend, dtype, x_shape, out_features, rank, bias
+):
+    _triton_or_skip(backend)
+    x, w, b, a, bb, s = _problem(x_shape, out_features, rank, dtype, bias=bias)
+    y = kernels.lora_linear(x, w, b, a, bb, s, backend=backend)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, a, bb), dy)
+    y_ref, grads_ref = _reference64(x, w, b, a, bb, s, dy)
+    assert y.dtype == dtype and all(g.dtype == dtype for g in grads)
+    _assert_matches(y, grads, y_ref, grads_ref, dtype)
+
+
+def test_torch_backend_is_exact_in_float64():
+    x, w, b, a, bb, s = _problem((4, 9, 13), 11, 3, torch.float64)
+    y = kernels.lora_linear(x, w, b, a, bb, s, backend="torch")
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, a, bb), dy)
+    _assert_matches(y, grads, *_reference64(x, w, b, a, bb, s, dy), torch.float64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["transposed", "permuted-3d", "sliced"])
+def test_non_contiguous_x(backend, layout):
+    _triton_or_skip(backend)
+    if layout == "transposed":  # 2-D with strides (1, M): viewed as-is by the kernels
+        raw = torch.randn(24, 19).t()
+    elif layout == "permuted-3d":  # cannot be flattened without a copy
+        raw = torch.randn(5, 3, 24).permute(1, 0, 2)
+    else:  # every other feature column
+        raw = torch.randn(19, 48)[:, ::2]
+    assert not raw.is_contiguous()
+    x, w, b, a, bb, s = _problem(tuple(raw.shape), 21, 4, torch.float32, x=raw)
+    y = kernels.lora_linear(x, w, b, a, bb, s, backend=backend)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, a, bb), dy)
+    _assert_matches(y, grads, *_reference64(x, w, b, a, bb, s, dy), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_when_x_needs_none(backend):
+    """The first adapted layer sees an x without grad: dA and dB alone, still exact."""
+    _triton_or_skip(backend)
+    x, w, b, a, bb, s = _problem((13, 20), 18, 4, torch.float32)
+    x = x.detach()
+    rng_state = torch.get_rng_state()
+    y = kernels.lora_linear(x, w, b, a, bb, s, dropout_p=0.2, backend=backend)
+    torch.set_rng_state(rng_state)
+    mask = kernels.dropout_mask(x, 0.2, kernels.draw_dropout_seed(), backend=backend)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (a, bb), dy)
+    y_ref, (_, *grads_ref) = _reference64(x, w, b, a, bb, s, dy, mask=mask)
+    for got, want in zip((y, *grads), (y_ref, *grads_ref), strict=True):
+        assert _rel(got, want) < REL_TOL[torch.float32]
+
+
+def test_frozen_base_gets_no_gradient():
+    x, w, b, a, bb, s = _problem((6, 10), 8, 2, torch.float32)
+    w.requires_grad_()
+    b.requires_grad_()
+    kernels.lora_linear(x, w, b, a, bb, s, backend="torch").sum().backward()
+    assert w.grad is None and b.grad is None
+    assert x.grad is not None and a.grad is not None and bb.grad is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dropout_mask_is_the_same_in_forward_and_backward(backend, dtype):
+    """Gradients equal those of a reference built with the kernel's own mask, replayed from the
+    same global seed: backward regenerated exactly the mask forward used."""
+    _triton_or_skip(backend)
+    x, w, b, a, bb, s = _problem((2, 19, 24), 20, 4, dtype)
+    rng_state = torch.get_rng_state()
+    y = kernels.lora_linear(x, w, b, a, bb, s, dropout_p=0.3, backend=backend)
+    torch.set_rng_state(rng_state)
+    mask = kernels.dropout_mask(x.detach(), 0.3, kernels.draw_dropout_seed(), backend=backend)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, a, bb), dy)
+    y_ref, grads_ref = _reference64(x, w, b, a, bb, s, dy, mask=mask)
+    _assert_matches(y, grads, y_ref, grads_ref, dtype)
+    # and the mask really did something: without it the answer is far off
+    y_nodrop, _ = _reference64(x, w, b, a, bb, s, dy)
+    assert _rel(y, y_nodrop) > 10 * REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_keep_rate_and_independence(backend, p):
+    _triton_or_skip(backend)
+    x = torch.empty(96, 80)
+    seed = kernels.draw_dropout_seed()
+    mask = kernels.dropout_mask(x, p, seed, backend=backend)
+    kept = mask != 0
+    # inverted dropout; the torch backend rounds p to a multiple of 1/65536
+    assert torch.allclose(mask[kept], torch.tensor(1.0 / (1.0 - p)), rtol=1e-4)
+    n = mask.numel()
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(kept.float().mean().item() - (1 - p)) < 5 * sigma
+    # not the same pattern on every row or column (a broken offset would repeat it)
+    assert (kept[0] != kept[1]).any() and (kept[:, 0] != kept[:, 1]).any()
+    assert torch.equal(mask, kernels.dropout_mask(x, p, seed, backend=backend))
+    assert not torch.equal(mask, kernels.dropout_mask(x, p, seed + 1, backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_mode_applies_no_dropout(backend):
+    _triton_or_skip(backend)
+    x, w, b, a, bb, s = _problem((9, 16), 12, 2, torch.float32)
+    y = kernels.lora_linear(x, w, b, a, bb, s, dropout_p=0.5, training=False, backend=backend)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, a, bb), dy)
+    _assert_matches(y, grads, *_reference64(x, w, b, a, bb, s, dy), torch.float32)
+
+
+def test_dropout_is_reproducible_under_manual_seed():
+    x, w, b, a, bb, s = _problem((8, 16), 12, 2, torch.float32)
+    torch.manual_seed(123)
+    first = kernels.lora_linear(x, w, b, a, bb, s, dropout_p=0.5)
+    torch.manual_seed(123)
+    again = kernels.lora_linear(x, w, b, a, bb, s, dropout_p=0.5)
+    other = kernels.lora_linear(x, w, b, a, bb, s, dropout_p=0.5)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nothing_full_size_is_saved_for_backward_but_x(backend):
+    """No dropout mask, no drop(x), no fp32 copy of x: what autograd keeps is x itself, the
+    frozen weight, the adapters and the thin S [M, r]."""
+    _triton_or_skip(backend)
+    x, w, b, a, bb, s = _problem((40, 32), 24, 4, torch.bfloat16)
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        kernels.lora_linear(x, w, b, a, bb, s, dropout_p=0.1, backend=backend)
+    x_sized = [t for t in saved if t.numel() >= x.numel()]
+    assert [t.data_ptr() for t in x_sized] == [x.data_ptr()]
+    assert all(t.dtype == torch.bfloat16 for t in saved)
+    assert sum(t.numel() for t in saved) <= x.numel() + w.numel() + a.numel() + bb.numel() + 40 * 4
+
+
+def test_inference_saves_nothing_and_matches_training_output():
+    x, w, b, a, bb, s = _problem((5, 16), 12, 2, torch.float32)
+    with torch.no_grad():
+        y = kernels.lora_linear(x, w, b, a, bb, s)
+    assert y.grad_fn is None
+    assert torch.equal(y, kernels.lora_linear(x, w, b, a, bb, s).detach())
+
+
+def test_adapters_in_fp32_with_bf16_activations_get_fp32_gradients():
+    x, w, b, a, bb, s = _problem((7, 16), 12, 2, torch.bfloat16)
+    a32 = a.detach().float().requires_grad_()
+    b32 = bb.detach().float().requires_grad_()
+    y = kernels.lora_linear(x, w, b, a32, b32, s, backend="torch")
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert a32.grad.dtype == torch.float32 and b32.grad.dtype == torch.float32
+
+
+def test_auto_backend_runs_torch_on_cpu(monkeypatch):
+    calls = []
+    real = kernels.lora_linear_torch
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "lora_linear_torch", spy)
+    x, w, b, a, bb, s = _problem((3, 8), 8, 2, torch.float32)
+    kernels.lora_linear(x, w, b, a, bb, s)
+    assert len(calls) == 1
+
+
+def _bad(**overrides):
+    x, w, b, a, bb, s = _problem((4, 8), 6, 2, torch.float32)
+    args = {"x": x, "weight": w, "bias": b, "lora_a": a, "lora_b": bb, "scaling": s}
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"x": torch.randn(4, 9)}, "input features"),
+        ({"weight": torch.randn(6, 8, 1)}, "weight must be 2-D"),
+        ({"lora_a": torch.randn(2, 7)}, "lora_a must be"),
+        ({"lora_a": torch.randn(0, 8), "lora_b": torch.randn(6, 0)}, "rank must be in"),
+        ({"lora_a": torch.randn(257, 8), "lora_b": torch.randn(6, 257)}, "rank must be in"),
+        ({"lora_b": torch.randn(6, 3)}, "lora_b must be"),
+        ({"bias": torch.randn(5)}, "bias must be"),
+        ({"x": torch.randint(0, 3, (4, 8))}, "dtype"),
+        ({"weight": torch.randn(6, 8, dtype=torch.float16)}, "weight has dtype"),
+        ({"lora_a": torch.randint(0, 3, (2, 8))}, "floating point"),
+        ({"dropout_p": 1.0}, "dropout_p"),
+        ({"backend": "cuda"}, "backend must be one of"),
+    ],
+)
+def test_bad_arguments_raise_clear_value_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        kernels.lora_linear(**_bad(**overrides))
+
+
+def test_triton_backend_rejects_float64():
+    pytest.importorskip("triton")
+    with pytest.raises(ValueError, match="float64"):
+        kernels.lora_linear(*_problem((4, 8), 6, 2, torch.float64), backend="triton")
+
+
+def test_kernels_package_stays_independent_of_the_training_stack():
+    """``kernels`` imports only torch (and triton, lazily, in the Triton backend), and has no
+    ``__version__`` that would make transformers take it for Hugging Face's ``kernels``."""
+    import ast
+    from pathlib import Path
+
+    forbidden = {"lora_lightning", "lightning", "transformers", "peft"}
+    for path in Path(kernels.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                roots = {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                roots = {node.module.split(".")[0]}
+            else:
+                continue
+            assert not roots & forbidden, f"{path.name}:{node.lineno} imports {roots}"
+            if "triton" in roots:
+                assert path.name == "triton_backend.py", f"{path.name}:{node.lineno}"
+    assert not hasattr(kernels, "__version__")
+
+
+_AOT_SCRIPT = r"""
+import os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kernels.triton_backend as tb
+
+FLOATS = {"scale", "inv_keep", "scaling"}
+
+def compile_h100(kernel, dtype, constants, fp32_ptrs=()):
+    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    signature = {}
+    for name in fn.arg_names:
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32" if name in fp32_ptrs else f"*{dtype}"
+        else:
+            signature[name] = "fp32" if name in FLOATS else "i32"
+    source = ASTSource(fn=fn, signature=signature, constexprs=constants)
+    triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+for dtype, precision in (("bf16", "tf32"), ("fp32", "ieee")):
+    common = {"PRECISION": precision, "BLOCK_R": 16, "BLOCK_M": 32}
+    compile_h100(tb._lora_s_kernel, dtype, {**common, "HAS_DROPOUT": True, "BLOCK_K": 32})
+    compile_h100(tb._fwd_kernel, dtype, {**common, "HAS_BIAS": True, "BLOCK_N": 32,
+                                         "BLOCK_K": 32, "GROUP_M": 4})
+    compile_h100(tb._dy_pass_kernel, dtype, {**common, "BLOCK_N": 32}, fp32_ptrs=("db_ptr",))
+    compile_h100(tb._dx_kernel, dtype, {**common, "HAS_DROPOUT": True, "NEED_DX": True,
+                                        "NEED_DA": True, "BLOCK_N": 32, "BLOCK_K": 32,
+                                        "GROUP_M": 4}, fp32_ptrs=("da_ptr",))
+    compile_h100(tb._mask_kernel, dtype, {"BLOCK_M": 64, "BLOCK_K": 64})
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_h100_without_a_gpu():
+    """The interpreter accepts code the GPU compiler rejects (types, layouts), so compile every
+    kernel, dropout variants included, to an sm_90 cubin with Triton's bundled ptxas."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", _AOT_SCRIPT], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
