@@ -53,6 +53,15 @@ class KnowledgeCLI(LightningCLI):
         parser.add_lightning_class_args(SaveAdapter, "save_adapter")
         parser.add_lightning_class_args(KnowledgeReport, "report")
 
+    def before_instantiate_classes(self) -> None:
+        """`test`/`validate`/`predict` log beside the fit run, not over its metrics.csv."""
+        if self.subcommand == "fit":
+            return
+        logger = self.config[self.subcommand].trainer.logger
+        init = getattr(logger, "init_args", None)
+        if init is not None and getattr(init, "version", None) == "":
+            init.version = self.subcommand
+
     def before_fit(self) -> None:
         ckpt = self.config.get(self.subcommand, {}).get("ckpt_path")
         if ckpt == "last":

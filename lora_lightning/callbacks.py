@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -34,6 +35,19 @@ class TokenThroughputMonitor(ThroughputMonitor):
             window_size=window_size,
             separator=separator,
         )
+
+    # `test` and `predict` batches are lists of facts probed by generation, not token batches.
+    def on_test_start(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def on_test_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def on_predict_start(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def on_predict_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        pass
 
 
 class SaveAdapter(Callback):
@@ -231,9 +245,15 @@ class KnowledgeReport(Callback):
         before, after = outputs["before"], outputs["after"]
         if any(f.category is None for f in before):
             raise ValueError("test facts need categories from before training (run categorize)")
-        if any(not f.predictions for f in before):  # no stored base answers: ask the base now
+        if any(not f.predictions for f in before):
+            # No stored base answers (e.g. a dataset shipping categories only): ask the base
+            # now for its answers, but keep the categories the mix was built from.
             with lora_disabled(pl_module.model):
-                before = pl_module.probe(before)
+                probed = pl_module.probe(before)
+            before = [
+                dataclasses.replace(p, category=f.category)
+                for f, p in zip(before, probed, strict=True)
+            ]
         m = self.metrics
         m["shift"].update([f.category for f in before], [f.category for f in after])
         for when, facts in (("before", before), ("after", after)):

@@ -2,15 +2,31 @@
 
 One `Fact` type serves every source (our JSONL, the knowledge-packing datasets, the synthetic
 world), so prompts, batches, categorisation and metrics never care where a fact came from.
+
+`load_facts` reads every supported source into that one type and refuses bad data loudly: a
+malformed row raises `FactFileError` naming the file, the 1-based line (JSONL) or row (tables)
+and the field, because a silently skipped fact changes which facts a mix trains on.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
 import re
 import string
-from dataclasses import dataclass, field
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
 
 CATEGORIES = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
+HF_PREFIX = "hf:"
+OnProblem = Literal["error", "drop"]
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
@@ -30,7 +46,8 @@ class Fact:
 
     `answers[0]` is the canonical answer (the one trained on); any alias counts as correct.
     `predictions` keeps the per-prompt greedy answers of the last categorisation, which the
-    concentration and refusal measures read later.
+    concentration and refusal measures read later. `meta` carries any extra columns of the
+    source (e.g. the knowledge-packing `is_para`) so that writing a fact back loses nothing.
     """
 
     id: str
@@ -44,6 +61,7 @@ class Fact:
     p_greedy: float | None = None
     p_sampled: float | None = None
     predictions: list[str] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.normalized_answers:
@@ -59,3 +77,367 @@ def is_correct(output: str, fact: Fact) -> bool:
     """The paper's criterion: some normalised alias is a substring of the lower-cased output."""
     out = output.lower()
     return any(alias and alias in out for alias in fact.normalized_answers)
+
+
+class FactFileError(ValueError):
+    """A fact source that cannot be read as facts; the message names file, line/row and field."""
+
+    def __init__(
+        self, source: str | Path, line: int | None, field_name: str | None, problem: str
+    ) -> None:
+        self.source = str(source)
+        self.line = line
+        self.field = field_name
+        where = self.source
+        if line is not None:
+            unit = "line" if _is_jsonl(self.source) else "row"
+            where += f", {unit} {line}"
+        if field_name is not None:
+            where += f", field {field_name!r}"
+        super().__init__(f"{where}: {problem}")
+
+
+class EmptyAnswersError(FactFileError):
+    """A fact with no non-blank answer (droppable with `on_empty="drop"`)."""
+
+
+def _is_jsonl(source: str) -> bool:
+    return not source.startswith(HF_PREFIX) and not source.endswith(".parquet") and not (
+        Path(source).is_dir()
+    )
+
+
+# ----------------------------------------------------------------------------- reading rows
+
+_FACT_FIELDS = {f.name for f in fields(Fact)}
+# Knowledge-packing columns we map onto Fact fields; anything else lands in `meta`.
+_KP_COLUMNS = {"question", "answer", "Category", "para"}
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise FactFileError(path, lineno, None, f"invalid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise FactFileError(
+                    path, lineno, None, f"expected a JSON object, got {type(row).__name__}"
+                )
+            yield lineno, row
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for a broken file
+        raise FactFileError(path, None, None, f"not a readable Parquet file ({exc})") from exc
+    yield from enumerate(table.to_pylist(), start=1)
+
+
+def _iter_arrow_folder(path: Path, split: str | None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Rows of a `datasets.Dataset.save_to_disk` folder, read with pyarrow alone.
+
+    The folder holds Arrow IPC stream files listed in `state.json`; reading them directly keeps
+    `datasets` (a heavy optional dependency) out of the offline path.
+    """
+    import pyarrow as pa
+
+    if (path / "dataset_dict.json").exists():
+        splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
+        if split is None:
+            if len(splits) != 1:
+                raise FactFileError(
+                    path, None, None, f"a DatasetDict with splits {splits}: name one as "
+                    f"'{path}:<split>'"
+                )
+            split = splits[0]
+        if split not in splits:
+            raise FactFileError(path, None, None, f"no split {split!r}; splits are {splits}")
+        path = path / split
+    state_file = path / "state.json"
+    if not state_file.exists():
+        raise FactFileError(
+            path, None, None, "a folder must be a datasets.save_to_disk folder (no state.json)"
+        )
+    state = json.loads(state_file.read_text())
+    row = 0
+    for entry in state.get("_data_files", []):
+        arrow_path = path / entry["filename"]
+        with pa.memory_map(str(arrow_path)) as source:
+            try:
+                reader = pa.ipc.open_stream(source)
+            except pa.ArrowInvalid:
+                reader = pa.ipc.open_file(source)
+            table = reader.read_all()
+        for record in table.to_pylist():
+            row += 1
+            yield row, record
+
+
+def _iter_hub(name: str, split: str | None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Rows of a hub dataset; without a split, its only split (the s-nlp sets have just "full")."""
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(
+            f"reading {HF_PREFIX}{name} needs the `datasets` package: "
+            "pip install 'lora-lightning[datasets]' (or save the data to a JSONL/Parquet file)"
+        ) from None
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except Exception as exc:
+        raise RuntimeError(
+            f"could not load {HF_PREFIX}{name} (split {split!r}) from the Hugging Face hub: {exc}."
+            " Offline machines must use a local JSONL/Parquet/save_to_disk copy."
+        ) from exc
+    if split is None:
+        splits = list(dataset)
+        if len(splits) != 1:
+            raise ValueError(
+                f"{HF_PREFIX}{name} has splits {splits}: name one as {HF_PREFIX}{name}:<split>"
+            )
+        dataset = dataset[splits[0]]
+    yield from enumerate(dataset, start=1)
+
+
+# ------------------------------------------------------------------------ rows to facts
+
+
+def _check_str_list(value: Any, src: str, line: int, name: str, allow_empty: bool) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise FactFileError(src, line, name, f"expected a list of strings, got {value!r:.80}")
+    if not allow_empty and not [v for v in value if v.strip()]:
+        raise EmptyAnswersError(src, line, name, "is empty: a fact needs at least one answer")
+    return list(value)
+
+
+def _check_category(value: Any, src: str, line: int, name: str) -> str | None:
+    if value is None:
+        return None
+    if value not in CATEGORIES:
+        raise FactFileError(src, line, name, f"unknown category {value!r}; expected {CATEGORIES}")
+    return value
+
+
+def _stable_id(question: str) -> str:
+    """An id derived from the question alone, so it survives re-ordering and sub-setting."""
+    return "q" + hashlib.sha1(normalize_answer(question).encode()).hexdigest()[:12]
+
+
+def _kp_answer(value: Any, src: str, line: int) -> tuple[list[str], list[str]]:
+    """Aliases from the knowledge-packing `answer` cell (a dict, or a list of one dict)."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
+        value = value[0]
+    if isinstance(value, str):
+        return [value], []
+    if not isinstance(value, dict):
+        raise FactFileError(
+            src, line, "answer", "expected {'aliases': [...], 'normalized_aliases': [...]} "
+            f"(or a list holding one such dict), got {value!r:.80}"
+        )
+    if "aliases" not in value:
+        raise FactFileError(src, line, "answer.aliases", "missing")
+    aliases = _check_str_list(value["aliases"], src, line, "answer.aliases", allow_empty=False)
+    normalized = value.get("normalized_aliases") or []
+    normalized = _check_str_list(
+        normalized, src, line, "answer.normalized_aliases", allow_empty=True
+    )
+    canonical = value.get("value")  # TriviaQA's canonical answer, when the cell has it
+    if isinstance(canonical, str) and canonical.strip():
+        aliases = [canonical] + [a for a in aliases if a != canonical]
+        if normalized and normalize_answer(canonical) not in normalized:
+            normalized = [normalize_answer(canonical), *normalized]
+    return aliases, normalized
+
+
+def _row_to_fact(row: dict[str, Any], src: str, line: int) -> Fact:
+    """One fact from either our flat shape (`answers`) or the knowledge-packing one (`answer`)."""
+    question = row.get("question")
+    if question is None:
+        raise FactFileError(src, line, "question", "missing")
+    if not isinstance(question, str) or not question.strip():
+        raise FactFileError(src, line, "question", f"expected a non-empty string, got {question!r}")
+
+    if "answers" in row:  # our flat shape: the Fact fields themselves
+        unknown = sorted(set(row) - _FACT_FIELDS - {"Category"})
+        if not isinstance(row.get("meta") or {}, dict):
+            raise FactFileError(src, line, "meta", f"expected an object, got {row['meta']!r:.80}")
+        meta = dict(row.get("meta") or {})
+        meta.update({k: row[k] for k in unknown})
+        answers = _check_str_list(row["answers"], src, line, "answers", allow_empty=False)
+        normalized = _check_str_list(
+            row.get("normalized_answers") or [], src, line, "normalized_answers", allow_empty=True
+        )
+        category = _check_category(row.get("category", row.get("Category")), src, line, "category")
+        paraphrases = _check_str_list(
+            row.get("paraphrases") or [], src, line, "paraphrases", allow_empty=True
+        )
+        predictions = _check_str_list(
+            row.get("predictions") or [], src, line, "predictions", allow_empty=True
+        )
+        values: dict[str, Any] = {}
+        for name in ("relation", "subject"):
+            value = row.get(name)
+            if value is not None and not isinstance(value, str):
+                raise FactFileError(src, line, name, f"expected a string, got {value!r:.80}")
+            values[name] = value
+        for name in ("p_greedy", "p_sampled"):
+            value = row.get(name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float)
+            ):
+                raise FactFileError(src, line, name, f"expected a number, got {value!r:.80}")
+            values[name] = None if value is None else float(value)
+        fact_id = row.get("id")
+        if fact_id is not None and not isinstance(fact_id, str | int):
+            raise FactFileError(src, line, "id", f"expected a string, got {fact_id!r:.80}")
+        return Fact(
+            id=_stable_id(question) if fact_id is None else str(fact_id),
+            question=question,
+            answers=answers,
+            normalized_answers=normalized,
+            category=category,
+            paraphrases=paraphrases,
+            predictions=predictions,
+            meta=meta,
+            **values,
+        )
+
+    if "answer" not in row:
+        raise FactFileError(
+            src, line, "answers", "missing (expected 'answers' or the knowledge-packing 'answer')"
+        )
+    aliases, normalized = _kp_answer(row["answer"], src, line)
+    paraphrases = _check_str_list(row.get("para") or [], src, line, "para", allow_empty=True)
+    category = _check_category(row.get("Category", row.get("category")), src, line, "Category")
+    meta = {k: v for k, v in row.items() if k not in _KP_COLUMNS and k != "category"}
+    fact_id = meta.pop("id", None)
+    return Fact(
+        id=_stable_id(question) if fact_id is None else str(fact_id),
+        question=question,
+        answers=aliases,
+        normalized_answers=normalized,
+        category=category,
+        paraphrases=paraphrases,
+        meta=meta,
+    )
+
+
+def _rows(source: str | Path) -> tuple[str, Iterable[tuple[int, dict[str, Any]]]]:
+    """Dispatch on the source: `hf:name[:split]`, a save_to_disk folder, Parquet, else JSONL."""
+    text = str(source)
+    if text.startswith(HF_PREFIX):
+        name, _, split = text[len(HF_PREFIX) :].partition(":")
+        if not name:
+            raise ValueError(f"{text!r}: expected {HF_PREFIX}<dataset name>[:<split>]")
+        return text, _iter_hub(name, split or None)
+    path = Path(text)
+    split = None
+    if not path.exists() and ":" in path.name:  # folder:split of a DatasetDict
+        name, _, split = path.name.rpartition(":")
+        path = path.with_name(name)
+    if not path.exists():
+        raise FileNotFoundError(f"fact source {text!r} does not exist")
+    if path.is_dir():
+        return str(path), _iter_arrow_folder(path, split)
+    if path.suffix == ".parquet":
+        return str(path), _iter_parquet(path)
+    return str(path), _iter_jsonl(path)
+
+
+def load_facts(
+    source: str | Path,
+    *,
+    on_duplicate: OnProblem = "drop",
+    on_empty: OnProblem = "error",
+) -> list[Fact]:
+    """Read facts from any supported source, in file order.
+
+    Sources: our flat JSONL (the `Fact` fields; `question` and `answers` required), the
+    knowledge-packing datasets' shape (`question`, `answer` = `{"aliases", "normalized_aliases"}`
+    or a one-element list of it, `Category`, `para`, ...) as JSONL, Parquet or a
+    `datasets.save_to_disk` folder (`folder:split` for a DatasetDict), and `hf:<name>[:split]`
+    from the hub when online. Rows without an `id` get one derived from the question.
+
+    Two facts with the same normalised question cannot both be trained and evaluated cleanly, so
+    duplicates are dropped, keeping the first, with a warning listing their ids
+    (`on_duplicate="drop"`, the default: one repeated question in a large scraped dataset should
+    not stop a run) or raise (`"error"`). A fact with no non-blank answer is malformed and raises
+    by default; `on_empty="drop"` drops it with a warning instead.
+    """
+    for name, value in (("on_duplicate", on_duplicate), ("on_empty", on_empty)):
+        if value not in ("error", "drop"):
+            raise ValueError(f"{name} must be 'error' or 'drop', got {value!r}")
+    src, rows = _rows(source)
+    facts: list[Fact] = []
+    seen_questions: dict[str, tuple[int, str]] = {}
+    seen_ids: dict[str, int] = {}
+    duplicates: list[str] = []
+    empties: list[str] = []
+    for line, row in rows:
+        try:
+            fact = _row_to_fact(row, src, line)
+        except EmptyAnswersError:
+            if on_empty == "error":
+                raise
+            empties.append(str(row.get("id", f"#{line}")))
+            continue
+        key = normalize_answer(fact.question)
+        if key in seen_questions:
+            first_line, first_id = seen_questions[key]
+            if on_duplicate == "error":
+                raise FactFileError(
+                    src, line, "question", f"duplicate of {first_id!r} (line/row {first_line}): "
+                    f"{fact.question!r}; pass on_duplicate='drop' to keep only the first"
+                )
+            duplicates.append(fact.id)
+            continue
+        if fact.id in seen_ids:
+            raise FactFileError(
+                src, line, "id", f"id {fact.id!r} already used at line/row {seen_ids[fact.id]}"
+            )
+        seen_questions[key] = (line, fact.id)
+        seen_ids[fact.id] = line
+        facts.append(fact)
+    if duplicates:
+        log.warning(
+            "%s: dropped %d facts whose question duplicates an earlier one: %s",
+            src, len(duplicates), _preview(duplicates),
+        )
+    if empties:
+        log.warning(
+            "%s: dropped %d facts with no answer: %s", src, len(empties), _preview(empties)
+        )
+    return facts
+
+
+def _preview(ids: Sequence[str], limit: int = 20) -> str:
+    shown = ", ".join(ids[:limit])
+    return shown + (f", ... (+{len(ids) - limit} more)" if len(ids) > limit else "")
+
+
+def fact_to_row(fact: Fact) -> dict[str, Any]:
+    """Our flat JSONL row for a fact (every field, so that reading it back is exact)."""
+    return asdict(fact)
+
+
+def save_facts(facts: Iterable[Fact], path: str | Path) -> Path:
+    """Write facts as our flat JSONL, atomically: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            for fact in facts:
+                fh.write(json.dumps(fact_to_row(fact), ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -26,7 +26,7 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 PAPER_TARGETS = ("gate_proj", "up_proj", "down_proj")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ProbeConfig:
     """How the model is asked about facts: SliCK's few-shot greedy probe (DESIGN.md section 1).
 
@@ -101,7 +101,7 @@ class LoRAKnowledgeModule(L.LightningModule):
         warmup_steps: int = 0,
         loss_on: Literal["answer", "all"] = "answer",
         gradient_checkpointing: bool = False,
-        probe: ProbeConfig | None = None,
+        probe: ProbeConfig = ProbeConfig(),  # noqa: B008 (frozen, so sharing is safe)
     ) -> None:
         super().__init__()
         if lr <= 0:
@@ -110,7 +110,7 @@ class LoRAKnowledgeModule(L.LightningModule):
             raise ValueError(f"model.lora_dropout must be in [0, 1), got {lora_dropout}")
         if warmup_steps < 0:
             raise ValueError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
-        self.probe_config = probe or ProbeConfig()
+        self.probe_config = probe
         self.save_hyperparameters()
         self.model: torch.nn.Module | None = None
         self.lora_names: list[str] = []

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
+
+import torch
 
 from lora_lightning.facts import Fact
 
@@ -101,3 +103,30 @@ def encode_example(
             f"example of {len(ids)} tokens exceeds max_length={max_length}: {question!r}"
         )
     return {"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)}
+
+
+PADDED_KEYS = {"input_ids": None, "attention_mask": 0, "labels": IGNORE_INDEX}
+
+
+def pad_batch(examples: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
+    """Collate encoded examples into right-padded LongTensors.
+
+    Padding gets `pad_token_id` in `input_ids`, 0 in `attention_mask` and `IGNORE_INDEX` in
+    `labels`, so it never carries loss. Any other key is passed through: as a LongTensor when
+    every value is an int (e.g. a `kind` code, so it moves to the device with the batch), else as
+    a list. Right padding suits teacher-forced training; batched generation pads on the left.
+    """
+    if not examples:
+        raise ValueError("cannot collate an empty batch")
+    width = max(len(ex["input_ids"]) for ex in examples)
+    batch: dict[str, Any] = {}
+    for key, pad in PADDED_KEYS.items():
+        value = pad_token_id if pad is None else pad
+        rows = [list(ex[key]) + [value] * (width - len(ex[key])) for ex in examples]
+        batch[key] = torch.tensor(rows, dtype=torch.long)
+    for key in examples[0]:
+        if key not in PADDED_KEYS:
+            values = [ex[key] for ex in examples]
+            ints = all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+            batch[key] = torch.tensor(values, dtype=torch.long) if ints else values
+    return batch

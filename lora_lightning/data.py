@@ -1,0 +1,540 @@
+"""The training mix: new (Unknown) facts plus known facts or paraphrases, as in the paper.
+
+`build_mix` decides which facts go where (a pure function of the facts and the settings, so every
+DDP rank builds the same mix from the seed); `KnowledgeDataModule` loads the facts and the
+tokenizer, encodes the mix as zero-shot chat conversations and serves the batches.
+
+Train = n Unknown facts, each with its canonical answer, plus k extra samples per Unknown fact:
+distinct HighlyKnown facts, or k paraphrases of that Unknown question. Validation = the trained
+Unknown facts (reliability) plus held-out HighlyKnown facts (forgetting), each item tagged with
+its `kind` code (an index into `VAL_KINDS`) so the model can log the two losses apart. Test =
+every categorised fact outside the few-shot pool, as batches of `Fact`s, for re-categorisation
+(knowledge shift).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import Any, Literal, get_args
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from lora_lightning.facts import Fact, load_facts, normalize_answer
+from lora_lightning.prompts import LossOn, encode_example, pad_batch
+
+log = logging.getLogger(__name__)
+
+ExtraKind = Literal["highly_known", "paraphrase", "none"]
+Selection = Literal["first", "random"]
+Bias = Literal["none", "subject", "answer"]
+
+UNKNOWN, HIGHLY_KNOWN, PARAPHRASE = "unknown", "highly_known", "paraphrase"
+# A validation batch's `kind` is a LongTensor of indices into this tuple.
+VAL_KINDS = (UNKNOWN, HIGHLY_KNOWN)
+
+
+@dataclass
+class Mix:
+    """Which facts a run trains and validates on.
+
+    `train_extra` holds the k-per-Unknown extras: HighlyKnown facts, or paraphrase facts whose
+    question is a paraphrase and whose id is `<unknown id>/para<j>`.
+    """
+
+    train_unknown: list[Fact]
+    train_extra: list[Fact]
+    extra_kind: ExtraKind
+    val_known: list[Fact]
+    fewshot_pool: list[Fact] = field(default_factory=list)
+
+    def train_items(self) -> list[tuple[Fact, str]]:
+        extra = PARAPHRASE if self.extra_kind == "paraphrase" else HIGHLY_KNOWN
+        return [(f, UNKNOWN) for f in self.train_unknown] + [(f, extra) for f in self.train_extra]
+
+    def val_items(self) -> list[tuple[Fact, str]]:
+        return [(f, UNKNOWN) for f in self.train_unknown] + [
+            (f, HIGHLY_KNOWN) for f in self.val_known
+        ]
+
+    def fingerprint(self) -> str:
+        """A digest of every trained and validated sample, to refuse resuming on another mix."""
+        payload = [
+            [(kind, f.id, f.question, f.answer) for f, kind in self.train_items()],
+            [(kind, f.id) for f, kind in self.val_items()],
+        ]
+        return hashlib.sha1(json.dumps(payload).encode()).hexdigest()
+
+
+def _check_choice(name: str, value: Any, literal: Any) -> None:
+    if value not in get_args(literal):
+        raise ValueError(f"{name} must be one of {get_args(literal)}, got {value!r}")
+
+
+def _ordered(facts: Sequence[Fact], selection: Selection, seed: int, stream: str) -> list[Fact]:
+    """File order ("first", as the paper takes facts), or a seeded shuffle.
+
+    Each role draws from its own named stream, so changing k never changes which Unknown facts
+    are picked, and taking the first n of one shuffle makes smaller mixes subsets of larger ones.
+    """
+    facts = list(facts)
+    if selection == "random":
+        random.Random(f"{seed}:{stream}").shuffle(facts)
+    return facts
+
+
+def _ids(facts: Sequence[Fact], limit: int = 5) -> str:
+    shown = ", ".join(f.id for f in facts[:limit])
+    return shown + (", ..." if len(facts) > limit else "")
+
+
+def _biased(
+    unknown: list[Fact], n_unknown: int, bias: Bias, bias_groups: int
+) -> list[Fact]:
+    """Restrict the Unknown facts to the `bias_groups` largest groups by subject or answer.
+
+    This is the paper's biased mix (many facts about few entities, or with few answers): with
+    `bias="answer", bias_groups=1` every trained fact shares one answer. Groups are ranked by
+    size, ties by first appearance in the (possibly shuffled) order.
+    """
+    if bias == "none":
+        return unknown
+
+    def key(fact: Fact) -> str | None:
+        return fact.subject if bias == "subject" else normalize_answer(fact.answer)
+
+    sizes = Counter(k for f in unknown if (k := key(f)) is not None)
+    if not sizes:
+        raise ValueError(f"bias={bias!r} needs a {bias} on the Unknown facts; none has one")
+    first_seen = {k: i for i, k in reversed(list(enumerate(key(f) for f in unknown)))}
+    ranked = sorted(sizes, key=lambda k: (-sizes[k], first_seen[k]))
+    chosen = set(ranked[:bias_groups])
+    kept = [f for f in unknown if key(f) in chosen]
+    if len(kept) < n_unknown:
+        raise ValueError(
+            f"bias={bias!r} with bias_groups={bias_groups}: the {len(chosen)} largest {bias} "
+            f"groups hold {len(kept)} Unknown facts, fewer than n_unknown={n_unknown} "
+            f"(largest group sizes: {[sizes[k] for k in ranked[:5]]})"
+        )
+    return kept
+
+
+def build_mix(
+    facts: Sequence[Fact],
+    *,
+    n_unknown: int,
+    extra_per_unknown: int = 0,
+    extra_kind: ExtraKind = "none",
+    selection: Selection = "first",
+    seed: int = 42,
+    bias: Bias = "none",
+    bias_groups: int = 1,
+    n_val_known: int = 0,
+    fewshot_pool: Sequence[Fact] | None = None,
+) -> Mix:
+    """Choose the training mix and the validation facts from categorised facts.
+
+    HighlyKnown facts are ordered once (file order or seeded shuffle): the extras are the first
+    n*k, the validation facts the last `n_val_known`, so the forgetting set does not move when k
+    or n change. Few-shot pool: `fewshot_pool` minus any fact used in the mix or validation, or,
+    when None, the HighlyKnown facts left over.
+    """
+    _check_choice("extra_kind", extra_kind, ExtraKind)
+    _check_choice("selection", selection, Selection)
+    _check_choice("bias", bias, Bias)
+    if extra_kind == "none" and extra_per_unknown:
+        raise ValueError(
+            f"extra_per_unknown={extra_per_unknown} needs extra_kind 'highly_known' or "
+            "'paraphrase' (extra_kind is 'none')"
+        )
+    k = extra_per_unknown if extra_kind != "none" else 0
+    uncategorised = [f for f in facts if f.category is None]
+    if uncategorised:
+        raise ValueError(
+            f"the mix needs categorised facts: {len(uncategorised)} of {len(facts)} have no "
+            f"category (ids {_ids(uncategorised)}); run `python -m lora_lightning categorize`"
+        )
+    unknown = _ordered([f for f in facts if f.category == "Unknown"], selection, seed, UNKNOWN)
+    known = _ordered([f for f in facts if f.category == "HighlyKnown"], selection, seed,
+                     HIGHLY_KNOWN)
+
+    candidates = _biased(unknown, n_unknown, bias, bias_groups)
+    if len(candidates) < n_unknown:
+        raise ValueError(
+            f"not enough Unknown facts: n_unknown={n_unknown} requested, the facts have "
+            f"{len(unknown)} Unknown (categories: {dict(Counter(f.category for f in facts))})"
+        )
+    train_unknown = candidates[:n_unknown]
+
+    n_known_needed = n_val_known + (n_unknown * k if extra_kind == "highly_known" else 0)
+    if len(known) < n_known_needed:
+        extra = f" + {n_unknown}*{k} extras" if extra_kind == "highly_known" else ""
+        raise ValueError(
+            f"not enough HighlyKnown facts: need {n_known_needed} (n_val_known={n_val_known}"
+            f"{extra}), the facts have {len(known)}"
+        )
+    val_known = known[len(known) - n_val_known :] if n_val_known else []
+    leftover = known[: len(known) - n_val_known]
+
+    if extra_kind == "highly_known":
+        train_extra, leftover = leftover[: n_unknown * k], leftover[n_unknown * k :]
+    elif extra_kind == "paraphrase" and k:
+        short = [f for f in train_unknown if len(_usable_paraphrases(f)) < k]
+        if short:
+            raise ValueError(
+                f"extra_per_unknown={k} paraphrases requested, but {len(short)} of the "
+                f"{n_unknown} Unknown facts have fewer distinct ones (e.g. {short[0].id} has "
+                f"{len(_usable_paraphrases(short[0]))}; ids {_ids(short)})"
+            )
+        train_extra = [
+            replace(
+                fact, id=f"{fact.id}/para{j}", question=question, paraphrases=[], predictions=[],
+                meta={**fact.meta, "paraphrase_of": fact.id},
+            )
+            for fact in train_unknown
+            for j, question in enumerate(_paraphrases(fact, k, selection, seed))
+        ]
+    else:
+        train_extra = []
+
+    if fewshot_pool is None:
+        pool = leftover
+    else:
+        used = {normalize_answer(q) for f in [*train_unknown, *train_extra, *val_known]
+                for q in (f.question, *f.paraphrases)}
+        pool = [f for f in fewshot_pool if normalize_answer(f.question) not in used]
+        if len(pool) < len(fewshot_pool):
+            log.warning(
+                "dropped %d few-shot pool facts whose question is in the mix or validation",
+                len(fewshot_pool) - len(pool),
+            )
+    return Mix(train_unknown, train_extra, extra_kind, val_known, list(pool))
+
+
+def _usable_paraphrases(fact: Fact) -> list[str]:
+    """Paraphrases that differ from the question and from each other (after normalising)."""
+    seen = {normalize_answer(fact.question)}
+    usable = []
+    for text in fact.paraphrases:
+        if (key := normalize_answer(text)) not in seen:
+            seen.add(key)
+            usable.append(text)
+    return usable
+
+
+def _paraphrases(fact: Fact, k: int, selection: Selection, seed: int) -> list[str]:
+    usable = _usable_paraphrases(fact)
+    if selection == "random":
+        return random.Random(f"{seed}:{PARAPHRASE}:{fact.id}").sample(usable, k)
+    return usable[:k]
+
+
+class EncodedFacts(Dataset):
+    """Pre-encoded conversations (encoding up front surfaces a too-long fact before training)."""
+
+    def __init__(self, items: list[dict[str, Any]]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.items[index]
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose place within the epoch is saved in Lightning checkpoints.
+
+    Lightning stores `state_dict()` of a loader that has one and hands it back on resume, so a
+    run interrupted mid-epoch continues with exactly the batches it had not trained on yet. The
+    place is read from the trainer's progress (`position`), not counted here, because Lightning
+    fetches one batch ahead of the one it trains on.
+    """
+
+    def __init__(self, *args: Any, position: Callable[[], int], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._position = position
+        self._resume: dict[str, int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": getattr(self.sampler, "epoch", 0), "batches_done": self._position()}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume = dict(state_dict)
+
+    def __iter__(self) -> Iterator[Any]:
+        resume, self._resume = self._resume, None
+        iterator = super().__iter__()
+        return iterator if not resume else self._skip(iterator, resume)
+
+    def _skip(self, iterator: Iterator[Any], resume: dict[str, int]) -> Iterator[Any]:
+        # Lazily: Lightning calls iter() before set_epoch(), and the sampler draws its
+        # permutation on the first next(), so only then is the epoch known.
+        if getattr(self.sampler, "epoch", 0) == resume["epoch"]:
+            for _ in range(resume["batches_done"]):
+                next(iterator, None)
+        yield from iterator
+
+
+class KnowledgeDataModule(L.LightningDataModule):
+    """Train on a mix of Unknown facts with HighlyKnown facts or paraphrases; validate on both.
+
+    Args:
+        facts: Categorised fact file (any source `load_facts` reads: JSONL, Parquet, a
+            save_to_disk folder, `hf:name[:split]`). None = the embedded synthetic world.
+        tokenizer: Path or name for `AutoTokenizer.from_pretrained`; it must carry a chat
+            template. None = the synthetic world's base model folder (required when `facts` is
+            set).
+        fewshot_pool: Fact file of few-shot examples for the evaluation probes. None = the
+            world's pool, or for a fact file the HighlyKnown facts not used in train/validation.
+        n_unknown: Number of Unknown facts to teach (paper: 1, 10, 50, 100, 500, 3000).
+        extra_per_unknown: k extra samples per Unknown fact (paper: 0, 1, 10).
+        extra_kind: What the extras are: distinct HighlyKnown facts, k paraphrases of the
+            Unknown question, or nothing.
+        selection: "first" takes facts in file order as the paper does; "random" draws them
+            with `seed`.
+        seed: Seed of the random selection and of the training sampler's shuffling.
+        bias: Biased mix: draw the Unknown facts only from the `bias_groups` largest groups of
+            facts sharing a "subject" or an "answer"; "none" = unbiased.
+        bias_groups: How many subject/answer groups a biased mix draws from.
+        n_val_known: Held-out HighlyKnown facts validated on to measure forgetting.
+        loss_on: "answer" puts loss on the assistant turn only; "all" on every token, as the
+            paper's released script does.
+        batch_size: Samples per batch on each device.
+        max_length: Longest conversation in tokens; a longer one is an error, never truncated.
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(
+        self,
+        facts: str | None = None,
+        tokenizer: str | None = None,
+        fewshot_pool: str | None = None,
+        n_unknown: int = 10,
+        extra_per_unknown: int = 0,
+        extra_kind: ExtraKind = "none",
+        selection: Selection = "first",
+        seed: int = 42,
+        bias: Bias = "none",
+        bias_groups: int = 1,
+        n_val_known: int = 50,
+        loss_on: LossOn = "answer",
+        batch_size: int = 16,
+        max_length: int = 256,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value, literal in [("extra_kind", extra_kind, ExtraKind),
+                                     ("selection", selection, Selection), ("bias", bias, Bias),
+                                     ("loss_on", loss_on, LossOn)]:
+            _check_choice(name, value, literal)
+        for name, value, low in [("n_unknown", n_unknown, 1),
+                                 ("extra_per_unknown", extra_per_unknown, 0),
+                                 ("bias_groups", bias_groups, 1), ("n_val_known", n_val_known, 0),
+                                 ("batch_size", batch_size, 1), ("max_length", max_length, 1),
+                                 ("num_workers", num_workers, 0)]:
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        if extra_kind == "none" and extra_per_unknown:
+            raise ValueError(
+                f"extra_per_unknown={extra_per_unknown} needs extra_kind 'highly_known' or "
+                "'paraphrase' (extra_kind is 'none')"
+            )
+        if facts is not None and tokenizer is None:
+            raise ValueError("tokenizer is required when facts is set (None means the world's)")
+        self.save_hyperparameters()
+        # The init args `facts`, `tokenizer` and `fewshot_pool` name sources; after setup() the
+        # attributes of those names hold the loaded objects.
+        self.tokenizer: Any = None
+        self.all_facts: list[Fact] = []
+        self.train_unknown: list[Fact] = []
+        self.train_extra: list[Fact] = []
+        self.val_known: list[Fact] = []
+        self.fewshot_pool: list[Fact] = []
+        self.test_facts: list[Fact] = []
+        self.mix: Mix | None = None
+        self._train: EncodedFacts | None = None
+        self._val: EncodedFacts | None = None
+        self._expected_fingerprint: str | None = None
+
+    # ----------------------------------------------------------------------- building
+
+    def prepare_data(self) -> None:
+        """Build the synthetic world once per machine (Lightning calls this on local rank 0)."""
+        if self.hparams.facts is None:
+            _ensure_world()
+
+    def _sources(self) -> tuple[str, str, str | None]:
+        hp = self.hparams
+        if hp.facts is not None:
+            return hp.facts, hp.tokenizer, hp.fewshot_pool
+        world = _ensure_world()
+        pool = hp.fewshot_pool if hp.fewshot_pool is not None else str(world.pool_path)
+        return str(world.facts_path), hp.tokenizer or str(world.model_dir), pool
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load facts and tokenizer, build and encode the mix (once; every rank the same)."""
+        if self._train is not None:
+            return
+        from transformers import AutoTokenizer
+
+        hp = self.hparams
+        facts_source, tokenizer_source, pool_source = self._sources()
+        self.all_facts = load_facts(facts_source)
+        pool = load_facts(pool_source) if pool_source is not None else None
+        mix = build_mix(
+            self.all_facts, n_unknown=hp.n_unknown, extra_per_unknown=hp.extra_per_unknown,
+            extra_kind=hp.extra_kind, selection=hp.selection, seed=hp.seed, bias=hp.bias,
+            bias_groups=hp.bias_groups, n_val_known=hp.n_val_known, fewshot_pool=pool,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                f"tokenizer {tokenizer_source!r} has no chat template; prompts are rendered "
+                "with it (use an Instruct model's tokenizer, or set `chat_template`)"
+            )
+        if tokenizer.pad_token_id is None:
+            if tokenizer.eos_token_id is None:
+                raise ValueError(f"tokenizer {tokenizer_source!r} has neither pad nor eos token")
+            tokenizer.pad_token = tokenizer.eos_token  # padding never carries loss or attention
+        encode = partial(self._encode, tokenizer, facts_source)
+        self._train = EncodedFacts([encode(f) for f, _ in mix.train_items()])
+        self._val = EncodedFacts(
+            [{**encode(f), "kind": VAL_KINDS.index(kind)} for f, kind in mix.val_items()]
+        )
+        pool_ids = {f.id for f in mix.fewshot_pool}
+        self.test_facts = [f for f in self.all_facts if f.id not in pool_ids]
+        self.tokenizer, self.mix = tokenizer, mix
+        self.train_unknown, self.train_extra = mix.train_unknown, mix.train_extra
+        self.val_known, self.fewshot_pool = mix.val_known, mix.fewshot_pool
+        self._source = facts_source
+        if not mix.fewshot_pool:
+            log.warning("the few-shot pool is empty: few-shot evaluation probes cannot be built")
+        self._check_fingerprint()
+        rank_zero_info(f"knowledge mix: {json.dumps(self.mix_summary())}")
+
+    def _encode(self, tokenizer: Any, source: str, fact: Fact) -> dict[str, list[int]]:
+        try:
+            return encode_example(
+                tokenizer, fact.question, fact.answer, self.hparams.max_length,
+                self.hparams.loss_on,
+            )
+        except ValueError as exc:
+            raise ValueError(f"{source}: fact {fact.id!r}: {exc}") from exc
+
+    def mix_summary(self) -> dict[str, Any]:
+        """Counts per kind for train and validation, and per category of the source facts."""
+        if self.mix is None:
+            raise RuntimeError("mix_summary() is available after setup()")
+        train = Counter(kind for _, kind in self.mix.train_items())
+        val = Counter(kind for _, kind in self.mix.val_items())
+        hp = self.hparams
+        return {
+            "facts": self._source,
+            "facts_by_category": dict(Counter(f.category for f in self.all_facts)),
+            "train": {**{k: train[k] for k in (UNKNOWN, HIGHLY_KNOWN, PARAPHRASE)},
+                      "total": sum(train.values())},
+            "val": {**{k: val[k] for k in VAL_KINDS}, "total": sum(val.values())},
+            "fewshot_pool": len(self.mix.fewshot_pool),
+            "settings": {name: hp[name] for name in (
+                "n_unknown", "extra_per_unknown", "extra_kind", "selection", "seed", "bias",
+                "bias_groups", "n_val_known", "loss_on")},
+        }
+
+    # ---------------------------------------------------------------------- loaders
+
+    def _collate(self) -> Callable[[Sequence[dict[str, Any]]], dict[str, Any]]:
+        return partial(pad_batch, pad_token_id=self.tokenizer.pad_token_id)
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 1, 0
+        return trainer.world_size, trainer.global_rank
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled by a DistributedSampler we create, so Lightning keeps it and sets its epoch.
+
+        Its permutation depends only on `seed` and the epoch: every rank agrees on it, a rerun
+        replays it exactly, and the global batch of N ranks with batch size b equals the batch
+        of one process with batch size N*b (up to the sampler's padding of the last batch when
+        the size is not a multiple of N). The loader saves its place in the epoch, so resuming
+        from a mid-epoch checkpoint continues with exactly the batches not yet trained on.
+        """
+        if self._train is None:
+            raise RuntimeError("call setup() before asking for dataloaders")
+        world_size, rank = self._world()
+        sampler = DistributedSampler(
+            self._train, num_replicas=world_size, rank=rank, shuffle=True, seed=self.hparams.seed
+        )
+        return ResumableDataLoader(
+            self._train, batch_size=self.hparams.batch_size, sampler=sampler,
+            collate_fn=self._collate(), num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0, position=self._batches_done,
+        )
+
+    def _batches_done(self) -> int:
+        """Training batches finished in the current epoch (what a resume must skip)."""
+        if self.trainer is None:
+            return 0
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    def val_dataloader(self) -> DataLoader:
+        """Trained Unknown facts then held-out HighlyKnown ones; `kind` indexes `VAL_KINDS`."""
+        if self._val is None:
+            raise RuntimeError("call setup() before asking for dataloaders")
+        return DataLoader(
+            self._val, batch_size=self.hparams.batch_size, shuffle=False,
+            collate_fn=self._collate(), num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        """Batches (lists) of every categorised fact outside the few-shot pool.
+
+        The model re-categorises them after training; comparing with the categories they carry
+        gives the knowledge shift and the answer-concentration measures.
+        """
+        if self._val is None:
+            raise RuntimeError("call setup() before asking for dataloaders")
+        return DataLoader(
+            self.test_facts, batch_size=self.hparams.batch_size, shuffle=False,
+            collate_fn=_as_list,
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mix_fingerprint": self.mix.fingerprint() if self.mix is not None else None}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Refuse to resume a run on a different mix than the one it was trained on."""
+        self._expected_fingerprint = state_dict.get("mix_fingerprint")
+        if self.mix is not None:
+            self._check_fingerprint()
+
+    def _check_fingerprint(self) -> None:
+        expected = self._expected_fingerprint
+        if expected is not None and self.mix is not None and self.mix.fingerprint() != expected:
+            raise RuntimeError(
+                "the checkpoint was trained on a different mix than this datamodule builds "
+                "(facts, n_unknown, extra_*, selection, seed or bias differ)"
+            )
+
+
+def _as_list(facts: list[Fact]) -> list[Fact]:
+    return list(facts)
+
+
+def _ensure_world() -> Any:
+    from lora_lightning.world import ensure_world  # heavy, and only for the default run
+
+    return ensure_world()
