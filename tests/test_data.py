@@ -75,7 +75,9 @@ def fact_file(tmp_path, facts) -> Path:
 
 
 def make_dm(fact_file: Path, tokenizer_dir: Path, **kwargs) -> KnowledgeDataModule:
-    kwargs.setdefault("n_val_known", 5)
+    for key, value in (("n_val_known", 5), ("n_unknown", 10), ("extra_per_unknown", 0),
+                       ("extra_kind", "none")):
+        kwargs.setdefault(key, value)
     return KnowledgeDataModule(facts=str(fact_file), tokenizer=str(tokenizer_dir), **kwargs)
 
 
@@ -358,7 +360,7 @@ def test_too_long_fact_names_the_file_and_fact(tmp_path, facts, tokenizer_dir):
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"extra_per_unknown": 2}, "needs extra_kind"),
+    [({"extra_per_unknown": 2, "extra_kind": "none"}, "needs extra_kind"),
      ({"extra_kind": "known"}, "extra_kind must be one of"),
      ({"selection": "last"}, "selection must be one of"),
      ({"loss_on": "prompt"}, "loss_on must be one of"),
