@@ -54,29 +54,35 @@ class KnowledgeCLI(LightningCLI):
         parser.add_lightning_class_args(KnowledgeReport, "report")
 
     def before_instantiate_classes(self) -> None:
-        """`test`/`validate`/`predict` log beside the fit run, not over its metrics.csv."""
-        if self.subcommand == "fit":
-            return
-        logger = self.config[self.subcommand].trainer.logger
-        init = getattr(logger, "init_args", None)
-        if init is not None and getattr(init, "version", None) == "":
-            init.version = self.subcommand
-
-    def before_fit(self) -> None:
-        ckpt = self.config.get(self.subcommand, {}).get("ckpt_path")
+        cfg = self.config[self.subcommand]
+        ckpt = cfg.get("ckpt_path")
         if ckpt == "last":
-            candidates = [
-                p
-                for cb in self.trainer.checkpoint_callbacks
-                for p in cb._find_last_checkpoints(self.trainer)
-            ]
-            if not candidates:
-                raise FileNotFoundError(
-                    "fit --ckpt_path last: no last.ckpt in this run's checkpoint folder "
-                    f"({self.trainer.default_root_dir} / logger dir); nothing to resume"
-                )
-        elif ckpt is not None and not Path(ckpt).is_file():
-            raise FileNotFoundError(f"fit --ckpt_path: no checkpoint file at {ckpt!r}")
+            # Lightning would look in *this* run's folder and only warn when it finds nothing.
+            cfg.ckpt_path = str(self._last_checkpoint(cfg))
+        elif ckpt not in (None, "best", "hpc") and not Path(ckpt).is_file():
+            raise FileNotFoundError(
+                f"{self.subcommand} --ckpt_path: no checkpoint file at {ckpt!r}"
+            )
+        if self.subcommand != "fit":  # log beside the fit run, not over its metrics.csv
+            init = getattr(cfg.trainer.logger, "init_args", None)
+            if init is not None and getattr(init, "version", None) == "":
+                init.version = self.subcommand
+
+    def _last_checkpoint(self, cfg) -> Path:
+        """The fit run's last.ckpt: checkpoint.dirpath, else the logger's fixed run folder."""
+        folder = cfg.checkpoint.dirpath
+        init = getattr(cfg.trainer.logger, "init_args", None)
+        if folder is None and init is not None and getattr(init, "version", None) == "":
+            folder = Path(init.save_dir) / (init.name or "") / "checkpoints"
+        if folder is None:
+            raise FileNotFoundError(
+                "--ckpt_path last: cannot tell this run's checkpoint folder; set "
+                "--checkpoint.dirpath or pass the checkpoint file"
+            )
+        path = Path(folder) / "last.ckpt"
+        if not path.is_file():
+            raise FileNotFoundError(f"--ckpt_path last: no {path} (nothing to resume from)")
+        return path
 
     def after_fit(self) -> None:
         if self.trainer.is_global_zero:

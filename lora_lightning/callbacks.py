@@ -273,9 +273,8 @@ class KnowledgeReport(Callback):
 
         m = self.metrics
         results: dict[str, Any] = {
-            "reliability": m["reliability"].compute(),
-            "known_retained": m["known_retained"].compute(),
-            "shift": m["shift"].compute(),
+            key: m[key].compute() if m[key].update_called else None
+            for key in ("reliability", "known_retained", "shift")
         }
         conc_before = m["concentration_before"].compute()
         m["concentration_after"].reference_max = conc_before["max_count"]
@@ -294,7 +293,8 @@ class KnowledgeReport(Callback):
         results["mix"] = data.mix_summary() if hasattr(data, "mix_summary") else None
         self.results = to_python(results)
         for key in ("reliability", "known_retained"):
-            pl_module.log(f"test/{key}", results[key]["reliability"])
+            if results[key] is not None:
+                pl_module.log(f"test/{key}", results[key]["reliability"], sync_dist=True)
         if trainer.is_global_zero:
             root = trainer.log_dir or trainer.default_root_dir
             out = Path(self.report_dir) if self.report_dir else Path(root) / "report"

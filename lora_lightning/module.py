@@ -101,7 +101,7 @@ class LoRAKnowledgeModule(L.LightningModule):
         warmup_steps: int = 0,
         loss_on: Literal["answer", "all"] = "answer",
         gradient_checkpointing: bool = False,
-        probe: ProbeConfig = ProbeConfig(),  # noqa: B008 (frozen, so sharing is safe)
+        probe: ProbeConfig | None = ProbeConfig(),  # noqa: B008 (frozen: safe to share)
     ) -> None:
         super().__init__()
         if lr <= 0:
@@ -110,7 +110,7 @@ class LoRAKnowledgeModule(L.LightningModule):
             raise ValueError(f"model.lora_dropout must be in [0, 1), got {lora_dropout}")
         if warmup_steps < 0:
             raise ValueError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
-        self.probe_config = probe
+        self.probe_config = probe or ProbeConfig()
         self.save_hyperparameters()
         self.model: torch.nn.Module | None = None
         self.lora_names: list[str] = []

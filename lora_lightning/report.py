@@ -41,7 +41,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines = ["# lora-lightning report", ""]
     if results.get("mix"):
         lines += ["Training mix: " + ", ".join(f"{k}={v}" for k, v in results["mix"].items()), ""]
-    rel, ret = results.get("reliability", {}), results.get("known_retained", {})
+    rel, ret = results.get("reliability") or {}, results.get("known_retained") or {}
     lines += [
         "| measure | before | after |",
         "| --- | --- | --- |",
@@ -50,7 +50,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"| held-out HighlyKnown retained (n={_fmt(ret.get('n_facts'))}) | 1 (HighlyKnown by "
         f"definition) | {_fmt(ret.get('reliability'))} |",
     ]
-    conc = results.get("concentration", {})
+    conc = results.get("concentration") or {}
     for key, label in (
         ("unique", "unique greedy answers"),
         ("mean_repeats", "mean repeats per answer"),
@@ -60,12 +60,12 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"| {label} | {_fmt(_get(conc, 'before', key))} | {_fmt(_get(conc, 'after', key))} |"
         )
-    ref = results.get("refusals", {})
+    ref = results.get("refusals") or {}
     before, after = _get(ref, "before", "rate"), _get(ref, "after", "rate")
     lines.append(f"| refusal rate | {_fmt(before)} | {_fmt(after)} |")
-    conf = results.get("confidence", {})
+    conf = results.get("confidence") or {}
     lines.append(f"| confidence | {_fmt(conf.get('before'))} | {_fmt(conf.get('after'))} |")
-    bench = results.get("benchmarks", {})
+    bench = results.get("benchmarks") or {}
     if "mmlu" in bench:
         lines.append(
             f"| MMLU accuracy (n={_fmt(_get(bench, 'mmlu', 'after', 'n'))}) | "
