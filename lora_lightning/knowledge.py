@@ -1,0 +1,456 @@
+"""SliCK knowledge categories (Gekhman et al. 2024), as used by Pletenev et al. 2025.
+
+A fact's category for a model comes from how often the model answers it under `n_exp` different
+`n_shot`-shot prompts: HighlyKnown when always (greedy), MaybeKnown when sometimes, WeaklyKnown
+when never greedily but sometimes when sampling, Unknown otherwise. The few-shot sets are drawn
+once from a pool with a seed, so categories before and after training compare like with like.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import zlib
+from collections import Counter
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lora_lightning.facts import CATEGORIES, Fact, fact_to_row, is_correct, load_facts, save_facts
+from lora_lightning.prompts import build_fewshot_sets, extract_answer, fewshot_messages, render
+
+
+@dataclass
+class Generation:
+    """One generated answer: `text` (after `extract_answer`) and `mean_token_prob`, the mean
+    probability of the generated tokens (through the end-of-turn token), a confidence score."""
+
+    text: str
+    mean_token_prob: float
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def generate_answers(
+    model,
+    tokenizer,
+    prompts: list[str],
+    batch_size: int = 64,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 0.5,
+    top_k: int = 40,
+    num_return_sequences: int = 1,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[Generation]:
+    """Answers to already-rendered prompts, `num_return_sequences` per prompt, in prompt order.
+
+    Prompts are batched by length with left padding (so every continuation starts right after
+    its prompt) and encoded without extra special tokens, because chat templates already write
+    the bos token. Sampling is seeded per batch, so a run is repeatable.
+    """
+    from tqdm.auto import tqdm
+    from transformers import GenerationConfig
+
+    if not prompts:
+        return []
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    # Stop at any end token the model declares too (Llama-3.1 lists <|eot_id|> and others).
+    model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stops = [eos] if eos is not None else []
+    for tok in model_eos if isinstance(model_eos, list) else [model_eos]:
+        if tok is not None and tok not in stops:
+            stops.append(tok)
+    if pad is None:
+        raise ValueError("tokenizer has neither a pad nor an eos token; cannot batch generation")
+    gen_config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature if do_sample else None,
+        top_k=top_k if do_sample else None,
+        top_p=None,
+        num_return_sequences=num_return_sequences,
+        pad_token_id=pad,
+        eos_token_id=stops or None,
+        bos_token_id=tokenizer.bos_token_id,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
+    device = next(model.parameters()).device
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    results: list[list[Generation]] = [[] for _ in prompts]
+    old_side = tokenizer.padding_side
+    old_pad = tokenizer.pad_token
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    was_training = model.training
+    model.eval()
+    starts = range(0, len(order), batch_size)
+    try:
+        for start in tqdm(starts, desc="generating", disable=not progress):
+            idx = order[start : start + batch_size]
+            enc = tokenizer(
+                [prompts[i] for i in idx], return_tensors="pt", padding=True,
+                add_special_tokens=False,
+            ).to(device)
+            _seed_everything(seed + start)
+            with torch.inference_mode():
+                out = model.generate(**enc, generation_config=gen_config)
+            new = out.sequences[:, enc["input_ids"].shape[1] :]
+            # log-probabilities of the chosen tokens, renormalised after any sampling warpers
+            logprobs = model.compute_transition_scores(
+                out.sequences, out.scores, normalize_logits=True
+            ).float()
+            for row in range(new.shape[0]):
+                tokens = new[row].tolist()
+                n = len(tokens)
+                ends = [k for k, t in enumerate(tokens) if t in stops]
+                if ends:
+                    n = ends[0] + 1
+                text = tokenizer.decode(tokens[:n], skip_special_tokens=True)
+                prob = logprobs[row, :n].exp().mean().item() if n else 0.0
+                results[idx[row // num_return_sequences]].append(
+                    Generation(text=extract_answer(text), mean_token_prob=prob)
+                )
+    finally:
+        tokenizer.padding_side = old_side
+        if old_pad is None:
+            tokenizer.pad_token = None
+        model.train(was_training)
+    return [g for per_prompt in results for g in per_prompt]
+
+
+def category_of(p_greedy: float, p_sampled: float | None = None) -> str:
+    """SliCK's category from the greedy (and optionally sampled) correctness rates.
+
+    Without sampling (`p_sampled=None`) WeaklyKnown cannot occur, as in the paper.
+    """
+    for name, p in (("p_greedy", p_greedy), ("p_sampled", p_sampled)):
+        if p is not None and not 0.0 <= p <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {p}")
+    if p_greedy == 1.0:
+        return "HighlyKnown"
+    if p_greedy > 0.0:
+        return "MaybeKnown"
+    if p_sampled is not None and p_sampled > 0.0:
+        return "WeaklyKnown"
+    return "Unknown"
+
+
+def _fact_to_json(fact: Fact) -> str:
+    return json.dumps(fact_to_row(fact), ensure_ascii=False)
+
+
+def _read_checkpoint(path: Path) -> dict[str, Fact]:
+    """Finished facts of an interrupted run.
+
+    Every record is written with its newline, so an unterminated last line is a record torn by
+    a crash: it is cut off the file (so appending continues on a clean line) and redone.
+    """
+    done: dict[str, Fact] = {}
+    if not path.exists():
+        return done
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        with open(path, "r+b") as f:
+            f.truncate(len(data))
+    for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            fact = Fact(**json.loads(line))
+        except (json.JSONDecodeError, TypeError) as err:
+            raise ValueError(f"{path}:{lineno}: corrupt categorisation checkpoint: {err}") from err
+        done[fact.id] = fact
+    return done
+
+
+def _check_checkpoint_settings(checkpoint: Path, settings: dict) -> None:
+    """Refuse to resume a checkpoint written with other settings (it would mix two different
+    measurements); record the settings beside a new one."""
+    sidecar = checkpoint.with_name(checkpoint.name + ".settings.json")
+    if sidecar.exists():
+        old = json.loads(sidecar.read_text())
+        changed = sorted(k for k in settings.keys() | old.keys() if old.get(k) != settings.get(k))
+        if changed:
+            raise ValueError(
+                f"checkpoint {checkpoint} was written with other settings ({', '.join(changed)}"
+                f" differ); delete it and {sidecar.name} to start over"
+            )
+    else:
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        sidecar.write_text(json.dumps(settings))
+
+
+def _append_or_nothing(path: Path | None):
+    """The checkpoint opened for appending, or a null context when there is none."""
+    return nullcontext() if path is None else Path(path).open("a", encoding="utf-8")
+
+
+def categorize(
+    model,
+    tokenizer,
+    facts: Sequence[Fact],
+    pool: Sequence[Fact],
+    n_exp: int = 10,
+    n_shot: int = 4,
+    sample: bool = False,
+    n_samples: int = 16,
+    temperature: float = 0.5,
+    top_k: int = 40,
+    batch_size: int = 64,
+    max_new_tokens: int = 32,
+    seed: int = 0,
+    progress: bool = True,
+    checkpoint: Path | None = None,
+) -> list[Fact]:
+    """SliCK categories of `facts` for `model`: new Fact objects, in input order, with
+    `category`, `p_greedy`, `p_sampled` (None unless `sample`) and `predictions` (the greedy
+    answer of each of the `n_exp` prompts).
+
+    The few-shot sets come from `pool` with `seed`, identical for every fact and every call, and
+    `pool` must be disjoint from `facts` (a shot must never give the answer away). With
+    `checkpoint`, each finished chunk is appended to that JSONL and facts already in it are not
+    redone, so a crash loses at most one chunk.
+    """
+    from tqdm.auto import tqdm
+
+    ids = [f.id for f in facts]
+    if len(set(ids)) != len(ids):
+        dupes = sorted(k for k, v in Counter(ids).items() if v > 1)
+        raise ValueError(f"duplicate fact ids: {dupes[:5]}")
+    overlap = set(ids) & {f.id for f in pool}
+    if overlap:
+        raise ValueError(
+            f"{len(overlap)} facts are also in the few-shot pool (e.g. {sorted(overlap)[:3]}); "
+            "the pool must be disjoint from the facts being categorised"
+        )
+    shot_sets = build_fewshot_sets(pool, n_exp=n_exp, n_shot=n_shot, seed=seed)
+
+    done: dict[str, Fact] = {}
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        settings = {
+            "n_exp": n_exp, "n_shot": n_shot, "seed": seed, "sample": sample,
+            "n_samples": n_samples if sample else None,
+            "temperature": temperature if sample else None, "top_k": top_k if sample else None,
+            "max_new_tokens": max_new_tokens, "pool": sorted(f.id for f in pool),
+        }
+        _check_checkpoint_settings(checkpoint, settings)
+        wanted = set(ids)
+        done = {k: v for k, v in _read_checkpoint(checkpoint).items() if k in wanted}
+    todo = [f for f in facts if f.id not in done]
+    chunk = max(1, batch_size // n_exp) * 4  # a few generation batches per checkpoint write
+    bar = tqdm(total=len(facts), initial=len(done), desc="categorising", disable=not progress)
+    with bar, _append_or_nothing(checkpoint) as sink:
+        for start in range(0, len(todo), chunk):
+            part = todo[start : start + chunk]
+            prompts = [
+                render(tokenizer, fewshot_messages(f.question, shots), add_generation_prompt=True)
+                for f in part
+                for shots in shot_sets
+            ]
+            greedy = generate_answers(
+                model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                seed=seed,
+            )
+            sampled = None
+            if sample:
+                # seeded by the chunk's content, so a resumed run samples what a full run would
+                chunk_seed = seed + zlib.crc32(part[0].id.encode())
+                sampled = generate_answers(
+                    model, tokenizer, prompts, batch_size=max(1, batch_size // n_samples),
+                    max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                    top_k=top_k, num_return_sequences=n_samples, seed=chunk_seed,
+                )
+            for j, fact in enumerate(part):
+                answers = [g.text for g in greedy[j * n_exp : (j + 1) * n_exp]]
+                p_greedy = sum(is_correct(a, fact) for a in answers) / n_exp
+                p_sampled = None
+                if sampled is not None:
+                    per = n_exp * n_samples
+                    hits = sum(is_correct(g.text, fact) for g in sampled[j * per : (j + 1) * per])
+                    p_sampled = hits / per
+                result = dataclasses.replace(
+                    fact, category=category_of(p_greedy, p_sampled), p_greedy=p_greedy,
+                    p_sampled=p_sampled, predictions=answers,
+                )
+                done[fact.id] = result
+                if sink is not None:
+                    sink.write(_fact_to_json(result) + "\n")
+            if sink is not None:
+                sink.flush()
+            bar.update(len(part))
+    return [done[i] for i in ids]
+
+
+def category_counts(facts: Sequence[Fact]) -> dict[str, int]:
+    """Facts per category, every category listed (zeros included) in a fixed order."""
+    counts = Counter(f.category for f in facts)
+    return {c: counts.get(c, 0) for c in CATEGORIES}
+
+
+# --------------------------------------------------------------------------- command
+
+
+def default_pool(
+    facts: Sequence[Fact], pool_size: int, seed: int
+) -> tuple[list[Fact], list[Fact]]:
+    """(pool, rest) for a fact file that comes without a pool.
+
+    Rule: a seeded random sample of `pool_size` facts is carved out of the file and used only
+    as few-shot examples; the rest are categorised. The same file and seed always give the same
+    pool, and the command saves it beside its output so categorising again after training (pass
+    it as `pool`) reuses exactly the same shots.
+    """
+    if len(facts) <= pool_size:
+        raise ValueError(
+            f"cannot carve a few-shot pool of {pool_size} facts out of a file of {len(facts)}"
+        )
+    ids = set(random.Random(seed).sample(sorted(f.id for f in facts), pool_size))
+    return [f for f in facts if f.id in ids], [f for f in facts if f.id not in ids]
+
+
+def _pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def categorize_command(
+    model: str | None = None,
+    facts: str | None = None,
+    output: str = "categorized.jsonl",
+    pool: str | None = None,
+    adapter: str | None = None,
+    n_exp: int = 10,
+    n_shot: int = 4,
+    sample: bool = False,
+    n_samples: int = 16,
+    temperature: float = 0.5,
+    top_k: int = 40,
+    batch_size: int = 64,
+    max_new_tokens: int = 32,
+    seed: int = 0,
+    pool_size: int = 32,
+    device: str = "auto",
+    dtype: str = "auto",
+    threads: int | None = None,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Categorise facts (SliCK) for a model and write them, with the per-prompt answers.
+
+    Args:
+        model: Hugging Face model directory or hub name; None or "world" = the synthetic world's
+            base (built on first use).
+        facts: fact file (JSONL of our own or the knowledge-packing shape); None = the world's
+            categorised facts (only with the world model).
+        output: where to write the categorised facts (JSONL). Progress is checkpointed to
+            `<output>.partial` and a rerun resumes from it.
+        pool: few-shot pool file. None = the world's pool for world facts; for any other file,
+            reuse `<output stem>.pool.jsonl` if present, else carve a seeded sample of
+            `pool_size` facts out of `facts` (excluded from categorisation) and save it there.
+        adapter: LoRA adapter directory (PEFT format) applied to the model before probing.
+        n_exp: number of few-shot prompts per fact.
+        n_shot: examples per few-shot prompt.
+        sample: also sample `n_samples` answers per prompt, which enables WeaklyKnown.
+        n_samples: sampled answers per prompt when `sample`.
+        temperature: sampling temperature.
+        top_k: sampling top-k.
+        batch_size: prompts per generation batch.
+        max_new_tokens: generation length limit.
+        seed: seed of the few-shot sets, the default pool and sampling.
+        pool_size: size of a pool carved out of `facts` when no pool is given.
+        device: "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+        dtype: "auto" (bfloat16 on cuda, float32 on cpu), "float32", "bfloat16", "float16".
+        threads: CPU threads for torch. None = 1 for models under 10M parameters (on the
+            synthetic world's base one thread is ~3x faster than two on a busy 2-core machine:
+            its matrices are too small to split), else torch's default.
+        progress: show progress bars.
+
+    Returns:
+        Facts per category.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_path = Path(output)
+    world = model in (None, "world")
+    if world:
+        from lora_lightning.world import ensure_world
+
+        artifacts = ensure_world(progress=progress)
+        model_path = str(artifacts.model_dir)
+        if facts is None:
+            facts = str(artifacts.facts_path)
+        if pool is None:
+            pool = str(artifacts.pool_path)
+    else:
+        model_path = model
+    if facts is None:
+        raise ValueError("categorize: `facts` is required unless the model is the world's base")
+
+    all_facts = load_facts(Path(facts))
+    if pool is not None:
+        pool_facts = load_facts(Path(pool))
+        pool_ids = {f.id for f in pool_facts}
+        tested = [f for f in all_facts if f.id not in pool_ids]
+    else:
+        pool_file = out_path.with_name(out_path.stem + ".pool.jsonl")
+        if pool_file.exists():
+            pool_facts = load_facts(pool_file)
+            pool_ids = {f.id for f in pool_facts}
+            tested = [f for f in all_facts if f.id not in pool_ids]
+        else:
+            pool_facts, tested = default_pool(all_facts, pool_size, seed)
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            save_facts(pool_facts, pool_file)
+        if progress:
+            print(f"few-shot pool: {len(pool_facts)} facts in {pool_file} (not categorised)")
+
+    dev = _pick_device(device)
+    if dtype == "auto":
+        torch_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    else:
+        torch_dtype = getattr(torch, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(dev)
+    if threads is None and sum(p.numel() for p in lm.parameters()) < 10_000_000:
+        threads = 1
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if adapter is not None:
+        # HOOK: the LoRA engineer's loader (lora_lightning.lora.load_adapter) applies our own or
+        # PEFT adapters in place; categories then describe base + adapter.
+        from lora_lightning.lora import load_adapter
+
+        load_adapter(lm, adapter)
+    lm.eval()
+
+    partial = out_path.with_name(out_path.name + ".partial")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    result = categorize(
+        lm, tokenizer, tested, pool_facts, n_exp=n_exp, n_shot=n_shot, sample=sample,
+        n_samples=n_samples, temperature=temperature, top_k=top_k, batch_size=batch_size,
+        max_new_tokens=max_new_tokens, seed=seed, progress=progress, checkpoint=partial,
+    )
+    save_facts(result, out_path)
+    partial.unlink(missing_ok=True)
+    partial.with_name(partial.name + ".settings.json").unlink(missing_ok=True)
+    counts = category_counts(result)
+    print(f"categorised {len(result)} facts -> {out_path}")
+    for name, count in counts.items():
+        print(f"  {name:<12} {count}")
+    return counts

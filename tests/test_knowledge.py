@@ -1,0 +1,306 @@
+"""SliCK categorisation: the categories follow from what a real (tiny, trained) model answers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lora_lightning import knowledge
+from lora_lightning.facts import Fact, is_correct, load_facts, save_facts
+from lora_lightning.knowledge import (
+    categorize,
+    categorize_command,
+    category_of,
+    default_pool,
+    generate_answers,
+)
+from lora_lightning.prompts import build_fewshot_sets, extract_answer, fewshot_messages, render
+from lora_lightning.world import WorldConfig, ensure_world
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: one thread is faster than two, and far faster on a busy shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory):
+    """The test-sized world (a tiny Llama pre-trained on part of it), built once per session."""
+    home = tmp_path_factory.getbasetemp() / "world_home"
+    return ensure_world(WorldConfig.small(), home=home, progress=False)
+
+
+@pytest.fixture(scope="module")
+def lm(small_world):
+    tokenizer = AutoTokenizer.from_pretrained(small_world.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(small_world.model_dir).eval()
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def facts_and_pool(small_world):
+    """A few known and a few never-seen facts of the world, and the world's few-shot pool."""
+    facts = load_facts(small_world.world_facts_path)
+    pool = load_facts(small_world.pool_path)
+    known = small_world.known_ids() - small_world.rare_ids()
+    pool_ids = {f.id for f in pool}
+    rng = random.Random()
+    seen = rng.sample([f for f in facts if f.id in known and f.id not in pool_ids], 5)
+    unseen = rng.sample([f for f in facts if f.id not in known], 5)
+    return seen + unseen, pool
+
+
+# --------------------------------------------------------------------------- rules
+
+
+@pytest.mark.parametrize(
+    ("p_greedy", "p_sampled", "expected"),
+    [
+        (1.0, None, "HighlyKnown"),
+        (1.0, 0.0, "HighlyKnown"),
+        (0.9, None, "MaybeKnown"),
+        (0.1, 0.0, "MaybeKnown"),
+        (0.0, 0.0625, "WeaklyKnown"),
+        (0.0, 0.0, "Unknown"),
+        (0.0, None, "Unknown"),  # without sampling WeaklyKnown cannot occur
+    ],
+)
+def test_category_rules(p_greedy, p_sampled, expected):
+    assert category_of(p_greedy, p_sampled) == expected
+
+
+@pytest.mark.parametrize(("p_greedy", "p_sampled"), [(1.5, None), (-0.1, None), (0.0, 2.0)])
+def test_category_rejects_impossible_rates(p_greedy, p_sampled):
+    with pytest.raises(ValueError, match="p_"):
+        category_of(p_greedy, p_sampled)
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def test_left_padded_batches_answer_like_one_by_one(lm, facts_and_pool):
+    model, tokenizer = lm
+    facts, pool = facts_and_pool
+    shots = build_fewshot_sets(pool, n_exp=3, n_shot=4, seed=random.randrange(1000))
+    # prompts of very different lengths, so the batch really is padded
+    prompts = [
+        render(tokenizer, fewshot_messages(f.question, s[: 1 + i % 4]), add_generation_prompt=True)
+        for i, (f, s) in enumerate((f, s) for f in facts for s in shots)
+    ]
+    tokenizer.padding_side = "right"
+    batched = generate_answers(model, tokenizer, prompts, batch_size=16)
+    assert tokenizer.padding_side == "right"  # restored
+    single = generate_answers(model, tokenizer, prompts, batch_size=1)
+    assert [g.text for g in batched] == [g.text for g in single]
+    for b, s in zip(batched, single, strict=True):
+        assert b.mean_token_prob == pytest.approx(s.mean_token_prob, abs=1e-4)
+        assert 0.0 < b.mean_token_prob <= 1.0
+
+    # and both agree with a plain, unbatched model.generate
+    enc = tokenizer(prompts[0], return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**enc, max_new_tokens=32, do_sample=False)
+    plain = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert single[0].text == extract_answer(plain)
+
+
+def test_generation_without_a_pad_token_pads_with_eos(lm, facts_and_pool):
+    model, tokenizer = lm
+    facts, pool = facts_and_pool
+    prompts = [render(tokenizer, fewshot_messages(f.question, pool[:k]), True)
+               for k, f in enumerate(facts[:4])]
+    expected = generate_answers(model, tokenizer, prompts, batch_size=4)
+    no_pad = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    no_pad.pad_token = None
+    got = generate_answers(model, no_pad, prompts, batch_size=4)
+    assert [g.text for g in got] == [g.text for g in expected]
+    assert no_pad.pad_token is None
+
+
+def test_sampling_is_seeded_and_returns_every_sequence(lm, facts_and_pool):
+    model, tokenizer = lm
+    facts, pool = facts_and_pool
+    prompts = [render(tokenizer, fewshot_messages(f.question, pool[:4]), True) for f in facts[:3]]
+    kwargs = dict(do_sample=True, temperature=1.5, top_k=40, num_return_sequences=6)
+    first = generate_answers(model, tokenizer, prompts, seed=3, **kwargs)
+    again = generate_answers(model, tokenizer, prompts, seed=3, **kwargs)
+    assert len(first) == 18
+    assert first == again
+
+
+# --------------------------------------------------------------------------- categorize
+
+
+def _expected_categories(model, tokenizer, facts, pool, n_exp, seed):
+    """An independent computation: one plain `generate` call per (fact, prompt), no batching."""
+    out = {}
+    for fact in facts:
+        hits = 0
+        for shots in build_fewshot_sets(pool, n_exp=n_exp, n_shot=4, seed=seed):
+            text = render(tokenizer, fewshot_messages(fact.question, shots), True)
+            enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+            gen = model.generate(**enc, max_new_tokens=32, do_sample=False)
+            answer = tokenizer.decode(gen[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            hits += is_correct(extract_answer(answer), fact)
+        out[fact.id] = "HighlyKnown" if hits == n_exp else "MaybeKnown" if hits else "Unknown"
+    return out
+
+
+def test_categories_follow_the_models_answers(lm, facts_and_pool):
+    model, tokenizer = lm
+    facts, pool = facts_and_pool
+    # Controls: a known fact relabelled with an answer nobody taught the model must be Unknown,
+    # and a never-seen fact relabelled with the model's own answer must be known.
+    wrong = dataclasses.replace(facts[0], id="wrong", answers=["Qwxzzy"], normalized_answers=[])
+    probe = categorize(model, tokenizer, [facts[5]], pool, n_exp=3, progress=False)[0]
+    own = dataclasses.replace(facts[5], id="own", answers=[probe.predictions[0]],
+                              normalized_answers=[])
+    tested = [*facts, wrong, own]
+
+    result = categorize(model, tokenizer, tested, pool, n_exp=3, seed=1, progress=False)
+    assert [f.id for f in result] == [f.id for f in tested]
+    expected = _expected_categories(model, tokenizer, tested, pool, n_exp=3, seed=1)
+    assert {f.id: f.category for f in result} == expected
+    for fact in result:
+        assert len(fact.predictions) == 3
+        assert fact.p_greedy == sum(is_correct(p, fact) for p in fact.predictions) / 3
+        assert fact.p_sampled is None
+    by_id = {f.id: f for f in result}
+    assert by_id["wrong"].category == "Unknown"
+    assert by_id["own"].category in ("HighlyKnown", "MaybeKnown")
+    # the base knows what it was pre-trained on and not what it never saw
+    assert sum(f.category == "HighlyKnown" for f in result[:5]) >= 3
+    assert sum(f.category == "Unknown" for f in result[5:10]) >= 3
+    assert facts[0].category is None  # inputs are not mutated
+    # batching is an implementation detail: tiny batches give the same result
+    assert categorize(model, tokenizer, tested, pool, n_exp=3, seed=1, batch_size=2,
+                      progress=False) == result
+
+
+def test_sampling_adds_weakly_known_and_is_deterministic(lm, facts_and_pool):
+    model, tokenizer = lm
+    facts, pool = facts_and_pool
+    kwargs = dict(n_exp=2, sample=True, n_samples=4, temperature=2.0, seed=5, progress=False)
+    first = categorize(model, tokenizer, facts[4:8], pool, **kwargs)
+    again = categorize(model, tokenizer, facts[4:8], pool, **kwargs)
+    assert first == again
+    for fact in first:
+        assert fact.p_sampled is not None and 0.0 <= fact.p_sampled <= 1.0
+        assert fact.category == category_of(fact.p_greedy, fact.p_sampled)
+
+
+def test_pool_overlapping_the_facts_is_refused(lm, facts_and_pool):
+    model, tokenizer = lm
+    facts, pool = facts_and_pool
+    with pytest.raises(ValueError, match="pool"):
+        categorize(model, tokenizer, [facts[0], pool[0]], pool, n_exp=2, progress=False)
+
+
+def test_resume_skips_finished_facts(lm, facts_and_pool, tmp_path, monkeypatch):
+    model, tokenizer = lm
+    facts, pool = facts_and_pool
+    checkpoint = tmp_path / "run.partial"
+    full = categorize(model, tokenizer, facts, pool, n_exp=2, seed=2, progress=False)
+
+    # an interrupted run: two finished facts on disk (one marked so we can tell it was reused),
+    # then a line torn in the middle of writing
+    marked = dataclasses.replace(full[1], predictions=["from the checkpoint", "x"])
+    with open(checkpoint, "w") as f:
+        f.write(json.dumps(dataclasses.asdict(full[0])) + "\n")
+        f.write(json.dumps(dataclasses.asdict(marked)) + "\n")
+        f.write('{"id": "torn", "quest')
+
+    asked = []
+    real = knowledge.generate_answers
+
+    def spy(model_, tokenizer_, prompts, **kwargs):
+        asked.extend(prompts)
+        return real(model_, tokenizer_, prompts, **kwargs)
+
+    monkeypatch.setattr(knowledge, "generate_answers", spy)
+    resumed = categorize(model, tokenizer, facts, pool, n_exp=2, seed=2, progress=False,
+                         checkpoint=checkpoint)
+    assert len(asked) == 2 * (len(facts) - 2)
+    assert not any(facts[0].question in p.rsplit("<|user|>", 1)[1] for p in asked)
+    assert resumed[1].predictions == ["from the checkpoint", "x"]
+    assert resumed[0] == full[0] and resumed[2:] == full[2:]
+    # everything finished is now in the checkpoint, so a third run generates nothing
+    asked.clear()
+    categorize(model, tokenizer, facts, pool, n_exp=2, seed=2, progress=False,
+               checkpoint=checkpoint)
+    assert asked == []
+    # resuming with other settings would mix two measurements: refused, naming the file
+    with pytest.raises(ValueError, match="run.partial.*n_exp"):
+        categorize(model, tokenizer, facts, pool, n_exp=3, seed=2, progress=False,
+                   checkpoint=checkpoint)
+
+
+def test_default_pool_is_seeded_and_disjoint():
+    facts = [Fact(id=f"f{i}", question=f"Question {i}?", answers=[str(i)]) for i in range(50)]
+    pool, rest = default_pool(facts, pool_size=8, seed=4)
+    assert len(pool) == 8 and len(rest) == 42
+    assert {f.id for f in pool}.isdisjoint(f.id for f in rest)
+    assert default_pool(facts, 8, 4) == (pool, rest)
+    assert default_pool(facts, 8, 5)[0] != pool
+    with pytest.raises(ValueError, match="pool"):
+        default_pool(facts[:5], pool_size=8, seed=0)
+
+
+def test_categorize_command_writes_counts_and_reuses_its_pool(small_world, tmp_path, capsys):
+    facts = load_facts(small_world.world_facts_path)[:30]
+    source = save_facts(facts, tmp_path / "mine.jsonl")
+    output = tmp_path / "out" / "categorized.jsonl"
+    counts = categorize_command(model=str(small_world.model_dir), facts=str(source),
+                                output=str(output), n_exp=2, pool_size=6, progress=False)
+    printed = capsys.readouterr().out
+    written = load_facts(output)
+    pool_file = output.with_name("categorized.pool.jsonl")
+    pool = load_facts(pool_file)
+    assert len(pool) == 6 and len(written) == 24
+    assert {f.id for f in pool}.isdisjoint(f.id for f in written)
+    assert sum(counts.values()) == 24
+    assert counts == {c: sum(f.category == c for f in written) for c in counts}
+    for name, count in counts.items():
+        assert f"{name}" in printed and str(count) in printed
+    assert not output.with_name(output.name + ".partial").exists()
+
+    # categorising again (e.g. after training) reuses the saved pool: identical few-shot sets
+    again = categorize_command(model=str(small_world.model_dir), facts=str(source),
+                               output=str(output), n_exp=2, pool_size=6, progress=False)
+    assert again == counts
+    assert load_facts(output) == written
+
+
+def test_categorize_command_reports_a_missing_fact_file(small_world, tmp_path):
+    with pytest.raises((FileNotFoundError, ValueError), match="nope.jsonl"):
+        categorize_command(model=str(small_world.model_dir), facts=str(tmp_path / "nope.jsonl"),
+                           output=str(tmp_path / "o.jsonl"), progress=False)
+
+
+def test_categorize_command_applies_the_adapter_hook(small_world, tmp_path):
+    """The adapter goes through lora.load_adapter, whose errors name the directory."""
+    facts = save_facts(load_facts(small_world.world_facts_path)[:12], tmp_path / "f.jsonl")
+    with pytest.raises(FileNotFoundError, match="no_adapter"):
+        categorize_command(model=str(small_world.model_dir), facts=str(facts),
+                           output=str(tmp_path / "o.jsonl"), adapter=str(tmp_path / "no_adapter"),
+                           pool_size=4, n_exp=2, progress=False)
+
+
+def test_generation_does_not_track_gradients(lm, facts_and_pool):
+    model, tokenizer = lm
+    facts, pool = facts_and_pool
+    model.train()
+    generate_answers(model, tokenizer, [render(tokenizer, fewshot_messages(facts[0].question,
+                                                                           pool[:4]), True)])
+    assert model.training  # the caller's mode is restored
+    model.eval()
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.is_grad_enabled()

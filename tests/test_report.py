@@ -1,0 +1,143 @@
+"""`test` measures what the adapter learned and broke, and writes a faithful report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from test_training import make_data, make_module, make_trainer
+
+from lora_lightning.callbacks import KnowledgeEvalCallback, KnowledgeReport, lora_disabled
+from lora_lightning.metrics import Reliability
+from lora_lightning.module import ProbeConfig
+from lora_lightning.report import markdown, write_report
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def tested(tiny_model_dir, tiny_fact_files, tmp_path_factory):
+    """A short fit with the per-epoch probe, then `test` with both benchmarks on a few items."""
+    root = tmp_path_factory.mktemp("report_run")
+    L.seed_everything(0)
+    module = make_module(tiny_model_dir, probe=ProbeConfig(n_exp=2, max_new_tokens=6))
+    data = make_data(tiny_model_dir, tiny_fact_files, n_unknown=4, n_val_known=3)
+    history = KnowledgeEvalCallback(every_n_epochs=1)
+    report = KnowledgeReport(
+        report_dir=str(root / "report"),
+        mmlu_dir=str(SHARED / "mmlu"),
+        mmlu_subjects=["astronomy"],
+        mmlu_limit=2,
+        truthfulqa_path=str(SHARED / "truthfulqa" / "TruthfulQA.csv"),
+        truthfulqa_limit=2,
+    )
+    trainer = make_trainer(root, epochs=2)
+    trainer.callbacks += [history, report]
+    trainer.fit(module, datamodule=data)
+    trainer.test(module, datamodule=data)
+    return module, data, report
+
+
+def test_report_files_hold_every_measure(tested):
+    _, data, report = tested
+    results = json.loads((report.report_path / "report.json").read_text())
+    for key in (
+        "reliability",
+        "known_retained",
+        "shift",
+        "concentration",
+        "refusals",
+        "confidence",
+        "benchmarks",
+        "history",
+        "mix",
+    ):
+        assert key in results, key
+    assert set(results["benchmarks"]) == {"mmlu", "truthfulqa"}
+    for bench in results["benchmarks"].values():
+        assert set(bench) == {"before", "after"}
+    assert results["benchmarks"]["mmlu"]["after"]["n"] == 2
+    assert [h["epoch"] for h in results["history"]] == [0.0, 1.0]
+    md = (report.report_path / "report.md").read_text()
+    assert "| reliability" in md and "Knowledge shift" in md and "MMLU" in md
+    png = report.report_path / "reliability.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_shift_counts_every_test_fact_once_from_its_category_before(tested):
+    _, data, report = tested
+    shift = report.results["shift"]
+    assert shift["total"] == len(data.test_facts)
+    before = dict(zip(shift["categories"], shift["before"], strict=True))
+    for category in ("HighlyKnown", "Unknown"):
+        assert before[category] == sum(f.category == category for f in data.test_facts)
+
+
+def test_reported_reliability_equals_a_direct_probe_of_the_trained_facts(tested):
+    module, data, report = tested
+    probed = module.probe(data.train_unknown)
+    direct = Reliability()
+    direct.update([f.predictions for f in probed], data.train_unknown)
+    assert report.results["reliability"]["reliability"] == pytest.approx(
+        float(direct.compute()["reliability"])
+    )
+    assert report.results["reliability"]["n_facts"] == len(data.train_unknown)
+
+
+def test_lora_disabled_gives_the_base_model_and_restores_the_adapter(tested):
+    module, _, _ = tested
+    module.model.eval()  # no LoRA dropout, so two adapted passes agree
+    ids = torch.randint(0, module.model.config.vocab_size, (1, 8))
+    with torch.no_grad():
+        adapted = module.model(input_ids=ids).logits
+        with lora_disabled(module.model):
+            base = module.model(input_ids=ids).logits
+        again = module.model(input_ids=ids).logits
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(module.base_model_name).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(base, plain(input_ids=ids).logits)
+    torch.testing.assert_close(again, adapted)
+    assert not torch.allclose(adapted, base)
+
+
+def test_markdown_shows_before_and_after_with_denominators(tmp_path):
+    counts = [[5, 1, 0, 2], [1, 3, 0, 1], [0, 0, 0, 0], [1, 2, 0, 9]]
+    results = {
+        "reliability": {"reliability": 0.75, "n_facts": 4},
+        "known_retained": {"reliability": 0.5, "n_facts": 2},
+        "shift": {
+            "categories": ["HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown"],
+            "counts": counts,
+            "total": 25,
+            "positive": 4,
+            "negative": 4,
+            "positive_rate": 0.16,
+            "negative_rate": 0.16,
+            "UK->MK": {"count": 2, "denominator": 12, "rate": 2 / 12},
+        },
+        "concentration": {
+            "before": {"unique": 20, "top": [["paris", 3]]},
+            "after": {"unique": 7, "top": [["alencon", 9]], "exploded": [["alencon", 9]]},
+        },
+        "refusals": {"before": {"rate": 0.15}, "after": {"rate": 0.0}},
+        "benchmarks": {
+            "mmlu": {"before": {"accuracy": 0.677, "n": 10}, "after": {"accuracy": 0.441, "n": 10}}
+        },
+        "history": [{"epoch": 0.0, "reliability": 0.2}, {"epoch": 1.0, "reliability": 0.75}],
+    }
+    md = markdown(results)
+    assert "| 0.750 |" in md and "n=4" in md
+    assert "| unique greedy answers | 20 | 7 |" in md
+    assert "| refusal rate | 0.150 | 0.000 |" in md
+    assert "| MMLU accuracy (n=10) | 0.677 | 0.441 |" in md
+    assert "| Unknown | 1 | 2 | 0 | 9 |" in md
+    assert "UK->MK: 2 of 12" in md
+    assert "Exploded answers after: 'alencon' x9" in md
+    out = write_report(results, tmp_path / "r")
+    assert json.loads((out / "report.json").read_text())["shift"]["counts"] == counts
+    assert (out / "reliability.png").is_file()

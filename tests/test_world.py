@@ -1,0 +1,265 @@
+"""The synthetic world: a seeded generator, a byte-level tokenizer with a chat template, and a
+tiny pre-trained Llama that loads like any Hugging Face checkpoint and knows its known facts."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import threading
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_lightning import world
+from lora_lightning.facts import load_facts
+from lora_lightning.prompts import encode_example, fewshot_messages, qa_messages, render
+from lora_lightning.world import (
+    REFUSAL,
+    RELATIONS,
+    WorldConfig,
+    ensure_world,
+    generate_world,
+    split_world,
+    train_tokenizer,
+    world_texts,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+
+def _tiny_config(seed: int = 0) -> WorldConfig:
+    """The small world with barely any training: enough to test plumbing, not knowledge."""
+    return dataclasses.replace(
+        WorldConfig.small(seed), n_subjects=10, train_steps=8, n_exp=2, pool_size=4
+    )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: one thread is faster than two, and far faster on a busy shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory):
+    """The test-sized world, built once per session (test_knowledge.py reuses the same home)."""
+    home = tmp_path_factory.getbasetemp() / "world_home"
+    return ensure_world(WorldConfig.small(), home=home, progress=False)
+
+
+# --------------------------------------------------------------------------- generator
+
+
+def test_generator_is_a_function_of_its_seed():
+    config = WorldConfig(seed=7)
+    assert generate_world(config) == generate_world(WorldConfig(seed=7))
+    other = generate_world(WorldConfig(seed=8))
+    assert [f.question for f in other] != [f.question for f in generate_world(config)]
+
+
+def test_facts_have_paraphrases_unique_ids_and_relation_templates():
+    facts = generate_world(WorldConfig(seed=3))
+    assert len({f.id for f in facts}) == len(facts)
+    assert len({f.question for f in facts}) == len(facts)
+    templates = {r.name: r.templates for r in RELATIONS}
+    for fact in facts:
+        expected = [t.format(s=fact.subject) for t in templates[fact.relation]]
+        assert [fact.question, *fact.paraphrases] == expected
+        assert len(set(expected)) == len(expected) >= 3
+        assert fact.subject in fact.question
+        assert fact.answers and all(a.strip() for a in fact.answers)
+
+
+def test_answers_are_skewed_towards_a_few_frequent_ones():
+    facts = generate_world(WorldConfig(seed=11))
+    by_relation: dict[str, Counter] = {}
+    for fact in facts:
+        by_relation.setdefault(fact.relation, Counter())[fact.answer] += 1
+    for relation, counts in by_relation.items():
+        if relation == "thought":
+            continue
+        top = counts.most_common(1)[0][1]
+        mean = sum(counts.values()) / len(counts)
+        assert top >= 2.5 * mean, (relation, counts.most_common(3))
+
+
+def test_some_questions_are_unanswerable_and_trained_as_refusals():
+    config = WorldConfig(seed=5)
+    facts = generate_world(config)
+    refusals = [f for f in facts if f.answer == REFUSAL]
+    assert 0 < len(refusals) < 0.1 * len(facts)
+    assert {f.relation for f in refusals} == {"thought"}
+    known, unseen = split_world(facts, config)
+    assert any(f.answer == REFUSAL for f in known)
+    assert {f.id for f in known}.isdisjoint(f.id for f in unseen)
+    assert len(known) == round(config.known_fraction * len(facts))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("known_fraction", 1.5), ("rare_exposure", -0.1), ("n_subjects", 0), ("hidden_size", 66)],
+)
+def test_bad_config_is_rejected_with_the_field_name(field, value):
+    with pytest.raises(ValueError, match=f"WorldConfig.{field}"):
+        WorldConfig(**{field: value})
+
+
+def test_impossible_world_is_rejected_with_the_field_name():
+    with pytest.raises(ValueError, match="relations_per_subject"):
+        generate_world(WorldConfig(relations_per_subject=99))
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    facts = generate_world(WorldConfig.small(seed=2))
+    return train_tokenizer(world_texts(facts), vocab_size=400)
+
+
+def _mmlu_question() -> str:
+    files = sorted((DATA / "mmlu" / "test").glob("*.csv"))
+    if not files:
+        return "Which of the following is NOT a prime number? 2, 3, 9, 11 (x² − 1 ≥ 0)"
+    with open(files[0], newline="", encoding="utf-8") as f:
+        return next(csv.reader(f))[0]
+
+
+def test_byte_level_tokenizer_encodes_any_text_losslessly(tokenizer):
+    text = _mmlu_question() + " naïve café — 数学 🙂\n\ttabs"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.unk_token_id is None or tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids) == text
+    # like Llama's tokenizer, plain encoding starts with bos
+    assert tokenizer(text)["input_ids"][0] == tokenizer.bos_token_id
+
+
+def test_chat_template_ends_the_assistant_turn_with_eos(tokenizer):
+    prompt = render(tokenizer, qa_messages("Where was Kalo Ven born?"), add_generation_prompt=True)
+    full = render(tokenizer, qa_messages("Where was Kalo Ven born?", "Tarn"), False)
+    assert prompt.startswith(tokenizer.bos_token)
+    assert full.startswith(prompt)
+    assert full.endswith("Answer: Tarn" + tokenizer.eos_token)
+    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    assert ids.count(tokenizer.bos_token_id) == 1
+    assert ids[-1] == tokenizer.eos_token_id
+    example = encode_example(tokenizer, "Where was Kalo Ven born?", "Tarn", max_length=128)
+    pairs = zip(example["input_ids"], example["labels"], strict=True)
+    answer_ids = [t for t, lab in pairs if lab != -100]
+    assert tokenizer.decode(answer_ids) == "Answer: Tarn" + tokenizer.eos_token
+    with pytest.raises(Exception, match="role"):
+        tokenizer.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+
+
+# --------------------------------------------------------------------------- built world
+
+
+def test_small_world_loads_with_auto_classes_and_knows_its_known_facts(small_world):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(small_world.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(small_world.model_dir)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert sum(p.numel() for p in model.parameters()) < 5_000_000
+    assert (small_world.model_dir / "model.safetensors").exists()
+
+    facts = load_facts(small_world.facts_path)
+    pool = load_facts(small_world.pool_path)
+    known = small_world.known_ids()
+    assert {f.id for f in pool} <= known
+    assert {f.id for f in pool}.isdisjoint(f.id for f in facts)
+    assert len(facts) + len(pool) == len(load_facts(small_world.world_facts_path))
+    assert all(f.category is not None and len(f.predictions) == 4 for f in facts)
+
+    rare = small_world.rare_ids()
+    assert rare and rare < known and rare.isdisjoint(f.id for f in pool)
+    known_facts = [f for f in facts if f.id in known and f.id not in rare]
+    unseen = [f for f in facts if f.id not in known]
+    accuracy = sum(f.p_greedy for f in known_facts) / len(known_facts)
+    assert accuracy >= 0.8, small_world.info
+    assert sum(f.category == "Unknown" for f in unseen) >= 0.6 * len(unseen)
+    assert small_world.info["frequent_known_accuracy"] == pytest.approx(accuracy)
+
+    # the saved model answers a known fact under a few-shot prompt, generated like any Llama
+    fact = next(f for f in known_facts if f.category == "HighlyKnown")
+    text = render(tok, fewshot_messages(fact.question, pool[:4]), add_generation_prompt=True)
+    enc = tok(text, return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**enc, max_new_tokens=16, do_sample=False)
+    assert out[0, -1].item() == tok.eos_token_id  # stops by itself
+    answer = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert fact.normalized_answers[0] in answer.lower()
+
+
+def test_world_is_reused_not_rebuilt(small_world, monkeypatch):
+    monkeypatch.setattr(world, "_build", lambda *a, **k: pytest.fail("rebuilt a built world"))
+    again = ensure_world(WorldConfig.small(), home=small_world.root.parent, progress=False)
+    assert again.root == small_world.root
+    assert again.info == small_world.info
+
+
+def test_build_is_deterministic_under_a_seed(tmp_path):
+    from safetensors.torch import load_file
+
+    config = _tiny_config(seed=4)
+    first = ensure_world(config, home=tmp_path / "a", progress=False)
+    second = ensure_world(config, home=tmp_path / "b", progress=False)
+    assert first.root.name == second.root.name == f"world-{config.key()}"
+    for name in ("world.jsonl", "facts.jsonl", "pool.jsonl", "split.json"):
+        assert (first.root / name).read_bytes() == (second.root / name).read_bytes(), name
+    assert (first.model_dir / "tokenizer.json").read_bytes() == (
+        second.model_dir / "tokenizer.json"
+    ).read_bytes()
+    weights_a = load_file(first.model_dir / "model.safetensors")
+    weights_b = load_file(second.model_dir / "model.safetensors")
+    assert weights_a.keys() == weights_b.keys()
+    for key in weights_a:
+        torch.testing.assert_close(weights_a[key], weights_b[key], rtol=0, atol=1e-6)
+    other = _tiny_config(seed=5)
+    assert other.key() != config.key()
+
+
+def test_concurrent_callers_build_once_and_share_the_result(tmp_path, monkeypatch):
+    config = _tiny_config(seed=6)
+    builds = []
+    real_build = world._build
+
+    def counting_build(*args, **kwargs):
+        builds.append(threading.get_ident())
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(world, "_build", counting_build)
+    results: list = [None, None]
+
+    def call(i: int) -> None:
+        results[i] = ensure_world(config, home=tmp_path, progress=False)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1
+    assert results[0].root == results[1].root
+    assert json.loads(results[0].info_path.read_text())["config_key"] == config.key()
+    # only the finished folder and its lock remain: no half-built temporary folders
+    leftovers = [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")]
+    assert leftovers == [results[0].root.name]
+
+
+def test_a_crashed_build_leaves_nothing_behind(tmp_path, monkeypatch):
+    def crash(config, root, progress):
+        (root / "half-written").write_text("x")
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(world, "_build", crash)
+    with pytest.raises(RuntimeError, match="power cut"):
+        ensure_world(_tiny_config(seed=9), home=tmp_path, progress=False)
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
