@@ -27,7 +27,7 @@ from lora_lightning.callbacks import (
 RUN_DIR = "runs/default"
 
 TRAINER_DEFAULTS: dict[str, Any] = {
-    "max_epochs": 10,
+    "max_epochs": 20,
     "accelerator": "auto",
     "devices": 1,
     "log_every_n_steps": 5,
@@ -52,6 +52,18 @@ class KnowledgeCLI(LightningCLI):
         parser.add_lightning_class_args(KnowledgeEvalCallback, "knowledge_eval")
         parser.add_lightning_class_args(SaveAdapter, "save_adapter")
         parser.add_lightning_class_args(KnowledgeReport, "report")
+        # The embedded default run. The module's own defaults are the paper's (rank 1, alpha 2,
+        # lr 1e-3, 10 epochs), which teach the synthetic world's 172k-parameter base nothing in
+        # 10 epochs (measured reliability 0.02); these settings make the toy show the paper's
+        # effects in about two minutes on 2 cores. configs/paper/ sets the paper's values.
+        parser.set_defaults(
+            {
+                "model.rank": 8,
+                "model.alpha": 16.0,
+                "model.lr": 5e-3,
+                "knowledge_eval.every_n_epochs": 2,
+            }
+        )
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
