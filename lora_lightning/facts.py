@@ -46,8 +46,10 @@ class Fact:
 
     `answers[0]` is the canonical answer (the one trained on); any alias counts as correct.
     `predictions` keeps the per-prompt greedy answers of the last categorisation, which the
-    concentration and refusal measures read later. `meta` carries any extra columns of the
-    source (e.g. the knowledge-packing `is_para`) so that writing a fact back loses nothing.
+    concentration and refusal measures read later, and `confidence` the mean probability the
+    model gave its own greedy answer tokens over those prompts. `meta` carries any extra
+    columns of the source (e.g. the knowledge-packing `is_para`) so that writing a fact back
+    loses nothing.
     """
 
     id: str
@@ -61,6 +63,7 @@ class Fact:
     p_greedy: float | None = None
     p_sampled: float | None = None
     predictions: list[str] = field(default_factory=list)
+    confidence: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -287,7 +290,7 @@ def _row_to_fact(row: dict[str, Any], src: str, line: int) -> Fact:
             if value is not None and not isinstance(value, str):
                 raise FactFileError(src, line, name, f"expected a string, got {value!r:.80}")
             values[name] = value
-        for name in ("p_greedy", "p_sampled"):
+        for name in ("p_greedy", "p_sampled", "confidence"):
             value = row.get(name)
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int | float)

@@ -277,7 +277,9 @@ def categorize(
                     top_k=top_k, num_return_sequences=n_samples, seed=chunk_seed,
                 )
             for j, fact in enumerate(part):
-                answers = [g.text for g in greedy[j * n_exp : (j + 1) * n_exp]]
+                mine = greedy[j * n_exp : (j + 1) * n_exp]
+                answers = [g.text for g in mine]
+                confidence = sum(g.mean_token_prob for g in mine) / n_exp
                 p_greedy = sum(is_correct(a, fact) for a in answers) / n_exp
                 p_sampled = None
                 if sampled is not None:
@@ -286,7 +288,7 @@ def categorize(
                     p_sampled = hits / per
                 result = dataclasses.replace(
                     fact, category=category_of(p_greedy, p_sampled), p_greedy=p_greedy,
-                    p_sampled=p_sampled, predictions=answers,
+                    p_sampled=p_sampled, predictions=answers, confidence=confidence,
                 )
                 done[fact.id] = result
                 if sink is not None:

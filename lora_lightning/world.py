@@ -32,7 +32,7 @@ from pathlib import Path
 from lora_lightning.facts import Fact, save_facts
 
 # Bump when the generator, tokenizer or training recipe changes, so old caches are not reused.
-WORLD_FORMAT_VERSION = 1
+WORLD_FORMAT_VERSION = 2  # 2: categorised facts carry `confidence`
 
 REFUSAL = "I don't know."
 # The world's matrices are tiny (hidden size ~100): intra-op threads cost more in hand-offs than
