@@ -52,6 +52,22 @@ def lora_linear(
     x's dtype and their gradients flow back in their own. Dropout (only when ``training``) uses a
     seed drawn from torch's global generator and is regenerated, not stored, for backward.
     """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Mixed precision: run the whole layer in the autocast dtype, as F.linear would.
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return lora_linear(
+                x.to(dtype),
+                weight.to(dtype),
+                None if bias is None else bias.to(dtype),
+                lora_a,
+                lora_b,
+                scaling,
+                dropout_p,
+                training,
+                backend,
+            )
     validate(x, weight, bias, lora_a, lora_b, dropout_p)
     chosen = _resolve_backend(backend, x)
     lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)

@@ -47,7 +47,14 @@ class KnowledgeCLI(LightningCLI):
         parser.link_arguments("model.loss_on", "data.loss_on")
         # Always-present callbacks, each configurable under its own top-level key.
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
+        # One last.ckpt per run folder (no last-v1.ckpt), so `--ckpt_path last` is this run's.
+        parser.set_defaults(
+            {
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": 0,
+                "checkpoint.enable_version_counter": False,
+            }
+        )
         parser.add_lightning_class_args(TokenThroughputMonitor, "throughput")
         parser.add_lightning_class_args(KnowledgeEvalCallback, "knowledge_eval")
         parser.add_lightning_class_args(SaveAdapter, "save_adapter")

@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ThroughputMonitor
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 
@@ -104,7 +105,7 @@ class KnowledgeEvalCallback(Callback):
     def _due(self, trainer: L.Trainer) -> bool:
         if trainer.sanity_checking:
             return False
-        if not trainer.training:
+        if trainer.state.fn != TrainerFn.FITTING:  # a `validate` run: always probe
             return True
         epoch = trainer.current_epoch + 1
         last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
@@ -260,31 +261,33 @@ class KnowledgeReport(Callback):
             answers = [a for f in facts for a in f.predictions]
             m[f"concentration_{when}"].update(answers)
             m[f"refusals_{when}"].update(answers)
-            probs = [f.confidence for f in facts if getattr(f, "confidence", None) is not None]
-            if probs:
-                m[f"confidence_{when}"].update(probs)
-        for role, ids in self._roles.items():
+            m[f"confidence_{when}"].update(
+                [f.confidence for f in facts if f.confidence is not None]
+            )
+        for role, ids in self._roles.items():  # every rank updates, maybe with nothing
             chosen = [f for f in after if f.id in ids]
-            if chosen:
-                m[role].update([f.predictions for f in chosen], chosen)
+            m[role].update([f.predictions for f in chosen], chosen)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from lora_lightning.report import to_python, write_report
 
         m = self.metrics
+        # compute() is a collective: every rank calls it for every metric, in the same order.
         results: dict[str, Any] = {
-            key: m[key].compute() if m[key].update_called else None
-            for key in ("reliability", "known_retained", "shift")
+            key: m[key].compute() for key in ("reliability", "known_retained", "shift")
         }
+        for key in ("reliability", "known_retained"):
+            if int(results[key]["n_facts"]) == 0:
+                results[key] = None
         conc_before = m["concentration_before"].compute()
         m["concentration_after"].reference_max = conc_before["max_count"]
         m["concentration_after"].explosion_factor = self.explosion_factor
         for name in ("concentration", "refusals", "confidence"):
-            results[name] = {
-                when: m[f"{name}_{when}"].compute() if m[f"{name}_{when}"].update_called else None
-                for when in ("before", "after")
-            }
+            results[name] = {when: m[f"{name}_{when}"].compute() for when in ("before", "after")}
         results["concentration"]["before"] = conc_before
+        for when, value in results["confidence"].items():  # a mean probability is never 0
+            if float(value) == 0.0:
+                results["confidence"][when] = None
         results["benchmarks"] = self._benchmarks(trainer, pl_module)
         for cb in trainer.callbacks:
             if isinstance(cb, KnowledgeEvalCallback):

@@ -22,9 +22,11 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 import lightning as L
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -40,6 +42,7 @@ Bias = Literal["none", "subject", "answer"]
 UNKNOWN, HIGHLY_KNOWN, PARAPHRASE = "unknown", "highly_known", "paraphrase"
 # A validation batch's `kind` is a LongTensor of indices into this tuple.
 VAL_KINDS = (UNKNOWN, HIGHLY_KNOWN)
+DEFAULT_POOL_SIZE = 32  # as `python -m lora_lightning categorize` carves by default
 
 
 @dataclass
@@ -206,7 +209,9 @@ def build_mix(
         train_extra = []
 
     if fewshot_pool is None:
-        pool = leftover
+        # A seeded sample of the unused HighlyKnown facts: known answers make good shots, and a
+        # small pool leaves every other fact in the test set's knowledge-shift measure.
+        pool = _ordered(leftover, "random", seed, "pool")[:DEFAULT_POOL_SIZE]
     else:
         used = {normalize_answer(q) for f in [*train_unknown, *train_extra, *val_known]
                 for q in (f.question, *f.paraphrases)}
@@ -291,10 +296,10 @@ class KnowledgeDataModule(L.LightningDataModule):
         facts: Categorised fact file (any source `load_facts` reads: JSONL, Parquet, a
             save_to_disk folder, `hf:name[:split]`). None = the embedded synthetic world.
         tokenizer: Path or name for `AutoTokenizer.from_pretrained`; it must carry a chat
-            template. None = the synthetic world's base model folder (required when `facts` is
-            set).
+            template. None = the synthetic world's base model folder.
         fewshot_pool: Fact file of few-shot examples for the evaluation probes. None = the
-            world's pool, or for a fact file the HighlyKnown facts not used in train/validation.
+            world's pool; for a fact file, the `<stem>.pool.jsonl` that `categorize` wrote
+            beside it, else a seeded sample of 32 HighlyKnown facts unused by the mix.
         n_unknown: Number of Unknown facts to teach (paper: 1, 10, 50, 100, 500, 3000).
         extra_per_unknown: k extra samples per Unknown fact (paper: 0, 1, 10).
         extra_kind: What the extras are: distinct HighlyKnown facts, k paraphrases of the
@@ -348,8 +353,6 @@ class KnowledgeDataModule(L.LightningDataModule):
                 f"extra_per_unknown={extra_per_unknown} needs extra_kind 'highly_known' or "
                 "'paraphrase' (extra_kind is 'none')"
             )
-        if facts is not None and tokenizer is None:
-            raise ValueError("tokenizer is required when facts is set (None means the world's)")
         self.save_hyperparameters()
         # The init args `facts`, `tokenizer` and `fewshot_pool` name sources; after setup() the
         # attributes of those names hold the loaded objects.
@@ -375,7 +378,14 @@ class KnowledgeDataModule(L.LightningDataModule):
     def _sources(self) -> tuple[str, str, str | None]:
         hp = self.hparams
         if hp.facts is not None:
-            return hp.facts, hp.tokenizer, hp.fewshot_pool
+            pool = hp.fewshot_pool
+            sidecar = _pool_beside(hp.facts)
+            if pool is None and sidecar is not None:
+                # `categorize` saved its few-shot pool there: reuse it, so the categories
+                # before and after training come from the same prompts
+                pool = str(sidecar)
+            tokenizer = hp.tokenizer or str(_ensure_world().model_dir)
+            return hp.facts, tokenizer, pool
         world = _ensure_world()
         pool = hp.fewshot_pool if hp.fewshot_pool is not None else str(world.pool_path)
         return str(world.facts_path), hp.tokenizer or str(world.model_dir), pool
@@ -505,8 +515,13 @@ class KnowledgeDataModule(L.LightningDataModule):
         """
         if self._val is None:
             raise RuntimeError("call setup() before asking for dataloaders")
+        world_size, rank = self._world()
+        # No padding by repeats: each fact is measured exactly once across ranks.
+        sampler = UnrepeatedDistributedSampler(
+            self.test_facts, num_replicas=world_size, rank=rank, shuffle=False
+        )
         return DataLoader(
-            self.test_facts, batch_size=self.hparams.batch_size, shuffle=False,
+            self.test_facts, batch_size=self.hparams.batch_size, sampler=sampler,
             collate_fn=_as_list,
         )
 
@@ -532,6 +547,13 @@ class KnowledgeDataModule(L.LightningDataModule):
 
 def _as_list(facts: list[Fact]) -> list[Fact]:
     return list(facts)
+
+
+def _pool_beside(facts: str) -> Path | None:
+    """`<stem>.pool.jsonl` next to a local fact file, where `categorize` writes its pool."""
+    path = Path(facts)
+    sidecar = path.with_name(f"{path.stem}.pool.jsonl")
+    return sidecar if path.suffix and sidecar.is_file() else None
 
 
 def _ensure_world() -> Any:

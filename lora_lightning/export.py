@@ -39,9 +39,9 @@ def export(
         save_adapter(module.model, out, module.base_model_name)
     else:
         model = module.model
-        unload_lora(model, merge=True)  # merged in fp32, cast once to the base dtype
-        if dtype != "auto":
+        if dtype != "auto":  # cast first, so the merge rounds once, into the output dtype
             model.to(getattr(torch, dtype))
+        unload_lora(model, merge=True)  # s*B@A formed in fp32, added, cast once
         model.config.use_cache = True
         model.save_pretrained(out, safe_serialization=True)
         AutoTokenizer.from_pretrained(module.base_model_name).save_pretrained(out)

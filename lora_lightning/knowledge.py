@@ -105,9 +105,11 @@ def generate_answers(
                 [prompts[i] for i in idx], return_tensors="pt", padding=True,
                 add_special_tokens=False,
             ).to(device)
-            _seed_everything(seed + start)
-            with torch.inference_mode():
-                out = model.generate(**enc, generation_config=gen_config)
+            # seeded, but inside a fork: the caller's RNG (a training run's dropout) is untouched
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                _seed_everything(seed + start)
+                with torch.inference_mode():
+                    out = model.generate(**enc, generation_config=gen_config)
             new = out.sequences[:, enc["input_ids"].shape[1] :]
             # log-probabilities of the chosen tokens, renormalised after any sampling warpers
             logprobs = model.compute_transition_scores(

@@ -41,6 +41,11 @@ class ProbeConfig:
     seed: int = 0
 
 
+# Checkpoints keep the hyper-parameters, this dataclass among them; Lightning loads them with
+# torch's weights-only unpickler, which must be told the class is plain data.
+torch.serialization.add_safe_globals([ProbeConfig])
+
+
 def resolve_base_model(model_name_or_path: str | None) -> str:
     """A model path or hub id as given; None means the synthetic world's base (built on demand)."""
     if model_name_or_path is not None:
@@ -182,19 +187,18 @@ class LoRAKnowledgeModule(L.LightningModule):
         per_sample = token_loss.sum(1) / n_tokens
         kind = batch.get("kind")
         for code, name in enumerate(("unknown", "known")):
+            # every rank updates both (maybe with nothing): compute() is a collective
             sel = per_sample if kind is None else per_sample[kind == code]
-            if sel.numel():
-                self.val_loss[name].update(sel)
-            if kind is None:
-                break
+            if kind is None and code == 1:
+                sel = per_sample[:0]
+            self.val_loss[name].update(sel)
 
     def on_validation_epoch_end(self) -> None:
         for name, metric in self.val_loss.items():
-            if metric.update_called:
-                # already reduced across ranks by the metric; sync_dist only silences Lightning
-                self.log(
-                    f"val/loss_{name}", metric.compute(), prog_bar=name == "unknown", sync_dist=True
-                )
+            value = metric.compute()  # reduced across ranks; NaN when no rank saw this kind
+            if not torch.isnan(value):
+                # sync_dist on an already reduced value only keeps Lightning from warning
+                self.log(f"val/loss_{name}", value, prog_bar=name == "unknown", sync_dist=True)
             metric.reset()
 
     # -- probing by generation -------------------------------------------------------------------

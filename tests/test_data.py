@@ -15,8 +15,8 @@ import torch
 from test_prompts import make_tokenizer
 from torch.utils.data import DistributedSampler
 
-from lora_lightning.data import VAL_KINDS, KnowledgeDataModule, build_mix
-from lora_lightning.facts import Fact, save_facts
+from lora_lightning.data import DEFAULT_POOL_SIZE, VAL_KINDS, KnowledgeDataModule, build_mix
+from lora_lightning.facts import Fact, load_facts, save_facts
 
 N_UNKNOWN, N_KNOWN, N_MAYBE, N_PARA = 40, 60, 7, 4
 # Unknown answers: groups of 9, 6 and 4 facts sharing an answer, the rest unique.
@@ -30,24 +30,39 @@ def word(rng: random.Random) -> str:
 
 def make_facts(rng: random.Random) -> list[Fact]:
     """Categorised facts in a shuffled file order, with paraphrases and subject/answer groups."""
-    answers = [a for size, a in zip(ANSWER_GROUPS, ["Alencon", "Brest", "Caen"], strict=True)
-               for _ in range(size)]
-    subjects = [s for size, s in zip(SUBJECT_GROUPS, ["Zorb", "Quill"], strict=True)
-                for _ in range(size)]
+    answers = [
+        a
+        for size, a in zip(ANSWER_GROUPS, ["Alencon", "Brest", "Caen"], strict=True)
+        for _ in range(size)
+    ]
+    subjects = [
+        s for size, s in zip(SUBJECT_GROUPS, ["Zorb", "Quill"], strict=True) for _ in range(size)
+    ]
     facts = []
     for i in range(N_UNKNOWN):
         name = word(rng)
-        facts.append(Fact(
-            id=f"u{i}", question=f"Where was {name} {i} born?",
-            answers=[answers[i] if i < len(answers) else f"{word(rng)}{i}"],
-            category="Unknown", subject=subjects[i] if i < len(subjects) else f"{name}{i}",
-            paraphrases=[f"In which town was {name} {i} born, version {j}?" for j in
-                         range(N_PARA)],
-        ))
-    facts += [Fact(f"k{i}", f"What is the capital of {word(rng)} {i}?", [word(rng)],
-                   category="HighlyKnown") for i in range(N_KNOWN)]
-    facts += [Fact(f"m{i}", f"Who founded {word(rng)} {i}?", [word(rng)], category="MaybeKnown")
-              for i in range(N_MAYBE)]
+        facts.append(
+            Fact(
+                id=f"u{i}",
+                question=f"Where was {name} {i} born?",
+                answers=[answers[i] if i < len(answers) else f"{word(rng)}{i}"],
+                category="Unknown",
+                subject=subjects[i] if i < len(subjects) else f"{name}{i}",
+                paraphrases=[
+                    f"In which town was {name} {i} born, version {j}?" for j in range(N_PARA)
+                ],
+            )
+        )
+    facts += [
+        Fact(
+            f"k{i}", f"What is the capital of {word(rng)} {i}?", [word(rng)], category="HighlyKnown"
+        )
+        for i in range(N_KNOWN)
+    ]
+    facts += [
+        Fact(f"m{i}", f"Who founded {word(rng)} {i}?", [word(rng)], category="MaybeKnown")
+        for i in range(N_MAYBE)
+    ]
     rng.shuffle(facts)
     return facts
 
@@ -64,8 +79,9 @@ def facts() -> list[Fact]:
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tokenizer")
-    make_tokenizer(["Where was Bob born?", "What is the capital of France?", "Answer: Caen"],
-                   save_dir=path)
+    make_tokenizer(
+        ["Where was Bob born?", "What is the capital of France?", "Answer: Caen"], save_dir=path
+    )
     return path
 
 
@@ -75,23 +91,40 @@ def fact_file(tmp_path, facts) -> Path:
 
 
 def make_dm(fact_file: Path, tokenizer_dir: Path, **kwargs) -> KnowledgeDataModule:
-    for key, value in (("n_val_known", 5), ("n_unknown", 10), ("extra_per_unknown", 0),
-                       ("extra_kind", "none")):
+    for key, value in (
+        ("n_val_known", 5),
+        ("n_unknown", 10),
+        ("extra_per_unknown", 0),
+        ("extra_kind", "none"),
+    ):
         kwargs.setdefault(key, value)
     return KnowledgeDataModule(facts=str(fact_file), tokenizer=str(tokenizer_dir), **kwargs)
 
 
 # ------------------------------------------------------------------------- composition
 
-SETTINGS = [(1, 0, "none"), (10, 0, "highly_known"), (5, 1, "highly_known"),
-            (10, 5, "highly_known"), (2, 3, "paraphrase"), (3, 1, "paraphrase")]
+SETTINGS = [
+    (1, 0, "none"),
+    (10, 0, "highly_known"),
+    (5, 1, "highly_known"),
+    (10, 5, "highly_known"),
+    (2, 3, "paraphrase"),
+    (3, 1, "paraphrase"),
+]
 
 
 @pytest.mark.parametrize(("n", "k", "kind"), SETTINGS)
 @pytest.mark.parametrize("selection", ["first", "random"])
 def test_mix_has_exactly_the_requested_composition(facts, n, k, kind, selection):
-    mix = build_mix(facts, n_unknown=n, extra_per_unknown=k, extra_kind=kind,
-                    selection=selection, seed=1337, n_val_known=5)
+    mix = build_mix(
+        facts,
+        n_unknown=n,
+        extra_per_unknown=k,
+        extra_kind=kind,
+        selection=selection,
+        seed=1337,
+        n_val_known=5,
+    )
     assert len(mix.train_unknown) == n and len(mix.train_extra) == n * k
     assert all(f.category == "Unknown" for f in mix.train_unknown)
     assert len({f.id for f in mix.train_unknown}) == n
@@ -106,7 +139,7 @@ def test_mix_has_exactly_the_requested_composition(facts, n, k, kind, selection)
         assert len(extra_ids) == n * k  # distinct
         assert all(f.category == "HighlyKnown" for f in mix.train_extra)
         assert not extra_ids & val_ids and not extra_ids & pool_ids
-        assert len(mix.fewshot_pool) == N_KNOWN - 5 - n * k
+        assert len(mix.fewshot_pool) == min(DEFAULT_POOL_SIZE, N_KNOWN - 5 - n * k)
     if kind == "paraphrase":
         per_fact = Counter(f.meta["paraphrase_of"] for f in mix.train_extra)
         assert per_fact == {f.id: k for f in mix.train_unknown}
@@ -121,8 +154,15 @@ def test_mix_has_exactly_the_requested_composition(facts, n, k, kind, selection)
 
 def test_random_selection_is_a_function_of_the_seed(facts):
     def build(seed: int):
-        mix = build_mix(facts, n_unknown=8, extra_per_unknown=2, extra_kind="highly_known",
-                        selection="random", seed=seed, n_val_known=6)
+        mix = build_mix(
+            facts,
+            n_unknown=8,
+            extra_per_unknown=2,
+            extra_kind="highly_known",
+            selection="random",
+            seed=seed,
+            n_val_known=6,
+        )
         return [f.id for f in mix.train_unknown + mix.train_extra + mix.val_known]
 
     first_build = build(42)
@@ -139,8 +179,14 @@ def test_random_selection_is_a_function_of_the_seed(facts):
 
 def test_random_paraphrases_are_seeded(facts):
     def questions(seed: int) -> list[str]:
-        mix = build_mix(facts, n_unknown=12, extra_per_unknown=2,
-                        extra_kind="paraphrase", selection="random", seed=seed)
+        mix = build_mix(
+            facts,
+            n_unknown=12,
+            extra_per_unknown=2,
+            extra_kind="paraphrase",
+            selection="random",
+            seed=seed,
+        )
         return [f.question for f in mix.train_extra]
 
     assert questions(5) == questions(5) and questions(5) != questions(6)
@@ -148,8 +194,18 @@ def test_random_paraphrases_are_seeded(facts):
 
 @pytest.mark.parametrize("selection", ["first", "random"])
 def test_forgetting_set_and_unknowns_do_not_move_when_k_changes(facts, selection):
-    mixes = [build_mix(facts, n_unknown=4, extra_per_unknown=k, extra_kind="highly_known",
-                       selection=selection, seed=3, n_val_known=7) for k in (0, 1, 10)]
+    mixes = [
+        build_mix(
+            facts,
+            n_unknown=4,
+            extra_per_unknown=k,
+            extra_kind="highly_known",
+            selection=selection,
+            seed=3,
+            n_val_known=7,
+        )
+        for k in (0, 1, 10)
+    ]
     assert len({tuple(f.id for f in m.val_known) for m in mixes}) == 1
     assert len({tuple(f.id for f in m.train_unknown) for m in mixes}) == 1
     bigger = build_mix(facts, n_unknown=9, selection=selection, seed=3)
@@ -159,16 +215,23 @@ def test_forgetting_set_and_unknowns_do_not_move_when_k_changes(facts, selection
 def test_not_enough_facts_errors_name_the_numbers(facts):
     with pytest.raises(ValueError, match=rf"n_unknown=41 requested, the facts have {N_UNKNOWN}"):
         build_mix(facts, n_unknown=N_UNKNOWN + 1)
-    with pytest.raises(ValueError, match=rf"need 65 \(n_val_known=5 \+ 10\*6 extras\), the facts "
-                                         rf"have {N_KNOWN}"):
-        build_mix(facts, n_unknown=10, extra_per_unknown=6, extra_kind="highly_known",
-                  n_val_known=5)
+    with pytest.raises(
+        ValueError,
+        match=rf"need 65 \(n_val_known=5 \+ 10\*6 extras\), the facts "
+        rf"have {N_KNOWN}",
+    ):
+        build_mix(
+            facts, n_unknown=10, extra_per_unknown=6, extra_kind="highly_known", n_val_known=5
+        )
     with pytest.raises(ValueError, match=rf"need {N_KNOWN + 1} \(n_val_known={N_KNOWN + 1}\)"):
         build_mix(facts, n_unknown=1, n_val_known=N_KNOWN + 1)
     short = unknown_order(facts)[3]  # one real paraphrase; the others repeat it or the question
     short.paraphrases = [short.paraphrases[0], short.question.upper(), short.paraphrases[0] + "!"]
-    with pytest.raises(ValueError, match=rf"1 of the 5 Unknown facts have fewer distinct ones "
-                                         rf"\(e\.g\. {short.id} has 1; ids {short.id}\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"1 of the 5 Unknown facts have fewer distinct ones "
+        rf"\(e\.g\. {short.id} has 1; ids {short.id}\)",
+    ):
         build_mix(facts, n_unknown=5, extra_per_unknown=2, extra_kind="paraphrase")
     with pytest.raises(ValueError, match=r"1 of \d+ have no category \(ids x\)"):
         build_mix([*facts, Fact("x", "Uncategorised?", ["y"])], n_unknown=1)
@@ -176,16 +239,19 @@ def test_not_enough_facts_errors_name_the_numbers(facts):
         build_mix(facts, n_unknown=1, extra_per_unknown=1, extra_kind="none")
 
 
-@pytest.mark.parametrize(("bias", "groups", "sizes"), [("answer", 1, [9]), ("answer", 2, [9, 6]),
-                                                       ("subject", 1, [8])])
+@pytest.mark.parametrize(
+    ("bias", "groups", "sizes"), [("answer", 1, [9]), ("answer", 2, [9, 6]), ("subject", 1, [8])]
+)
 def test_biased_mix_draws_from_the_largest_groups(facts, bias, groups, sizes):
     n = sum(sizes)
-    mix = build_mix(facts, n_unknown=n, bias=bias, bias_groups=groups, selection="random",
-                    seed=9)
+    mix = build_mix(facts, n_unknown=n, bias=bias, bias_groups=groups, selection="random", seed=9)
     keys = Counter(f.answer if bias == "answer" else f.subject for f in mix.train_unknown)
     assert sorted(keys.values(), reverse=True) == sizes
-    with pytest.raises(ValueError, match=rf"groups hold {n} Unknown facts, fewer than "
-                                         rf"n_unknown={n + 1}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"groups hold {n} Unknown facts, fewer than "
+        rf"n_unknown={n + 1}",
+    ):
         build_mix(facts, n_unknown=n + 1, bias=bias, bias_groups=groups)
 
 
@@ -223,26 +289,37 @@ def rank_zero_log():
     logger.removeHandler(handler)
 
 
-def test_datamodule_batches_mask_everything_but_the_answer(fact_file, tokenizer_dir,
-                                                           rank_zero_log):
-    dm = make_dm(fact_file, tokenizer_dir, n_unknown=6, extra_per_unknown=2,
-                 extra_kind="highly_known", batch_size=4)
+def test_datamodule_batches_mask_everything_but_the_answer(fact_file, tokenizer_dir, rank_zero_log):
+    dm = make_dm(
+        fact_file,
+        tokenizer_dir,
+        n_unknown=6,
+        extra_per_unknown=2,
+        extra_kind="highly_known",
+        batch_size=4,
+    )
     dm.setup("fit")
     logged = "\n".join(rank_zero_log)
     assert "knowledge mix" in logged and '"train": {"unknown": 6, "highly_known": 12' in logged
     summary = dm.mix_summary()
     assert summary["train"] == {"unknown": 6, "highly_known": 12, "paraphrase": 0, "total": 18}
     assert summary["val"] == {"unknown": 6, "highly_known": 5, "total": 11}
-    assert summary["facts_by_category"] == {"Unknown": N_UNKNOWN, "HighlyKnown": N_KNOWN,
-                                            "MaybeKnown": N_MAYBE}
-    assert summary["fewshot_pool"] == len(dm.fewshot_pool) == N_KNOWN - 12 - 5
+    assert summary["facts_by_category"] == {
+        "Unknown": N_UNKNOWN,
+        "HighlyKnown": N_KNOWN,
+        "MaybeKnown": N_MAYBE,
+    }
+    assert (
+        summary["fewshot_pool"] == len(dm.fewshot_pool) == min(DEFAULT_POOL_SIZE, N_KNOWN - 12 - 5)
+    )
     by_question = {f.question: f for f in dm.train_unknown + dm.train_extra}
     seen = 0
     for batch in dm.train_dataloader():
         assert set(batch) == {"input_ids", "attention_mask", "labels"}
         assert all(batch[k].dtype == torch.long for k in batch)
-        for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"],
-                                     batch["labels"], strict=True):
+        for ids, mask, labels in zip(
+            batch["input_ids"], batch["attention_mask"], batch["labels"], strict=True
+        ):
             n = int(mask.sum())
             assert mask[:n].all() and not mask[n:].any()  # right padding
             assert (labels[n:] == -100).all()
@@ -261,8 +338,10 @@ def test_validation_batches_carry_the_kind_of_each_item(fact_file, tokenizer_dir
     for batch in dm.val_dataloader():
         assert batch["kind"].dtype == torch.long
         kinds += [VAL_KINDS[code] for code in batch["kind"].tolist()]
-        answers += [decode_trained(dm.tokenizer, i, lab) for i, lab in
-                    zip(batch["input_ids"], batch["labels"], strict=True)]
+        answers += [
+            decode_trained(dm.tokenizer, i, lab)
+            for i, lab in zip(batch["input_ids"], batch["labels"], strict=True)
+        ]
     assert kinds == ["unknown"] * 3 + ["highly_known"] * 4
     expected = [f"Answer: {f.answer}<|end|>\n" for f in dm.train_unknown + dm.val_known]
     assert answers == expected
@@ -279,8 +358,15 @@ def test_loss_on_all_trains_on_every_real_token(fact_file, tokenizer_dir):
 
 def test_two_datamodules_with_one_seed_build_the_same_mix(fact_file, tokenizer_dir):
     def build(seed: int) -> KnowledgeDataModule:
-        dm = make_dm(fact_file, tokenizer_dir, n_unknown=5, extra_per_unknown=1,
-                     extra_kind="highly_known", selection="random", seed=seed)
+        dm = make_dm(
+            fact_file,
+            tokenizer_dir,
+            n_unknown=5,
+            extra_per_unknown=1,
+            extra_kind="highly_known",
+            selection="random",
+            seed=seed,
+        )
         dm.setup("fit")
         return dm
 
@@ -303,9 +389,15 @@ def rank_batches(dm: KnowledgeDataModule, world_size: int, rank: int, epoch: int
 @pytest.mark.parametrize(("n_unknown", "k"), [(12, 1), (11, 0)])  # 24 and 11 samples an epoch
 def test_two_ranks_see_the_global_batches_of_one_process(fact_file, tokenizer_dir, n_unknown, k):
     per_rank = 3
-    dm = make_dm(fact_file, tokenizer_dir, n_unknown=n_unknown, extra_per_unknown=k,
-                 extra_kind="paraphrase" if k else "none", batch_size=per_rank,
-                 seed=random.randrange(10**6))
+    dm = make_dm(
+        fact_file,
+        tokenizer_dir,
+        n_unknown=n_unknown,
+        extra_per_unknown=k,
+        extra_kind="paraphrase" if k else "none",
+        batch_size=per_rank,
+        seed=random.randrange(10**6),
+    )
     dm.setup("fit")
     size = len(dm._train)
     assert size == n_unknown * (1 + k)
@@ -360,13 +452,14 @@ def test_too_long_fact_names_the_file_and_fact(tmp_path, facts, tokenizer_dir):
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"extra_per_unknown": 2, "extra_kind": "none"}, "needs extra_kind"),
-     ({"extra_kind": "known"}, "extra_kind must be one of"),
-     ({"selection": "last"}, "selection must be one of"),
-     ({"loss_on": "prompt"}, "loss_on must be one of"),
-     ({"n_unknown": 0}, "n_unknown must be >= 1"),
-     ({"batch_size": 0}, "batch_size must be >= 1"),
-     ({"tokenizer": None}, "tokenizer is required when facts is set")],
+    [
+        ({"extra_per_unknown": 2, "extra_kind": "none"}, "needs extra_kind"),
+        ({"extra_kind": "known"}, "extra_kind must be one of"),
+        ({"selection": "last"}, "selection must be one of"),
+        ({"loss_on": "prompt"}, "loss_on must be one of"),
+        ({"n_unknown": 0}, "n_unknown must be >= 1"),
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+    ],
 )
 def test_bad_settings_are_refused_at_construction(fact_file, tokenizer_dir, kwargs, message):
     args = {"facts": str(fact_file), "tokenizer": str(tokenizer_dir), **kwargs}
@@ -397,9 +490,16 @@ class RecordingModel(L.LightningModule):
 def test_lightning_keeps_our_sampler_and_sets_its_epoch(fact_file, tokenizer_dir):
     dm = make_dm(fact_file, tokenizer_dir, n_unknown=6, n_val_known=3, batch_size=4, seed=5)
     model = RecordingModel()
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(model, datamodule=dm)
     sampler = trainer.train_dataloader.sampler
     assert isinstance(sampler, DistributedSampler)
@@ -408,18 +508,24 @@ def test_lightning_keeps_our_sampler_and_sets_its_epoch(fact_file, tokenizer_dir
     assert model.val_kinds == (["unknown"] * 6 + ["highly_known"] * 3) * 2
 
 
-def test_test_batches_are_every_categorised_fact_outside_the_fewshot_pool(fact_file,
-                                                                          tokenizer_dir):
-    dm = make_dm(fact_file, tokenizer_dir, n_unknown=5, extra_per_unknown=2,
-                 extra_kind="highly_known", batch_size=8)
+def test_test_batches_are_every_categorised_fact_outside_the_fewshot_pool(fact_file, tokenizer_dir):
+    dm = make_dm(
+        fact_file,
+        tokenizer_dir,
+        n_unknown=5,
+        extra_per_unknown=2,
+        extra_kind="highly_known",
+        batch_size=8,
+    )
     dm.setup("test")
     batches = list(dm.test_dataloader())
     assert all(isinstance(b, list) and len(b) <= 8 for b in batches)
     tested = [f for b in batches for f in b]
     pool_ids = {f.id for f in dm.fewshot_pool}
-    assert len(pool_ids) == N_KNOWN - 5 - 10
+    assert len(pool_ids) == min(DEFAULT_POOL_SIZE, N_KNOWN - 5 - 10)
     assert {f.id for f in tested} == {f.id for f in dm.all_facts} - pool_ids
-    assert len(tested) == N_UNKNOWN + N_MAYBE + 15 and all(f.category for f in tested)
+    assert len(tested) == N_UNKNOWN + N_MAYBE + N_KNOWN - len(pool_ids)
+    assert all(f.category for f in tested)
 
 
 def test_without_a_fact_file_the_synthetic_world_supplies_facts_pool_and_tokenizer(
@@ -456,14 +562,32 @@ def test_resuming_mid_epoch_continues_with_exactly_the_remaining_batches(
 
     def fit(root: Path, max_steps: int = -1, ckpt_path: str | None = None) -> RecordingModel:
         model = RecordingModel()
-        dm = make_dm(fact_file, tokenizer_dir, n_unknown=6, extra_per_unknown=1,
-                     extra_kind="highly_known", n_val_known=2, batch_size=4, seed=11)
-        checkpoint = ModelCheckpoint(dirpath=root, every_n_train_steps=1, save_last=True,
-                                     save_top_k=0)
-        trainer = L.Trainer(max_epochs=2, max_steps=max_steps, accelerator="cpu", devices=1,
-                            logger=False, callbacks=[checkpoint], enable_progress_bar=False,
-                            enable_model_summary=False, num_sanity_val_steps=0,
-                            limit_val_batches=0, default_root_dir=root)
+        dm = make_dm(
+            fact_file,
+            tokenizer_dir,
+            n_unknown=6,
+            extra_per_unknown=1,
+            extra_kind="highly_known",
+            n_val_known=2,
+            batch_size=4,
+            seed=11,
+        )
+        checkpoint = ModelCheckpoint(
+            dirpath=root, every_n_train_steps=1, save_last=True, save_top_k=0
+        )
+        trainer = L.Trainer(
+            max_epochs=2,
+            max_steps=max_steps,
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            callbacks=[checkpoint],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            default_root_dir=root,
+        )
         trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
         return model
 
@@ -482,3 +606,25 @@ def test_a_tokenizer_without_chat_template_is_refused(fact_file, tmp_path):
     dm = make_dm(fact_file, tmp_path / "plain", n_unknown=2)
     with pytest.raises(ValueError, match=r"plain'? has no chat template"):
         dm.setup("fit")
+
+
+def test_categorize_sidecar_pool_is_reused_and_the_default_pool_is_small(
+    fact_file, tokenizer_dir, tmp_path
+):
+    facts = load_facts(fact_file)
+    copy = save_facts(facts, tmp_path / "cat.jsonl")
+    dm = make_dm(copy, tokenizer_dir)
+    dm.setup("fit")
+    assert 0 < len(dm.fewshot_pool) <= 32
+    assert all(f.category == "HighlyKnown" for f in dm.fewshot_pool)
+    pool_ids = {f.id for f in dm.fewshot_pool}
+    assert pool_ids.isdisjoint(f.id for f in dm.test_facts)
+    assert len(dm.test_facts) == len(facts) - len(pool_ids)
+
+    # `categorize` carves its pool out of the file, so the sidecar's facts are not in it
+    sidecar = [Fact(f"p{i}", f"Pool question {i}?", [f"a{i}"], category="HighlyKnown")
+               for i in range(3)]
+    save_facts(sidecar, tmp_path / "cat.pool.jsonl")
+    dm = make_dm(copy, tokenizer_dir)
+    dm.setup("fit")
+    assert [f.id for f in dm.fewshot_pool] == [f.id for f in sidecar]

@@ -157,7 +157,7 @@ def test_dropout_mask_is_the_same_in_forward_and_backward(backend, dtype):
     _assert_matches(y, grads, y_ref, grads_ref, dtype)
     # and the mask really did something: without it the answer is far off
     y_nodrop, _ = _reference64(x, w, b, a, bb, s, dy)
-    assert _rel(y, y_nodrop) > 10 * REL_TOL[dtype]
+    assert _rel(y, y_nodrop) > 4 * REL_TOL[dtype]  # dropout moves y by ~0.15-0.4 here
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -361,3 +361,21 @@ def test_triton_kernels_compile_for_h100_without_a_gpu():
         [sys.executable, "-c", _AOT_SCRIPT], cwd=root, env=env, capture_output=True, text=True
     )
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+def test_mixed_precision_autocast_runs_in_the_autocast_dtype():
+    """Lightning's bf16-mixed wraps steps in autocast: the layer must follow it, not crash."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 16, requires_grad=True)
+    weight, bias = torch.randn(12, 16), torch.randn(12)
+    lora_a = torch.randn(4, 16, requires_grad=True)
+    lora_b = torch.randn(12, 4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = kernels.lora_linear(x, weight, bias, lora_a, lora_b, 0.5, backend="torch")
+    assert y.dtype == torch.bfloat16
+    ref = kernels.lora_linear_reference(x.double(), weight.double(), bias.double(),
+                                        lora_a.double(), lora_b.double(), 0.5)
+    assert (y.double() - ref).norm() / ref.norm() < 2e-2
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and lora_a.grad.dtype == torch.float32
+    assert lora_b.grad is not None and torch.isfinite(lora_b.grad).all()

@@ -310,3 +310,12 @@ def test_generation_does_not_track_gradients(lm, facts_and_pool):
     model.eval()
     assert all(p.grad is None for p in model.parameters())
     assert torch.is_grad_enabled()
+
+
+def test_generation_leaves_the_callers_random_state_alone(lm, facts_and_pool):
+    model, tokenizer = lm
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    generate_answers(model, tokenizer, ["Question: anything?"], max_new_tokens=2)
+    assert torch.equal(torch.rand(3), expected)

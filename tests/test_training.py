@@ -310,3 +310,20 @@ def test_two_process_ddp_matches_one_process(tiny_model_dir, tiny_fact_files, tm
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=2e-2, atol=2e-3, msg=name)
+
+
+def test_knowledge_probe_runs_every_n_epochs_and_after_the_last(
+    tiny_model_dir, tiny_fact_files, tmp_path
+):
+    from lora_lightning.callbacks import KnowledgeEvalCallback
+    from lora_lightning.module import ProbeConfig
+
+    L.seed_everything(0)
+    module = make_module(tiny_model_dir, probe=ProbeConfig(n_exp=1, max_new_tokens=4))
+    probe = KnowledgeEvalCallback(every_n_epochs=2)
+    trainer = make_trainer(tmp_path, epochs=3)
+    trainer.callbacks.append(probe)
+    trainer.fit(module, datamodule=make_data(tiny_model_dir, tiny_fact_files, n_unknown=2))
+    assert [row["epoch"] for row in probe.history] == [1.0, 2.0]
+    assert all(0.0 <= row["reliability"] <= 1.0 for row in probe.history)
+    assert "val/reliability" in trainer.callback_metrics
