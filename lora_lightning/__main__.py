@@ -175,7 +175,7 @@ def _main(argv: list[str] | None) -> None:
             from lora_lightning.export import export as fn
         else:
             from lora_lightning.evaluation import evaluate_command as fn
-        auto_cli(fn, args=argv, as_positional=False)
+        auto_cli(fn, args=argv, as_positional=False, prog=f"python -m lora_lightning {command}")
         return
     if argv and argv[0] in ("-h", "--help"):
         print(

@@ -568,12 +568,6 @@ def evaluate_truthfulqa(
 # --------------------------------------------------------------------------- CLI
 
 
-def _pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def evaluate_command(
     model: str | None = None,
     adapter: str | None = None,
@@ -617,8 +611,6 @@ def evaluate_command(
     """
     import json
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     chosen = list(benchmarks) if benchmarks is not None else ["mmlu", "truthfulqa"]
     unknown = set(chosen) - {"mmlu", "truthfulqa"}
     if unknown:
@@ -629,19 +621,9 @@ def evaluate_command(
         model_path = str(ensure_world(progress=progress).model_dir)
     else:
         model_path = model
-    dev = _pick_device(device)
-    if dtype == "auto":
-        torch_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    else:
-        torch_dtype = getattr(torch, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(dev)
-    if adapter is not None:
-        from lora_lightning.lora import load_adapter
+    from lora_lightning.lora import load_model
 
-        load_adapter(lm, adapter)
-        lm.to(dev)
-    lm.eval()
+    lm, tokenizer = load_model(model_path, adapter, device=device, dtype=dtype)
 
     results: dict[str, Any] = {"model": model_path, "adapter": adapter}
     if "mmlu" in chosen:

@@ -328,12 +328,6 @@ def default_pool(
     return [f for f in facts if f.id in ids], [f for f in facts if f.id not in ids]
 
 
-def _pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def categorize_command(
     model: str | None = None,
     facts: str | None = None,
@@ -388,8 +382,6 @@ def categorize_command(
     Returns:
         Facts per category.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     out_path = Path(output)
     world = model in (None, "world")
     if world:
@@ -424,24 +416,13 @@ def categorize_command(
         if progress:
             print(f"few-shot pool: {len(pool_facts)} facts in {pool_file} (not categorised)")
 
-    dev = _pick_device(device)
-    if dtype == "auto":
-        torch_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    else:
-        torch_dtype = getattr(torch, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(dev)
+    from lora_lightning.lora import load_model
+
+    lm, tokenizer = load_model(model_path, adapter, device=device, dtype=dtype)
     if threads is None and sum(p.numel() for p in lm.parameters()) < 10_000_000:
         threads = 1
     if threads is not None:
         torch.set_num_threads(threads)
-    if adapter is not None:
-        # HOOK: the LoRA engineer's loader (lora_lightning.lora.load_adapter) applies our own or
-        # PEFT adapters in place; categories then describe base + adapter.
-        from lora_lightning.lora import load_adapter
-
-        load_adapter(lm, adapter)
-    lm.eval()
 
     partial = out_path.with_name(out_path.name + ".partial")
     out_path.parent.mkdir(parents=True, exist_ok=True)

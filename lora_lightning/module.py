@@ -9,16 +9,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from torchmetrics import MeanMetric
-from transformers import AutoModelForCausalLM
 
 from lora_lightning.facts import Fact
-from lora_lightning.lora import count_parameters, inject_lora
+from lora_lightning.lora import count_parameters, inject_lora, load_base_model
 
 log = logging.getLogger(__name__)
 
@@ -53,20 +51,6 @@ def resolve_base_model(model_name_or_path: str | None) -> str:
     from lora_lightning.world import ensure_world
 
     return str(ensure_world().model_dir)
-
-
-def load_base_model(model_name_or_path: str, dtype: Dtype = "auto") -> torch.nn.Module:
-    """`from_pretrained` with a clear error for a missing local checkpoint."""
-    looks_local = (
-        model_name_or_path.startswith((".", "/", "~")) or Path(model_name_or_path).exists()
-    )
-    if looks_local and not (Path(model_name_or_path).expanduser() / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model.model_name_or_path: no Hugging Face checkpoint (config.json) at "
-            f"{model_name_or_path!r}"
-        )
-    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    return AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=torch_dtype)
 
 
 class LoRAKnowledgeModule(L.LightningModule):
