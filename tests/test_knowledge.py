@@ -237,7 +237,13 @@ def test_resume_skips_finished_facts(lm, facts_and_pool, tmp_path, monkeypatch):
     assert len(asked) == 2 * (len(facts) - 2)
     assert not any(facts[0].question in p.rsplit("<|user|>", 1)[1] for p in asked)
     assert resumed[1].predictions == ["from the checkpoint", "x"]
-    assert resumed[0] == full[0] and resumed[2:] == full[2:]
+    # same answers and categories; `confidence` only up to float rounding (batches differ)
+    def exact(f):
+        return dataclasses.replace(f, confidence=None)
+
+    assert exact(resumed[0]) == exact(full[0])
+    assert [exact(f) for f in resumed[2:]] == [exact(f) for f in full[2:]]
+    assert [f.confidence for f in resumed[2:]] == pytest.approx([f.confidence for f in full[2:]])
     # everything finished is now in the checkpoint, so a third run generates nothing
     asked.clear()
     categorize(model, tokenizer, facts, pool, n_exp=2, seed=2, progress=False,
