@@ -280,6 +280,9 @@ class LoRAKnowledgeModule(L.LightningModule):
                 "checkpoint LoRA weights do not match this model's adapters (other target "
                 f"modules or rank?): missing {missing}, unexpected {unexpected}"
             )
+        # The frozen base is already loaded: hand it back so the load finds every key.
+        own = self.state_dict()
+        checkpoint["state_dict"].update({k: v for k, v in own.items() if k not in expected})
         if self._trainer is not None and self.trainer.training:
             torch.set_rng_state(meta["rng_cpu"])
             if meta["rng_cuda"] is not None and torch.cuda.is_available():
