@@ -81,6 +81,17 @@ def _grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(ptr, rows, cols, stride_r, stride_c, n_rows, n_cols):
+    """ptr[rows, cols] with zeros outside [n_rows, n_cols]: how every operand tile is read, so
+    partial edge tiles contribute nothing to a dot product."""
+    return tl.load(
+        ptr + rows[:, None] * stride_r + cols[None, :] * stride_c,
+        mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols),
+        other=0.0,
+    )
+
+
+@triton.jit
 def _mma(a, b, acc, PRECISION: tl.constexpr):
     """acc + a @ b with fp32 accumulation (``tl.dot``), interpreter-safe for bf16."""
     if _UPCAST_DOT:
@@ -125,19 +136,11 @@ def _lora_s_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(
-            x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
-            mask=(rm[:, None] < M) & (rk[None, :] < K),
-            other=0.0,
-        )
+        x = _load_tile(x_ptr, rm, rk, stride_xm, stride_xk, M, K)
         if HAS_DROPOUT:
             keep = _keep(seed, rm, k0, K, threshold, BLOCK_M, BLOCK_K)
             x = tl.where(keep, x, tl.zeros_like(x))
-        a = tl.load(
-            a_ptr + rr[None, :] * stride_ar + rk[:, None] * stride_ak,
-            mask=(rr[None, :] < R) & (rk[:, None] < K),
-            other=0.0,
-        )
+        a = _load_tile(a_ptr, rk, rr, stride_ak, stride_ar, K, R)
         acc = _mma(x, a, acc, PRECISION)
     acc = acc * scale  # LoRA scaling times the inverted-dropout factor
     tl.store(
@@ -165,28 +168,12 @@ def _fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(
-            x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
-            mask=(rm[:, None] < M) & (rk[None, :] < K),
-            other=0.0,
-        )
-        w = tl.load(
-            w_ptr + rn[None, :] * stride_wn + rk[:, None] * stride_wk,
-            mask=(rn[None, :] < N) & (rk[:, None] < K),
-            other=0.0,
-        )
+        x = _load_tile(x_ptr, rm, rk, stride_xm, stride_xk, M, K)
+        w = _load_tile(w_ptr, rk, rn, stride_wk, stride_wn, K, N)
         acc = _mma(x, w, acc, PRECISION)
     # the concatenated-K step: [.. | S'] @ [.. | B]^T
-    s = tl.load(
-        s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
-        mask=(rm[:, None] < M) & (rr[None, :] < R),
-        other=0.0,
-    )
-    bt = tl.load(
-        b_ptr + rn[None, :] * stride_bn + rr[:, None] * stride_br,
-        mask=(rn[None, :] < N) & (rr[:, None] < R),
-        other=0.0,
-    )
+    s = _load_tile(s_ptr, rm, rr, stride_sm, stride_sr, M, R)
+    bt = _load_tile(b_ptr, rr, rn, stride_br, stride_bn, R, N)
     acc = _mma(s, bt, acc, PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
@@ -213,24 +200,12 @@ def _dy_pass_kernel(
     pid = tl.program_id(0)
     rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = tl.arange(0, BLOCK_R)
-    s = tl.load(
-        s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
-        mask=(rm[:, None] < M) & (rr[None, :] < R),
-        other=0.0,
-    )
+    s = _load_tile(s_ptr, rm, rr, stride_sm, stride_sr, M, R)
     ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
-        dy = tl.load(
-            dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn,
-            mask=(rm[:, None] < M) & (rn[None, :] < N),
-            other=0.0,
-        )
-        b = tl.load(
-            b_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br,
-            mask=(rn[:, None] < N) & (rr[None, :] < R),
-            other=0.0,
-        )
+        dy = _load_tile(dy_ptr, rm, rn, stride_dym, stride_dyn, M, N)
+        b = _load_tile(b_ptr, rn, rr, stride_bn, stride_br, N, R)
         ds = _mma(dy, b, ds, PRECISION)
         db = _mma(tl.trans(dy), s, tl.zeros((BLOCK_N, BLOCK_R), tl.float32), PRECISION)
         tl.atomic_add(
@@ -271,31 +246,15 @@ def _dx_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
             rn = n0 + tl.arange(0, BLOCK_N)
-            dy = tl.load(
-                dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn,
-                mask=(rm[:, None] < M) & (rn[None, :] < N),
-                other=0.0,
-            )
-            w = tl.load(
-                w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk,
-                mask=(rn[:, None] < N) & (rk[None, :] < K),
-                other=0.0,
-            )
+            dy = _load_tile(dy_ptr, rm, rn, stride_dym, stride_dyn, M, N)
+            w = _load_tile(w_ptr, rn, rk, stride_wn, stride_wk, N, K)
             acc = _mma(dy, w, acc, PRECISION)
     # epilogue: the LoRA term and dA, from state loaded only now to keep registers free above
-    ds = tl.load(
-        ds_ptr + rm[:, None] * stride_dsm + rr[None, :] * stride_dsr,
-        mask=(rm[:, None] < M) & (rr[None, :] < R),
-        other=0.0,
-    )
+    ds = _load_tile(ds_ptr, rm, rr, stride_dsm, stride_dsr, M, R)
     if HAS_DROPOUT:
         keep = _keep(seed, rm, pid_k * BLOCK_K, K, threshold, BLOCK_M, BLOCK_K)
     if NEED_DX:
-        a = tl.load(
-            a_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak,
-            mask=(rr[:, None] < R) & (rk[None, :] < K),
-            other=0.0,
-        )
+        a = _load_tile(a_ptr, rr, rk, stride_ar, stride_ak, R, K)
         if HAS_DROPOUT:  # the mask sits on the LoRA branch only, so it needs its own product
             lora = _mma(ds, a, tl.zeros((BLOCK_M, BLOCK_K), tl.float32), PRECISION)
             acc += tl.where(keep, lora * inv_keep, 0.0)
