@@ -114,3 +114,23 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_fact_files(tmp_path_factory) -> dict[str, Path]:
     return build_fact_files(tmp_path_factory.mktemp("facts"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one torch thread is faster than two, far faster on a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory):
+    """The test-sized synthetic world (a tiny Llama pre-trained on part of it), built once."""
+    from lora_lightning.world import WorldConfig, ensure_world
+
+    home = tmp_path_factory.getbasetemp() / "world_home"
+    return ensure_world(WorldConfig.small(), home=home, progress=False)

@@ -21,23 +21,8 @@ from lora_lightning.knowledge import (
     generate_answers,
 )
 from lora_lightning.prompts import build_fewshot_sets, extract_answer, fewshot_messages, render
-from lora_lightning.world import WorldConfig, ensure_world
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread is faster than two, and far faster on a busy shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def small_world(tmp_path_factory):
-    """The test-sized world (a tiny Llama pre-trained on part of it), built once per session."""
-    home = tmp_path_factory.getbasetemp() / "world_home"
-    return ensure_world(WorldConfig.small(), home=home, progress=False)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

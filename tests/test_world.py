@@ -38,20 +38,7 @@ def _tiny_config(seed: int = 0) -> WorldConfig:
     )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread is faster than two, and far faster on a busy shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def small_world(tmp_path_factory):
-    """The test-sized world, built once per session (test_knowledge.py reuses the same home)."""
-    home = tmp_path_factory.getbasetemp() / "world_home"
-    return ensure_world(WorldConfig.small(), home=home, progress=False)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- generator
