@@ -5,6 +5,8 @@ Kept free of Triton so that CPU users never import it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -71,3 +73,54 @@ def draw_dropout_seed() -> int:
     """A dropout seed drawn from torch's global CPU generator, so ``torch.manual_seed`` makes a
     run reproducible while the mask itself never has to be stored for backward."""
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+# A backend's fused forward on 2-D x: (x2, weight, bias, A, B, scaling, p, seed) -> (y, S).
+FusedForward = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def forward_and_save(
+    ctx,
+    fused_forward: FusedForward,
+    x,
+    weight,
+    bias,
+    lora_a,
+    lora_b,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+) -> torch.Tensor:
+    """Flatten x's leading dims, run a backend's forward and, with an autograd `ctx`, keep what
+    every backend's backward needs: x (a view, never a dropped copy), W, A, B and S [M, r]."""
+    x2 = x.reshape(-1, x.shape[-1])  # a view whenever x allows one: strides go to the kernels
+    y, s = fused_forward(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+    if ctx is not None:
+        ctx.save_for_backward(x2, weight, lora_a, lora_b, s)
+        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.x_shape = scaling, dropout_p, seed, x.shape
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def run_fused(
+    function: type[torch.autograd.Function],
+    fused_forward: FusedForward,
+    x,
+    weight,
+    bias,
+    lora_a,
+    lora_b,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+) -> torch.Tensor:
+    """Through the backend's autograd.Function when a gradient is wanted; otherwise the bare
+    forward, which saves nothing (inference skips the Function's bookkeeping altogether)."""
+    scaling = float(scaling)
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
+    )
+    if needs_grad:
+        return function.apply(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+    return forward_and_save(
+        None, fused_forward, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed
+    )

@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from kernels._common import forward_and_save, run_fused
+
 _LEVELS = 65536  # dropout draws 16-bit uniforms: p is used to the nearest 1/65536
 
 
@@ -78,11 +80,9 @@ def _forward(
 class _LoRALinearTorch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
-        x2 = x.reshape(-1, x.shape[-1])
-        y, s = _forward(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
-        ctx.save_for_backward(x2, weight, lora_a, lora_b, s)
-        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.x_shape = scaling, dropout_p, seed, x.shape
-        return y.view(*x.shape[:-1], weight.shape[0])
+        return forward_and_save(
+            ctx, _forward, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed
+        )
 
     @staticmethod
     def backward(ctx, dy):
@@ -122,14 +122,6 @@ def lora_linear_torch(
 ) -> torch.Tensor:
     """Fused torch LoRA linear with an explicit dropout seed (``dropout_p`` already zero when
     not training). Arguments are assumed validated and in one dtype."""
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
+    return run_fused(
+        _LoRALinearTorch, _forward, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed
     )
-    if needs_grad:
-        return _LoRALinearTorch.apply(
-            x, weight, bias, lora_a, lora_b, float(scaling), dropout_p, seed
-        )
-    # Inference: nothing to save, so skip the autograd.Function bookkeeping altogether.
-    x2 = x.reshape(-1, x.shape[-1])
-    y, _ = _forward(x2, weight, bias, lora_a, lora_b, float(scaling), dropout_p, seed)
-    return y.view(*x.shape[:-1], weight.shape[0])

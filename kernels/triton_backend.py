@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._common import forward_and_save, run_fused
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -387,11 +389,9 @@ def _backward(dy2, x2, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need
 class _LoRALinearTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
-        x2 = x.reshape(-1, x.shape[-1])  # a view whenever x allows one: strides go to the kernels
-        y, s = _forward(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
-        ctx.save_for_backward(x2, weight, lora_a, lora_b, s)
-        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.x_shape = scaling, dropout_p, seed, x.shape
-        return y.view(*x.shape[:-1], weight.shape[0])
+        return forward_and_save(
+            ctx, _forward, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed
+        )
 
     @staticmethod
     def backward(ctx, dy):
@@ -421,16 +421,9 @@ def lora_linear_triton(
     """Fused Triton LoRA linear with an explicit dropout seed (``dropout_p`` already zero when
     not training). Arguments are assumed validated and in one dtype."""
     _check(x, weight.numel(), x.numel() // max(x.shape[-1], 1) * weight.shape[0])
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
+    return run_fused(
+        _LoRALinearTriton, _forward, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed
     )
-    if needs_grad:
-        return _LoRALinearTriton.apply(
-            x, weight, bias, lora_a, lora_b, float(scaling), dropout_p, seed
-        )
-    x2 = x.reshape(-1, x.shape[-1])
-    y, _ = _forward(x2, weight, bias, lora_a, lora_b, float(scaling), dropout_p, seed)
-    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 @triton.jit
