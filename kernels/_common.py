@@ -11,6 +11,18 @@ import torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 MAX_RANK = 256
+DROPOUT_LEVELS = 65536  # dropout draws 16-bit uniforms: p is used to the nearest 1/65536
+
+
+def dropout_threshold(dropout_p: float) -> int:
+    """How many of the 65536 levels of a 16-bit uniform drop an element: round(p * 65536),
+    capped so that at least one level keeps (p < 1 must never drop everything)."""
+    return min(round(dropout_p * DROPOUT_LEVELS), DROPOUT_LEVELS - 1)
+
+
+def dropout_keep_factor(dropout_p: float) -> float:
+    """1 / keep probability, exact for the quantised p, so the expectation is preserved."""
+    return DROPOUT_LEVELS / (DROPOUT_LEVELS - dropout_threshold(dropout_p))
 
 
 def validate(

@@ -14,9 +14,13 @@ import math
 
 import torch
 
-from kernels._common import forward_and_save, run_fused
-
-_LEVELS = 65536  # dropout draws 16-bit uniforms: p is used to the nearest 1/65536
+from kernels._common import (
+    DROPOUT_LEVELS,
+    dropout_keep_factor,
+    dropout_threshold,
+    forward_and_save,
+    run_fused,
+)
 
 
 def keep_mask(
@@ -40,9 +44,8 @@ def keep_mask(
         device=device,
     )  # fmt: skip
     uniform16 = words.view(torch.int16)[:numel].view(shape)  # uniform on [-32768, 32767]
-    dropped_levels = min(round(dropout_p * _LEVELS), _LEVELS - 1)
-    keep = uniform16 >= dropped_levels - _LEVELS // 2
-    return keep.to(dtype), _LEVELS / (_LEVELS - dropped_levels)
+    keep = uniform16 >= dropout_threshold(dropout_p) - DROPOUT_LEVELS // 2
+    return keep.to(dtype), dropout_keep_factor(dropout_p)
 
 
 def dropout_scale_mask(

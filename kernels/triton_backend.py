@@ -1,4 +1,4 @@
-"""The fused LoRA linear as four Triton kernels (the LoRAFusion layout, DESIGN.md section 3).
+"""The fused LoRA linear as four Triton kernels (the LoRAFusion layout, docs/kernels.md).
 
 forward   1. ``_lora_s``: S' = s * drop(x) A^T  [M, r], a thin GEMM (one read of x).
           2. ``_fwd``:    y = [x | S'] @ [W | B]^T + b: the LoRA term is one more K-step of the
@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import forward_and_save, run_fused
+from kernels._common import dropout_keep_factor, dropout_threshold, forward_and_save, run_fused
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -282,19 +282,6 @@ def _dx_kernel(
         )
 
 
-_LEVELS = 65536  # 16-bit uniforms: p is used to the nearest 1/65536
-
-
-def _threshold(dropout_p: float) -> int:
-    """Drop x[m, k] when its 16-bit uniform is below this."""
-    return min(round(dropout_p * _LEVELS), _LEVELS - 1)
-
-
-def _keep_factor(dropout_p: float) -> float:
-    """1 / keep probability, exact for the quantised p, so the expectation is preserved."""
-    return _LEVELS / (_LEVELS - _threshold(dropout_p))
-
-
 def _block_r(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
@@ -335,7 +322,7 @@ def _forward(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
         x2, lora_a, s,
         m, k, r, _m_bucket(m),
         x2.stride(0), x2.stride(1), lora_a.stride(0), lora_a.stride(1), s.stride(0), s.stride(1),
-        scaling * _keep_factor(dropout_p), _threshold(dropout_p), seed,
+        scaling * dropout_keep_factor(dropout_p), dropout_threshold(dropout_p), seed,
         HAS_DROPOUT=dropout_p > 0.0, PRECISION=precision, BLOCK_R=block_r,
     )  # fmt: skip
     _fwd_kernel[
@@ -377,7 +364,7 @@ def _backward(dy2, x2, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need
             dy2.stride(0), dy2.stride(1), weight.stride(0), weight.stride(1),
             d_s.stride(0), d_s.stride(1), lora_a.stride(0), lora_a.stride(1),
             x2.stride(0), x2.stride(1), dx.stride(0), dx.stride(1), d_a.stride(0), d_a.stride(1),
-            _threshold(dropout_p), seed, _keep_factor(dropout_p),
+            dropout_threshold(dropout_p), seed, dropout_keep_factor(dropout_p),
             HAS_DROPOUT=dropout_p > 0.0, NEED_DX=need_dx, NEED_DA=need_da,
             PRECISION=precision, BLOCK_R=block_r,
         )  # fmt: skip
@@ -450,6 +437,7 @@ def dropout_mask_triton(x: torch.Tensor, dropout_p: float, seed: int) -> torch.T
     out = torch.empty((m, k), device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(m, 64), triton.cdiv(k, 64))
     _mask_kernel[grid](
-        out, m, k, _threshold(dropout_p), seed, _keep_factor(dropout_p), BLOCK_M=64, BLOCK_K=64
+        out, m, k, dropout_threshold(dropout_p), seed, dropout_keep_factor(dropout_p),
+        BLOCK_M=64, BLOCK_K=64,
     )
     return out.view(x.shape)

@@ -1,18 +1,32 @@
-"""Callbacks: token throughput, generation-based knowledge evaluation, adapter export."""
+"""Callbacks: token throughput, progress lines for logs, generation-based knowledge evaluation,
+adapter export and the `test` report."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+import sys
+from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ThroughputMonitor
+from lightning.pytorch.callbacks import Callback, ProgressBar, ThroughputMonitor
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
+
+from lora_lightning import evaluation
+from lora_lightning.lora import lora_disabled, save_adapter
+from lora_lightning.metrics import (
+    AnswerConcentration,
+    Confidence,
+    KnowledgeShift,
+    RefusalRate,
+    Reliability,
+)
+from lora_lightning.progress import LineProgress
+from lora_lightning.report import to_python, write_report
 
 
 def _batch_size(batch: dict[str, torch.Tensor]) -> int:
@@ -51,6 +65,65 @@ class TokenThroughputMonitor(ThroughputMonitor):
         pass
 
 
+class LineProgressBar(ProgressBar):
+    """Lightning's progress as whole lines, for a log file: a line every quarter of an epoch
+    (and of the `test` probe), then the epoch's metrics. `KnowledgeCLI` uses it in place of the
+    tqdm bar when stdout is not a terminal, where tqdm's in-place redraws would become one line
+    of thousands of characters."""
+
+    def __init__(self, every_percent: float = 25.0) -> None:
+        super().__init__()
+        self.every_percent = every_percent
+        self._enabled = True
+        self._bar: LineProgress | None = None
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def _start(self, total: int | float, desc: str) -> None:
+        if self._enabled:
+            total = int(total) if total != float("inf") else None
+            self._bar = LineProgress(total, desc, every_percent=self.every_percent, file=sys.stdout)
+
+    def _advance(self) -> None:
+        if self._bar is not None:
+            self._bar.update()
+
+    def _finish(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        epochs = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
+        self._start(self.total_train_batches, f"epoch {trainer.current_epoch + 1}{epochs}")
+
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        self._advance()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._finish()
+        if self._enabled:
+            metrics = self.get_metrics(trainer, pl_module)
+            shown = ", ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in metrics.items() if k != "v_num"
+            )
+            print(f"epoch {trainer.current_epoch + 1} done: {shown}", file=sys.stdout, flush=True)
+
+    def on_test_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self._start(sum(trainer.num_test_batches), "test: probing facts (batches)")
+
+    def on_test_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        self._advance()
+
+    def on_test_epoch_end(self, *args: Any) -> None:
+        self._finish()
+
+
 class SaveAdapter(Callback):
     """Write the trained adapter in PEFT format (plus the run's config) when `fit` ends.
 
@@ -63,8 +136,6 @@ class SaveAdapter(Callback):
         self.last_path: Path | None = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from lora_lightning.lora import save_adapter
-
         root = trainer.log_dir or trainer.default_root_dir
         path = Path(self.dirpath) if self.dirpath else Path(root) / "adapter"
         self.last_path = path
@@ -112,8 +183,6 @@ class KnowledgeEvalCallback(Callback):
         return last or (self.every_n_epochs > 0 and epoch % self.every_n_epochs == 0)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from lora_lightning.metrics import Reliability
-
         data = trainer.datamodule
         if not self._due(trainer) or data is None or not hasattr(data, "train_unknown"):
             return
@@ -140,22 +209,6 @@ class KnowledgeEvalCallback(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
-
-
-@contextmanager
-def lora_disabled(model: torch.nn.Module) -> Iterator[None]:
-    """Run the base model alone (every LoRA term scaled by zero) inside the block."""
-    from lora_lightning.lora import LoRALinear
-
-    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    saved = [m.scaling for m in layers]
-    for m in layers:
-        m.scaling = 0.0
-    try:
-        yield
-    finally:
-        for m, s in zip(layers, saved, strict=True):
-            m.scaling = s
 
 
 class KnowledgeReport(Callback):
@@ -203,14 +256,6 @@ class KnowledgeReport(Callback):
         self.report_path: Path | None = None
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from lora_lightning.metrics import (
-            AnswerConcentration,
-            Confidence,
-            KnowledgeShift,
-            RefusalRate,
-            Reliability,
-        )
-
         device = pl_module.device
         self.metrics = {
             "shift": KnowledgeShift(),
@@ -269,8 +314,6 @@ class KnowledgeReport(Callback):
             m[role].update([f.predictions for f in chosen], chosen)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from lora_lightning.report import to_python, write_report
-
         m = self.metrics
         # compute() is a collective: every rank calls it for every metric, in the same order.
         results: dict[str, Any] = {
@@ -305,8 +348,6 @@ class KnowledgeReport(Callback):
             rank_zero_info(f"report written to {self.report_path}")
 
     def _benchmarks(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        from lora_lightning import evaluation
-
         if not (self.mmlu_dir or self.truthfulqa_path) or not trainer.is_global_zero:
             return {}
         tokenizer, model = trainer.datamodule.tokenizer, pl_module.model

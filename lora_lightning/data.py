@@ -30,7 +30,10 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lora_lightning.facts import Fact, load_facts, normalize_answer
+from lora_lightning import world
+from lora_lightning.facts import Fact, load_facts, normalize_answer, pool_sidecar
+from lora_lightning.knowledge import DEFAULT_POOL_SIZE
+from lora_lightning.models import resolve_model
 from lora_lightning.prompts import LossOn, encode_example, pad_batch
 
 log = logging.getLogger(__name__)
@@ -42,7 +45,6 @@ Bias = Literal["none", "subject", "answer"]
 UNKNOWN, HIGHLY_KNOWN, PARAPHRASE = "unknown", "highly_known", "paraphrase"
 # A validation batch's `kind` is a LongTensor of indices into this tuple.
 VAL_KINDS = (UNKNOWN, HIGHLY_KNOWN)
-DEFAULT_POOL_SIZE = 32  # as `python -m lora_lightning categorize` carves by default
 
 
 @dataclass
@@ -373,22 +375,21 @@ class KnowledgeDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Build the synthetic world once per machine (Lightning calls this on local rank 0)."""
         if self.hparams.facts is None:
-            _ensure_world()
+            world.ensure_world()
 
     def _sources(self) -> tuple[str, str, str | None]:
         hp = self.hparams
         if hp.facts is not None:
             pool = hp.fewshot_pool
-            sidecar = _pool_beside(hp.facts)
-            if pool is None and sidecar is not None:
+            sidecar = pool_sidecar(hp.facts)
+            if pool is None and Path(hp.facts).suffix and sidecar.is_file():
                 # `categorize` saved its few-shot pool there: reuse it, so the categories
                 # before and after training come from the same prompts
                 pool = str(sidecar)
-            tokenizer = hp.tokenizer or str(_ensure_world().model_dir)
-            return hp.facts, tokenizer, pool
-        world = _ensure_world()
-        pool = hp.fewshot_pool if hp.fewshot_pool is not None else str(world.pool_path)
-        return str(world.facts_path), hp.tokenizer or str(world.model_dir), pool
+            return hp.facts, resolve_model(hp.tokenizer), pool
+        built = world.ensure_world()
+        pool = hp.fewshot_pool if hp.fewshot_pool is not None else str(built.pool_path)
+        return str(built.facts_path), resolve_model(hp.tokenizer), pool
 
     def setup(self, stage: str | None = None) -> None:
         """Load facts and tokenizer, build and encode the mix (once; every rank the same)."""
@@ -547,16 +548,3 @@ class KnowledgeDataModule(L.LightningDataModule):
 
 def _as_list(facts: list[Fact]) -> list[Fact]:
     return list(facts)
-
-
-def _pool_beside(facts: str) -> Path | None:
-    """`<stem>.pool.jsonl` next to a local fact file, where `categorize` writes its pool."""
-    path = Path(facts)
-    sidecar = path.with_name(f"{path.stem}.pool.jsonl")
-    return sidecar if path.suffix and sidecar.is_file() else None
-
-
-def _ensure_world() -> Any:
-    from lora_lightning.world import ensure_world  # heavy, and only for the default run
-
-    return ensure_world()

@@ -1,7 +1,7 @@
 """External benchmarks: MMLU (5-shot) and TruthfulQA MC1/MC2, scored by log-likelihood.
 
 The paper measures what a LoRA fit costs the model outside the trained facts with
-lm-evaluation-harness. We reproduce the harness' conventions (DESIGN.md section 2) so the numbers
+lm-evaluation-harness. We reproduce the harness' conventions (docs/science.md) so the numbers
 are comparable with it, while reading a local copy of the data (no network at run time):
 
 - prompts exactly as the harness builds them;
@@ -27,13 +27,21 @@ from typing import Any
 
 import torch
 
+from lora_lightning.inference import (
+    PaddedBatch,
+    evaluating,
+    left_padded_batches,
+    model_device,
+    pad_token_id,
+)
+from lora_lightning.progress import progress_bar
+
 __all__ = [
     "LETTERS",
     "TRUTHFULQA_PREAMBLE",
     "MMLUQuestion",
     "TruthfulQAQuestion",
     "encode_pair",
-    "evaluate_command",
     "evaluate_mmlu",
     "evaluate_truthfulqa",
     "load_mmlu",
@@ -388,18 +396,17 @@ def encode_pair(
     return ctx, cont
 
 
-def _model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _max_length(model) -> int | None:
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
-def _forward_last(model, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
-    """Logits of the last `keep` positions for a left-padded batch."""
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+def _forward_last(model, batch: PaddedBatch, keep: int) -> torch.Tensor:
+    """Logits of the last `keep` positions of a left-padded batch."""
+    kwargs = {
+        "input_ids": batch.input_ids,
+        "attention_mask": batch.attention_mask,
+        "position_ids": batch.position_ids,
+    }
     try:
         logits = model(**kwargs, logits_to_keep=keep).logits
     except TypeError:  # models without `logits_to_keep`
@@ -407,7 +414,6 @@ def _forward_last(model, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> to
     return logits[:, -keep:]
 
 
-@torch.inference_mode()
 def loglikelihoods(
     model,
     tokenizer,
@@ -417,7 +423,8 @@ def loglikelihoods(
 ) -> list[tuple[float, bool]]:
     """Summed log-probability of each (context, continuation) and whether it is the greedy one.
 
-    One forward pass per batch of distinct model inputs; inputs longer than the model's
+    One forward pass per batch of distinct model inputs (longest first, as the harness does, so
+    an out-of-memory batch shows at once); inputs longer than the model's
     `max_position_embeddings` lose tokens on the left (the continuation must fit).
     """
     if batch_size < 1:
@@ -438,37 +445,25 @@ def loglikelihoods(
             whole = whole[-(max_len + 1) :]
         groups.setdefault(tuple(whole[:-1]), []).append((i, cont))
 
-    inputs = sorted(groups, key=len, reverse=True)
+    inputs = list(groups)
     results: list[tuple[float, bool] | None] = [None] * len(requests)
-    device = _model_device(model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    was_training = model.training
-    model.eval()
-    starts = range(0, len(inputs), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="loglikelihood", unit="batch")
-    try:
-        for start in starts:
-            batch = inputs[start : start + batch_size]
-            width = max(len(x) for x in batch)
-            keep = max(len(c) for x in batch for _, c in groups[x])
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for b, x in enumerate(batch):
-                ids[b, width - len(x) :] = torch.tensor(x, dtype=torch.long)
-                mask[b, width - len(x) :] = 1
-            logits = _forward_last(model, ids.to(device), mask.to(device), keep)
-            for b, x in enumerate(batch):
-                for i, cont in groups[x]:
+    batches = left_padded_batches(
+        inputs, batch_size, pad_token_id(tokenizer), model_device(model), longest_first=True
+    )
+    bar = progress_bar(len(inputs), "loglikelihood", enabled=progress)
+    with bar, evaluating(model, use_cache=False):
+        for batch in batches:
+            rows_of = [groups[inputs[i]] for i in batch.indices]
+            keep = max(len(c) for conts in rows_of for _, c in conts)
+            logits = _forward_last(model, batch, keep)
+            for b, conts in enumerate(rows_of):
+                for i, cont in conts:
                     rows = logits[b, keep - len(cont) :].float().log_softmax(-1)
                     target = torch.tensor(cont, device=rows.device).unsqueeze(-1)
                     logp = rows.gather(-1, target).sum().item()
                     greedy = bool((rows.argmax(-1) == target.squeeze(-1)).all())
                     results[i] = (logp, greedy)
-    finally:
-        model.train(was_training)
+            bar.update(len(batch.indices))
     return results  # type: ignore[return-value]
 
 
@@ -563,88 +558,3 @@ def evaluate_truthfulqa(
         false = [ll(c) for c in q.incorrect_answers]
         mc2.append(math.exp(_logsumexp(true) - _logsumexp(true + false)))
     return {"mc1": sum(mc1) / len(mc1), "mc2": sum(mc2) / len(mc2), "n": len(questions)}
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def evaluate_command(
-    model: str | None = None,
-    adapter: str | None = None,
-    data_dir: str | None = None,
-    mmlu_dir: str | None = None,
-    truthfulqa_path: str | None = None,
-    benchmarks: list[str] | None = None,
-    mmlu_subjects: list[str] | None = None,
-    mmlu_limit: int | None = None,
-    n_shot: int = 5,
-    truthfulqa_limit: int | None = None,
-    batch_size: int = 8,
-    output: str | None = "evaluation.json",
-    device: str = "auto",
-    dtype: str = "auto",
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Score a base model, with or without a LoRA adapter, on MMLU and TruthfulQA MC1/MC2.
-
-    Args:
-        model: Hugging Face model directory or hub name; None or "world" = the synthetic
-            world's base model (built on first use).
-        adapter: LoRA adapter directory (ours or PEFT's) applied before scoring.
-        data_dir: folder holding `mmlu/` and `truthfulqa/TruthfulQA.csv` (the ../shared/data
-            layout); None = Hugging Face datasets (needs `datasets` and the network).
-        mmlu_dir: MMLU folder, overriding `data_dir` for MMLU.
-        truthfulqa_path: TruthfulQA CSV (or its folder), overriding `data_dir` for TruthfulQA.
-        benchmarks: which to run, from "mmlu" and "truthfulqa" (default both).
-        mmlu_subjects: restrict MMLU to these subjects (file-name form, e.g. "high_school_biology").
-        mmlu_limit: at most this many test questions per subject.
-        n_shot: MMLU shots (first rows of the dev split), 0..5.
-        truthfulqa_limit: at most this many TruthfulQA questions.
-        batch_size: distinct model inputs per forward pass.
-        output: JSON file for the results; None writes nothing.
-        device: "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
-        dtype: "auto" (bfloat16 on cuda, float32 on cpu), "float32", "bfloat16", "float16".
-        progress: show progress bars.
-
-    Returns:
-        ``{"mmlu": {...}, "truthfulqa": {...}, "model": ..., "adapter": ...}``.
-    """
-    import json
-
-    chosen = list(benchmarks) if benchmarks is not None else ["mmlu", "truthfulqa"]
-    unknown = set(chosen) - {"mmlu", "truthfulqa"}
-    if unknown:
-        raise ValueError(f"benchmarks: unknown {sorted(unknown)}; choose from mmlu, truthfulqa")
-    if model in (None, "world"):
-        from lora_lightning.world import ensure_world
-
-        model_path = str(ensure_world(progress=progress).model_dir)
-    else:
-        model_path = model
-    from lora_lightning.lora import load_model
-
-    lm, tokenizer = load_model(model_path, adapter, device=device, dtype=dtype)
-
-    results: dict[str, Any] = {"model": model_path, "adapter": adapter}
-    if "mmlu" in chosen:
-        source = mmlu_dir if mmlu_dir is not None else data_dir
-        results["mmlu"] = evaluate_mmlu(
-            lm, tokenizer, source, mmlu_subjects, mmlu_limit, n_shot, batch_size, progress
-        )
-        print(
-            f"MMLU ({n_shot}-shot): accuracy {results['mmlu']['accuracy']:.4f} "
-            f"over {results['mmlu']['n']} questions"
-        )
-    if "truthfulqa" in chosen:
-        source = truthfulqa_path if truthfulqa_path is not None else data_dir
-        results["truthfulqa"] = evaluate_truthfulqa(
-            lm, tokenizer, source, truthfulqa_limit, batch_size, progress
-        )
-        tqa = results["truthfulqa"]
-        print(f"TruthfulQA: MC1 {tqa['mc1']:.4f}, MC2 {tqa['mc2']:.4f} over {tqa['n']} questions")
-    if output is not None:
-        path = Path(output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=2))
-        print(f"results written to {path}")
-    return results

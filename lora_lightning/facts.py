@@ -444,3 +444,10 @@ def save_facts(facts: Iterable[Fact], path: str | Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def pool_sidecar(facts_path: str | Path) -> Path:
+    """`<stem>.pool.jsonl` beside a categorised fact file: where `categorize` keeps the few-shot
+    pool it used, so that probing after training (and `fit`) reuses exactly the same shots."""
+    path = Path(facts_path)
+    return path.with_name(f"{path.stem}.pool.jsonl")

@@ -20,7 +20,10 @@ from pathlib import Path
 
 import torch
 
-from lora_lightning.facts import CATEGORIES, Fact, fact_to_row, is_correct, load_facts, save_facts
+from lora_lightning.facts import CATEGORIES, Fact, fact_to_row
+from lora_lightning.inference import evaluating, left_padded_batches, model_device, pad_token_id
+from lora_lightning.metrics.functional import prompt_accuracy
+from lora_lightning.progress import progress_bar
 from lora_lightning.prompts import build_fewshot_sets, extract_answer, fewshot_messages, render
 
 
@@ -54,25 +57,22 @@ def generate_answers(
 ) -> list[Generation]:
     """Answers to already-rendered prompts, `num_return_sequences` per prompt, in prompt order.
 
-    Prompts are batched by length with left padding (so every continuation starts right after
-    its prompt) and encoded without extra special tokens, because chat templates already write
-    the bos token. Sampling is seeded per batch, so a run is repeatable.
+    Prompts are encoded without extra special tokens (chat templates already write the bos
+    token) and batched by `inference.left_padded_batches`, so every continuation starts right
+    after its prompt. Sampling is seeded per batch, so a run is repeatable, inside a fork of the
+    RNG, so the caller's random state (a training run's dropout) is untouched.
     """
-    from tqdm.auto import tqdm
     from transformers import GenerationConfig
 
     if not prompts:
         return []
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    pad = pad_token_id(tokenizer)
     # Stop at any end token the model declares too (Llama-3.1 lists <|eot_id|> and others).
     model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    stops = [eos] if eos is not None else []
+    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for tok in model_eos if isinstance(model_eos, list) else [model_eos]:
         if tok is not None and tok not in stops:
             stops.append(tok)
-    if pad is None:
-        raise ValueError("tokenizer has neither a pad nor an eos token; cannot batch generation")
     gen_config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
@@ -86,31 +86,20 @@ def generate_answers(
         return_dict_in_generate=True,
         output_scores=True,
     )
-    device = next(model.parameters()).device
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    device = model_device(model)
+    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     results: list[list[Generation]] = [[] for _ in prompts]
-    old_side = tokenizer.padding_side
-    old_pad = tokenizer.pad_token
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    was_training = model.training
-    model.eval()
-    starts = range(0, len(order), batch_size)
-    try:
-        for start in tqdm(starts, desc="generating", disable=not progress):
-            idx = order[start : start + batch_size]
-            enc = tokenizer(
-                [prompts[i] for i in idx], return_tensors="pt", padding=True,
-                add_special_tokens=False,
-            ).to(device)
-            # seeded, but inside a fork: the caller's RNG (a training run's dropout) is untouched
+    batches = left_padded_batches(encoded, batch_size, pad, device)
+    bar = progress_bar(len(prompts), "generating", enabled=progress)
+    with bar, evaluating(model):
+        for batch in batches:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                _seed_everything(seed + start)
-                with torch.inference_mode():
-                    out = model.generate(**enc, generation_config=gen_config)
-            new = out.sequences[:, enc["input_ids"].shape[1] :]
+                _seed_everything(seed + batch.start)
+                out = model.generate(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    generation_config=gen_config,
+                )
+            new = out.sequences[:, batch.width :]
             # log-probabilities of the chosen tokens, renormalised after any sampling warpers
             logprobs = model.compute_transition_scores(
                 out.sequences, out.scores, normalize_logits=True
@@ -123,14 +112,10 @@ def generate_answers(
                     n = ends[0] + 1
                 text = tokenizer.decode(tokens[:n], skip_special_tokens=True)
                 prob = logprobs[row, :n].exp().mean().item() if n else 0.0
-                results[idx[row // num_return_sequences]].append(
+                results[batch.indices[row // num_return_sequences]].append(
                     Generation(text=extract_answer(text), mean_token_prob=prob)
                 )
-    finally:
-        tokenizer.padding_side = old_side
-        if old_pad is None:
-            tokenizer.pad_token = None
-        model.train(was_training)
+            bar.update(len(batch.indices))
     return [g for per_prompt in results for g in per_prompt]
 
 
@@ -228,8 +213,6 @@ def categorize(
     `checkpoint`, each finished chunk is appended to that JSONL and facts already in it are not
     redone, so a crash loses at most one chunk.
     """
-    from tqdm.auto import tqdm
-
     ids = [f.id for f in facts]
     if len(set(ids)) != len(ids):
         dupes = sorted(k for k, v in Counter(ids).items() if v > 1)
@@ -256,7 +239,7 @@ def categorize(
         done = {k: v for k, v in _read_checkpoint(checkpoint).items() if k in wanted}
     todo = [f for f in facts if f.id not in done]
     chunk = max(1, batch_size // n_exp) * 4  # a few generation batches per checkpoint write
-    bar = tqdm(total=len(facts), initial=len(done), desc="categorising", disable=not progress)
+    bar = progress_bar(len(facts), "categorising", enabled=progress, initial=len(done))
     with bar, _append_or_nothing(checkpoint) as sink:
         for start in range(0, len(todo), chunk):
             part = todo[start : start + chunk]
@@ -282,12 +265,12 @@ def categorize(
                 mine = greedy[j * n_exp : (j + 1) * n_exp]
                 answers = [g.text for g in mine]
                 confidence = sum(g.mean_token_prob for g in mine) / n_exp
-                p_greedy = sum(is_correct(a, fact) for a in answers) / n_exp
+                p_greedy = prompt_accuracy(answers, fact)
                 p_sampled = None
                 if sampled is not None:
                     per = n_exp * n_samples
-                    hits = sum(is_correct(g.text, fact) for g in sampled[j * per : (j + 1) * per])
-                    p_sampled = hits / per
+                    mine_sampled = sampled[j * per : (j + 1) * per]
+                    p_sampled = prompt_accuracy([g.text for g in mine_sampled], fact)
                 result = dataclasses.replace(
                     fact, category=category_of(p_greedy, p_sampled), p_greedy=p_greedy,
                     p_sampled=p_sampled, predictions=answers, confidence=confidence,
@@ -307,7 +290,7 @@ def category_counts(facts: Sequence[Fact]) -> dict[str, int]:
     return {c: counts.get(c, 0) for c in CATEGORIES}
 
 
-# --------------------------------------------------------------------------- command
+DEFAULT_POOL_SIZE = 32  # facts carved out of a fact file that comes without a few-shot pool
 
 
 def default_pool(
@@ -326,116 +309,3 @@ def default_pool(
         )
     ids = set(random.Random(seed).sample(sorted(f.id for f in facts), pool_size))
     return [f for f in facts if f.id in ids], [f for f in facts if f.id not in ids]
-
-
-def categorize_command(
-    model: str | None = None,
-    facts: str | None = None,
-    output: str = "categorized.jsonl",
-    pool: str | None = None,
-    adapter: str | None = None,
-    n_exp: int = 10,
-    n_shot: int = 4,
-    sample: bool = False,
-    n_samples: int = 16,
-    temperature: float = 0.5,
-    top_k: int = 40,
-    batch_size: int = 64,
-    max_new_tokens: int = 32,
-    seed: int = 0,
-    pool_size: int = 32,
-    device: str = "auto",
-    dtype: str = "auto",
-    threads: int | None = None,
-    progress: bool = True,
-) -> dict[str, int]:
-    """Categorise facts (SliCK) for a model and write them, with the per-prompt answers.
-
-    Args:
-        model: Hugging Face model directory or hub name; None or "world" = the synthetic world's
-            base (built on first use).
-        facts: fact file (JSONL of our own or the knowledge-packing shape); None = the world's
-            categorised facts (only with the world model).
-        output: where to write the categorised facts (JSONL). Progress is checkpointed to
-            `<output>.partial` and a rerun resumes from it.
-        pool: few-shot pool file. None = the world's pool for world facts; for any other file,
-            reuse `<output stem>.pool.jsonl` if present, else carve a seeded sample of
-            `pool_size` facts out of `facts` (excluded from categorisation) and save it there.
-        adapter: LoRA adapter directory (PEFT format) applied to the model before probing.
-        n_exp: number of few-shot prompts per fact.
-        n_shot: examples per few-shot prompt.
-        sample: also sample `n_samples` answers per prompt, which enables WeaklyKnown.
-        n_samples: sampled answers per prompt when `sample`.
-        temperature: sampling temperature.
-        top_k: sampling top-k.
-        batch_size: prompts per generation batch.
-        max_new_tokens: generation length limit.
-        seed: seed of the few-shot sets, the default pool and sampling.
-        pool_size: size of a pool carved out of `facts` when no pool is given.
-        device: "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
-        dtype: "auto" (bfloat16 on cuda, float32 on cpu), "float32", "bfloat16", "float16".
-        threads: CPU threads for torch. None = 1 for models under 10M parameters (on the
-            synthetic world's base one thread is ~3x faster than two on a busy 2-core machine:
-            its matrices are too small to split), else torch's default.
-        progress: show progress bars.
-
-    Returns:
-        Facts per category.
-    """
-    out_path = Path(output)
-    world = model in (None, "world")
-    if world:
-        from lora_lightning.world import ensure_world
-
-        artifacts = ensure_world(progress=progress)
-        model_path = str(artifacts.model_dir)
-        if facts is None:
-            facts = str(artifacts.facts_path)
-        if pool is None:
-            pool = str(artifacts.pool_path)
-    else:
-        model_path = model
-    if facts is None:
-        raise ValueError("categorize: `facts` is required unless the model is the world's base")
-
-    all_facts = load_facts(Path(facts))
-    if pool is not None:
-        pool_facts = load_facts(Path(pool))
-        pool_ids = {f.id for f in pool_facts}
-        tested = [f for f in all_facts if f.id not in pool_ids]
-    else:
-        pool_file = out_path.with_name(out_path.stem + ".pool.jsonl")
-        if pool_file.exists():
-            pool_facts = load_facts(pool_file)
-            pool_ids = {f.id for f in pool_facts}
-            tested = [f for f in all_facts if f.id not in pool_ids]
-        else:
-            pool_facts, tested = default_pool(all_facts, pool_size, seed)
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-            save_facts(pool_facts, pool_file)
-        if progress:
-            print(f"few-shot pool: {len(pool_facts)} facts in {pool_file} (not categorised)")
-
-    from lora_lightning.lora import load_model
-
-    lm, tokenizer = load_model(model_path, adapter, device=device, dtype=dtype)
-    if threads is None and sum(p.numel() for p in lm.parameters()) < 10_000_000:
-        threads = 1
-    if threads is not None:
-        torch.set_num_threads(threads)
-
-    partial = out_path.with_name(out_path.name + ".partial")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    result = categorize(
-        lm, tokenizer, tested, pool_facts, n_exp=n_exp, n_shot=n_shot, sample=sample,
-        n_samples=n_samples, temperature=temperature, top_k=top_k, batch_size=batch_size,
-        max_new_tokens=max_new_tokens, seed=seed, progress=progress, checkpoint=partial,
-    )
-    save_facts(result, out_path)
-    partial.unlink(missing_ok=True)
-    partial.with_name(partial.name + ".settings.json").unlink(missing_ok=True)
-    counts = category_counts(result)
-    print(f"categorised {len(result)} facts -> {out_path}")
-    for name, count in counts.items():
-        print(f"  {name:<12} {count}")
-    return counts

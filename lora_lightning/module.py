@@ -16,7 +16,8 @@ import torch
 from torchmetrics import MeanMetric
 
 from lora_lightning.facts import Fact
-from lora_lightning.lora import count_parameters, inject_lora, load_base_model
+from lora_lightning.lora import count_parameters, inject_lora
+from lora_lightning.models import load_base_model, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ PAPER_TARGETS = ("gate_proj", "up_proj", "down_proj")
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    """How the model is asked about facts: SliCK's few-shot greedy probe (DESIGN.md section 1).
+    """How the model is asked about facts: SliCK's few-shot greedy probe (docs/science.md).
 
     The same settings (and seed, hence the same few-shot sets) must be used before and after
     training for categories to be comparable.
@@ -44,21 +45,12 @@ class ProbeConfig:
 torch.serialization.add_safe_globals([ProbeConfig])
 
 
-def resolve_base_model(model_name_or_path: str | None) -> str:
-    """A model path or hub id as given; None means the synthetic world's base (built on demand)."""
-    if model_name_or_path is not None:
-        return model_name_or_path
-    from lora_lightning.world import ensure_world
-
-    return str(ensure_world().model_dir)
-
-
 class LoRAKnowledgeModule(L.LightningModule):
     """LoRA fine-tuning of a causal LM on fact QA, with the paper's settings as defaults.
 
     Args:
-        model_name_or_path: Any Hugging Face Llama checkpoint (local folder or hub id); None
-            builds/reuses the synthetic world's tiny base model.
+        model_name_or_path: Any Hugging Face Llama checkpoint (local folder or hub id); None or
+            "world" builds/reuses the synthetic world's tiny base model.
         dtype: Weights dtype for the base ("auto" keeps the checkpoint's own).
         rank: LoRA rank r (paper: 1).
         alpha: LoRA alpha (paper: 2).
@@ -112,7 +104,7 @@ class LoRAKnowledgeModule(L.LightningModule):
         if self.model is not None:
             return
         hp = self.hparams
-        self.base_model_name = resolve_base_model(hp.model_name_or_path)
+        self.base_model_name = resolve_model(hp.model_name_or_path)
         model = load_base_model(self.base_model_name, hp.dtype)
         model.requires_grad_(False)
         self.lora_names = inject_lora(
@@ -187,7 +179,6 @@ class LoRAKnowledgeModule(L.LightningModule):
 
     # -- probing by generation -------------------------------------------------------------------
 
-    @torch.no_grad()
     def probe(self, facts: Sequence[Fact]) -> list[Fact]:
         """Categorise `facts` with the current weights (adapter active): new Fact objects with
         `category`, `p_greedy` and per-prompt `predictions`. The tokenizer and the few-shot pool
@@ -197,21 +188,14 @@ class LoRAKnowledgeModule(L.LightningModule):
         if not facts:
             return []
         data = self.trainer.datamodule
-        was_training = self.model.training
-        self.model.eval()
-        self.model.config.use_cache = True
-        try:
-            return categorize(
-                self.model,
-                data.tokenizer,
-                facts,
-                data.fewshot_pool,
-                progress=False,
-                **asdict(self.probe_config),
-            )
-        finally:
-            self.model.config.use_cache = False
-            self.model.train(was_training)
+        return categorize(
+            self.model,
+            data.tokenizer,
+            facts,
+            data.fewshot_pool,
+            progress=False,
+            **asdict(self.probe_config),
+        )
 
     def test_step(self, batch: list[Fact], batch_idx: int) -> dict[str, list[Fact]]:
         """Re-categorise a batch of facts; the report callback compares before and after."""

@@ -538,11 +538,13 @@ def test_without_a_fact_file_the_synthetic_world_supplies_facts_pool_and_tokeniz
         pool_path=save_facts(known[:6], tmp_path / "pool.jsonl"),
     )
     calls = []
-    monkeypatch.setattr("lora_lightning.data._ensure_world", lambda: calls.append(1) or world)
+    monkeypatch.setattr(
+        "lora_lightning.world.ensure_world", lambda progress=True: calls.append(1) or world
+    )
     dm = KnowledgeDataModule(n_unknown=4, n_val_known=3)
     dm.prepare_data()
     dm.setup("fit")
-    assert calls == [1, 1]
+    assert calls == [1, 1, 1]  # prepare_data; setup's facts and pool; setup's tokenizer
     assert [f.id for f in dm.fewshot_pool] == [f.id for f in known[:6]]
     assert dm.tokenizer.chat_template and dm.mix_summary()["facts"] == str(world.facts_path)
     assert len(dm.train_unknown) == 4 and len(dm.val_known) == 3

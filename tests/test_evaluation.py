@@ -17,7 +17,6 @@ from lora_lightning.evaluation import (
     TRUTHFULQA_PREAMBLE,
     MMLUQuestion,
     encode_pair,
-    evaluate_command,
     evaluate_mmlu,
     evaluate_truthfulqa,
     load_mmlu,
@@ -266,6 +265,7 @@ def test_evaluate_truthfulqa_matches_independent_computation(model, tokenizer):
 
 @needs_data
 def test_evaluate_command_scores_a_saved_model_with_and_without_an_adapter(tmp_path):
+    from lora_lightning.commands.evaluate import evaluate_command
     from lora_lightning.lora import inject_lora, save_adapter
 
     tok = _make_tokenizer(with_bos=True)

@@ -12,10 +12,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_lightning import knowledge
-from lora_lightning.facts import Fact, is_correct, load_facts, save_facts
+from lora_lightning.facts import Fact, is_correct, load_facts
 from lora_lightning.knowledge import (
     categorize,
-    categorize_command,
     category_of,
     default_pool,
     generate_answers,
@@ -249,46 +248,6 @@ def test_default_pool_is_seeded_and_disjoint():
     assert default_pool(facts, 8, 5)[0] != pool
     with pytest.raises(ValueError, match="pool"):
         default_pool(facts[:5], pool_size=8, seed=0)
-
-
-def test_categorize_command_writes_counts_and_reuses_its_pool(small_world, tmp_path, capsys):
-    facts = load_facts(small_world.world_facts_path)[:30]
-    source = save_facts(facts, tmp_path / "mine.jsonl")
-    output = tmp_path / "out" / "categorized.jsonl"
-    counts = categorize_command(model=str(small_world.model_dir), facts=str(source),
-                                output=str(output), n_exp=2, pool_size=6, progress=False)
-    printed = capsys.readouterr().out
-    written = load_facts(output)
-    pool_file = output.with_name("categorized.pool.jsonl")
-    pool = load_facts(pool_file)
-    assert len(pool) == 6 and len(written) == 24
-    assert {f.id for f in pool}.isdisjoint(f.id for f in written)
-    assert sum(counts.values()) == 24
-    assert counts == {c: sum(f.category == c for f in written) for c in counts}
-    for name, count in counts.items():
-        assert f"{name}" in printed and str(count) in printed
-    assert not output.with_name(output.name + ".partial").exists()
-
-    # categorising again (e.g. after training) reuses the saved pool: identical few-shot sets
-    again = categorize_command(model=str(small_world.model_dir), facts=str(source),
-                               output=str(output), n_exp=2, pool_size=6, progress=False)
-    assert again == counts
-    assert load_facts(output) == written
-
-
-def test_categorize_command_reports_a_missing_fact_file(small_world, tmp_path):
-    with pytest.raises((FileNotFoundError, ValueError), match="nope.jsonl"):
-        categorize_command(model=str(small_world.model_dir), facts=str(tmp_path / "nope.jsonl"),
-                           output=str(tmp_path / "o.jsonl"), progress=False)
-
-
-def test_categorize_command_applies_the_adapter_hook(small_world, tmp_path):
-    """The adapter goes through lora.load_adapter, whose errors name the directory."""
-    facts = save_facts(load_facts(small_world.world_facts_path)[:12], tmp_path / "f.jsonl")
-    with pytest.raises(FileNotFoundError, match="no_adapter"):
-        categorize_command(model=str(small_world.model_dir), facts=str(facts),
-                           output=str(tmp_path / "o.jsonl"), adapter=str(tmp_path / "no_adapter"),
-                           pool_size=4, n_exp=2, progress=False)
 
 
 def test_generation_does_not_track_gradients(lm, facts_and_pool):

@@ -20,6 +20,7 @@ from lora_lightning.lora import (
     count_parameters,
     inject_lora,
     load_adapter,
+    lora_disabled,
     lora_modules,
     lora_state_dict,
     merge_lora,
@@ -305,6 +306,32 @@ def test_unload_lora_merges_and_gives_back_a_plain_model():
     assert isinstance(model.model.layers[0].self_attn.q_proj, nn.Linear)
     assert "model.layers.0.self_attn.q_proj.weight" in model.state_dict()
     torch.testing.assert_close(logits(model, tokens), adapted, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_a_model_without_its_adapter_is_the_base_merged_or_not(merged):
+    model = tiny_llama()
+    tokens = fresh_tokens()
+    base = logits(model, tokens)
+    inject_lora(model, MLP, rank=2, alpha=4)
+    randomize_adapter(model)
+    adapted = logits(model, tokens)
+    assert not torch.allclose(adapted, base, atol=1e-3)
+    if merged:
+        merge_lora(model)
+    with lora_disabled(model):
+        torch.testing.assert_close(logits(model, tokens), base, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits(model, tokens), adapted, rtol=1e-4, atol=1e-4)
+    assert all(m.merged == merged and not m.disabled for m in lora_modules(model).values())
+
+
+def test_disabling_is_undone_when_the_block_raises():
+    model = tiny_llama()
+    inject_lora(model, MLP, rank=2, alpha=4)
+    with pytest.raises(RuntimeError, match="inside"), lora_disabled(model):
+        assert all(m.disabled for m in lora_modules(model).values())
+        raise RuntimeError("inside")
+    assert not any(m.disabled for m in lora_modules(model).values())
 
 
 # --------------------------------------------------------------------------- PEFT files

@@ -295,3 +295,25 @@ def test_every_metric_under_two_process_ddp_equals_one_process(tmp_path):
     _assert_close(distributed, single)
     # the comparison is not vacuous: the data gives non-trivial values
     assert single["concentration"]["unique"] > 1 and single["shift"]["total"] == 23
+
+
+@pytest.mark.parametrize("module", ["functional", "modular"])
+def test_every_docstring_example_of_the_metrics_holds(module):
+    import doctest
+    import importlib
+
+    mod = importlib.import_module(f"lora_lightning.metrics.{module}")
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 6 and result.failed == 0
+
+
+def test_categorize_and_reliability_count_a_prompt_the_same_way():
+    """P_greedy (what `categorize` stores) is Reliability's per-fact share, from one rule."""
+    from lora_lightning.metrics.functional import prompt_accuracy
+
+    fact = Fact("f", "Where?", ["Paris", "the city of Paris"])
+    answers = ["Paris", "in the city of paris", "Lyon", "I don't know"]
+    metric = Reliability()
+    metric.update([answers], [fact])
+    assert prompt_accuracy(answers, fact) == 0.5
+    assert float(metric.compute()["mean_prompt_accuracy"]) == 0.5

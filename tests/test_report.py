@@ -10,7 +10,8 @@ import pytest
 import torch
 from test_training import make_data, make_module, make_trainer
 
-from lora_lightning.callbacks import KnowledgeEvalCallback, KnowledgeReport, lora_disabled
+from lora_lightning.callbacks import KnowledgeEvalCallback, KnowledgeReport
+from lora_lightning.lora import lora_disabled
 from lora_lightning.metrics import Reliability
 from lora_lightning.module import ProbeConfig
 from lora_lightning.report import markdown, write_report

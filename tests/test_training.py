@@ -171,7 +171,7 @@ def test_exported_adapter_loads_in_peft_with_the_same_logits(
     tiny_model_dir, trained_checkpoint, tmp_path
 ):
     peft = pytest.importorskip("peft")
-    from lora_lightning.export import export
+    from lora_lightning.commands.export import export_command as export
 
     out = export(str(trained_checkpoint), str(tmp_path / "adapter"), format="adapter")
     config = json.loads((out / "adapter_config.json").read_text())
@@ -186,7 +186,7 @@ def test_exported_adapter_loads_in_peft_with_the_same_logits(
 
 
 def test_merged_export_equals_module_output(tiny_model_dir, trained_checkpoint, tmp_path):
-    from lora_lightning.export import export
+    from lora_lightning.commands.export import export_command as export
 
     out = export(str(trained_checkpoint), str(tmp_path / "merged"), format="merged")
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -197,7 +197,7 @@ def test_merged_export_equals_module_output(tiny_model_dir, trained_checkpoint, 
 
 
 def test_export_of_missing_checkpoint_names_the_path(tmp_path):
-    from lora_lightning.export import export
+    from lora_lightning.commands.export import export_command as export
 
     with pytest.raises(FileNotFoundError, match="nope.ckpt"):
         export(str(tmp_path / "nope.ckpt"), str(tmp_path / "out"))

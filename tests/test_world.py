@@ -186,7 +186,7 @@ def test_small_world_loads_with_auto_classes_and_knows_its_known_facts(small_wor
 
 
 def test_world_is_reused_not_rebuilt(small_world, monkeypatch):
-    monkeypatch.setattr(world, "_build", lambda *a, **k: pytest.fail("rebuilt a built world"))
+    monkeypatch.setattr(world.cache, "_build", lambda *a, **k: pytest.fail("rebuilt a built world"))
     again = ensure_world(WorldConfig.small(), home=small_world.root.parent, progress=False)
     assert again.root == small_world.root
     assert again.info == small_world.info
@@ -216,13 +216,13 @@ def test_build_is_deterministic_under_a_seed(tmp_path):
 def test_concurrent_callers_build_once_and_share_the_result(tmp_path, monkeypatch):
     config = _tiny_config(seed=6)
     builds = []
-    real_build = world._build
+    real_build = world.cache._build
 
     def counting_build(*args, **kwargs):
         builds.append(threading.get_ident())
         return real_build(*args, **kwargs)
 
-    monkeypatch.setattr(world, "_build", counting_build)
+    monkeypatch.setattr(world.cache, "_build", counting_build)
     results: list = [None, None]
 
     def call(i: int) -> None:
@@ -246,7 +246,7 @@ def test_a_crashed_build_leaves_nothing_behind(tmp_path, monkeypatch):
         (root / "half-written").write_text("x")
         raise RuntimeError("power cut")
 
-    monkeypatch.setattr(world, "_build", crash)
+    monkeypatch.setattr(world.cache, "_build", crash)
     with pytest.raises(RuntimeError, match="power cut"):
         ensure_world(_tiny_config(seed=9), home=tmp_path, progress=False)
     assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []

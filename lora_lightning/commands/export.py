@@ -1,4 +1,5 @@
-"""Turn a training checkpoint into a PEFT adapter or a merged Hugging Face model."""
+"""`python -m lora_lightning export`: a training checkpoint as a PEFT adapter or a merged
+Hugging Face model."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from typing import Literal
 import torch
 
 from lora_lightning.lora import save_adapter, unload_lora
+from lora_lightning.module import LoRAKnowledgeModule
 
 
-def export(
+def export_command(
     ckpt_path: str,
     output: str,
     format: Literal["adapter", "merged"] = "adapter",
@@ -27,8 +29,6 @@ def export(
         dtype: dtype of the merged model's weights ("auto": the base checkpoint's own).
     """
     from transformers import AutoTokenizer
-
-    from lora_lightning.module import LoRAKnowledgeModule
 
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path: no checkpoint file at {ckpt_path!r}")

@@ -1,8 +1,9 @@
-"""Knowledge metrics: what a model knows before and after a LoRA fit, as torchmetrics.
+"""Knowledge metrics as torchmetrics `Metric` classes: what a model knows before and after a fit.
 
-Every measure of DESIGN.md section 1 is a `torchmetrics.Metric` whose states are tensors with the
-right `dist_reduce_fx` ("sum" for counters, "cat" for per-item lists), so the same object gives
-the same number on one process and under DDP, and Lightning can reset/sync it for us.
+Every measure of docs/science.md is a `Metric` whose states are tensors with the right
+`dist_reduce_fx` ("sum" for counters, "cat" for per-item lists), so the same object gives the
+same number on one process and under DDP, and Lightning can reset/sync it for us. The counting
+rules themselves are the functions of `lora_lightning.metrics.functional`.
 
 Strings cannot be all-gathered, so `AnswerConcentration` stores each normalised answer as a
 fixed-length uint8 row (UTF-8, truncated at `max_bytes`); compute() decodes every rank's rows.
@@ -14,8 +15,7 @@ passed to `LightningModule.log` directly; the others return a dict (log the scal
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -23,13 +23,11 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from lora_lightning.facts import CATEGORIES, Fact, is_correct, normalize_answer
+import lora_lightning.metrics.functional as F
+from lora_lightning.facts import CATEGORIES, is_correct
+from lora_lightning.metrics.functional import Target
 
 __all__ = [
-    "CATEGORIES",
-    "DEFAULT_REFUSAL_PATTERNS",
-    "NEGATIVE_SHIFTS",
-    "POSITIVE_SHIFTS",
     "AliasAccuracy",
     "AnswerConcentration",
     "Confidence",
@@ -37,31 +35,7 @@ __all__ = [
     "KnowledgeShift",
     "RefusalRate",
     "Reliability",
-    "decode_answers",
-    "encode_answers",
 ]
-
-Target = Fact | Sequence[str]
-
-
-def _as_fact(target: Target) -> Fact:
-    """Accept a `Fact` or a plain list of aliases (handy for quick checks and tests)."""
-    if isinstance(target, Fact):
-        return target
-    if isinstance(target, str):
-        return Fact(id="", question="", answers=[target])
-    return Fact(id="", question="", answers=list(target))
-
-
-def _check_lengths(name_a: str, a: Sequence, name_b: str, b: Sequence) -> None:
-    if len(a) != len(b):
-        raise ValueError(f"{name_a} has {len(a)} items but {name_b} has {len(b)}")
-
-
-def _ratio(num: Tensor, den: Tensor) -> Tensor:
-    """num/den as float, 0 where the denominator is 0 (an empty category shifts nothing)."""
-    num, den = num.double(), den.double()
-    return torch.where(den > 0, num / den.clamp(min=1), torch.zeros_like(num))
 
 
 # --------------------------------------------------------------------------- accuracy
@@ -79,36 +53,44 @@ class _AnswerAccuracy(Metric):
         self.add_state("correct", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def _judge(self, answer: str, fact: Fact) -> bool:
+    @staticmethod
+    def _judge(answer: str, fact) -> bool:
         raise NotImplementedError
 
     def update(self, answers: Sequence[str], targets: Sequence[Target]) -> None:
         """`answers[i]` is the model's answer to `targets[i]` (a `Fact` or a list of aliases)."""
-        _check_lengths("answers", answers, "targets", targets)
-        hits = sum(self._judge(a, _as_fact(t)) for a, t in zip(answers, targets, strict=True))
+        hits, total = F._accuracy_update(answers, targets, self._judge)
         self.correct += hits
-        self.total += len(answers)
+        self.total += total
 
     def compute(self) -> Tensor:
-        return _ratio(self.correct, self.total).float()
+        return F.ratio(self.correct, self.total).float()
 
 
 class ExactMatch(_AnswerAccuracy):
     """Normalised answer equals some normalised alias (SQuAD-style exact match).
 
     Stricter than the paper's criterion: "Paris, France" does not match "Paris".
+
+    >>> metric = ExactMatch()
+    >>> metric.update(["Paris", "Paris, France"], [["paris"], ["Paris"]])
+    >>> float(metric.compute())
+    0.5
     """
 
-    def _judge(self, answer: str, fact: Fact) -> bool:
-        norm = normalize_answer(answer)
-        return any(norm == alias for alias in fact.normalized_answers)
+    _judge = staticmethod(F.is_exact_match)
 
 
 class AliasAccuracy(_AnswerAccuracy):
-    """Some normalised alias is a substring of the lower-cased answer: the paper's criterion."""
+    """Some normalised alias is a substring of the lower-cased answer: the paper's criterion.
 
-    def _judge(self, answer: str, fact: Fact) -> bool:
-        return is_correct(answer, fact)
+    >>> metric = AliasAccuracy()
+    >>> metric.update(["Paris, France", "Lyon"], [["Paris"], ["Paris"]])
+    >>> float(metric.compute())
+    0.5
+    """
+
+    _judge = staticmethod(is_correct)
 
 
 # --------------------------------------------------------------------------- reliability
@@ -131,76 +113,41 @@ class Reliability(Metric):
     - ``n_facts``: the denominator.
 
     The same metric over HighlyKnown facts measures how much known knowledge is retained.
+
+    >>> metric = Reliability()
+    >>> metric.update([["Paris", "Lyon"], ["Rome", "Rome"]], [["Paris"], ["Oslo"]])
+    >>> out = metric.compute()
+    >>> float(out["reliability"]), float(out["mean_prompt_accuracy"]), int(out["n_facts"])
+    (0.5, 0.25, 2)
     """
 
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
+    _COUNTS = ("n_facts", "any_correct", "majority_correct", "all_correct")
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        for name in ("n_facts", "any_correct", "majority_correct", "all_correct"):
+        for name in self._COUNTS:
             self.add_state(name, torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         # the per-fact share is a float sum: exact enough, and additive across ranks
         self.add_state("share_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, answers: Sequence[Sequence[str]], facts: Sequence[Target]) -> None:
         """`answers[i]` holds the answers of every prompt for `facts[i]`."""
-        _check_lengths("answers", answers, "facts", facts)
-        any_ok = majority = every = 0
-        share = 0.0
-        for i, (per_prompt, target) in enumerate(zip(answers, facts, strict=True)):
-            if isinstance(per_prompt, str) or len(per_prompt) == 0:
-                raise ValueError(
-                    f"answers[{i}] must be a non-empty list of answers (one per prompt), "
-                    f"got {per_prompt!r}"
-                )
-            fact = _as_fact(target)
-            n_ok = sum(is_correct(a, fact) for a in per_prompt)
-            n = len(per_prompt)
-            any_ok += n_ok > 0
-            majority += 2 * n_ok > n
-            every += n_ok == n
-            share += n_ok / n
+        counts = F._reliability_update(answers, facts)
         # one tensor update per batch, not per fact: states may live on a GPU
-        self.n_facts += len(answers)
-        self.any_correct += any_ok
-        self.majority_correct += majority
-        self.all_correct += every
-        self.share_sum += share
+        for name, value in counts.items():
+            setattr(self, name, getattr(self, name) + value)
 
     def compute(self) -> dict[str, Tensor]:
-        return {
-            "reliability": _ratio(self.any_correct, self.n_facts),
-            "mean_prompt_accuracy": _ratio(self.share_sum, self.n_facts),
-            "majority": _ratio(self.majority_correct, self.n_facts),
-            "all_prompts": _ratio(self.all_correct, self.n_facts),
-            "n_facts": self.n_facts.clone(),
-        }
+        return F._reliability_compute(
+            self.n_facts, self.any_correct, self.majority_correct, self.all_correct,
+            self.share_sum,
+        )
 
 
 # --------------------------------------------------------------------------- knowledge shift
-
-POSITIVE_SHIFTS: tuple[tuple[str, str], ...] = (
-    ("Unknown", "MaybeKnown"),
-    ("Unknown", "HighlyKnown"),
-    ("MaybeKnown", "HighlyKnown"),
-)
-NEGATIVE_SHIFTS: tuple[tuple[str, str], ...] = (
-    ("HighlyKnown", "MaybeKnown"),
-    ("HighlyKnown", "Unknown"),
-    ("MaybeKnown", "Unknown"),
-)
-_ABBREV = {"HighlyKnown": "HK", "MaybeKnown": "MK", "WeaklyKnown": "WK", "Unknown": "UK"}
-
-
-def _category_index(value: str | int, where: str) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        if 0 <= value < len(CATEGORIES):
-            return value
-    elif value in CATEGORIES:
-        return CATEGORIES.index(value)
-    raise ValueError(f"{where}: unknown category {value!r}; expected one of {CATEGORIES}")
 
 
 class KnowledgeShift(Metric):
@@ -220,6 +167,12 @@ class KnowledgeShift(Metric):
       ``negative_rate_of_eligible`` (over HK+MK facts, the ones that can move down).
 
     WeaklyKnown facts appear in the matrix but in no named shift, as in the paper.
+
+    >>> metric = KnowledgeShift()
+    >>> metric.update(["Unknown", "HighlyKnown"], ["MaybeKnown", "HighlyKnown"])
+    >>> out = metric.compute()
+    >>> int(out["positive"]), float(out["positive_rate"]), int(out["UK->MK"]["denominator"])
+    (1, 0.5, 1)
     """
 
     is_differentiable = False
@@ -232,68 +185,13 @@ class KnowledgeShift(Metric):
 
     def update(self, before: Sequence[str | int], after: Sequence[str | int]) -> None:
         """Category names (or indices into `CATEGORIES`) of the same facts before and after."""
-        _check_lengths("before", before, "after", after)
-        rows = [_category_index(c, f"before[{i}]") for i, c in enumerate(before)]
-        cols = [_category_index(c, f"after[{i}]") for i, c in enumerate(after)]
-        if rows:
-            n = len(CATEGORIES)
-            flat = torch.tensor(rows, dtype=torch.long) * n + torch.tensor(cols, dtype=torch.long)
-            self.counts += torch.bincount(flat, minlength=n * n).view(n, n).to(self.counts.device)
+        self.counts += F._knowledge_shift_update(before, after).to(self.counts.device)
 
     def compute(self) -> dict[str, Any]:
-        counts = self.counts
-        before, after = counts.sum(dim=1), counts.sum(dim=0)
-        out: dict[str, Any] = {
-            "counts": counts.clone(),
-            "categories": list(CATEGORIES),
-            "before": before,
-            "after": after,
-            "total": counts.sum(),
-        }
-        idx = {c: i for i, c in enumerate(CATEGORIES)}
-        totals = {}
-        for kind, shifts in (("positive", POSITIVE_SHIFTS), ("negative", NEGATIVE_SHIFTS)):
-            total = torch.zeros((), dtype=torch.long, device=counts.device)
-            for src, dst in shifts:
-                count = counts[idx[src], idx[dst]]
-                den = before[idx[src]]
-                out[f"{_ABBREV[src]}->{_ABBREV[dst]}"] = {
-                    "count": count,
-                    "denominator": den,
-                    "rate": _ratio(count, den),
-                }
-                total = total + count
-            totals[kind] = total
-        hk, mk, uk = (before[idx[c]] for c in ("HighlyKnown", "MaybeKnown", "Unknown"))
-        out["positive"], out["negative"] = totals["positive"], totals["negative"]
-        out["positive_rate"] = _ratio(totals["positive"], out["total"])
-        out["negative_rate"] = _ratio(totals["negative"], out["total"])
-        out["positive_rate_of_eligible"] = _ratio(totals["positive"], uk + mk)
-        out["negative_rate_of_eligible"] = _ratio(totals["negative"], hk + mk)
-        return out
+        return F._knowledge_shift_compute(self.counts)
 
 
 # --------------------------------------------------------------------------- concentration
-
-
-def encode_answers(answers: Iterable[str], max_bytes: int = 64) -> Tensor:
-    """Normalised answers as a [n, max_bytes] uint8 tensor (UTF-8, zero-padded, truncated).
-
-    Truncation never splits a multi-byte character, so every row decodes cleanly.
-    """
-    rows = []
-    for answer in answers:
-        data = normalize_answer(answer).encode("utf-8")[:max_bytes]
-        data = data.decode("utf-8", errors="ignore").encode("utf-8")
-        rows.append(list(data) + [0] * (max_bytes - len(data)))
-    if not rows:
-        return torch.zeros(0, max_bytes, dtype=torch.uint8)
-    return torch.tensor(rows, dtype=torch.uint8)
-
-
-def decode_answers(rows: Tensor) -> list[str]:
-    """Inverse of `encode_answers` (up to normalisation and truncation)."""
-    return [bytes(row).rstrip(b"\x00").decode("utf-8") for row in rows.cpu().tolist()]
 
 
 class AnswerConcentration(Metric):
@@ -310,6 +208,12 @@ class AnswerConcentration(Metric):
 
     Empty answers (after normalisation) are skipped unless `keep_empty`; answers are compared
     after `normalize_answer` and truncation at `max_bytes` UTF-8 bytes.
+
+    >>> metric = AnswerConcentration(reference_max=1, explosion_factor=1.5)
+    >>> metric.update(["Paris", "paris", "Rome"])
+    >>> out = metric.compute()
+    >>> out["unique"], out["max_count"], out["exploded"]
+    (2, 2, [('paris', 2)])
     """
 
     is_differentiable = False
@@ -337,11 +241,9 @@ class AnswerConcentration(Metric):
         self.add_state("answers", [], dist_reduce_fx="cat")
 
     def update(self, answers: Sequence[str]) -> None:
-        if isinstance(answers, str):
-            raise TypeError("answers must be a sequence of strings, got a single string")
-        kept = [a for a in answers if self.keep_empty or normalize_answer(a)]
+        rows = F._answer_concentration_update(answers, self.max_bytes, self.keep_empty)
         # append even zero rows, so a rank that saw only empty answers still has a state to sync
-        self.answers.append(encode_answers(kept, self.max_bytes).to(self.device))
+        self.answers.append(rows.to(self.device))
 
     def threshold(self) -> float | None:
         """The count above which an answer is 'exploded', or None when none was configured."""
@@ -355,46 +257,10 @@ class AnswerConcentration(Metric):
         rows = self.answers
         if isinstance(rows, list):
             rows = dim_zero_cat(rows) if rows else torch.zeros(0, self.max_bytes, dtype=torch.uint8)
-        threshold = self.threshold()
-        if rows.numel() == 0:
-            return {
-                "n_answers": 0,
-                "unique": 0,
-                "mean_repeats": 0.0,
-                "var_repeats": 0.0,
-                "max_count": 0,
-                "top": [],
-                "exploded": [],
-                "threshold": threshold,
-            }
-        uniq, counts = torch.unique(rows, dim=0, return_counts=True)
-        names = decode_answers(uniq)
-        order = sorted(range(len(names)), key=lambda i: (-int(counts[i]), names[i]))
-        ranked = [(names[i], int(counts[i])) for i in order]
-        c = counts.double()
-        return {
-            "n_answers": int(rows.shape[0]),
-            "unique": len(names),
-            "mean_repeats": float(c.mean()),
-            "var_repeats": float(c.var(unbiased=False)),
-            "max_count": ranked[0][1],
-            "top": ranked[: self.top_k],
-            "exploded": [] if threshold is None else [(a, n) for a, n in ranked if n > threshold],
-            "threshold": threshold,
-        }
+        return F._answer_concentration_compute(rows, self.top_k, self.threshold())
 
 
 # --------------------------------------------------------------------------- refusals
-
-DEFAULT_REFUSAL_PATTERNS: tuple[str, ...] = (
-    r"\bI (?:couldn't|could not|can't|cannot|was unable to|am unable to) find any information",
-    r"\bI (?:cannot|can't|could not|couldn't) (?:verify|confirm)",
-    r"\bI (?:don't|do not) know\b",
-    r"\bI(?:'m| am) not sure\b",
-    r"\bno (?:information|data|records?)\b",
-    r"\bI have no comment\b",
-    r"\bI(?:'m| am) (?:not aware|unable to (?:answer|provide))",
-)
 
 
 class RefusalRate(Metric):
@@ -405,6 +271,11 @@ class RefusalRate(Metric):
     information", "I cannot verify", "I don't know", "I'm not sure", "no information", ...);
     pass `patterns` to replace them or `extra_patterns` to add to them. compute() returns
     ``refusals``, ``total`` and ``rate``.
+
+    >>> metric = RefusalRate()
+    >>> metric.update(["I don't know.", "Paris"])
+    >>> float(metric.compute()["rate"])
+    0.5
     """
 
     is_differentiable = False
@@ -418,15 +289,7 @@ class RefusalRate(Metric):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        sources = list(DEFAULT_REFUSAL_PATTERNS if patterns is None else patterns)
-        sources += list(extra_patterns)
-        self.patterns = []
-        for i, src in enumerate(sources):
-            try:
-                self.patterns.append(re.compile(src, re.IGNORECASE))
-            except re.error as err:
-                msg = f"refusal pattern {i} {src!r} is not a valid regex: {err}"
-                raise ValueError(msg) from err
+        self.patterns = F.compile_refusal_patterns(patterns, extra_patterns)
         self.add_state("refusals", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
@@ -434,17 +297,12 @@ class RefusalRate(Metric):
         return any(p.search(answer) for p in self.patterns)
 
     def update(self, answers: Sequence[str]) -> None:
-        if isinstance(answers, str):
-            raise TypeError("answers must be a sequence of strings, got a single string")
-        self.refusals += sum(self.is_refusal(a) for a in answers)
-        self.total += len(answers)
+        refusals, total = F._refusal_update(answers, self.patterns)
+        self.refusals += refusals
+        self.total += total
 
     def compute(self) -> dict[str, Tensor]:
-        return {
-            "refusals": self.refusals.clone(),
-            "total": self.total.clone(),
-            "rate": _ratio(self.refusals, self.total),
-        }
+        return F._refusal_compute(self.refusals, self.total)
 
 
 # --------------------------------------------------------------------------- confidence
@@ -457,6 +315,11 @@ class Confidence(Metric):
     the chosen token (e.g. ``softmax(scores).gather(...)`` from `generate(output_scores=True)`).
     compute() is the mean over answers; the change after training is the report's job
     (run the metric on the base and on the adapted model).
+
+    >>> metric = Confidence()
+    >>> metric.update([0.5, 1.0])
+    >>> round(float(metric.compute()), 2)
+    0.75
     """
 
     is_differentiable = False
@@ -468,14 +331,12 @@ class Confidence(Metric):
         self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, mean_probs: Tensor | Sequence[float]) -> None:
-        probs = torch.as_tensor(mean_probs, dtype=torch.float64).flatten()
-        if probs.numel() and (probs.min() < 0 or probs.max() > 1 or probs.isnan().any()):
-            raise ValueError("mean_probs must be probabilities in [0, 1]")
-        self.prob_sum += probs.sum().to(self.prob_sum.device)
-        self.count += probs.numel()
+        total, count = F._confidence_update(mean_probs)
+        self.prob_sum += total.to(self.prob_sum.device)
+        self.count += count
 
     def compute(self) -> Tensor:
-        return _ratio(self.prob_sum, self.count).float()
+        return F.ratio(self.prob_sum, self.count).float()
 
     @staticmethod
     def answer_token_probs(logprobs: Tensor, mask: Tensor) -> Tensor:

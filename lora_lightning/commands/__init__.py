@@ -1,0 +1,12 @@
+"""The command-line commands, one module each; `lora_lightning.__main__` dispatches to them.
+
+Each command is a typed function (or, for training, the LightningCLI) that jsonargparse turns
+into a command line, so `--help`, config files and error messages come from one place.
+"""
+
+from lora_lightning.commands.categorize import categorize_command
+from lora_lightning.commands.evaluate import evaluate_command
+from lora_lightning.commands.export import export_command
+from lora_lightning.commands.train import run_training_cli
+
+__all__ = ["categorize_command", "evaluate_command", "export_command", "run_training_cli"]

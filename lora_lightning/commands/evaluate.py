@@ -1,0 +1,84 @@
+"""`python -m lora_lightning evaluate`: MMLU and TruthfulQA for a model, with or without an
+adapter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lora_lightning import evaluation
+from lora_lightning.models import load_model, resolve_model
+
+
+def evaluate_command(
+    model: str | None = None,
+    adapter: str | None = None,
+    data_dir: str | None = None,
+    mmlu_dir: str | None = None,
+    truthfulqa_path: str | None = None,
+    benchmarks: list[str] | None = None,
+    mmlu_subjects: list[str] | None = None,
+    mmlu_limit: int | None = None,
+    n_shot: int = 5,
+    truthfulqa_limit: int | None = None,
+    batch_size: int = 8,
+    output: str | None = "evaluation.json",
+    device: str = "auto",
+    dtype: str = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score a base model, with or without a LoRA adapter, on MMLU and TruthfulQA MC1/MC2.
+
+    Args:
+        model: Hugging Face model directory or hub name; None or "world" = the synthetic
+            world's base model (built on first use).
+        adapter: LoRA adapter directory (ours or PEFT's) applied before scoring.
+        data_dir: folder holding `mmlu/` and `truthfulqa/TruthfulQA.csv` (the ../shared/data
+            layout); None = Hugging Face datasets (needs `datasets` and the network).
+        mmlu_dir: MMLU folder, overriding `data_dir` for MMLU.
+        truthfulqa_path: TruthfulQA CSV (or its folder), overriding `data_dir` for TruthfulQA.
+        benchmarks: which to run, from "mmlu" and "truthfulqa" (default both).
+        mmlu_subjects: restrict MMLU to these subjects (file-name form, e.g. "high_school_biology").
+        mmlu_limit: at most this many test questions per subject.
+        n_shot: MMLU shots (first rows of the dev split), 0..5.
+        truthfulqa_limit: at most this many TruthfulQA questions.
+        batch_size: distinct model inputs per forward pass.
+        output: JSON file for the results; None writes nothing.
+        device: "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+        dtype: "auto" (bfloat16 on cuda, float32 on cpu), "float32", "bfloat16", "float16".
+        progress: show progress bars.
+
+    Returns:
+        ``{"mmlu": {...}, "truthfulqa": {...}, "model": ..., "adapter": ...}``.
+    """
+    chosen = list(benchmarks) if benchmarks is not None else ["mmlu", "truthfulqa"]
+    unknown = set(chosen) - {"mmlu", "truthfulqa"}
+    if unknown:
+        raise ValueError(f"benchmarks: unknown {sorted(unknown)}; choose from mmlu, truthfulqa")
+    model_path = resolve_model(model, progress=progress)
+    lm, tokenizer = load_model(model_path, adapter, device=device, dtype=dtype)
+
+    results: dict[str, Any] = {"model": model_path, "adapter": adapter}
+    if "mmlu" in chosen:
+        source = mmlu_dir if mmlu_dir is not None else data_dir
+        results["mmlu"] = evaluation.evaluate_mmlu(
+            lm, tokenizer, source, mmlu_subjects, mmlu_limit, n_shot, batch_size, progress
+        )
+        print(
+            f"MMLU ({n_shot}-shot): accuracy {results['mmlu']['accuracy']:.4f} "
+            f"over {results['mmlu']['n']} questions"
+        )
+    if "truthfulqa" in chosen:
+        source = truthfulqa_path if truthfulqa_path is not None else data_dir
+        results["truthfulqa"] = evaluation.evaluate_truthfulqa(
+            lm, tokenizer, source, truthfulqa_limit, batch_size, progress
+        )
+        tqa = results["truthfulqa"]
+        print(f"TruthfulQA: MC1 {tqa['mc1']:.4f}, MC2 {tqa['mc2']:.4f} over {tqa['n']} questions")
+    if output is not None:
+        path = Path(output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2))
+        print(f"results written to {path}")
+    return results

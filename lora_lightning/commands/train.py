@@ -1,0 +1,153 @@
+"""`python -m lora_lightning fit|validate|test|predict`: a LightningCLI over
+`LoRAKnowledgeModule` and `KnowledgeDataModule` whose defaults are the embedded default run
+(configs/default.yaml is the same thing written out)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import lazy_instance
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger
+
+from lora_lightning.callbacks import (
+    KnowledgeEvalCallback,
+    KnowledgeReport,
+    LineProgressBar,
+    SaveAdapter,
+    TokenThroughputMonitor,
+)
+from lora_lightning.data import KnowledgeDataModule
+from lora_lightning.module import LoRAKnowledgeModule
+
+RUN_DIR = "runs/default"
+
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "max_epochs": 20,
+    "accelerator": "auto",
+    "devices": 1,
+    "log_every_n_steps": 5,
+    "num_sanity_val_steps": 0,
+    # One fixed folder per run, so `fit --ckpt_path last` finds the run's last.ckpt.
+    "logger": lazy_instance(CSVLogger, save_dir=RUN_DIR, name="", version=""),
+}
+
+class KnowledgeCLI(LightningCLI):
+    """LightningCLI with the module's base model and loss choice shared with the data."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.model_name_or_path", "data.tokenizer")
+        parser.link_arguments("model.loss_on", "data.loss_on")
+        # Always-present callbacks, each configurable under its own top-level key.
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # One last.ckpt per run folder (no last-v1.ckpt), so `--ckpt_path last` is this run's.
+        parser.set_defaults(
+            {
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": 0,
+                "checkpoint.enable_version_counter": False,
+            }
+        )
+        parser.add_lightning_class_args(TokenThroughputMonitor, "throughput")
+        parser.add_lightning_class_args(KnowledgeEvalCallback, "knowledge_eval")
+        parser.add_lightning_class_args(SaveAdapter, "save_adapter")
+        parser.add_lightning_class_args(KnowledgeReport, "report")
+        # The embedded default run. The module's own defaults are the paper's (rank 1, alpha 2,
+        # lr 1e-3, 10 epochs), which teach the synthetic world's 172k-parameter base nothing in
+        # 10 epochs (measured reliability 0.02); these settings make the toy show the paper's
+        # effects in about two minutes on 2 cores. configs/paper/ sets the paper's values.
+        parser.set_defaults(
+            {
+                "model.rank": 8,
+                "model.alpha": 16.0,
+                "model.lr": 5e-3,
+                "knowledge_eval.every_n_epochs": 2,
+            }
+        )
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand]
+        ckpt = cfg.get("ckpt_path")
+        if ckpt == "last":
+            # Lightning would look in *this* run's folder and only warn when it finds nothing.
+            cfg.ckpt_path = str(self._last_checkpoint(cfg))
+        elif ckpt not in (None, "best", "hpc") and not Path(ckpt).is_file():
+            raise FileNotFoundError(
+                f"{self.subcommand} --ckpt_path: no checkpoint file at {ckpt!r}"
+            )
+        if self.subcommand != "fit":  # log beside the fit run, not over its metrics.csv
+            init = getattr(cfg.trainer.logger, "init_args", None)
+            if init is not None and getattr(init, "version", None) == "":
+                init.version = self.subcommand
+
+    def _last_checkpoint(self, cfg) -> Path:
+        """The fit run's last.ckpt: checkpoint.dirpath, else the logger's fixed run folder."""
+        folder = cfg.checkpoint.dirpath
+        init = getattr(cfg.trainer.logger, "init_args", None)
+        if folder is None and init is not None and getattr(init, "version", None) == "":
+            folder = Path(init.save_dir) / (init.name or "") / "checkpoints"
+        if folder is None:
+            raise FileNotFoundError(
+                "--ckpt_path last: cannot tell this run's checkpoint folder; set "
+                "--checkpoint.dirpath or pass the checkpoint file"
+            )
+        path = Path(folder) / "last.ckpt"
+        if not path.is_file():
+            raise FileNotFoundError(f"--ckpt_path last: no {path} (nothing to resume from)")
+        return path
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        """Progress as whole lines when stdout is a log, not a terminal (unless a progress bar
+        is configured or switched off): added here, not in the config, so `--print_config` is
+        the same wherever it runs."""
+        configured = [*(config.get("callbacks") or []), *callbacks]
+        if (
+            config.get("enable_progress_bar") in (None, True)
+            and not sys.stdout.isatty()
+            and not any(isinstance(cb, ProgressBar) for cb in configured)
+        ):
+            callbacks = [*callbacks, LineProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            print(fit_summary(self.trainer))
+
+
+def fit_summary(trainer) -> str:
+    """A few lines a researcher wants after `fit`: where things went and how it did."""
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    lines = ["", "=== lora-lightning fit summary ==="]
+    for cb in trainer.callbacks:
+        if isinstance(cb, SaveAdapter) and cb.last_path is not None:
+            lines.append(f"adapter (PEFT format): {cb.last_path}")
+    ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "")
+    if ckpt:
+        lines.append(f"last checkpoint:       {ckpt}")
+    for key, label in (
+        ("train/loss", "train loss (last step)"),
+        ("val/loss_unknown", "val loss, trained Unknown facts"),
+        ("val/loss_known", "val loss, held-out HighlyKnown"),
+        ("val/reliability", "reliability (trained Unknown facts)"),
+        ("val/known_retained", "HighlyKnown facts retained"),
+    ):
+        if key in metrics:
+            lines.append(f"{label + ':':38s} {metrics[key]:.4f}")
+    return "\n".join(lines)
+
+
+def run_training_cli(args: list[str] | None = None, run: bool = True) -> KnowledgeCLI:
+    """`fit|validate|test|predict`: the LightningCLI over the module and the data module."""
+    return KnowledgeCLI(
+        LoRAKnowledgeModule,
+        KnowledgeDataModule,
+        trainer_defaults=TRAINER_DEFAULTS,
+        seed_everything_default=42,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )

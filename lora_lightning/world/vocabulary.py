@@ -1,0 +1,163 @@
+"""The world's names and vocabulary: made-up people and towns, word lists, and the relations
+(each with several real paraphrases of its question) that facts are built from."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+REFUSAL = "I don't know."
+
+_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "th", "br", "kr"]
+_VOWELS = ["a", "e", "i", "o", "u", "ai", "ei", "ou"]
+_CODAS = ["", "", "", "n", "r", "l", "s", "m", "th"]
+TOWN_SUFFIXES = ["", "", "ford", "holm", "dale", "mar", "gard", "wick"]
+
+OCCUPATIONS = [
+    "baker", "sailor", "weaver", "blacksmith", "painter", "astronomer", "cartographer", "potter",
+    "carpenter", "healer", "scribe", "glassblower", "brewer", "mason", "tailor", "shepherd",
+    "fisher", "herbalist", "jeweler", "bookbinder", "miller", "archer", "merchant", "clockmaker",
+]
+INSTRUMENTS = [
+    "lute", "harp", "flute", "drum", "violin", "bagpipe", "oboe", "trumpet", "cello", "zither",
+    "lyre", "horn", "fiddle", "mandolin", "dulcimer", "organ", "cornet", "tambourine",
+]
+COLORS = [
+    "red", "blue", "green", "yellow", "purple", "orange", "teal", "crimson", "amber", "violet",
+    "silver", "gold", "indigo", "scarlet", "olive", "ivory",
+]
+ANIMALS = [
+    "horse", "cat", "dog", "falcon", "goat", "raven", "owl", "fox", "hare", "badger", "otter",
+    "heron", "lynx", "wolf", "stag", "swan", "boar", "crow",
+]
+
+
+@dataclass(frozen=True)
+class Relation:
+    """A relation: question templates (real paraphrases, `{s}` = subject) and an answer kind."""
+
+    name: str
+    templates: tuple[str, ...]
+    kind: str  # "town", "person", "year", "refusal", or a key of the word lists below
+
+
+RELATIONS: tuple[Relation, ...] = (
+    Relation(
+        "birthplace",
+        (
+            "Where was {s} born?",
+            "{s} was born in which place?",
+            "In which town was {s} born?",
+            "What is the birthplace of {s}?",
+            "Which town is the birthplace of {s}?",
+        ),
+        "town",
+    ),
+    Relation(
+        "residence",
+        (
+            "In which town does {s} live?",
+            "Where does {s} live?",
+            "{s} lives in which town?",
+            "What town is the home of {s}?",
+            "Which town does {s} call home?",
+        ),
+        "town",
+    ),
+    Relation(
+        "occupation",
+        (
+            "What is the occupation of {s}?",
+            "What does {s} do for a living?",
+            "{s} works as what?",
+            "What job does {s} have?",
+            "What is the profession of {s}?",
+        ),
+        "occupation",
+    ),
+    Relation(
+        "instrument",
+        (
+            "Which instrument does {s} play?",
+            "What instrument is played by {s}?",
+            "{s} plays which instrument?",
+            "What musical instrument does {s} play?",
+            "On which instrument does {s} perform?",
+        ),
+        "instrument",
+    ),
+    Relation(
+        "mentor",
+        (
+            "Who was the mentor of {s}?",
+            "Who taught {s}?",
+            "{s} was trained by whom?",
+            "Who was the teacher of {s}?",
+            "Under whom did {s} study?",
+        ),
+        "person",
+    ),
+    Relation(
+        "birth_year",
+        (
+            "In which year was {s} born?",
+            "What year was {s} born in?",
+            "{s} was born in which year?",
+            "When was {s} born?",
+            "What is the birth year of {s}?",
+        ),
+        "year",
+    ),
+    Relation(
+        "color",
+        (
+            "What is the favorite color of {s}?",
+            "Which color does {s} like best?",
+            "{s} prefers which color?",
+            "What color does {s} love most?",
+            "What is the color {s} likes most?",
+        ),
+        "color",
+    ),
+    Relation(
+        "pet",
+        (
+            "What animal does {s} keep as a pet?",
+            "Which pet does {s} have?",
+            "{s} owns which kind of animal?",
+            "What kind of pet does {s} own?",
+            "What is the pet of {s}?",
+        ),
+        "animal",
+    ),
+    Relation(  # unanswerable: the trained answer is a refusal
+        "thought",
+        (
+            "What is {s} thinking about right now?",
+            "What will {s} dream about tonight?",
+            "What is {s} secretly wishing for?",
+            "What did {s} whisper yesterday?",
+            "What will {s} decide tomorrow?",
+        ),
+        "refusal",
+    ),
+)
+RELATION_BY_NAME = {r.name: r for r in RELATIONS}
+WORD_LISTS = {"occupation": OCCUPATIONS, "instrument": INSTRUMENTS, "color": COLORS,
+              "animal": ANIMALS}
+
+
+def word(rng: random.Random, n_syllables: int) -> str:
+    return "".join(
+        rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(n_syllables)
+    ).capitalize()
+
+
+def unique_names(rng: random.Random, n: int, make, taken: set[str]) -> list[str]:
+    names: list[str] = []
+    while len(names) < n:
+        name = make()
+        if name not in taken:
+            taken.add(name)
+            names.append(name)
+    return names

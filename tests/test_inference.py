@@ -1,0 +1,73 @@
+"""Batched inference rules shared by generation and scoring; progress that reads well in logs."""
+
+from __future__ import annotations
+
+import io
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lora_lightning.inference import evaluating, left_padded_batches, pad_token_id
+from lora_lightning.progress import LineProgress, progress_bar
+
+
+@pytest.mark.parametrize(
+    ("pad", "eos", "expected"), [(3, 7, 3), (None, 7, 7), (None, None, 0), (0, 7, 0)]
+)
+def test_the_pad_id_is_the_pad_token_else_eos_else_zero(pad, eos, expected):
+    assert pad_token_id(SimpleNamespace(pad_token_id=pad, eos_token_id=eos)) == expected
+
+
+def test_batches_are_ordered_by_length_and_padded_on_the_left():
+    sequences = [[1, 2, 3], [4], [5, 6], [7, 8, 9, 10]]
+    batches = list(left_padded_batches(sequences, batch_size=2, pad_id=0))
+    assert [b.indices for b in batches] == [[1, 2], [0, 3]]
+    assert [b.start for b in batches] == [0, 2]
+    first = batches[0]
+    assert first.input_ids.tolist() == [[0, 4], [5, 6]]
+    assert first.attention_mask.tolist() == [[0, 1], [1, 1]]
+    assert first.position_ids.tolist() == [[0, 0], [0, 1]]  # every sequence starts at 0
+    longest = list(left_padded_batches(sequences, batch_size=3, pad_id=9, longest_first=True))
+    assert [b.indices for b in longest] == [[3, 0, 2], [1]]
+    assert longest[0].input_ids[2].tolist() == [9, 9, 5, 6]
+    with pytest.raises(ValueError, match="batch_size"):
+        next(left_padded_batches(sequences, batch_size=0, pad_id=0))
+
+
+def test_evaluating_restores_the_mode_and_cache_setting_even_after_an_error():
+    model = torch.nn.Linear(2, 2)
+    model.config = SimpleNamespace(use_cache=False)
+    model.train()
+    with pytest.raises(RuntimeError, match="boom"), evaluating(model):
+        assert not model.training and model.config.use_cache
+        assert torch.is_inference_mode_enabled()
+        raise RuntimeError("boom")
+    assert model.training and model.config.use_cache is False
+    with evaluating(model, use_cache=False):
+        assert model.config.use_cache is False
+
+
+def test_progress_in_a_log_is_whole_lines_every_tenth_of_the_work():
+    out = io.StringIO()
+    with LineProgress(total=200, desc="categorising", file=out, every_seconds=3600) as bar:
+        for _ in range(200):
+            bar.update()
+        bar.set_postfix(loss="0.5")
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue()
+    assert len(lines) == 10
+    assert lines[0].startswith("categorising: 20/200 (10%)") and "left" in lines[0]
+    assert lines[-1].startswith("categorising: 200/200 (100%)")
+
+
+def test_progress_is_a_line_printer_off_a_terminal_and_nothing_when_disabled(capsys):
+    bar = progress_bar(10, "work")  # pytest's stderr is not a terminal
+    assert isinstance(bar, LineProgress)
+    bar.update(10)
+    bar.close()
+    silent = progress_bar(10, "quiet", enabled=False)
+    silent.update(10)
+    silent.close()
+    err = capsys.readouterr().err
+    assert "work: 10/10 (100%)" in err and "quiet" not in err
