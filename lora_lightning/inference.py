@@ -7,6 +7,8 @@ serves them, so they cannot drift apart:
 * each batch is padded on the left (every sequence ends at the last column, where generation
   continues and where scored continuations sit), with an attention mask and explicit position
   ids that start at 0 on each sequence's first real token;
+* sequences that share a long prefix (a few-shot probe's system prompt and shots) can be
+  batched together and the prefix encoded once per batch (`share_prefix`, `prefix_cache`);
 * the pad id is the tokenizer's pad token, else its eos token, else 0: padded positions are
   masked out, so the value only has to be a valid id;
 * the model runs in eval mode (KV cache on for generation) under `torch.inference_mode`, and
@@ -16,13 +18,23 @@ serves them, so they cannot drift apart:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-__all__ = ["PaddedBatch", "evaluating", "left_padded_batches", "model_device", "pad_token_id"]
+__all__ = [
+    "PaddedBatch",
+    "common_prefix_length",
+    "evaluating",
+    "left_padded_batches",
+    "model_device",
+    "pad_token_id",
+    "prefix_cache",
+]
 
 
 def pad_token_id(tokenizer) -> int:
@@ -59,17 +71,54 @@ def evaluating(model, use_cache: bool = True) -> Iterator[None]:
 
 @dataclass
 class PaddedBatch:
-    """One left-padded batch: `indices` into the caller's sequences, in batch-row order."""
+    """One padded batch: `indices` into the caller's sequences, in batch-row order.
+
+    Normally every row is left-padded. With a shared prefix (`prefix_len` > 0) each row is
+    `prefix | padding | rest`: the prefix is the same tokens at the same positions in every row,
+    so its keys and values can be computed once (`prefix_ids`) and reused, and the padding sits
+    between the prefix and each row's own tokens, masked out, with position ids that skip it.
+    """
 
     indices: list[int]
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
     start: int  # offset of this batch in the length order (seeds sampling per batch)
+    prefix_len: int = 0
 
     @property
     def width(self) -> int:
         return int(self.input_ids.shape[1])
+
+    @property
+    def prefix_ids(self) -> torch.Tensor:
+        """The shared prefix as a [1, prefix_len] batch."""
+        return self.input_ids[:1, : self.prefix_len]
+
+
+def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix all `sequences` share."""
+    first = sequences[0]
+    n = min(len(s) for s in sequences)
+    for i in range(n):
+        token = first[i]
+        if any(s[i] != token for s in sequences):
+            return i
+    return n
+
+
+def _order(
+    sequences: Sequence[Sequence[int]], longest_first: bool, group_by: int
+) -> list[list[int]]:
+    """Indices grouped by their first `group_by` tokens (one group when 0), each group ordered
+    by length; groups keep the order in which they first appear."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, seq in enumerate(sequences):
+        groups.setdefault(tuple(seq[:group_by]), []).append(i)
+    return [
+        sorted(idx, key=lambda i: len(sequences[i]), reverse=longest_first)
+        for idx in groups.values()
+    ]
 
 
 def left_padded_batches(
@@ -78,23 +127,65 @@ def left_padded_batches(
     pad_id: int,
     device: torch.device | str = "cpu",
     longest_first: bool = False,
+    share_prefix: int = 0,
 ) -> Iterator[PaddedBatch]:
     """Batches of `sequences` ordered by length (shortest first, or longest first to meet an
-    out-of-memory batch at once), each padded on the left to its longest sequence."""
+    out-of-memory batch at once), each padded on the left to its longest sequence.
+
+    With `share_prefix` = k > 0, sequences that start with the same k tokens are batched
+    together, and a batch whose rows share at least k leading tokens is laid out around that
+    common prefix (see `PaddedBatch`): a few-shot probe's shots are encoded once per batch.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]), reverse=longest_first)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        width = max(len(sequences[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            seq = sequences[i]
-            if len(seq):
-                ids[row, width - len(seq) :] = torch.as_tensor(list(seq), dtype=torch.long)
-                mask[row, width - len(seq) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        yield PaddedBatch(
-            idx, ids.to(device), mask.to(device), positions.to(device), start
-        )
+    start = 0
+    for group in _order(sequences, longest_first, share_prefix):
+        for offset in range(0, len(group), batch_size):
+            idx = group[offset : offset + batch_size]
+            rows = [list(sequences[i]) for i in idx]
+            prefix = 0
+            if share_prefix:
+                # keep at least one token of every row outside the prefix: the model must
+                # read something after the cached part to give the next token
+                prefix = min(common_prefix_length(rows), min(len(r) for r in rows) - 1)
+                prefix = prefix if prefix >= share_prefix else 0
+            yield _pad(idx, rows, prefix, pad_id, device, start)
+            start += len(idx)
+
+
+def _pad(
+    idx: list[int], rows: list[list[int]], prefix: int, pad_id: int,
+    device: torch.device | str, start: int,
+) -> PaddedBatch:
+    width = prefix + max(len(r) - prefix for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, seq in enumerate(rows):
+        if prefix:
+            ids[row, :prefix] = torch.as_tensor(seq[:prefix], dtype=torch.long)
+            mask[row, :prefix] = 1
+        rest = seq[prefix:]
+        if rest:
+            ids[row, width - len(rest) :] = torch.as_tensor(rest, dtype=torch.long)
+            mask[row, width - len(rest) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return PaddedBatch(
+        idx, ids.to(device), mask.to(device), positions.to(device), start, prefix
+    )
+
+
+def prefix_cache(model, batch: PaddedBatch) -> dict[str, Any]:
+    """The keys and values of a batch's shared prefix, computed once and repeated for every row,
+    as the keyword argument `generate` takes it (`cache` in transformers 5.x, `past_key_values`
+    before)."""
+    from transformers import DynamicCache
+
+    forward = inspect.signature(model.forward).parameters
+    keyword = "cache" if "cache" in forward else "past_key_values"
+    try:
+        cache = DynamicCache(config=model.config)
+    except TypeError:  # older transformers: no config argument
+        cache = DynamicCache()
+    model(input_ids=batch.prefix_ids, use_cache=True, **{keyword: cache})
+    cache.batch_repeat_interleave(len(batch.indices))
+    return {keyword: cache}

@@ -21,7 +21,13 @@ from pathlib import Path
 import torch
 
 from lora_lightning.facts import CATEGORIES, Fact, fact_to_row
-from lora_lightning.inference import evaluating, left_padded_batches, model_device, pad_token_id
+from lora_lightning.inference import (
+    evaluating,
+    left_padded_batches,
+    model_device,
+    pad_token_id,
+    prefix_cache,
+)
 from lora_lightning.metrics.functional import prompt_accuracy
 from lora_lightning.progress import progress_bar
 from lora_lightning.prompts import build_fewshot_sets, extract_answer, fewshot_messages, render
@@ -54,13 +60,17 @@ def generate_answers(
     num_return_sequences: int = 1,
     seed: int = 0,
     progress: bool = False,
+    share_prefix: int = 24,
 ) -> list[Generation]:
     """Answers to already-rendered prompts, `num_return_sequences` per prompt, in prompt order.
 
     Prompts are encoded without extra special tokens (chat templates already write the bos
     token) and batched by `inference.left_padded_batches`, so every continuation starts right
-    after its prompt. Sampling is seeded per batch, so a run is repeatable, inside a fork of the
-    RNG, so the caller's random state (a training run's dropout) is untouched.
+    after its prompt. Prompts whose first `share_prefix` tokens agree (the same few-shot
+    examples) are batched together and their common prefix is encoded once per batch, which on
+    a small model is most of the cost of a probe (0 turns this off). Sampling is seeded per
+    batch, so a run is repeatable, inside a fork of the RNG, so the caller's random state (a
+    training run's dropout) is untouched.
     """
     from transformers import GenerationConfig
 
@@ -89,15 +99,18 @@ def generate_answers(
     device = model_device(model)
     encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     results: list[list[Generation]] = [[] for _ in prompts]
-    batches = left_padded_batches(encoded, batch_size, pad, device)
+    # generate() does not repeat a given cache for several samples per prompt
+    shared = share_prefix if num_return_sequences == 1 else 0
+    batches = left_padded_batches(encoded, batch_size, pad, device, share_prefix=shared)
     bar = progress_bar(len(prompts), "generating", enabled=progress)
     with bar, evaluating(model):
         for batch in batches:
+            cache = prefix_cache(model, batch) if batch.prefix_len else {}
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 _seed_everything(seed + batch.start)
                 out = model.generate(
                     input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                    generation_config=gen_config,
+                    generation_config=gen_config, **cache,
                 )
             new = out.sequences[:, batch.width :]
             # log-probabilities of the chosen tokens, renormalised after any sampling warpers
@@ -238,7 +251,9 @@ def categorize(
         wanted = set(ids)
         done = {k: v for k, v in _read_checkpoint(checkpoint).items() if k in wanted}
     todo = [f for f in facts if f.id not in done]
-    chunk = max(1, batch_size // n_exp) * 4  # a few generation batches per checkpoint write
+    # prompts are batched per few-shot set (they share its prefix): a chunk of `batch_size`
+    # facts is n_exp full batches, written to the checkpoint together
+    chunk = batch_size
     bar = progress_bar(len(facts), "categorising", enabled=progress, initial=len(done))
     with bar, _append_or_nothing(checkpoint) as sink:
         for start in range(0, len(todo), chunk):

@@ -71,3 +71,17 @@ def test_progress_is_a_line_printer_off_a_terminal_and_nothing_when_disabled(cap
     silent.close()
     err = capsys.readouterr().err
     assert "work: 10/10 (100%)" in err and "quiet" not in err
+
+
+def test_rows_sharing_a_prefix_are_batched_around_it():
+    shots_a, shots_b = [1, 2, 3, 4], [1, 2, 9, 9]
+    sequences = [shots_a + [5], shots_b + [6, 7], shots_a + [8, 8, 8], shots_b + [6]]
+    batches = list(left_padded_batches(sequences, batch_size=4, pad_id=0, share_prefix=3))
+    assert [b.indices for b in batches] == [[0, 2], [3, 1]]  # one batch per prefix group
+    first = batches[0]
+    assert first.prefix_len == 4 and first.prefix_ids.tolist() == [[1, 2, 3, 4]]
+    assert first.input_ids.tolist() == [[1, 2, 3, 4, 0, 0, 5], [1, 2, 3, 4, 8, 8, 8]]
+    assert first.position_ids[0].tolist()[-1] == 4  # the padding in the middle is skipped
+    assert batches[1].prefix_len == 4  # [1, 2, 9, 9] + the rest; one token left outside
+    lone = next(left_padded_batches([[1, 2, 3]], batch_size=1, pad_id=0, share_prefix=2))
+    assert lone.prefix_len == 2  # the last token stays outside the cached prefix

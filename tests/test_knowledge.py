@@ -269,3 +269,18 @@ def test_generation_leaves_the_callers_random_state_alone(lm, facts_and_pool):
     torch.manual_seed(123)
     generate_answers(model, tokenizer, ["Question: anything?"], max_new_tokens=2)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_sharing_the_few_shot_prefix_gives_the_answers_of_plain_left_padding(lm, facts_and_pool):
+    """Prompts of one few-shot set are batched together and their shots encoded once; the
+    answers and their probabilities are those of the plain left-padded batches."""
+    model, tokenizer = lm
+    facts, pool = facts_and_pool
+    shot_sets = build_fewshot_sets(pool, n_exp=3, n_shot=4, seed=7)
+    prompts = [render(tokenizer, fewshot_messages(f.question, s), True)
+               for f in facts for s in shot_sets]
+    shared = generate_answers(model, tokenizer, prompts, batch_size=16, share_prefix=24)
+    plain = generate_answers(model, tokenizer, prompts, batch_size=16, share_prefix=0)
+    assert [g.text for g in shared] == [g.text for g in plain]
+    for a, b in zip(shared, plain, strict=True):
+        assert a.mean_token_prob == pytest.approx(b.mean_token_prob, abs=1e-4)
