@@ -9,8 +9,8 @@ All rows run in one process on the same inputs, so the ratios are side by side:
 A shape is TOKENSxINxOUTxRANK. Modes: ``fwd`` (forward with autograd recording, as in
 training), ``bwd`` (backward alone, replayed on a retained graph) and ``fwd+bwd``. The base row
 is ``F.linear(x, W)`` with x requiring grad and W frozen: forward GEMM plus the dx GEMM, the
-floor any LoRA layer pays. Ratios: ``x base`` = row / base (docs/kernels.md target <= 1.08 on a GPU),
-``PEFT speed-up`` = PEFT / row (target >= 1.4 on a GPU, >= 1.0 for the torch path on a CPU).
+floor any LoRA layer pays. Ratios: ``x base`` = row / base (docs/kernels.md target <= 1.08 on a
+GPU), ``PEFT speed-up`` = PEFT / row (target >= 1.4 on a GPU, >= 1.0 for the torch path on a CPU).
 """
 
 from __future__ import annotations
