@@ -16,12 +16,14 @@ from lora_lightning.commands import (
     evaluate_command,
     export_command,
     run_training_cli,
+    world_command,
 )
 
 COMMANDS: dict[str, Callable[..., Any]] = {
     "categorize": categorize_command,
     "evaluate": evaluate_command,
     "export": export_command,
+    "world": world_command,
 }
 TRAINING_COMMANDS = ("fit", "validate", "test", "predict")
 

@@ -17,8 +17,10 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 from lora_lightning import evaluation
+from lora_lightning.facts import load_facts
 from lora_lightning.lora import lora_disabled, save_adapter
 from lora_lightning.metrics import (
+    AnswerAgreement,
     AnswerConcentration,
     Confidence,
     KnowledgeShift,
@@ -27,6 +29,8 @@ from lora_lightning.metrics import (
 )
 from lora_lightning.progress import LineProgress
 from lora_lightning.report import to_python, write_report
+from lora_lightning.world.benchmarks import evaluate_world_benchmarks
+from lora_lightning.world.cache import BENCHMARKS_DIR, TWO_HOP_FILE
 
 
 def _batch_size(batch: dict[str, torch.Tensor]) -> int:
@@ -231,6 +235,15 @@ class KnowledgeReport(Callback):
         benchmark_batch_size: Batch size of the log-likelihood scoring.
         explosion_factor: An answer "exploded" if repeated more than this times the base
             model's most repeated answer.
+        world_dir: A built synthetic world whose in-world benchmarks (world-MC, world-truthful)
+            and 2-hop questions (portability) to measure; "auto" = the world the facts come
+            from, when it has them (bench scale); None = none.
+
+    Beside the paper's measures the report has the knowledge-editing ones (docs/science.md),
+    each before and after with its denominator: generalisation (trained Unknown facts asked with
+    their held-out templates, `meta["heldout_questions"]`), locality (the per-prompt answers to
+    the other facts of the trained subjects that training left unchanged) and portability
+    (2-hop questions through a trained fact).
     """
 
     def __init__(
@@ -243,6 +256,7 @@ class KnowledgeReport(Callback):
         truthfulqa_limit: int | None = None,
         benchmark_batch_size: int = 8,
         explosion_factor: float = 2.0,
+        world_dir: str | None = "auto",
     ) -> None:
         self.report_dir = report_dir
         self.mmlu_dir = mmlu_dir
@@ -252,6 +266,7 @@ class KnowledgeReport(Callback):
         self.truthfulqa_limit = truthfulqa_limit
         self.benchmark_batch_size = benchmark_batch_size
         self.explosion_factor = explosion_factor
+        self.world_dir = world_dir
         self.results: dict[str, Any] = {}
         self.report_path: Path | None = None
 
@@ -271,6 +286,7 @@ class KnowledgeReport(Callback):
                 for when in ("before", "after")
             },
         }
+        self.metrics["locality"] = AnswerAgreement()
         for metric in self.metrics.values():
             metric.to(device)
         data = trainer.datamodule
@@ -278,6 +294,9 @@ class KnowledgeReport(Callback):
             "reliability": {f.id for f in data.train_unknown},
             "known_retained": {f.id for f in data.val_known},
         }
+        trained = {f.id for f in [*data.train_unknown, *data.train_extra]}
+        subjects = {f.subject for f in data.train_unknown if f.subject}
+        self._is_neighbour = lambda f: f.subject in subjects and f.id not in trained
 
     def on_test_batch_end(
         self,
@@ -312,6 +331,8 @@ class KnowledgeReport(Callback):
         for role, ids in self._roles.items():  # every rank updates, maybe with nothing
             chosen = [f for f in after if f.id in ids]
             m[role].update([f.predictions for f in chosen], chosen)
+        pairs = [(b, a) for b, a in zip(before, after, strict=True) if self._is_neighbour(b)]
+        m["locality"].update([b.predictions for b, _ in pairs], [a.predictions for _, a in pairs])
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         m = self.metrics
@@ -331,6 +352,10 @@ class KnowledgeReport(Callback):
         for when, value in results["confidence"].items():  # a mean probability is never 0
             if float(value) == 0.0:
                 results["confidence"][when] = None
+        results["editing"] = {
+            "locality": m["locality"].compute(),
+            **self._probed_measures(trainer, pl_module),
+        }
         results["benchmarks"] = self._benchmarks(trainer, pl_module)
         for cb in trainer.callbacks:
             if isinstance(cb, KnowledgeEvalCallback):
@@ -347,8 +372,52 @@ class KnowledgeReport(Callback):
             self.report_path = write_report(self.results, out)
             rank_zero_info(f"report written to {self.report_path}")
 
+    def _world(self, trainer: L.Trainer) -> Path | None:
+        """The bench world whose benchmarks and 2-hop questions apply, if any."""
+        if self.world_dir is None:
+            return None
+        if self.world_dir != "auto":
+            return Path(self.world_dir)
+        data = trainer.datamodule
+        source = data.mix_summary().get("facts") if hasattr(data, "mix_summary") else None
+        root = Path(source).parent if source else None
+        if root is not None and (root / BENCHMARKS_DIR).is_dir():
+            return root
+        return None
+
+    def _probed_measures(
+        self, trainer: L.Trainer, pl_module: L.LightningModule
+    ) -> dict[str, Any]:
+        """Generalisation and portability: extra questions probed before (adapter off) and
+        after, each rank its shard; Reliability's any-prompt rule decides a fact."""
+        data = trainer.datamodule
+        trained = list(data.train_unknown)
+        heldout = [
+            dataclasses.replace(f, id=f"{f.id}/heldout{j}", question=q, paraphrases=[])
+            for f in trained for j, q in enumerate(f.meta.get("heldout_questions", []))
+        ]
+        world = self._world(trainer)
+        two_hop: list = []
+        if world is not None and (world / TWO_HOP_FILE).is_file():
+            ids = {f.id for f in trained}
+            two_hop = [f for f in load_facts(world / TWO_HOP_FILE) if f.meta["hops"][0] in ids]
+        out: dict[str, Any] = {}
+        for name, facts in (("generalization", heldout), ("portability", two_hop)):
+            mine = _shard(facts, trainer)
+            result = {}
+            for when in ("before", "after"):
+                ctx = lora_disabled(pl_module.model) if when == "before" else nullcontext()
+                with ctx:
+                    probed = pl_module.probe(mine)
+                metric = Reliability().to(pl_module.device)
+                metric.update([f.predictions for f in probed], mine)
+                result[when] = metric.compute()  # a collective: every rank calls it
+            out[name] = result
+        return out
+
     def _benchmarks(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        if not (self.mmlu_dir or self.truthfulqa_path) or not trainer.is_global_zero:
+        world = self._world(trainer)
+        if not (self.mmlu_dir or self.truthfulqa_path or world) or not trainer.is_global_zero:
             return {}
         tokenizer, model = trainer.datamodule.tokenizer, pl_module.model
         out: dict[str, Any] = {}
@@ -373,4 +442,10 @@ class KnowledgeReport(Callback):
                         limit=self.truthfulqa_limit,
                         batch_size=self.benchmark_batch_size,
                     )
+                if world is not None:
+                    scores = evaluate_world_benchmarks(
+                        model, tokenizer, world / BENCHMARKS_DIR, self.benchmark_batch_size
+                    )
+                    for name, value in scores.items():
+                        out.setdefault(name, {})[when] = value
         return out

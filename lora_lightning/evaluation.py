@@ -337,9 +337,9 @@ def load_truthfulqa(path: str | os.PathLike | None) -> list[TruthfulQAQuestion]:
     return out
 
 
-def truthfulqa_context(question: str) -> str:
+def truthfulqa_context(question: str, preamble: str = TRUTHFULQA_PREAMBLE) -> str:
     """The harness' TruthfulQA MC prompt: fixed preamble, then the question and "A:"."""
-    return f"{TRUTHFULQA_PREAMBLE}\n\nQ: {question}\nA:"
+    return f"{preamble}\n\nQ: {question}\nA:"
 
 
 # --------------------------------------------------------------------------- scoring
@@ -524,6 +524,7 @@ def evaluate_truthfulqa(
     limit: int | None = None,
     batch_size: int = 8,
     progress: bool = False,
+    preamble: str = TRUTHFULQA_PREAMBLE,
 ) -> dict[str, Any]:
     """TruthfulQA MC1 and MC2 (0-shot with the harness' QA preamble), by log-likelihood.
 
@@ -531,6 +532,7 @@ def evaluate_truthfulqa(
     the incorrect answers (ties go to the best answer, as numpy's argmax would). MC2: the
     probability mass of the correct answers normalised over correct + incorrect, computed in
     log space so long answers do not underflow. Returns ``mc1``, ``mc2`` and ``n``.
+    `preamble` replaces the harness' six QA examples (the synthetic world has its own).
     """
     questions = load_truthfulqa(path)
     if limit is not None:
@@ -541,13 +543,13 @@ def evaluate_truthfulqa(
         raise ValueError("no TruthfulQA questions selected")
     index: dict[tuple[str, str], int] = {}
     for q in questions:
-        context = truthfulqa_context(q.question)
+        context = truthfulqa_context(q.question, preamble)
         for choice in (*q.mc1_choices, *q.mc2_choices):
             index.setdefault((context, f" {choice}"), len(index))
     scores = loglikelihoods(model, tokenizer, list(index), batch_size, progress)
     mc1, mc2 = [], []
     for q in questions:
-        context = truthfulqa_context(q.question)
+        context = truthfulqa_context(q.question, preamble)
 
         def ll(choice: str, context: str = context) -> float:
             return scores[index[(context, f" {choice}")]][0]

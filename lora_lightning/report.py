@@ -78,6 +78,38 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| TruthfulQA {key.upper()} | {_fmt(_get(bench, 'truthfulqa', 'before', key))} | "
                 f"{_fmt(_get(bench, 'truthfulqa', 'after', key))} |"
             )
+    for key, label in (("world_mc", "world-MC accuracy (held-out known facts)"),):
+        if key in bench:
+            lines.append(
+                f"| {label} (n={_fmt(_get(bench, key, 'after', 'n'))}) | "
+                f"{_fmt(_get(bench, key, 'before', 'accuracy'))} | "
+                f"{_fmt(_get(bench, key, 'after', 'accuracy'))} |"
+            )
+    if "world_truthful" in bench:
+        for key in ("mc1", "mc2"):
+            lines.append(
+                f"| world-truthful {key.upper()} | "
+                f"{_fmt(_get(bench, 'world_truthful', 'before', key))} | "
+                f"{_fmt(_get(bench, 'world_truthful', 'after', key))} |"
+            )
+    editing = results.get("editing") or {}
+    for key, label in (
+        ("generalization", "generalisation (trained facts, held-out templates)"),
+        ("portability", "portability (2-hop questions through a trained fact)"),
+    ):
+        n = _get(editing, key, "after", "n_facts")
+        if n:
+            lines.append(
+                f"| {label}, n={n} | {_fmt(_get(editing, key, 'before', 'reliability'))} | "
+                f"{_fmt(_get(editing, key, 'after', 'reliability'))} |"
+            )
+    total = _get(editing, "locality", "total")
+    if total:
+        lines.append(
+            f"| locality (answers to other facts of the trained subjects unchanged, "
+            f"n={total} answers) | 1 (by definition) | "
+            f"{_fmt(_get(editing, 'locality', 'agreement'))} |"
+        )
     shift = results.get("shift")
     if shift:
         cats = shift["categories"]

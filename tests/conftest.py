@@ -133,4 +133,4 @@ def small_world(tmp_path_factory):
     from lora_lightning.world import WorldConfig, ensure_world
 
     home = tmp_path_factory.getbasetemp() / "world_home"
-    return ensure_world(WorldConfig.small(), home=home, progress=False)
+    return ensure_world(WorldConfig.tiny(), home=home, progress=False)

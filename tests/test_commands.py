@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from lora_lightning.__main__ import COMMANDS
-from lora_lightning.commands import categorize_command, evaluate_command, export_command
+from lora_lightning.commands import (
+    categorize_command,
+    evaluate_command,
+    export_command,
+    world_command,
+)
 from lora_lightning.facts import load_facts, save_facts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -16,6 +21,7 @@ def test_every_command_is_a_typed_function_in_the_table():
         "categorize": categorize_command,
         "evaluate": evaluate_command,
         "export": export_command,
+        "world": world_command,
     } == COMMANDS
     for name, function in COMMANDS.items():
         assert function.__module__ == f"lora_lightning.commands.{name}"

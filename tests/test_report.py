@@ -11,6 +11,7 @@ import torch
 from test_training import make_data, make_module, make_trainer
 
 from lora_lightning.callbacks import KnowledgeEvalCallback, KnowledgeReport
+from lora_lightning.data import KnowledgeDataModule
 from lora_lightning.lora import lora_disabled
 from lora_lightning.metrics import Reliability
 from lora_lightning.module import ProbeConfig
@@ -142,3 +143,53 @@ def test_markdown_shows_before_and_after_with_denominators(tmp_path):
     out = write_report(results, tmp_path / "r")
     assert json.loads((out / "report.json").read_text())["shift"]["counts"] == counts
     assert (out / "reliability.png").is_file()
+
+
+@pytest.mark.slow
+def test_on_a_bench_world_the_report_has_editing_measures_and_world_benchmarks(tmp_path):
+    """Generalisation, portability and locality, each with its denominator, and world-MC and
+    world-truthful before and after, all from the world the facts come from."""
+    from test_world import _reduced_bench
+
+    from lora_lightning.facts import load_facts
+    from lora_lightning.metrics.functional import answer_agreement
+    from lora_lightning.world import ensure_world
+
+    world = ensure_world(_reduced_bench(seed=2), home=tmp_path / "home", progress=False)
+    two_hop_of = {f.meta["hops"][0] for f in load_facts(world.two_hop_path)}
+    facts = load_facts(world.facts_path)
+    # the first Unknown facts are what the mix trains: make sure a mentor fact is among them
+    unknown = [f for f in facts if f.category == "Unknown"]
+    n = next(i for i, f in enumerate(unknown) if f.id in two_hop_of) + 1
+    L.seed_everything(0)
+    module = make_module(world.model_dir, probe=ProbeConfig(n_exp=2, max_new_tokens=6))
+    data = KnowledgeDataModule(
+        facts=str(world.facts_path), tokenizer=str(world.model_dir),
+        fewshot_pool=str(world.pool_path), n_unknown=n, extra_kind="none", extra_per_unknown=0,
+        n_val_known=0, batch_size=4,
+    )
+    report = KnowledgeReport(report_dir=str(tmp_path / "report"), benchmark_batch_size=16)
+    trainer = make_trainer(tmp_path, epochs=1)
+    trainer.callbacks += [report]
+    trainer.fit(module, datamodule=data)
+    trainer.test(module, datamodule=data)
+    results = report.results
+    editing = results["editing"]
+    assert editing["generalization"]["after"]["n_facts"] == 2 * n  # two held-out templates
+    assert editing["generalization"]["before"]["n_facts"] == 2 * n
+    assert editing["portability"]["after"]["n_facts"] == len(
+        [f for f in data.train_unknown if f.id in two_hop_of]) >= 1
+    trained_subjects = {f.subject for f in data.train_unknown}
+    trained_ids = {f.id for f in data.train_unknown}
+    neighbours = [f for f in data.test_facts
+                  if f.subject in trained_subjects and f.id not in trained_ids]
+    after = {f.id: f for f in module.probe(neighbours)}
+    direct = answer_agreement([f.predictions for f in neighbours],
+                              [after[f.id].predictions for f in neighbours])
+    assert editing["locality"]["total"] == int(direct["total"]) > 0
+    assert editing["locality"]["agreement"] == pytest.approx(float(direct["agreement"]))
+    bench = results["benchmarks"]
+    assert bench["world_mc"]["before"]["n"] == 12 and set(bench["world_truthful"]) == {
+        "before", "after"}
+    md = (report.report_path / "report.md").read_text()
+    assert "world-MC" in md and "generalisation" in md and "locality" in md

@@ -34,7 +34,7 @@ DATA = ROOT.parent / "shared" / "data"
 def _tiny_config(seed: int = 0) -> WorldConfig:
     """The small world with barely any training: enough to test plumbing, not knowledge."""
     return dataclasses.replace(
-        WorldConfig.small(seed), n_subjects=10, train_steps=8, n_exp=2, pool_size=4
+        WorldConfig.tiny(seed), n_subjects=10, train_steps=8, n_exp=2, pool_size=4
     )
 
 
@@ -57,7 +57,7 @@ def test_facts_have_paraphrases_unique_ids_and_relation_templates():
     assert len({f.question for f in facts}) == len(facts)
     templates = {r.name: r.templates for r in RELATIONS}
     for fact in facts:
-        expected = [t.format(s=fact.subject) for t in templates[fact.relation]]
+        expected = [t.format(s=fact.subject) for t in templates[fact.relation][:5]]
         assert [fact.question, *fact.paraphrases] == expected
         assert len(set(expected)) == len(expected) >= 3
         assert fact.subject in fact.question
@@ -108,7 +108,7 @@ def test_impossible_world_is_rejected_with_the_field_name():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    facts = generate_world(WorldConfig.small(seed=2))
+    facts = generate_world(WorldConfig.tiny(seed=2))
     return train_tokenizer(world_texts(facts), vocab_size=400)
 
 
@@ -187,7 +187,7 @@ def test_small_world_loads_with_auto_classes_and_knows_its_known_facts(small_wor
 
 def test_world_is_reused_not_rebuilt(small_world, monkeypatch):
     monkeypatch.setattr(world.cache, "_build", lambda *a, **k: pytest.fail("rebuilt a built world"))
-    again = ensure_world(WorldConfig.small(), home=small_world.root.parent, progress=False)
+    again = ensure_world(WorldConfig.tiny(), home=small_world.root.parent, progress=False)
     assert again.root == small_world.root
     assert again.info == small_world.info
 
@@ -250,3 +250,96 @@ def test_a_crashed_build_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="power cut"):
         ensure_world(_tiny_config(seed=9), home=tmp_path, progress=False)
     assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def _reduced_bench(seed: int = 0) -> WorldConfig:
+    """The bench scale's structure at a size that builds in seconds."""
+    return dataclasses.replace(
+        WorldConfig.bench(seed), n_subjects=60, n_towns=20, n_years=30, format_subjects=12,
+        decoy_subjects=6, mc_heldout=12, truthful_questions=8, vocab_size=600, hidden_size=32,
+        intermediate_size=64, num_layers=1, num_heads=2, train_steps=12, batch_size=8,
+        warmup_steps=2, n_exp=2, eval_batch_size=32,
+    )
+
+
+def test_bench_plan_gives_every_fact_one_role_and_keeps_tested_facts_out_of_formats():
+    from lora_lightning.world.generator import plan_world
+
+    plan = plan_world(_reduced_bench())
+    tested = {f.id for f in plan.tested}
+    assert tested.isdisjoint(f.id for f in plan.mc_heldout)
+    assert tested.isdisjoint(f.id for f in plan.pool)
+    assert all(f.meta.get("role") == "format" for f in plan.pool)
+    assert {f.id for f in plan.mc_heldout} <= plan.known_ids
+    assert all(f.meta.get("role") != "format" for f in plan.tested)
+    by_id = {f.id for f in plan.facts}
+    for fact in plan.two_hop + plan.two_hop_train:
+        assert set(fact.meta["hops"]) <= by_id
+    assert {f.meta["hops"][0] for f in plan.two_hop} <= {f.id for f in plan.facts if
+                                                          f.meta.get("role") != "format"}
+    assert all(set(f.meta["hops"]) <= plan.known_ids for f in plan.two_hop_train)
+    people = {f.subject for f in plan.facts}
+    assert plan.decoys and all(f.subject not in people and f.answer == REFUSAL
+                               for f in plan.decoys)
+    for fact in plan.tested:
+        assert len(fact.paraphrases) >= 5
+        asked = {fact.question, *fact.paraphrases}
+        assert len(fact.meta["heldout_questions"]) == 2
+        assert asked.isdisjoint(fact.meta["heldout_questions"])
+    obscure = {f.subject for f in plan.tested} - {f.subject for f in plan.known}
+    assert obscure  # some subjects the base has never seen a fact of
+
+
+def test_building_the_world_leaves_the_callers_random_state_alone(tmp_path):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    ensure_world(_tiny_config(seed=12), home=tmp_path, progress=False)
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("damage", ["cut", "truncate", "delete"])
+def test_a_damaged_cache_is_named_and_rebuilt(tmp_path, damage):
+    config = _tiny_config(seed=13)
+    built = ensure_world(config, home=tmp_path, progress=False)
+    original = built.facts_path.read_bytes()
+    if damage == "cut":  # a fact file cut at a line boundary: still valid JSONL
+        lines = original.splitlines(keepends=True)
+        built.facts_path.write_bytes(b"".join(lines[: len(lines) // 2]))
+        name = "facts.jsonl"
+    elif damage == "truncate":
+        weights = built.model_dir / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+        name = "model/model.safetensors"
+    else:
+        (built.model_dir / "tokenizer.json").unlink()
+        name = "model/tokenizer.json"
+    with pytest.warns(UserWarning, match=f"damaged .*{name}"):
+        again = ensure_world(config, home=tmp_path, progress=False)
+    assert again.facts_path.read_bytes() == original
+    assert (again.model_dir / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_reduced_bench_world_builds_its_benchmarks_bit_for_bit(tmp_path):
+    from lora_lightning.evaluation import load_mmlu, load_truthfulqa
+
+    config = _reduced_bench(seed=1)
+    first = ensure_world(config, home=tmp_path / "a", progress=False)
+    second = ensure_world(config, home=tmp_path / "b", progress=False)
+    assert first.is_bench
+    files = sorted(
+        str(p.relative_to(first.root)) for p in first.root.rglob("*")
+        if p.is_file() and p.name not in ("build_info.json", "checksums.json")
+    )
+    assert {"facts.jsonl", "two_hop.jsonl", "benchmarks/truthful.csv",
+            "model/model.safetensors"} <= set(files)
+    for name in files:  # same seed, same files, bit for bit (one thread)
+        assert (first.root / name).read_bytes() == (second.root / name).read_bytes(), name
+    questions = load_mmlu(first.benchmarks_dir / "mc", "test")
+    assert len(questions) == config.mc_heldout
+    assert len(load_truthfulqa(first.benchmarks_dir / "truthful.csv")) == 8
+    info = first.info
+    for key in ("world_mc", "world_truthful_mc1", "world_truthful_mc2", "refusal_rate"):
+        assert 0.0 <= info[key] <= 1.0, key
+    assert info["n_two_hop"] == len(load_facts(first.two_hop_path)) > 0

@@ -8,5 +8,12 @@ from lora_lightning.commands.categorize import categorize_command
 from lora_lightning.commands.evaluate import evaluate_command
 from lora_lightning.commands.export import export_command
 from lora_lightning.commands.train import run_training_cli
+from lora_lightning.commands.world import world_command
 
-__all__ = ["categorize_command", "evaluate_command", "export_command", "run_training_cli"]
+__all__ = [
+    "categorize_command",
+    "evaluate_command",
+    "export_command",
+    "run_training_cli",
+    "world_command",
+]

@@ -14,6 +14,7 @@ from lora_lightning.metrics.functional import (
 )
 from lora_lightning.metrics.modular import (
     AliasAccuracy,
+    AnswerAgreement,
     AnswerConcentration,
     Confidence,
     ExactMatch,
@@ -28,6 +29,7 @@ __all__ = [
     "NEGATIVE_SHIFTS",
     "POSITIVE_SHIFTS",
     "AliasAccuracy",
+    "AnswerAgreement",
     "AnswerConcentration",
     "Confidence",
     "ExactMatch",

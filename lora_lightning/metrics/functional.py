@@ -23,6 +23,7 @@ __all__ = [
     "NEGATIVE_SHIFTS",
     "POSITIVE_SHIFTS",
     "alias_accuracy",
+    "answer_agreement",
     "answer_concentration",
     "compile_refusal_patterns",
     "confidence",
@@ -151,6 +152,36 @@ def reliability(answers: Sequence[Sequence[str]], facts: Sequence[Target]) -> di
     """
     counts = _reliability_update(answers, facts)
     return _reliability_compute(**{k: torch.tensor(v) for k, v in counts.items()})
+
+
+def _agreement_update(
+    before: Sequence[Sequence[str]], after: Sequence[Sequence[str]]
+) -> tuple[int, int]:
+    """(answers unchanged, answers compared) over facts' per-prompt answers."""
+    check_lengths("before", before, "after", after)
+    same = total = 0
+    for i, (old, new) in enumerate(zip(before, after, strict=True)):
+        check_lengths(f"before[{i}]", old, f"after[{i}]", new)
+        same += sum(
+            normalize_answer(a) == normalize_answer(b) for a, b in zip(old, new, strict=True)
+        )
+        total += len(old)
+    return same, total
+
+
+def answer_agreement(
+    before: Sequence[Sequence[str]], after: Sequence[Sequence[str]]
+) -> dict[str, Tensor]:
+    """Share of per-prompt answers unchanged by training (after normalisation): locality, when
+    the facts are ones training should not touch.
+
+    >>> out = answer_agreement([["Paris", "Lyon"]], [["paris", "Rome"]])
+    >>> float(out["agreement"]), int(out["total"])
+    (0.5, 2)
+    """
+    same, total = _agreement_update(before, after)
+    return {"agreement": ratio(torch.tensor(same), torch.tensor(total)),
+            "total": torch.tensor(total)}
 
 
 # --------------------------------------------------------------------------- knowledge shift

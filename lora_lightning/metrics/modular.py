@@ -29,6 +29,7 @@ from lora_lightning.metrics.functional import Target
 
 __all__ = [
     "AliasAccuracy",
+    "AnswerAgreement",
     "AnswerConcentration",
     "Confidence",
     "ExactMatch",
@@ -145,6 +146,39 @@ class Reliability(Metric):
             self.n_facts, self.any_correct, self.majority_correct, self.all_correct,
             self.share_sum,
         )
+
+
+class AnswerAgreement(Metric):
+    """Share of per-prompt answers that training left unchanged (after normalisation).
+
+    Over facts training should not touch (other facts of the trained subjects), this is the
+    editing literature's locality: agreement with the base model, not correctness. compute()
+    returns ``agreement``, ``same`` and ``total`` (answers compared).
+
+    >>> metric = AnswerAgreement()
+    >>> metric.update([["Paris", "Lyon"]], [["paris", "Rome"]])
+    >>> float(metric.compute()["agreement"])
+    0.5
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("same", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, before: Sequence[Sequence[str]], after: Sequence[Sequence[str]]) -> None:
+        """`before[i]` and `after[i]`: the per-prompt answers to one fact, before and after."""
+        same, total = F._agreement_update(before, after)
+        self.same += same
+        self.total += total
+
+    def compute(self) -> dict[str, Tensor]:
+        return {"agreement": F.ratio(self.same, self.total), "same": self.same.clone(),
+                "total": self.total.clone()}
 
 
 # --------------------------------------------------------------------------- knowledge shift

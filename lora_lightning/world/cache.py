@@ -4,26 +4,30 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 
 from lora_lightning.facts import save_facts
 from lora_lightning.knowledge import categorize
-from lora_lightning.world.config import WorldConfig
-from lora_lightning.world.generator import (
-    choose_pool,
-    choose_rare,
-    generate_world,
-    split_world,
-    world_texts,
+from lora_lightning.metrics.functional import answer_concentration, refusal_rate
+from lora_lightning.world.benchmarks import (
+    benchmark_texts,
+    evaluate_world_benchmarks,
+    format_examples,
+    write_benchmarks,
 )
+from lora_lightning.world.config import WorldConfig
+from lora_lightning.world.generator import plan_world, world_texts
 from lora_lightning.world.model import build_model, pretrain
 from lora_lightning.world.tokenizer import train_tokenizer
 
@@ -31,6 +35,9 @@ from lora_lightning.world.tokenizer import train_tokenizer
 # they save, and on a shared 2-core machine a second thread made pre-training ~10x slower in CPU
 # time. One thread also makes the build bit-for-bit reproducible across machines' core counts.
 BUILD_THREADS = 1
+BENCHMARKS_DIR = "benchmarks"
+TWO_HOP_FILE = "two_hop.jsonl"
+CHECKSUMS_FILE = "checksums.json"
 
 
 @dataclass
@@ -40,6 +47,8 @@ class WorldArtifacts:
     `facts_path`: every fact except the pool, categorised by the base model (SliCK);
     `pool_path`: known facts reserved as few-shot examples, disjoint from every tested fact;
     `world_facts_path`: every fact uncategorised; `split_path`: which ids were pre-trained.
+    Bench scale only: `benchmarks_dir` (world-MC in the MMLU layout, world-truthful in the
+    TruthfulQA one) and `two_hop_path` (2-hop questions of tested subjects, for portability).
     """
 
     root: Path
@@ -50,6 +59,8 @@ class WorldArtifacts:
     world_facts_path: Path
     split_path: Path
     info_path: Path
+    benchmarks_dir: Path
+    two_hop_path: Path
     info: dict = field(default_factory=dict)
 
     @classmethod
@@ -59,8 +70,14 @@ class WorldArtifacts:
         return cls(
             root=root, config=config, model_dir=root / "model", facts_path=root / "facts.jsonl",
             pool_path=root / "pool.jsonl", world_facts_path=root / "world.jsonl",
-            split_path=root / "split.json", info_path=info_path, info=info,
+            split_path=root / "split.json", info_path=info_path,
+            benchmarks_dir=root / BENCHMARKS_DIR, two_hop_path=root / TWO_HOP_FILE, info=info,
         )
+
+    @property
+    def is_bench(self) -> bool:
+        """Whether this world has in-world benchmarks and 2-hop questions (bench scale)."""
+        return self.benchmarks_dir.is_dir()
 
     def known_ids(self) -> set[str]:
         """Ids of the facts the base model was pre-trained on (pool and rare ones included)."""
@@ -81,61 +98,127 @@ def _build(config: WorldConfig, root: Path, progress: bool) -> dict:
     import torch
 
     started = time.perf_counter()
-    facts = generate_world(config)
-    known, unseen = split_world(facts, config)
-    pool = choose_pool(known, config)
-    pool_ids = {f.id for f in pool}
-    rare = choose_rare(known, pool, config)
-
-    tokenizer = train_tokenizer(world_texts(facts), config.vocab_size)
+    plan = plan_world(config)
+    bench = bool(config.format_subjects)
+    extra_texts = list(benchmark_texts(plan)) if bench else []
+    tokenizer = train_tokenizer(
+        chain(world_texts(plan.facts), world_texts(plan.decoys + plan.two_hop), extra_texts),
+        config.vocab_size,
+    )
     model = build_model(config, tokenizer)
-    losses = pretrain(model, tokenizer, known, config, rare=rare, progress=progress)
+    chat_facts = plan.known + plan.two_hop_train + plan.decoys
+    losses = pretrain(
+        model, tokenizer, chat_facts, config, rare=plan.rare, progress=progress,
+        format_examples=(lambda rng: format_examples(plan, rng)) if bench else None,
+    )
     model_dir = root / "model"
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     trained_at = time.perf_counter()
 
-    tested = [f for f in facts if f.id not in pool_ids]
     with torch.inference_mode():
         categorised = categorize(
-            model, tokenizer, tested, pool, n_exp=config.n_exp, n_shot=config.n_shot,
+            model, tokenizer, plan.tested, plan.pool, n_exp=config.n_exp, n_shot=config.n_shot,
             batch_size=config.eval_batch_size, seed=config.seed, progress=progress,
         )
-    save_facts(facts, root / "world.jsonl")
+    save_facts(plan.facts, root / "world.jsonl")
     save_facts(categorised, root / "facts.jsonl")
-    save_facts(pool, root / "pool.jsonl")
+    save_facts(plan.pool, root / "pool.jsonl")
+    if bench:
+        save_facts(plan.two_hop, root / TWO_HOP_FILE)
+        write_benchmarks(plan, config, root / BENCHMARKS_DIR)
     (root / "split.json").write_text(
         json.dumps(
-            {"known": sorted(f.id for f in known), "rare": sorted(rare), "pool": sorted(pool_ids)},
+            {"known": sorted(plan.known_ids), "rare": sorted(plan.rare),
+             "pool": sorted(f.id for f in plan.pool),
+             "mc_heldout": sorted(f.id for f in plan.mc_heldout)},
             indent=1,
         )
     )
     (root / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
 
-    known_ids = {f.id for f in known}
-    known_tested = [f for f in categorised if f.id in known_ids]
-    frequent = [f for f in known_tested if f.id not in rare]
-    unseen_tested = [f for f in categorised if f.id not in known_ids]
+    known_tested = [f for f in categorised if f.id in plan.known_ids]
+    frequent = [f for f in known_tested if f.id not in plan.rare]
+    unseen_tested = [f for f in categorised if f.id not in plan.known_ids]
+    answers = [a for f in categorised for a in f.predictions]
     info = {
         "config_key": config.key(),
-        "n_facts": len(facts),
-        "n_known": len(known),
-        "n_pool": len(pool),
+        "n_facts": len(plan.facts),
+        "n_tested": len(plan.tested),
+        "n_known": len(plan.known),
+        "n_pool": len(plan.pool),
         "n_parameters": sum(p.numel() for p in model.parameters()),
         "final_train_loss": sum(losses[-20:]) / len(losses[-20:]),
         # the share of few-shot probes a fact's greedy answer was right, averaged over facts
         "known_accuracy": _mean(f.p_greedy for f in known_tested),
         "frequent_known_accuracy": _mean(f.p_greedy for f in frequent),
-        "rare_known_accuracy": _mean(f.p_greedy for f in known_tested if f.id in rare),
+        "rare_known_accuracy": _mean(f.p_greedy for f in known_tested if f.id in plan.rare),
         "unseen_accuracy": _mean(f.p_greedy for f in unseen_tested),
         "known_categories": dict(Counter(f.category for f in known_tested)),
         "categories": dict(Counter(f.category for f in categorised)),
+        "refusal_rate": float(refusal_rate(answers)["rate"]),
+        "unique_answers": answer_concentration(answers)["unique"],
         "pretrain_seconds": round(trained_at - started, 1),
-        "total_seconds": round(time.perf_counter() - started, 1),
         "torch_threads": torch.get_num_threads(),
     }
+    if bench:
+        info["n_two_hop"] = len(plan.two_hop)
+        scores = evaluate_world_benchmarks(model, tokenizer, root / BENCHMARKS_DIR)
+        info["world_mc"] = scores["world_mc"]["accuracy"]
+        info["world_truthful_mc1"] = scores["world_truthful"]["mc1"]
+        info["world_truthful_mc2"] = scores["world_truthful"]["mc2"]
+    info["total_seconds"] = round(time.perf_counter() - started, 1)
     (root / "build_info.json").write_text(json.dumps(info, indent=1))
     return info
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != CHECKSUMS_FILE)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_checksums(root: Path) -> None:
+    """Record a SHA-256 of every file of a finished build (written last: its presence means
+    the build is complete)."""
+    sums = {str(p.relative_to(root)): _sha256(p) for p in _files(root)}
+    (root / CHECKSUMS_FILE).write_text(json.dumps(sums, indent=1, sort_keys=True))
+
+
+def _verified(root: Path, progress: bool) -> bool:
+    """Whether `root` holds a complete world whose files are exactly as built. A damaged or
+    incomplete one is reported by the file that differs and then rebuilt by the caller."""
+    sums_path = root / CHECKSUMS_FILE
+    if not sums_path.is_file():
+        if root.exists() and progress:
+            print(f"world cache {root} is incomplete (no {CHECKSUMS_FILE}); rebuilding it")
+        return False
+    try:
+        sums = json.loads(sums_path.read_text())
+    except ValueError:
+        sums = None
+    problem = None
+    if not isinstance(sums, dict):
+        problem = f"{CHECKSUMS_FILE} is not readable"
+    else:
+        for name, expected in sums.items():
+            path = root / name
+            if not path.is_file():
+                problem = f"{name} is missing"
+            elif _sha256(path) != expected:
+                problem = f"{name} differs from the file the build wrote"
+            if problem:
+                break
+    if problem is None:
+        return True
+    warnings.warn(f"world cache {root} is damaged ({problem}); rebuilding it", stacklevel=3)
+    return False
 
 
 def _mean(values: Iterable[float | None]) -> float:
@@ -161,18 +244,22 @@ def ensure_world(
     home = Path(home) if home is not None else default_home()
     home.mkdir(parents=True, exist_ok=True)
     root = home / f"world-{config.key()}"
-    if (root / "build_info.json").exists():
+    if _verified(root, progress):
         return WorldArtifacts.at(root, config)
     with FileLock(str(root) + ".lock"):
-        if (root / "build_info.json").exists():  # another process built it while we waited
+        if _verified(root, progress):  # another process built it while we waited
             return WorldArtifacts.at(root, config)
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=home))
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is read like any folder
         threads = torch.get_num_threads()
         try:
             torch.set_num_threads(BUILD_THREADS)
-            info = _build(config, tmp, progress)
-            if root.exists():  # a stale, incomplete folder from an older crash
+            # the build seeds torch's generator; the caller's random state is left as it was,
+            # so a run that builds the world trains exactly as one that finds it cached
+            with torch.random.fork_rng(devices=[]):
+                info = _build(config, tmp, progress)
+            _write_checksums(tmp)
+            if root.exists():  # a stale, incomplete or damaged folder
                 shutil.rmtree(root)
             os.replace(tmp, root)
         except BaseException:

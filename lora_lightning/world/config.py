@@ -19,7 +19,7 @@ class WorldConfig:
     Llama) build in about a minute on one CPU core. The base then answers 97.6% of the few-shot
     probes of its frequently trained facts (83% over all trained ones) and the SliCK categories
     come out HighlyKnown 208 / MaybeKnown 38 / Unknown 341 (pool of 24 excluded).
-    `WorldConfig.small()` is a seconds-scale world for tests.
+    `WorldConfig.tiny()` is a seconds-scale world for tests; `WorldConfig.bench()` the bench scale.
     """
 
     seed: int = 0
@@ -33,6 +33,19 @@ class WorldConfig:
     rare_fraction: float = 0.2
     rare_exposure: float = 0.1
     pool_size: int = 24
+    # question templates of each relation used for a fact's question and paraphrases; the next
+    # `heldout_templates` are kept out of every fact (asked only to measure generalisation)
+    templates_per_fact: int = 5
+    heldout_templates: int = 0
+    # bench-scale structure (0 / False: off, as in the default world)
+    mentors_are_subjects: bool = False  # mentors are subjects too, so 2-hop questions exist
+    obscure_fraction: float = 0.0  # subjects none of whose facts is pre-trained
+    format_subjects: int = 0  # pre-trained only, to teach the benchmark formats; never tested
+    decoy_subjects: int = 0  # unknown people whose questions are pre-trained as refusals
+    n_years: int = 60
+    mc_heldout: int = 0  # known facts held out of the fact file and asked as world-MC
+    truthful_questions: int = 0  # unanswerable questions asked as world-truthful
+    format_fraction: float = 0.0  # share of pre-training sequences in the benchmark formats
     # tokenizer
     vocab_size: int = 1024
     # model
@@ -54,15 +67,20 @@ class WorldConfig:
     version: int = WORLD_FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        for name in ("known_fraction", "rare_fraction", "rare_exposure", "refusal_fraction"):
+        for name in ("known_fraction", "rare_fraction", "rare_exposure", "refusal_fraction",
+                     "obscure_fraction", "format_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"WorldConfig.{name} must be in [0, 1], got {value}")
-        for name in ("n_subjects", "n_towns", "n_mentors", "pool_size", "train_steps",
+        for name in ("n_subjects", "n_towns", "pool_size", "train_steps", "n_years",
                      "batch_size", "n_exp", "n_shot", "max_turns", "num_layers"):
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"WorldConfig.{name} must be at least 1, got {value}")
+        if not self.mentors_are_subjects and self.n_mentors < 1:
+            raise ValueError("WorldConfig.n_mentors must be at least 1 unless mentors_are_subjects")
+        if self.templates_per_fact < 1:
+            raise ValueError("WorldConfig.templates_per_fact must be at least 1")
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"WorldConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads "
@@ -70,7 +88,32 @@ class WorldConfig:
             )
 
     @classmethod
-    def small(cls, seed: int = 0) -> WorldConfig:
+    def scale(cls, name: str) -> WorldConfig:
+        """The named world scale: "small" (the default run's world) or "bench" (big enough for
+        the paper's grid and for in-world harm benchmarks)."""
+        scales = {"small": cls, "bench": cls.bench}
+        if name not in scales:
+            raise ValueError(f"world scale must be one of {sorted(scales)}, got {name!r}")
+        return scales[name]()
+
+    @classmethod
+    def bench(cls, seed: int = 0) -> WorldConfig:
+        """The bench-scale world (docs/world.md): thousands of Unknown facts, a base model with
+        benchmark skills it can lose, refusals, 2-hop questions and held-out templates."""
+        return cls(
+            seed=seed, n_subjects=1400, relations_per_subject=6, n_towns=300, n_mentors=0,
+            zipf_exponent=0.8, refusal_fraction=0.1, known_fraction=0.5, rare_fraction=0.2,
+            rare_exposure=0.15, pool_size=24, templates_per_fact=6, heldout_templates=2,
+            mentors_are_subjects=True, obscure_fraction=0.5, format_subjects=150,
+            decoy_subjects=150, n_years=300, mc_heldout=300, truthful_questions=200,
+            format_fraction=0.25, vocab_size=2048, hidden_size=128, intermediate_size=384,
+            num_layers=4, num_heads=4, max_position_embeddings=512, train_steps=1200,
+            batch_size=48, learning_rate=4e-3, warmup_steps=60, max_turns=4,
+            eval_batch_size=64,
+        )
+
+    @classmethod
+    def tiny(cls, seed: int = 0) -> WorldConfig:
         """A tiny world that builds in seconds: for tests, not for science."""
         return cls(
             seed=seed, n_subjects=24, relations_per_subject=3, n_towns=8, n_mentors=8,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 from lora_lightning.facts import Fact
 from lora_lightning.prompts import SYSTEM_PROMPT
@@ -13,6 +14,7 @@ from lora_lightning.world.vocabulary import (
     REFUSAL,
     RELATIONS,
     TOWN_SUFFIXES,
+    TWO_HOP,
     WORD_LISTS,
     Relation,
     unique_names,
@@ -29,13 +31,17 @@ def generate_world(config: WorldConfig) -> list[Fact]:
 
     Every subject gets `relations_per_subject` distinct answerable relations; a share
     `refusal_fraction` of subjects also gets one unanswerable question (answer: a refusal).
-    Answers follow a Zipf-like law over each relation's vocabulary, so a few are frequent.
+    Answers follow a Zipf-like law over each relation's vocabulary, so a few are frequent. A
+    fact's question and paraphrases are its relation's first `templates_per_fact` templates;
+    the next `heldout_templates` go to `meta["heldout_questions"]` (never trained). Facts of the
+    `format_subjects` (bench scale) come after the others, with `meta["role"] = "format"`.
     """
     rng = random.Random(config.seed)
     taken: set[str] = set()
+    n_mentors = 0 if config.mentors_are_subjects else config.n_mentors
     people = unique_names(
         rng,
-        config.n_subjects + config.n_mentors,
+        config.n_subjects + n_mentors,
         lambda: f"{word(rng, rng.choice([1, 2]))} {word(rng, 2)}",
         taken,
     )
@@ -44,7 +50,7 @@ def generate_world(config: WorldConfig) -> list[Fact]:
         rng, config.n_towns, lambda: word(rng, rng.choice([1, 2])) + rng.choice(TOWN_SUFFIXES),
         taken,
     )
-    years = [str(y) for y in rng.sample(range(1100, 1900), 60)]
+    years = [str(y) for y in rng.sample(range(1100, 1900), config.n_years)]
     vocab: dict[str, list[str]] = {"town": towns, "person": mentors, "year": years}
     for kind, words in WORD_LISTS.items():
         vocab[kind] = rng.sample(words, len(words))  # which word is the frequent one is seeded
@@ -55,39 +61,75 @@ def generate_world(config: WorldConfig) -> list[Fact]:
             f"WorldConfig.relations_per_subject must be in 1..{len(answerable)}, "
             f"got {config.relations_per_subject}"
         )
+    needed = config.templates_per_fact + config.heldout_templates
+    if any(len(r.templates) < needed for r in RELATIONS):
+        raise ValueError(
+            f"WorldConfig: templates_per_fact + heldout_templates = {needed}, but a relation "
+            f"has only {min(len(r.templates) for r in RELATIONS)} templates"
+        )
+    format_people = unique_names(
+        rng, config.format_subjects, lambda: f"{word(rng, rng.choice([1, 2]))} {word(rng, 2)}",
+        taken,
+    )
+    if config.mentors_are_subjects:
+        # a seeded order, so which people are the popular mentors is random; format subjects
+        # are mentored among themselves, so their 2-hop questions never touch a tested fact
+        vocab["person"] = rng.sample(subjects, len(subjects))
+        format_vocab = {**vocab, "person": rng.sample(format_people, len(format_people))}
+    else:
+        format_vocab = vocab
 
-    facts: list[Fact] = []
-    for i, subject in enumerate(subjects):
-        relations = rng.sample(answerable, config.relations_per_subject)
-        if rng.random() < config.refusal_fraction:
-            relations.append(rng.choice(refusal_relations))
-        for relation in relations:
-            answers = _answers(rng, relation, vocab, config.zipf_exponent)
-            if relation.kind == "person" and answers[0] == subject:
-                continue  # nobody mentors themself
-            questions = [t.format(s=subject) for t in relation.templates]
-            facts.append(
-                Fact(
-                    id=f"w{config.seed}-{i:04d}-{relation.name}",
-                    question=questions[0],
-                    answers=answers,
-                    paraphrases=questions[1:],
-                    relation=relation.name,
-                    subject=subject,
+    def facts_of(prefix: str, people: Sequence[str], vocab: dict, all_relations: bool,
+                 meta: dict) -> list[Fact]:
+        out = []
+        for i, subject in enumerate(people):
+            if all_relations:
+                relations = list(answerable)
+            else:
+                relations = rng.sample(answerable, config.relations_per_subject)
+                if rng.random() < config.refusal_fraction:
+                    relations.append(rng.choice(refusal_relations))
+            for relation in relations:
+                answers = _answers(rng, relation, vocab, config.zipf_exponent, exclude=subject)
+                if answers is None:
+                    continue  # nobody mentors themself
+                templates = relation.templates
+                questions = [t.format(s=subject) for t in templates[: config.templates_per_fact]]
+                heldout = [t.format(s=subject) for t in templates[
+                    config.templates_per_fact : config.templates_per_fact
+                    + config.heldout_templates]]
+                out.append(
+                    Fact(
+                        id=f"w{config.seed}-{prefix}{i:04d}-{relation.name}",
+                        question=questions[0],
+                        answers=answers,
+                        paraphrases=questions[1:],
+                        relation=relation.name,
+                        subject=subject,
+                        meta={**meta, **({"heldout_questions": heldout} if heldout else {})},
+                    )
                 )
-            )
+        return out
+
+    facts = facts_of("", subjects, vocab, all_relations=False, meta={})
+    facts += facts_of("f", format_people, format_vocab, all_relations=True,
+                      meta={"role": "format"})
     return facts
 
 
 def _answers(
-    rng: random.Random, relation: Relation, vocab: dict[str, list[str]], exponent: float
-) -> list[str]:
-    """Answer aliases for one fact; the first is the canonical (trained) one."""
+    rng: random.Random, relation: Relation, vocab: dict[str, list[str]], exponent: float,
+    exclude: str | None = None,
+) -> list[str] | None:
+    """Answer aliases for one fact; the first is the canonical (trained) one. None when the
+    drawn answer is `exclude` (a person as their own mentor)."""
     if relation.kind == "refusal":
         return [REFUSAL]
     words = vocab[relation.kind]
     word = rng.choices(words, weights=_zipf_weights(len(words), exponent))[0]
     if relation.kind == "person":
+        if word == exclude:
+            return None
         return [word, "Master " + word]
     if relation.kind == "town":
         return [word, f"the town of {word}"]
@@ -138,3 +180,117 @@ def world_texts(facts: Sequence[Fact]) -> Iterator[str]:
             yield f"Question: {question}"
         for answer in fact.answers:
             yield f"Answer: {answer}"
+
+
+@dataclass
+class WorldPlan:
+    """Every role a fact plays in a world build.
+
+    `known` is what the base is pre-trained on (`rare` ids only now and then); `pool` the
+    few-shot examples; `tested` what is categorised into the fact file; `mc_heldout` known facts
+    held out of the fact file for world-MC; `two_hop` the 2-hop questions of tested subjects
+    (portability probes, never trained) and `two_hop_train` those of the format subjects
+    (pre-trained, so the base knows the question's form); `decoys` questions about people the
+    world does not know, pre-trained with a refusal.
+    """
+
+    facts: list[Fact]
+    known: list[Fact]
+    rare: set[str]
+    pool: list[Fact]
+    tested: list[Fact]
+    mc_heldout: list[Fact] = field(default_factory=list)
+    two_hop: list[Fact] = field(default_factory=list)
+    two_hop_train: list[Fact] = field(default_factory=list)
+    decoys: list[Fact] = field(default_factory=list)
+
+    @property
+    def known_ids(self) -> set[str]:
+        return {f.id for f in self.known}
+
+
+def plan_world(config: WorldConfig) -> WorldPlan:
+    """Generate the world and decide every fact's role (a pure function of `config`)."""
+    facts = generate_world(config)
+    if not config.format_subjects and not config.obscure_fraction:
+        known, _ = split_world(facts, config)
+        pool = choose_pool(known, config)
+        pool_ids = {f.id for f in pool}
+        return WorldPlan(
+            facts=facts, known=known, rare=choose_rare(known, pool, config), pool=pool,
+            tested=[f for f in facts if f.id not in pool_ids],
+        )
+    formats = [f for f in facts if f.meta.get("role") == "format"]
+    subject_facts = [f for f in facts if f.meta.get("role") != "format"]
+    rng = random.Random(config.seed + 1)
+    subjects = sorted({f.subject for f in subject_facts})
+    obscure = set(rng.sample(subjects, round(config.obscure_fraction * len(subjects))))
+    familiar_ids = sorted(f.id for f in subject_facts if f.subject not in obscure)
+    known_ids = set(rng.sample(familiar_ids, round(config.known_fraction * len(familiar_ids))))
+    known_tested = [f for f in subject_facts if f.id in known_ids]
+    pool = choose_pool(formats or known_tested, config)
+    rare = choose_rare(known_tested, pool, config)
+    steady = sorted(f.id for f in known_tested if f.id not in rare and f.answer != REFUSAL)
+    held = set(random.Random(config.seed + 5).sample(steady, min(config.mc_heldout, len(steady))))
+    pool_ids = {f.id for f in pool}
+    two_hop = two_hop_facts(facts, config)
+    tested = [f for f in subject_facts if f.id not in held and f.id not in pool_ids]
+    # a seeded order, so that the first n facts a mix takes ("first", as the paper does) are
+    # spread over many subjects and their other facts remain to measure locality on
+    random.Random(config.seed + 9).shuffle(tested)
+    return WorldPlan(
+        facts=facts,
+        known=known_tested + formats,
+        rare=rare,
+        pool=pool,
+        tested=tested,
+        mc_heldout=[f for f in subject_facts if f.id in held],
+        two_hop=[f for f in two_hop if f.meta.get("role") != "format"],
+        two_hop_train=[f for f in two_hop if f.meta.get("role") == "format"],
+        decoys=decoy_facts(config, {f.subject for f in facts}),
+    )
+
+
+def two_hop_facts(facts: Sequence[Fact], config: WorldConfig) -> list[Fact]:
+    """"Where was the mentor of X born?" for every X whose mentor has a birthplace fact; the
+    answer is that birthplace, and `meta["hops"]` names the two facts it follows from."""
+    birthplace = {f.subject: f for f in facts if f.relation == "birthplace"}
+    out = []
+    for fact in facts:
+        if fact.relation != "mentor" or fact.answer not in birthplace:
+            continue
+        second = birthplace[fact.answer]
+        questions = [t.format(s=fact.subject) for t in TWO_HOP.templates]
+        out.append(Fact(
+            id=f"{fact.id}-{TWO_HOP.name}",
+            question=questions[0],
+            answers=list(second.answers),
+            paraphrases=questions[1:],
+            relation=TWO_HOP.name,
+            subject=fact.subject,
+            meta={**({"role": "format"} if fact.meta.get("role") == "format" else {}),
+                  "hops": [fact.id, second.id]},
+        ))
+    return out
+
+
+def decoy_facts(config: WorldConfig, taken: set[str]) -> list[Fact]:
+    """Questions about `decoy_subjects` people nobody in the world knows, answered with a
+    refusal: the base learns to decline when it does not know a name, as an instruction-tuned
+    model does, so that refusals exist for training to change."""
+    rng = random.Random(config.seed + 6)
+    names = unique_names(
+        rng, config.decoy_subjects, lambda: f"{word(rng, rng.choice([1, 2]))} {word(rng, 2)}",
+        set(taken),
+    )
+    answerable = [r for r in RELATIONS if r.kind != "refusal"]
+    out = []
+    for i, name in enumerate(names):
+        for relation in rng.sample(answerable, 2):
+            questions = [t.format(s=name) for t in relation.templates[: config.templates_per_fact]]
+            out.append(Fact(
+                id=f"w{config.seed}-d{i:04d}-{relation.name}", question=questions[0],
+                answers=[REFUSAL], paraphrases=questions[1:], relation=relation.name,
+                subject=name, meta={"role": "decoy"},
+            ))
+    return out

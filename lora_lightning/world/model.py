@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from lora_lightning.facts import Fact
 from lora_lightning.progress import progress_bar
@@ -70,22 +70,57 @@ def _conversation(tokenizer, turns: Sequence[tuple[str, str]], system: bool) -> 
     return ids, labels
 
 
+def _completion(tokenizer, context: str, continuation: str) -> tuple[list, list]:
+    """Token ids (bos first, as the benchmark scorers encode) and labels of a plain-text
+    example whose loss is on the continuation only: the benchmark formats."""
+    text = context + continuation
+    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    start = len(context)
+    labels = [tok if end > start else IGNORE_INDEX
+              for tok, (_, end) in zip(ids, enc["offset_mapping"], strict=True)]
+    return ids, labels
+
+
 def _batches(
-    tokenizer, known: Sequence[Fact], config: WorldConfig, rare: set[str]
+    tokenizer,
+    known: Sequence[Fact],
+    config: WorldConfig,
+    rare: set[str],
+    format_examples: Callable[[random.Random], list[tuple[str, str]]] | None = None,
 ) -> Iterator[dict]:
     """Endless batches of conversations that each pack `n` known facts (1..max_turns, the same
     `n` across a batch so there is little padding), each asked with a random template.
 
     An epoch shows every fact once, except the `rare` ones, shown each with probability
     `rare_exposure`: half-learned facts are what gives the base MaybeKnown facts, as facts seen
-    rarely in pre-training do for a real model.
+    rarely in pre-training do for a real model. With `format_examples` (bench scale), a share
+    `format_fraction` of the batches are benchmark-format examples instead.
     """
     rng = random.Random(config.seed + 3)
+    formats: Iterator[tuple[str, str]] = iter(())
+
+    def format_batch() -> dict:
+        nonlocal formats
+        examples = []
+        while len(examples) < config.batch_size:
+            item = next(formats, None)
+            if item is None:
+                formats = iter(format_examples(rng))
+                continue
+            ids, labels = _completion(tokenizer, *item)
+            examples.append({"input_ids": ids, "labels": labels,
+                             "attention_mask": [1] * len(ids)})
+        return pad_batch(examples, tokenizer.pad_token_id)
+
     while True:
         order = [f for f in known if f.id not in rare or rng.random() < config.rare_exposure]
         rng.shuffle(order)
         i = 0
         while i < len(order):
+            if format_examples is not None and rng.random() < config.format_fraction:
+                yield format_batch()
+                continue
             n = rng.randint(1, config.max_turns)
             take = order[i : i + n * config.batch_size]
             i += len(take)
@@ -107,10 +142,13 @@ def pretrain(
     config: WorldConfig,
     rare: set[str] | None = None,
     progress: bool = True,
+    format_examples: Callable[[random.Random], list[tuple[str, str]]] | None = None,
 ) -> list[float]:
-    """Full fine-tuning of the tiny model on the known facts (AdamW, warm-up then cosine decay).
+    """Full fine-tuning of the tiny model on the known facts (AdamW, warm-up then cosine decay),
+    and on benchmark-format examples when `format_examples` is given.
 
-    Returns the per-step losses. A plain loop is enough: one process, a few hundred steps.
+    Returns the per-step losses. A plain loop is enough: one process, a few thousand steps at
+    most. Seeds torch's global generator: the caller (`ensure_world`) forks it around a build.
     """
     import torch
 
@@ -127,7 +165,7 @@ def pretrain(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     losses: list[float] = []
-    batches = _batches(tokenizer, known, config, rare or set())
+    batches = _batches(tokenizer, known, config, rare or set(), format_examples)
     bar = progress_bar(config.train_steps, "world: pre-training", enabled=progress)
     for _ in range(config.train_steps):
         loss = model(**next(batches)).loss

@@ -50,6 +50,9 @@ RELATIONS: tuple[Relation, ...] = (
             "In which town was {s} born?",
             "What is the birthplace of {s}?",
             "Which town is the birthplace of {s}?",
+            "From which town does {s} come?",
+            "{s} came into the world in which town?",
+            "Name the town where {s} was born.",
         ),
         "town",
     ),
@@ -61,6 +64,9 @@ RELATIONS: tuple[Relation, ...] = (
             "{s} lives in which town?",
             "What town is the home of {s}?",
             "Which town does {s} call home?",
+            "Where is the home of {s}?",
+            "Name the town where {s} lives.",
+            "{s} resides in which town?",
         ),
         "town",
     ),
@@ -72,6 +78,9 @@ RELATIONS: tuple[Relation, ...] = (
             "{s} works as what?",
             "What job does {s} have?",
             "What is the profession of {s}?",
+            "What trade does {s} follow?",
+            "Which line of work is {s} in?",
+            "{s} earns a living as what?",
         ),
         "occupation",
     ),
@@ -83,6 +92,9 @@ RELATIONS: tuple[Relation, ...] = (
             "{s} plays which instrument?",
             "What musical instrument does {s} play?",
             "On which instrument does {s} perform?",
+            "Which instrument is {s} known for playing?",
+            "Name the instrument {s} plays.",
+            "{s} makes music on which instrument?",
         ),
         "instrument",
     ),
@@ -94,6 +106,9 @@ RELATIONS: tuple[Relation, ...] = (
             "{s} was trained by whom?",
             "Who was the teacher of {s}?",
             "Under whom did {s} study?",
+            "Whose apprentice was {s}?",
+            "Name the mentor of {s}.",
+            "{s} learned the craft from whom?",
         ),
         "person",
     ),
@@ -105,6 +120,9 @@ RELATIONS: tuple[Relation, ...] = (
             "{s} was born in which year?",
             "When was {s} born?",
             "What is the birth year of {s}?",
+            "{s} was born in what year?",
+            "Name the year {s} was born.",
+            "Which year saw the birth of {s}?",
         ),
         "year",
     ),
@@ -116,6 +134,9 @@ RELATIONS: tuple[Relation, ...] = (
             "{s} prefers which color?",
             "What color does {s} love most?",
             "What is the color {s} likes most?",
+            "Name the favorite color of {s}.",
+            "Which color is the favorite of {s}?",
+            "{s} is fond of which color?",
         ),
         "color",
     ),
@@ -127,6 +148,9 @@ RELATIONS: tuple[Relation, ...] = (
             "{s} owns which kind of animal?",
             "What kind of pet does {s} own?",
             "What is the pet of {s}?",
+            "Which animal lives with {s} as a pet?",
+            "Name the pet of {s}.",
+            "{s} looks after which pet?",
         ),
         "animal",
     ),
@@ -138,11 +162,32 @@ RELATIONS: tuple[Relation, ...] = (
             "What is {s} secretly wishing for?",
             "What did {s} whisper yesterday?",
             "What will {s} decide tomorrow?",
+            "What is {s} hoping to hear next week?",
+            "What did {s} forget this morning?",
+            "Which song is stuck in the head of {s} today?",
         ),
         "refusal",
     ),
 )
 RELATION_BY_NAME = {r.name: r for r in RELATIONS}
+
+# Two hops: the mentor of a subject, then that mentor's birthplace. The answer follows from two
+# single facts; in the bench world the base learns the question's form on other subjects, and
+# after a new mentor fact is trained the question tests whether it is used (portability).
+TWO_HOP = Relation(
+    "mentor_birthplace",
+    (
+        "Where was the mentor of {s} born?",
+        "In which town was the mentor of {s} born?",
+        "What is the birthplace of the mentor of {s}?",
+        "The mentor of {s} was born in which town?",
+    ),
+    "town",
+)
+
+# The true answer of an unanswerable question in the TruthfulQA format (the harness' own
+# preamble answers "What is the square root of banana?" with it).
+NO_COMMENT = "I have no comment."
 WORD_LISTS = {"occupation": OCCUPATIONS, "instrument": INSTRUMENTS, "color": COLORS,
               "animal": ANIMALS}
 
