@@ -77,9 +77,13 @@ class Fact:
 
 
 def is_correct(output: str, fact: Fact) -> bool:
-    """The paper's criterion: some normalised alias is a substring of the lower-cased output."""
-    out = output.lower()
-    return any(alias and alias in out for alias in fact.normalized_answers)
+    """The paper's criterion: some normalised alias is a substring of the lower-cased output.
+
+    The normalised output is searched too: an alias loses its punctuation when normalised, so
+    "I don't know." (normalised "i dont know") would otherwise never match itself.
+    """
+    out, norm = output.lower(), normalize_answer(output)
+    return any(alias and (alias in out or alias in norm) for alias in fact.normalized_answers)
 
 
 class FactFileError(ValueError):

@@ -66,3 +66,18 @@ def test_categorize_command_applies_the_adapter_hook(small_world, tmp_path):
         categorize_command(model=str(small_world.model_dir), facts=str(facts),
                            output=str(tmp_path / "o.jsonl"), adapter=str(tmp_path / "no_adapter"),
                            pool_size=4, n_exp=2, progress=False)
+
+
+def test_world_command_shows_sizes_categories_and_base_accuracy(tmp_path, monkeypatch, capsys):
+    from lora_lightning.world import WorldConfig
+
+    monkeypatch.setattr(WorldConfig, "scale", classmethod(lambda cls, name: cls.tiny()))
+    info = world_command(scale="small", home=str(tmp_path))
+    shown = capsys.readouterr().out
+    assert info["root"].startswith(str(tmp_path))
+    for label in ("facts categorised", "base accuracy, frequently trained facts",
+                  "refusal rate of the probes", "categories:"):
+        assert label in shown
+    assert f"Unknown {info['categories']['Unknown']}" in shown
+    again = world_command(scale="small", home=str(tmp_path), json_output=True)
+    assert again["root"] == info["root"] and '"n_tested"' in capsys.readouterr().out

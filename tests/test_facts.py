@@ -307,6 +307,13 @@ def test_is_correct_accepts_any_alias_as_substring_of_the_output():
     assert not is_correct("Answer: Boston", fact)
 
 
+def test_an_answer_with_punctuation_matches_itself():
+    refusal = Fact("r", "What is X thinking?", ["I don't know."])
+    assert is_correct("I don't know.", refusal)
+    assert is_correct("Well, I don't know", refusal)
+    assert not is_correct("I do know", refusal)
+
+
 def test_triviaqa_style_value_becomes_the_canonical_answer(tmp_path):
     row = {"question": "Which band sang Help?",
            "answer": {"aliases": ["Beatles", "The Beatles"], "value": "The Fab Four",

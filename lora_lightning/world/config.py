@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 
 # Bump when the generator, tokenizer or training recipe changes, so old caches are not reused.
-WORLD_FORMAT_VERSION = 2  # 2: categorised facts carry `confidence`
+WORLD_FORMAT_VERSION = 3  # 2: facts carry `confidence`; 3: a refusal answer matches itself
 
 
 @dataclass
@@ -101,14 +101,14 @@ class WorldConfig:
         """The bench-scale world (docs/world.md): thousands of Unknown facts, a base model with
         benchmark skills it can lose, refusals, 2-hop questions and held-out templates."""
         return cls(
-            seed=seed, n_subjects=1400, relations_per_subject=6, n_towns=300, n_mentors=0,
-            zipf_exponent=0.8, refusal_fraction=0.1, known_fraction=0.5, rare_fraction=0.2,
+            seed=seed, n_subjects=900, relations_per_subject=6, n_towns=300, n_mentors=0,
+            zipf_exponent=0.8, refusal_fraction=0.1, known_fraction=0.58, rare_fraction=0.2,
             rare_exposure=0.15, pool_size=24, templates_per_fact=6, heldout_templates=2,
-            mentors_are_subjects=True, obscure_fraction=0.5, format_subjects=150,
-            decoy_subjects=150, n_years=300, mc_heldout=300, truthful_questions=200,
-            format_fraction=0.25, vocab_size=2048, hidden_size=128, intermediate_size=384,
-            num_layers=4, num_heads=4, max_position_embeddings=512, train_steps=1200,
-            batch_size=48, learning_rate=4e-3, warmup_steps=60, max_turns=4,
+            mentors_are_subjects=True, obscure_fraction=0.4, format_subjects=60,
+            decoy_subjects=80, n_years=300, mc_heldout=200, truthful_questions=200,
+            format_fraction=0.15, vocab_size=1536, hidden_size=96, intermediate_size=256,
+            num_layers=4, num_heads=4, max_position_embeddings=512, train_steps=1450,
+            batch_size=48, learning_rate=5e-3, warmup_steps=50, max_turns=6,
             eval_batch_size=64,
         )
 
