@@ -83,8 +83,8 @@ def generate_world(config: WorldConfig) -> list[Fact]:
                  meta: dict) -> list[Fact]:
         out = []
         for i, subject in enumerate(people):
-            if all_relations:
-                relations = list(answerable)
+            if all_relations:  # every relation, the unanswerable one too
+                relations = [*answerable, rng.choice(refusal_relations)]
             else:
                 relations = rng.sample(answerable, config.relations_per_subject)
                 if rng.random() < config.refusal_fraction:
