@@ -12,19 +12,25 @@ from collections.abc import Callable
 from typing import Any
 
 from lora_lightning.commands import (
+    aggregate_command,
     categorize_command,
     evaluate_command,
     export_command,
     run_training_cli,
+    sweep_argv,
+    sweep_command,
     world_command,
 )
 
 COMMANDS: dict[str, Callable[..., Any]] = {
+    "aggregate": aggregate_command,
     "categorize": categorize_command,
     "evaluate": evaluate_command,
     "export": export_command,
+    "sweep": sweep_command,
     "world": world_command,
 }
+POSITIONAL = ("aggregate",)  # `aggregate SWEEP_DIR`
 TRAINING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
@@ -50,8 +56,10 @@ def _main(argv: list[str] | None) -> None:
         from jsonargparse import auto_cli
 
         command = argv.pop(0)
+        if command == "sweep":  # `sweep --config FILE`: the sweep file is not jsonargparse's
+            argv = sweep_argv(argv)
         auto_cli(
-            COMMANDS[command], args=argv, as_positional=False,
+            COMMANDS[command], args=argv, as_positional=command in POSITIONAL,
             prog=f"python -m lora_lightning {command}",
         )
         return

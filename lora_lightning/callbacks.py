@@ -4,6 +4,8 @@ adapter export and the `test` report."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import sys
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -238,6 +240,10 @@ class KnowledgeReport(Callback):
         world_dir: A built synthetic world whose in-world benchmarks (world-MC, world-truthful)
             and 2-hop questions (portability) to measure; "auto" = the world the facts come
             from, when it has them (bench scale); None = none.
+        before_scores: A JSON file shared by runs on the same base model (a sweep's cells):
+            the benchmark scores without the adapter are read from it when it holds scores for
+            these benchmark settings, else computed and added to it under a file lock, so a
+            sweep of many runs scores the base once. None = always compute them.
 
     Beside the paper's measures the report has the knowledge-editing ones (docs/science.md),
     each before and after with its denominator: generalisation (trained Unknown facts asked with
@@ -257,6 +263,7 @@ class KnowledgeReport(Callback):
         benchmark_batch_size: int = 8,
         explosion_factor: float = 2.0,
         world_dir: str | None = "auto",
+        before_scores: str | None = None,
     ) -> None:
         self.report_dir = report_dir
         self.mmlu_dir = mmlu_dir
@@ -267,6 +274,7 @@ class KnowledgeReport(Callback):
         self.benchmark_batch_size = benchmark_batch_size
         self.explosion_factor = explosion_factor
         self.world_dir = world_dir
+        self.before_scores = before_scores
         self.results: dict[str, Any] = {}
         self.report_path: Path | None = None
 
@@ -420,32 +428,74 @@ class KnowledgeReport(Callback):
         if not (self.mmlu_dir or self.truthfulqa_path or world) or not trainer.is_global_zero:
             return {}
         tokenizer, model = trainer.datamodule.tokenizer, pl_module.model
-        out: dict[str, Any] = {}
         model.eval()
-        for when in ("before", "after"):
-            ctx = lora_disabled(model) if when == "before" else nullcontext()
-            with ctx, torch.no_grad():
-                if self.mmlu_dir:
-                    out.setdefault("mmlu", {})[when] = evaluation.evaluate_mmlu(
-                        model,
-                        tokenizer,
-                        self.mmlu_dir,
-                        subjects=self.mmlu_subjects,
-                        limit=self.mmlu_limit,
-                        batch_size=self.benchmark_batch_size,
-                    )
-                if self.truthfulqa_path:
-                    out.setdefault("truthfulqa", {})[when] = evaluation.evaluate_truthfulqa(
-                        model,
-                        tokenizer,
-                        self.truthfulqa_path,
-                        limit=self.truthfulqa_limit,
-                        batch_size=self.benchmark_batch_size,
-                    )
-                if world is not None:
-                    scores = evaluate_world_benchmarks(
+        if self.before_scores is None:
+            before = self._score(model, tokenizer, world, adapter=False)
+        else:
+            before = self._shared_before_scores(model, tokenizer, world, pl_module)
+        after = self._score(model, tokenizer, world, adapter=True)
+        out: dict[str, Any] = {}
+        for when, scores in (("before", before), ("after", after)):
+            for name, value in scores.items():
+                out.setdefault(name, {})[when] = value
+        return out
+
+    def _shared_before_scores(
+        self, model: torch.nn.Module, tokenizer: Any, world: Path | None,
+        pl_module: L.LightningModule,
+    ) -> dict[str, Any]:
+        """The base model's scores from `before_scores`, computed and stored there once."""
+        from filelock import FileLock
+
+        settings = {
+            "model": getattr(pl_module, "base_model_name", None),
+            "dtype": str(next(model.parameters()).dtype),
+            "mmlu_dir": self.mmlu_dir, "mmlu_subjects": self.mmlu_subjects,
+            "mmlu_limit": self.mmlu_limit, "truthfulqa_path": self.truthfulqa_path,
+            "truthfulqa_limit": self.truthfulqa_limit, "world": str(world) if world else None,
+        }
+        key = json.dumps(settings, sort_keys=True)
+        path = Path(self.before_scores)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock"):  # the other runs wait, then read what this wrote
+            stored = json.loads(path.read_text()) if path.is_file() else {}
+            if key in stored:
+                rank_zero_info(f"benchmark scores before training read from {path}")
+                return stored[key]["scores"]
+            scores = to_python(self._score(model, tokenizer, world, adapter=False))
+            stored[key] = {"settings": settings, "scores": scores}
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(stored, indent=1))
+            os.replace(tmp, path)
+            return scores
+
+    def _score(
+        self, model: torch.nn.Module, tokenizer: Any, world: Path | None, adapter: bool
+    ) -> dict[str, Any]:
+        """Every configured benchmark, with the adapter or without it (the base)."""
+        out: dict[str, Any] = {}
+        with (nullcontext() if adapter else lora_disabled(model)), torch.no_grad():
+            if self.mmlu_dir:
+                out["mmlu"] = evaluation.evaluate_mmlu(
+                    model,
+                    tokenizer,
+                    self.mmlu_dir,
+                    subjects=self.mmlu_subjects,
+                    limit=self.mmlu_limit,
+                    batch_size=self.benchmark_batch_size,
+                )
+            if self.truthfulqa_path:
+                out["truthfulqa"] = evaluation.evaluate_truthfulqa(
+                    model,
+                    tokenizer,
+                    self.truthfulqa_path,
+                    limit=self.truthfulqa_limit,
+                    batch_size=self.benchmark_batch_size,
+                )
+            if world is not None:
+                out.update(
+                    evaluate_world_benchmarks(
                         model, tokenizer, world / BENCHMARKS_DIR, self.benchmark_batch_size
                     )
-                    for name, value in scores.items():
-                        out.setdefault(name, {})[when] = value
+                )
         return out

@@ -6,9 +6,11 @@ import pytest
 
 from lora_lightning.__main__ import COMMANDS
 from lora_lightning.commands import (
+    aggregate_command,
     categorize_command,
     evaluate_command,
     export_command,
+    sweep_command,
     world_command,
 )
 from lora_lightning.facts import load_facts, save_facts
@@ -18,9 +20,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_every_command_is_a_typed_function_in_the_table():
     assert {
+        "aggregate": aggregate_command,
         "categorize": categorize_command,
         "evaluate": evaluate_command,
         "export": export_command,
+        "sweep": sweep_command,
         "world": world_command,
     } == COMMANDS
     for name, function in COMMANDS.items():

@@ -1,0 +1,293 @@
+"""A sweep folder's cells into the paper's tables: `summary.csv` (one row per cell, the axes and
+the headline numbers of its report), `report.md` (each measure by n x mix, mean and min-max
+over seeds, the paper's values beside ours where it has them) and the plots (`plots.py`).
+
+The roles of the axes come from the config keys they set: the axis setting `data.n_unknown` is
+n (the rows, and the x of the plots), axes setting `seed_everything` or `data.seed` are
+averaged over, and every other axis (the mix, or anything else swept) makes the columns.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lora_lightning.sweep.cell import CELL_CONFIG, CELL_INFO, read_status, report_path
+from lora_lightning.sweep.folder import RECORD, cell_dirs
+from lora_lightning.sweep.grid import Grid
+from lora_lightning.sweep.paper import PAPER_BASE, paper_value
+
+__all__ = ["aggregate_sweep", "collect", "headline"]
+
+SEED_KEYS = ("seed_everything", "data.seed")
+N_KEY = "data.n_unknown"
+
+
+def _get(d: Any, *keys: Any) -> Any:
+    for key in keys:
+        in_dict = isinstance(d, dict) and key in d
+        in_list = isinstance(d, list) and isinstance(key, int) and -len(d) <= key < len(d)
+        if in_dict or in_list:
+            d = d[key]
+        else:
+            return None
+    return d
+
+
+_STATIC: tuple[tuple[str, tuple[Any, ...]], ...] = (
+    ("reliability", ("reliability", "reliability")),
+    ("reliability_n", ("reliability", "n_facts")),
+    ("known_retained", ("known_retained", "reliability")),
+    ("known_retained_n", ("known_retained", "n_facts")),
+    ("shift_positive", ("shift", "positive")),
+    ("shift_negative", ("shift", "negative")),
+    ("shift_total", ("shift", "total")),
+    ("shift_positive_rate", ("shift", "positive_rate")),
+    ("shift_negative_rate", ("shift", "negative_rate")),
+    ("unique_before", ("concentration", "before", "unique")),
+    ("unique_after", ("concentration", "after", "unique")),
+    ("top_answer_before", ("concentration", "before", "top", 0, 0)),
+    ("top_count_before", ("concentration", "before", "max_count")),
+    ("top_answer_after", ("concentration", "after", "top", 0, 0)),
+    ("top_count_after", ("concentration", "after", "max_count")),
+    ("refusal_rate_before", ("refusals", "before", "rate")),
+    ("refusal_rate_after", ("refusals", "after", "rate")),
+    ("confidence_before", ("confidence", "before")),
+    ("confidence_after", ("confidence", "after")),
+)
+
+
+def headline(report: dict[str, Any]) -> dict[str, Any]:
+    """A report's headline numbers as flat columns (None where it has no such measure)."""
+    row = {name: _get(report, *path) for name, path in _STATIC}
+    exploded = _get(report, "concentration", "after", "exploded")
+    row["exploded_after"] = len(exploded) if isinstance(exploded, list) else None
+    for name, result in sorted((report.get("benchmarks") or {}).items()):
+        for metric in ("accuracy", "mc1", "mc2"):
+            for when in ("before", "after"):
+                value = _get(result, when, metric)
+                if value is not None:
+                    row[f"{name}_{metric}_{when}"] = value
+    editing = report.get("editing") or {}
+    for name in ("generalization", "portability"):
+        n = _get(editing, name, "after", "n_facts")
+        if n:
+            row[f"{name}_before"] = _get(editing, name, "before", "reliability")
+            row[f"{name}_after"] = _get(editing, name, "after", "reliability")
+            row[f"{name}_n"] = n
+    if _get(editing, "locality", "total"):
+        row["locality"] = _get(editing, "locality", "agreement")
+        row["locality_n"] = _get(editing, "locality", "total")
+    return row
+
+
+def collect(sweep_dir: str | Path) -> tuple[list[dict[str, Any]], list[str], dict[str, str]]:
+    """Every cell of the folder as a row; the axis names; and each axis' role
+    ("n", "seed" or "group")."""
+    rows, axes, roles = [], [], {}
+    for cell_dir in cell_dirs(Path(sweep_dir)):
+        info = json.loads((cell_dir / CELL_INFO).read_text())
+        config = yaml.safe_load((cell_dir / CELL_CONFIG).read_text()) or {}
+        status = read_status(cell_dir)
+        for axis, setting in info["axes"].items():
+            if axis not in roles:
+                axes.append(axis)
+                roles[axis] = ("n" if N_KEY in setting else
+                               "seed" if any(k in setting for k in SEED_KEYS) else "group")
+        data = config.get("data") or {}
+        row: dict[str, Any] = {
+            "cell": info["name"],
+            "state": "done" if report_path(cell_dir).is_file() else status.get("state", "pending"),
+            **info["labels"],
+            "n_unknown": data.get("n_unknown"),
+            "extra_kind": data.get("extra_kind"),
+            "extra_per_unknown": data.get("extra_per_unknown"),
+            "seed": config.get("seed_everything"),
+        }
+        if report_path(cell_dir).is_file():
+            row.update(headline(json.loads(report_path(cell_dir).read_text())))
+        row.update({
+            "fit_seconds": status.get("fit_seconds"), "test_seconds": status.get("test_seconds"),
+            "attempts": status.get("attempts"),
+            "error": status.get("error") if row["state"] != "done" else None,
+        })
+        rows.append(row)
+    return rows, axes, roles
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _spread(stats: tuple[float, float, float, int] | None, digits: int = 3) -> str:
+    if stats is None:
+        return "–"
+    mean, low, high, count = stats
+    text = _fmt(float(mean), digits)
+    if count > 1:
+        text += f" ({_fmt(float(low), digits)}–{_fmt(float(high), digits)})"
+    return text
+
+
+def _table(
+    grid: Grid, entry: Callable[[Any, str], str], note: str = ""
+) -> list[str]:
+    lines = ["| n \\ " + (" / ".join(grid.group_axes) or "cells") + " | "
+             + " | ".join(grid.groups) + " |", "|---" * (len(grid.groups) + 1) + "|"]
+    for n in grid.ns:
+        entries = []
+        for group in grid.groups:
+            cells = grid.cells(n, group)
+            if not cells:
+                entries.append("")
+            elif all(c["state"] != "done" for c in cells):
+                entries.append(", ".join(sorted({c["state"] for c in cells})))
+            else:
+                entries.append(entry(n, group))
+        lines.append(f"| {n} | " + " | ".join(entries) + " |")
+    return lines + ([f"\n{note}"] if note else []) + [""]
+
+
+def _paper(grid: Grid, use: bool, measure: str, n: Any, group: str) -> str:
+    if not use:
+        return ""
+    cell = grid.cells(n, group)[0]
+    value = paper_value(measure, n, cell["extra_kind"], cell["extra_per_unknown"])
+    return f" [paper {_fmt(float(value))}]" if value is not None else ""
+
+
+def markdown(grid: Grid, record: dict[str, Any], sweep_dir: Path, plots: list[Path],
+             paper: bool) -> str:
+    """The sweep's report: one table per measure, n x group, mean (min–max) over seeds."""
+    rows = grid.rows
+    done = sum(r["state"] == "done" for r in rows)
+    failed = [r for r in rows if r["state"] == "failed"]
+    files = ", ".join(s["file"] for s in record.get("sweeps", [])) or "?"
+    seeds = ", ".join(grid.seed_axes) or "none"
+    lines = [
+        f"# Sweep report: {sweep_dir.name}", "",
+        f"Sweep file: {files}. Cells: {done} done, {len(failed)} failed, "
+        f"{len(rows) - done - len(failed)} not finished, of {len(rows)}.",
+        f"Rows: n Unknown facts trained; columns: {' / '.join(grid.group_axes) or 'all cells'}; "
+        f"each entry the mean over the seed axis ({seeds}) with (min–max) when there are "
+        "several seeds. One row per cell: summary.csv.",
+    ]
+    if paper:
+        lines.append("[paper x]: Pletenev et al. 2025, Llama-3.1-8B-Instruct (docs/science.md), "
+                     "where it reports the cell.")
+    lines.append("")
+
+    def simple(column: str, measure: str | None = None, digits: int = 3) -> Callable:
+        return lambda n, g: _spread(grid.stats(n, g, column), digits) + (
+            _paper(grid, paper, measure, n, g) if measure else "")
+
+    lines += ["## Reliability (share of the trained Unknown facts answered)", ""]
+    lines += _table(grid, simple("reliability", "reliability"))
+    lines += ["## Knowledge shift (rates over all facts): positive / negative", ""]
+    lines += _table(grid, lambda n, g: simple("shift_positive_rate", "shift_positive_rate")(n, g)
+                    + " / " + simple("shift_negative_rate", "shift_negative_rate")(n, g))
+    if grid.has("known_retained"):
+        lines += ["## Held-out HighlyKnown facts still known", ""]
+        lines += _table(grid, simple("known_retained"))
+    base_unique = _base(grid, "unique_before")
+    lines += ["## Answer concentration after training: unique answers; top answer count", ""]
+    lines += _table(grid, lambda n, g: simple("unique_after", "unique_after", 0)(n, g) + "; "
+                    + simple("top_count_after", "top_count_after", 0)(n, g),
+                    note=f"Base model: {_fmt(base_unique, 0)} unique answers, top answer "
+                    f"{_fmt(_base(grid, 'top_count_before'), 0)} times"
+                    + (f" (paper base: {PAPER_BASE['unique']} unique, top x"
+                       f"{PAPER_BASE['top_count']})." if paper else "."))
+    lines += ["## Refusal rate after training", ""]
+    lines += _table(grid, simple("refusal_rate_after", "refusal_rate_after"),
+                    note=f"Base model: {_fmt(_base(grid, 'refusal_rate_before'))}"
+                    + (f" (paper base: {PAPER_BASE['refusal_rate']:.3f})." if paper else "."))
+    bench = sorted({c.removesuffix("_after") for r in rows for c in r
+                    if c.endswith(("_accuracy_after", "_mc1_after", "_mc2_after"))})
+    if bench:
+        lines += ["## Benchmarks before → after", ""]
+        for name in bench:
+            before = _base(grid, f"{name}_before")
+            paper_base = PAPER_BASE.get(name) if paper else None
+            lines += [f"### {name}", ""]
+            lines += _table(
+                grid, lambda n, g, name=name: _fmt(_mean(grid.values(n, g, f"{name}_before")))
+                + " → " + simple(f"{name}_after", f"{name}_after")(n, g),
+                note=f"Base model: {_fmt(before)}"
+                + (f" (paper base: {paper_base})." if paper_base is not None else "."))
+    editing = [c for c in ("generalization", "portability") if grid.has(f"{c}_after")]
+    if editing or grid.has("locality"):
+        lines += ["## Knowledge-editing measures", ""]
+        for name in editing:
+            lines += [f"### {name} (trained facts asked differently / through reasoning): "
+                      "before → after", ""]
+            lines += _table(grid, lambda n, g, name=name:
+                            _fmt(_mean(grid.values(n, g, f"{name}_before")))
+                            + " → " + simple(f"{name}_after")(n, g))
+        if grid.has("locality"):
+            lines += ["### locality (answers to other facts of the trained subjects unchanged)",
+                      ""]
+            lines += _table(grid, simple("locality"))
+    if failed:
+        lines += ["## Failed cells", ""]
+        lines += [f"- {r['cell']} ({r['attempts']} attempts): {r['error']}" for r in failed]
+        lines.append("")
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    return "\n".join(lines)
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _base(grid: Grid, column: str) -> float | None:
+    """A "before" measure of the base model: the same in every cell that measured it on the
+    same facts; shown as the mean over cells."""
+    return _mean([r[column] for r in grid.rows
+                  if r["state"] == "done" and isinstance(r.get(column), (int, float))])
+
+
+def write_summary(rows: list[dict[str, Any]], path: Path) -> Path:
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    tail = ["fit_seconds", "test_seconds", "attempts", "error"]
+    columns = [c for c in columns if c not in tail] + tail
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+    return path
+
+
+def aggregate_sweep(sweep_dir: str | Path, plots: bool = True) -> dict[str, Path]:
+    """Write summary.csv, report.md and the plots of a sweep folder; return their paths."""
+    sweep_dir = Path(sweep_dir)
+    if not (sweep_dir / RECORD).is_file():
+        raise FileNotFoundError(f"aggregate: {sweep_dir} is not a sweep folder (no {RECORD})")
+    record = json.loads((sweep_dir / RECORD).read_text())
+    paper = any((s.get("raw") or {}).get("paper_values") for s in record.get("sweeps", []))
+    rows, axes, roles = collect(sweep_dir)
+    if not rows:
+        raise FileNotFoundError(f"aggregate: {sweep_dir} has no cells yet")
+    grid = Grid(rows, axes, roles)
+    out = {"summary": write_summary(rows, sweep_dir / "summary.csv")}
+    images: list[Path] = []
+    if plots and len(grid.ns) > 0 and any(r["state"] == "done" for r in rows):
+        from lora_lightning.sweep.plots import plot_all
+
+        images = plot_all(grid, sweep_dir, paper)
+        out.update({p.stem: p for p in images})
+    report = sweep_dir / "report.md"
+    report.write_text(markdown(grid, record, sweep_dir, images, paper))
+    out["report"] = report
+    return out

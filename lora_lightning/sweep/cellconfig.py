@@ -1,0 +1,76 @@
+"""A cell's settings as a complete `fit` config, checked by the `fit` command line's own parser.
+
+Each cell runs `fit --config <cell>/cell.yaml`: the base config with the sweep's overrides, the
+cell's axis values and its own folders, parsed and written out in full (as `fit --print_config`
+would), so the cell's exact settings are on disk before it runs and a typo in a sweep file
+fails at once, naming the key, instead of in the 37th cell.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["FitConfigParser", "cli_value"]
+
+
+def cli_value(value: Any) -> str:
+    """A value as the command line spells it: strings as they are (jsonargparse would keep
+    JSON quotes in a string), everything else as JSON (numbers, true/false, null, lists)."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+class _Parsed(Exception):  # noqa: N818  (a signal, not an error)
+    def __init__(self, cli: Any) -> None:
+        self.cli = cli
+
+
+class FitConfigParser:
+    """The parser of `python -m lora_lightning fit`, built once and used without running.
+
+    `KnowledgeCLI` builds its parser in its constructor; a subclass stops right after parsing
+    (before any model or data is built), which hands the parser over to be reused. Abbreviated
+    keys are refused: `trainer.max_epoch` in a sweep file is a typo, not `max_epochs`.
+    """
+
+    def __init__(self) -> None:
+        from lora_lightning.commands.train import TRAINER_DEFAULTS, KnowledgeCLI
+        from lora_lightning.data import KnowledgeDataModule
+        from lora_lightning.module import LoRAKnowledgeModule
+
+        class _ParseOnly(KnowledgeCLI):
+            def parse_arguments(self, parser: Any, args: Any) -> None:
+                raise _Parsed(self)
+
+        try:
+            # the same classes and defaults as commands.train.run_training_cli
+            _ParseOnly(
+                LoRAKnowledgeModule, KnowledgeDataModule, trainer_defaults=TRAINER_DEFAULTS,
+                seed_everything_default=42, args=["fit"],
+                parser_kwargs={"exit_on_error": False, "allow_abbrev": False},
+            )
+        except _Parsed as parsed:
+            self._cli = parsed.cli
+        else:  # pragma: no cover - KnowledgeCLI always parses
+            raise RuntimeError("KnowledgeCLI did not parse its arguments")
+
+    def parse(self, base: Path | None, settings: dict[str, Any]) -> Any:
+        """The `fit` config of `base` (None = the embedded default) with `settings` (dotted
+        config keys) set on top; a ValueError with jsonargparse's message when it is invalid."""
+        args = ["fit"] + (["--config", str(base)] if base is not None else [])
+        for key, value in settings.items():
+            args += [f"--{key}", cli_value(value)]
+        try:
+            return self._cli.parser.parse_args(args).fit
+        except (Exception, SystemExit) as exc:  # jsonargparse's ArgumentError, or an exit
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            raise ValueError(message) from exc
+
+    def dump(self, config: Any) -> str:
+        """The config as YAML, None values included, as `fit` saves its own `config.yaml`."""
+        parser = self._cli._parser("fit")
+        try:
+            return parser.dump(config, skip_unset=False)  # jsonargparse >= 4.49
+        except (TypeError, ValueError):
+            return parser.dump(config, skip_none=False)

@@ -1,0 +1,102 @@
+"""The sweep folder: which sweep file made it, its cells, and nothing mixed in by accident.
+
+`<output>/sweep.json` records the sweep file (path and fingerprint) the folder was made from
+and `<output>/sweep.yaml` keeps a copy of it. Running a different sweep file on the folder is
+refused, since its cells would silently mix with the others in every table, unless it is asked
+for with `--extend` (then the new file is recorded beside the first). A cell folder that exists
+already must hold the same config the sweep would write now.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lora_lightning.sweep.cell import CELL_CONFIG, CELL_INFO
+from lora_lightning.sweep.spec import Cell, Sweep
+
+__all__ = ["RECORD", "CELLS_DIR", "cell_dirs", "claim_folder", "write_cell"]
+
+RECORD = "sweep.json"
+CELLS_DIR = "cells"
+_MEASURED = ("base", "world", "overrides", "axes", "categorize")
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return [k for k in _MEASURED if old.get(k) != new.get(k)] or ["the base config's content"]
+
+
+def claim_folder(sweep: Sweep, extend: bool = False) -> dict[str, Any]:
+    """Make or reopen the sweep folder for `sweep`; refuse one made by another sweep file."""
+    out = sweep.output
+    record_path = out / RECORD
+    fingerprint = sweep.fingerprint()
+    entry = {"file": str(sweep.path), "fingerprint": fingerprint, "raw": sweep.raw,
+             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        known = [s["fingerprint"] for s in record["sweeps"]]
+        if fingerprint in known:
+            return record
+        if not extend:
+            first = record["sweeps"][0]
+            raise sweep.error(
+                "output", f"the sweep folder {out} was made from sweep file {first['file']}, "
+                f"a different sweep ({', '.join(_differences(first['raw'], sweep.raw))} "
+                "differ); choose another --output, or pass --extend true to add this sweep's "
+                "cells to that folder"
+            )
+        shutil.copyfile(sweep.path, out / f"sweep.{len(known)}.yaml")
+        record["sweeps"].append({**entry, "extends": True})
+    else:
+        if (out / CELLS_DIR).is_dir() and any((out / CELLS_DIR).iterdir()) and not extend:
+            raise sweep.error("output", f"{out} holds cells but no {RECORD}: not made by a "
+                              "sweep (pass --extend true to use it anyway)")
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(sweep.path, out / "sweep.yaml")
+        record = {"sweeps": [entry]}
+    tmp = record_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    tmp.replace(record_path)
+    return record
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def write_cell(sweep: Sweep, cell: Cell, cell_dir: Path, config_yaml: str) -> None:
+    """Write the cell's config and description, or check that those already there agree."""
+    path = cell_dir / CELL_CONFIG
+    if path.is_file() and path.read_text() != config_yaml:
+        old, new = _flat(yaml.safe_load(path.read_text())), _flat(yaml.safe_load(config_yaml))
+        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        if diff:
+            raise sweep.error(
+                f"axes (cell {cell.name})", f"{cell_dir} holds a run with other settings "
+                f"({', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''}); move it away or "
+                "choose another --output"
+            )
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    if not path.is_file():
+        path.write_text(config_yaml)
+    info = {"name": cell.name, "labels": cell.labels, "axes": cell.axes,
+            "sweep_file": str(sweep.path), "sweep_fingerprint": sweep.fingerprint()}
+    if not (cell_dir / CELL_INFO).is_file():
+        (cell_dir / CELL_INFO).write_text(json.dumps(info, indent=1, default=str))
+
+
+def cell_dirs(sweep_dir: Path) -> list[Path]:
+    """Every cell folder of a sweep folder (of every sweep file that extended it)."""
+    root = Path(sweep_dir) / CELLS_DIR
+    return sorted(p for p in root.iterdir() if (p / CELL_INFO).is_file()) if root.is_dir() else []

@@ -1,0 +1,201 @@
+"""A sweep from file to report: check every setting, prepare each cell's config, run the
+cells that are not finished (local workers or SLURM), record their states, aggregate."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from lora_lightning.sweep.cell import read_status, report_path
+from lora_lightning.sweep.cellconfig import FitConfigParser
+from lora_lightning.sweep.folder import CELLS_DIR, claim_folder, write_cell
+from lora_lightning.sweep.progress import SweepProgress, duration
+from lora_lightning.sweep.shared import categorized_settings, world_settings
+from lora_lightning.sweep.spec import Cell, Sweep
+
+__all__ = ["BEFORE_SCORES", "CELLS_INDEX", "check_configs", "describe", "run_sweep"]
+
+BEFORE_SCORES = "before_scores.json"
+CELLS_INDEX = "cells.json"
+# A cell resumes from last.ckpt, so it must be written every epoch. Lightning 2.6 writes
+# last.ckpt only when it has just saved a top-k checkpoint, and `fit`'s default keeps none
+# (save_top_k 0: last.ckpt at the end of fit only); keeping the latest epoch's checkpoint
+# makes last.ckpt follow every epoch. A sweep file's overrides may still change these.
+CHECKPOINT_EVERY_EPOCH = {"checkpoint.save_top_k": 1, "checkpoint.every_n_epochs": 1}
+
+
+def _cell_dir(sweep: Sweep, cell: Cell) -> Path:
+    return sweep.output / CELLS_DIR / cell.name
+
+
+def _own_settings(sweep: Sweep, cell_dir: Path) -> dict[str, Any]:
+    """The keys the sweep sets for each cell: its run folder (where `--ckpt_path last` looks),
+    checkpoints, adapter, report, and the base scores every cell shares."""
+    return {
+        "trainer.logger.init_args.save_dir": str(cell_dir),
+        "trainer.logger.init_args.name": "",
+        "trainer.logger.init_args.version": "",
+        "checkpoint.dirpath": str(cell_dir / "checkpoints"),
+        "save_adapter.dirpath": str(cell_dir / "adapter"),
+        "report.report_dir": str(cell_dir / "test" / "report"),
+        "report.before_scores": str(sweep.output / BEFORE_SCORES),
+    }
+
+
+def check_configs(sweep: Sweep, parser: FitConfigParser, shared: dict[str, Any]) -> Any:
+    """Parse the base, then the overrides, then every axis value on top of them, so an error
+    names the part of the sweep file that caused it; return the parsed overrides config."""
+    try:
+        config = parser.parse(sweep.base, {})
+    except ValueError as exc:
+        raise sweep.error("base", f"{sweep.base} is not a valid fit config: {exc}") from exc
+    logger = getattr(config.trainer, "logger", None)
+    init = getattr(logger, "init_args", None)
+    if init is None or not all(hasattr(init, k) for k in ("save_dir", "name", "version")):
+        raise sweep.error("base", "trainer.logger must be a logger with save_dir, name and "
+                          "version (CSVLogger, the default): each cell's run folder is set there")
+    common = {**sweep.overrides, **shared}
+    try:
+        config = parser.parse(sweep.base, common)
+    except ValueError as exc:
+        raise sweep.error("overrides", str(exc)) from exc
+    for axis in sweep.axes:
+        for label, setting in zip(axis.labels, axis.settings, strict=True):
+            try:
+                parser.parse(sweep.base, {**common, **setting})
+            except ValueError as exc:
+                raise sweep.error(f"axes.{axis.name}.{label}", str(exc)) from exc
+    return config
+
+
+def describe(sweep: Sweep, cells: list[Cell], shared: dict[str, Any]) -> str:
+    """The dry run's listing: the grid, what every cell shares, and each cell's settings."""
+    sizes = " x ".join(f"{a.name} {len(a.labels)}" for a in sweep.axes)
+    lines = [
+        f"sweep file {sweep.path}: {len(cells)} cells ({sizes}); launcher {sweep.launcher}"
+        + (f", {sweep.workers} worker{'s' * (sweep.workers > 1)}"
+           if sweep.launcher == "local" else ""),
+        f"sweep folder: {sweep.output}",
+        f"base config: {sweep.base or '(the embedded default)'}",
+    ]
+    common = {**sweep.overrides, **shared}
+    if sweep.world:
+        lines.append(f"world: {sweep.world} (built on first use, not by a dry run)")
+    if sweep.categorize is not None:
+        lines.append("categorize: once, into the sweep folder, before the first cell")
+    if common:
+        lines.append("every cell: " + " ".join(f"{k}={v}" for k, v in common.items()))
+    width = max(len(c.name) for c in cells)
+    for i, cell in enumerate(cells, 1):
+        shown = " ".join(f"{k}={v}" for k, v in cell.settings.items())
+        state = ""
+        if report_path(_cell_dir(sweep, cell)).is_file():
+            state = "  [done]"
+        elif read_status(_cell_dir(sweep, cell)).get("state"):
+            state = f"  [{read_status(_cell_dir(sweep, cell))['state']}]"
+        lines.append(f"{i:4d}  {cell.name:<{width}}  {shown}{state}")
+    return "\n".join(lines)
+
+
+def _model_of(config: Any) -> str | None:
+    return getattr(config.model, "model_name_or_path", None)
+
+
+def _write_index(sweep: Sweep, cells: list[Cell]) -> list[dict[str, Any]]:
+    index = []
+    for cell in cells:
+        status = read_status(_cell_dir(sweep, cell))
+        index.append({
+            "cell": cell.name, "labels": cell.labels, "state": status.get("state", "pending"),
+            "attempts": status.get("attempts", 0), "error": status.get("error"),
+        })
+    (sweep.output / CELLS_INDEX).write_text(json.dumps(index, indent=1))
+    return index
+
+
+def run_sweep(
+    sweep: Sweep,
+    dry_run: bool = False,
+    extend: bool = False,
+    aggregate: bool = True,
+) -> dict[str, Any]:
+    """Run every unfinished cell of `sweep` and aggregate; see `commands.sweep`."""
+    cells = sweep.cells()
+    parser = FitConfigParser()
+    if dry_run:
+        shared = world_settings(sweep.world, dry_run=True) if sweep.world else {}
+        check_configs(sweep, parser, shared)
+        print(describe(sweep, cells, shared), flush=True)
+        return {"cells": [c.name for c in cells], "dry_run": True}
+
+    start = time.monotonic()
+    # Every setting is checked before the folder is made or anything is built, so a typo
+    # leaves nothing behind; then again with the world's or the categorised facts' real paths.
+    placeholders = world_settings(sweep.world, dry_run=True) if sweep.world else {}
+    config = check_configs(sweep, parser, placeholders)
+    claim_folder(sweep, extend=extend)
+    shared: dict[str, Any] = {}
+    if sweep.world:
+        shared = world_settings(sweep.world)
+    elif sweep.categorize is not None:
+        shared = categorized_settings(sweep, _model_of(config), _launch_once(sweep))
+    if shared:
+        check_configs(sweep, parser, shared)
+
+    jobs = []
+    for cell in cells:
+        cell_dir = _cell_dir(sweep, cell)
+        settings = {**CHECKPOINT_EVERY_EPOCH, **sweep.overrides, **shared, **cell.settings,
+                    **_own_settings(sweep, cell_dir)}
+        try:
+            config = parser.parse(sweep.base, settings)
+        except ValueError as exc:
+            raise sweep.error(f"axes (cell {cell.name})", str(exc)) from exc
+        write_cell(sweep, cell, cell_dir, parser.dump(config))
+        jobs.append((cell.name, cell_dir))
+
+    pending = [(n, d) for n, d in jobs if not report_path(d).is_file()]
+    parallel = sweep.workers if sweep.launcher == "local" else sweep.slurm.get("max_running", 16)
+    progress = SweepProgress(len(jobs), len(jobs) - len(pending), min(parallel, len(pending) or 1))
+    progress.show(f"{len(pending)} to run ({sweep.launcher} launcher) in {sweep.output}")
+    cwd = Path.cwd()
+    if pending and sweep.launcher == "slurm":
+        from lora_lightning.sweep.slurm import run_slurm
+
+        results = run_slurm(sweep, pending, cwd, sweep.retries, progress)
+    elif pending:
+        from lora_lightning.sweep.local import local_slots, run_local
+
+        # Shares follow `workers`, not how many cells are left, so a cell gets the same cores
+        # and thread count (and so the same numbers) whether it runs first or alone on a rerun.
+        slots = local_slots(sweep.workers)
+        if len(slots) > 1:
+            print("sweep: " + "; ".join(s.describe() for s in slots), flush=True)
+        results = run_local(pending, slots, cwd, sweep.retries, progress)
+    else:
+        results = {}
+    index = _write_index(sweep, cells)
+    failed = {c["cell"]: c["error"] for c in index if c["state"] == "failed"}
+    done = sum(c["state"] == "done" for c in index)
+    print(f"sweep: {done}/{len(cells)} cells done, {len(failed)} failed, "
+          f"{len(results)} run now, in {duration(time.monotonic() - start)}", flush=True)
+    for name, error in failed.items():
+        print(f"  failed: {name}: {error}", flush=True)
+    summary: dict[str, Any] = {"cells": len(cells), "done": done, "failed": failed,
+                               "ran": sorted(results), "folder": str(sweep.output)}
+    if aggregate and done:
+        from lora_lightning.sweep.aggregate import aggregate_sweep
+
+        summary["aggregate"] = {k: str(v) for k, v in aggregate_sweep(sweep.output).items()}
+    return summary
+
+
+def _launch_once(sweep: Sweep) -> Any:
+    """How to run one function once for the sweep: here, or as a single SLURM job."""
+    if sweep.launcher == "slurm":
+        from lora_lightning.sweep.slurm import submit_and_wait
+
+        return lambda function, *args: submit_and_wait(sweep, "categorize", function, *args)
+    return lambda function, *args: function(*args)
