@@ -17,7 +17,7 @@ from torchmetrics import MeanMetric
 
 from lora_lightning.facts import Fact
 from lora_lightning.lora import count_parameters, inject_lora
-from lora_lightning.models import load_base_model, resolve_model
+from lora_lightning.models import check_world_facts, load_base_model, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,14 @@ class LoRAKnowledgeModule(L.LightningModule):
         self.val_loss = torch.nn.ModuleDict({k: MeanMetric() for k in ("unknown", "known")})
         # The frozen base is not in checkpoints; loading checks the LoRA keys itself.
         self.strict_loading = False
+
+    def setup(self, stage: str) -> None:
+        """Refuse to train on the synthetic world's facts (no `data.facts`) unless this is the
+        world's base: those facts are categorised for it (see `models.check_world_facts`)."""
+        data = self._trainer.datamodule if self._trainer is not None else None
+        hparams = getattr(data, "hparams", None)
+        if hparams is not None and "facts" in hparams:
+            check_world_facts(self.hparams.model_name_or_path, hparams["facts"])
 
     def configure_model(self) -> None:
         if self.model is not None:
