@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     """
     try:
         _main(argv)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
         if os.environ.get("LORA_LIGHTNING_DEBUG"):
             raise
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -279,6 +280,28 @@ class LoRAKnowledgeModule(L.LightningModule):
             torch.set_rng_state(meta["rng_cpu"])
             if meta["rng_cuda"] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(meta["rng_cuda"])
+
+
+def read_checkpoint(path: str | Path, what: str = "ckpt_path") -> dict[str, Any]:
+    """The contents of a checkpoint written by `fit`, read on the CPU with torch's weights-only
+    unpickler; anything else (a missing, damaged, truncated or foreign file) is one line naming
+    the path and what was expected, not an unpickler traceback."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: no checkpoint file at {str(path)!r}")
+    expected = "expected a .ckpt written by `python -m lora_lightning fit`"
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError, OSError, EOFError, RuntimeError, ... by damage
+        raise ValueError(
+            f"{what}: {str(path)!r} is not a readable checkpoint (damaged, truncated or another "
+            f"kind of file: {type(err).__name__}); {expected}"
+        ) from None
+    if not isinstance(checkpoint, dict) or not {"state_dict", "lora_lightning"} <= set(checkpoint):
+        raise ValueError(
+            f"{what}: {str(path)!r} is a PyTorch file but holds no LoRA training state; {expected}"
+        )
+    return checkpoint
 
 
 def _config_fingerprint(model: torch.nn.Module) -> dict[str, Any]:

@@ -212,3 +212,40 @@ def test_an_empty_fact_file_is_said_to_be_empty(small_world, tiny_model_dir, tmp
     data = KnowledgeDataModule(facts=str(empty), tokenizer=str(tiny_model_dir), n_unknown=1)
     with pytest.raises(ValueError, match=r"empty\.jsonl: is empty"):
         data.setup("fit")
+
+
+# -- 3, 11: export ----------------------------------------------------------------------------
+
+
+def test_export_refuses_a_non_empty_folder_and_replaces_it_whole_with_overwrite(
+    cli_run, tmp_path, capsys
+):
+    from lora_lightning.commands import export_command
+
+    root, _, _ = cli_run
+    ckpt = str(root / "run" / "checkpoints" / "last.ckpt")
+    out = export_command(ckpt, str(tmp_path / "out"), format="adapter")
+    adapter_files = sorted(p.name for p in out.iterdir())
+    assert "adapter_config.json" in adapter_files
+
+    with pytest.raises(FileExistsError, match=r"out'? is not empty; pass --overwrite"):
+        export_command(ckpt, str(tmp_path / "out"), format="merged")
+    assert sorted(p.name for p in out.iterdir()) == adapter_files
+
+    export_command(ckpt, str(tmp_path / "out"), format="merged", overwrite=True)
+    merged = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors" in merged and "config.json" in merged
+    assert not any(name.startswith("adapter_") for name in merged), "an export mixed with another"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "temporary folders left behind"
+
+    line = one_error_line(capsys, ["export", "--ckpt_path", ckpt, "--output", str(out)])
+    assert "--overwrite" in line
+
+
+def test_export_of_a_garbage_checkpoint_is_one_line_naming_it(tmp_path, capsys):
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"\x80\x04not a checkpoint at all" * 100)
+    line = one_error_line(capsys, ["export", "--ckpt_path", str(garbage), "--output",
+                                   str(tmp_path / "o")])
+    assert str(garbage) in line and "not a readable checkpoint" in line
+    assert not (tmp_path / "o").exists()
