@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +40,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         print("(set LORA_LIGHTNING_DEBUG=1 for the full traceback)", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # during training `fit` saves a checkpoint and says so itself
+        if os.environ.get("LORA_LIGHTNING_DEBUG"):
+            raise
+        print("interrupted", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
 
 
 def _main(argv: list[str] | None) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import lightning as L
+import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -498,7 +499,15 @@ class KnowledgeDataModule(L.LightningDataModule):
             self._train, batch_size=self.hparams.batch_size, sampler=sampler,
             collate_fn=self._collate(), num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0, position=self._batches_done,
+            generator=self._generator(),
         )
+
+    def _generator(self) -> torch.Generator:
+        """The loader's own generator. Without one, every `iter(loader)` draws its workers'
+        base seed from torch's global generator, the one LoRA dropout draws from: a run
+        resumed mid-epoch creates its iterator at a point the uninterrupted run did not, and
+        its dropout masks (hence its adapter) would differ from there on."""
+        return torch.Generator().manual_seed(self.hparams.seed)
 
     def _batches_done(self) -> int:
         """Training batches finished in the current epoch (what a resume must skip)."""
@@ -513,7 +522,7 @@ class KnowledgeDataModule(L.LightningDataModule):
         return DataLoader(
             self._val, batch_size=self.hparams.batch_size, shuffle=False,
             collate_fn=self._collate(), num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
+            persistent_workers=self.hparams.num_workers > 0, generator=self._generator(),
         )
 
     def test_dataloader(self) -> DataLoader:
@@ -531,7 +540,7 @@ class KnowledgeDataModule(L.LightningDataModule):
         )
         return DataLoader(
             self.test_facts, batch_size=self.hparams.batch_size, sampler=sampler,
-            collate_fn=_as_list,
+            collate_fn=_as_list, generator=self._generator(),
         )
 
     # ------------------------------------------------------------------ checkpoints

@@ -216,12 +216,20 @@ class LoRAKnowledgeModule(L.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         hp = self.hparams
         optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = hp.warmup_steps
+        total: int | None = None
 
         def linear(step: int) -> float:
+            nonlocal total
             if step < warmup:
                 return (step + 1) / warmup
+            if step == warmup:
+                return 1.0
+            if total is None:
+                # Asked at the first step, not here: Lightning's estimate sets up the training
+                # loader, and setting it up before a checkpoint's loop state is restored keeps
+                # a run resumed mid-epoch from skipping the batches it already trained on.
+                total = max(1, int(self.trainer.estimated_stepping_batches))
             return max(0.0, (total - step) / max(1, total - warmup))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear)

@@ -4,15 +4,19 @@ in one clear line."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 from unittest import mock
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from lora_lightning.__main__ import main
 
@@ -249,3 +253,198 @@ def test_export_of_a_garbage_checkpoint_is_one_line_naming_it(tmp_path, capsys):
                                    str(tmp_path / "o")])
     assert str(garbage) in line and "not a readable checkpoint" in line
     assert not (tmp_path / "o").exists()
+
+
+# -- 1, 2: killed and interrupted runs --------------------------------------------------------
+
+
+def fit_and_signal(
+    args: list[str], cwd: Path, when: str, signum: int
+) -> tuple[int, str, str]:
+    """Run `fit`, send `signum` as soon as it prints a progress line starting with `when`, and
+    return (exit code, stdout, stderr)."""
+    err_path = cwd / f"stderr-{signum}-{when.replace('/', '_').replace(' ', '_')}.txt"
+    with err_path.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lora_lightning", "fit", *args], cwd=cwd, env=_env(),
+            stdout=subprocess.PIPE, stderr=err, text=True,
+        )
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(when):
+                proc.send_signal(signum)
+                break
+        lines += proc.stdout.readlines()
+        code = proc.wait(timeout=300)
+    return code, "".join(lines), err_path.read_text()
+
+
+def metrics_rows(run: Path) -> list[dict[str, str]]:
+    with (run / "metrics.csv").open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def train_losses(run: Path) -> dict[int, float]:
+    """step -> train loss; every step logged at most once."""
+    rows = [r for r in metrics_rows(run) if r.get("train/loss")]
+    steps = [int(r["step"]) for r in rows]
+    assert len(steps) == len(set(steps)), f"steps logged twice: {sorted(steps)}"
+    return {int(r["step"]): float(r["train/loss"]) for r in rows}
+
+
+def val_epochs(run: Path) -> list[int]:
+    return [int(r["epoch"]) for r in metrics_rows(run) if r.get("val/loss_unknown")]
+
+
+@pytest.mark.slow
+def test_a_run_killed_or_interrupted_at_several_moments_resumes_to_the_same_adapter_and_log(
+    tiny_model_dir, tiny_fact_files, tmp_path
+):
+    """SIGKILL twice mid-epoch (resuming from the last end-of-epoch checkpoint), then SIGINT and
+    SIGTERM mid-epoch (each saves a mid-epoch checkpoint and says so): the adapter equals an
+    uninterrupted run's bit for bit, and metrics.csv holds every step and epoch exactly once,
+    with the same losses."""
+    epochs = 10
+    config = run_config(tmp_path, tiny_model_dir, tiny_fact_files, epochs)
+    common = ["--config", str(config)]
+    straight = cli("fit", *common, "--trainer.logger.init_args.save_dir", "straight",
+                   cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    cut = [*common, "--trainer.logger.init_args.save_dir", "cut"]
+    ckpt = tmp_path / "cut" / "checkpoints" / "last.ckpt"
+    epochs_saved = []
+    for resume, when, signum in [
+        (False, "epoch 3/10: 2/4", signal.SIGKILL),
+        (True, "epoch 5/10: 3/4", signal.SIGKILL),
+        (True, "epoch 7/10: 1/4", signal.SIGINT),
+        (True, "epoch 9/10: 2/4", signal.SIGTERM),
+    ]:
+        code, out, err = fit_and_signal(
+            [*cut, *(["--ckpt_path", "last"] if resume else [])], tmp_path, when, signum
+        )
+        assert code in (-signal.SIGKILL, 128 + signal.SIGINT, 128 + signal.SIGTERM), err[-3000:]
+        assert "fit summary" not in out, f"the run ended before the {when!r} signal"
+        if signum != signal.SIGKILL:
+            assert code == 128 + signum
+            name = signal.Signals(signum).name
+            said = [line for line in err.splitlines() if line.startswith("fit interrupted")]
+            assert len(said) == 1 and name in said[0], err[-3000:]
+            assert "cut/checkpoints/last.ckpt" in said[0]
+            assert "--ckpt_path last" in said[0]
+        saved = torch.load(ckpt, weights_only=False)
+        epochs_saved.append(saved["epoch"])
+    # SIGKILL: the last end-of-epoch checkpoint; SIGINT/SIGTERM: one taken mid-epoch 7 and 9
+    assert epochs_saved[0] in (1, 2) and epochs_saved[2] == 6 and epochs_saved[3] == 8
+    assert not list(ckpt.parent.glob(".*partial*")), "a temporary checkpoint was left behind"
+
+    done = cli("fit", *cut, "--ckpt_path", "last", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "cut" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
+
+    assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "straight")
+    assert len(train_losses(tmp_path / "cut")) == epochs * 4
+    assert val_epochs(tmp_path / "cut") == val_epochs(tmp_path / "straight") == list(range(10))
+
+
+def test_a_checkpoint_write_that_dies_half_way_leaves_the_previous_last_ckpt(tmp_path):
+    """The new checkpoint goes to a temporary file renamed over last.ckpt only when complete."""
+    from types import SimpleNamespace
+
+    from lora_lightning.checkpointing import RunCheckpoint
+
+    last = tmp_path / "last.ckpt"
+    torch.save({"global_step": 4}, last)
+
+    def dies_half_way(path, weights_only=False):
+        Path(path).write_bytes(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    trainer = SimpleNamespace(
+        is_global_zero=True, loggers=[], save_checkpoint=dies_half_way, global_step=8,
+        strategy=SimpleNamespace(barrier=lambda name: None),
+    )
+    with pytest.raises(OSError, match="disk full"):
+        RunCheckpoint(dirpath=tmp_path)._save_checkpoint(trainer, str(last))
+    assert torch.load(last, weights_only=True) == {"global_step": 4}
+
+
+def test_a_resumed_metrics_log_keeps_the_earlier_rows_once_and_drops_a_torn_row(tmp_path):
+    from lora_lightning.checkpointing import ResumableCSVLogger
+
+    run = tmp_path / "run"
+    first = ResumableCSVLogger(tmp_path, name="run", version="")
+    for step in range(8):  # an interrupted run; the checkpoint it left is at step 5
+        first.log_metrics({"train/loss": 10.0 - step}, step=step)
+    first.save()
+    with (run / "metrics.csv").open("a") as fh:
+        fh.write("7,")  # a row torn by the kill
+
+    resumed = ResumableCSVLogger(tmp_path, name="run", version="")
+    assert (run / "metrics.csv").is_file(), "nothing may be deleted before the new rows are"
+    resumed.start_at_step(5)
+    for step in range(5, 10):
+        resumed.log_metrics({"train/loss": 100.0 + step, "val/loss": 1.0}, step=step)
+    resumed.save()
+    losses = {int(r["step"]): float(r["train/loss"]) for r in metrics_rows(run)}
+    assert [int(r["step"]) for r in metrics_rows(run)] == list(range(10))
+    assert losses == {**{s: 10.0 - s for s in range(5)}, **{s: 100.0 + s for s in range(5, 10)}}
+
+    fresh = ResumableCSVLogger(tmp_path, name="run", version="")  # a new run in the folder
+    fresh.start_at_step(0)
+    fresh.log_metrics({"train/loss": 0.5}, step=0)
+    fresh.save()
+    assert [r["train/loss"] for r in metrics_rows(run)] == ["0.5"]
+
+
+# -- 5, 11: resuming with other settings, or from a damaged checkpoint ------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "named"),
+    [
+        ("--model.rank", "8", "model.rank (checkpoint 4, now 8)"),
+        ("--model.lr", "0.05", "model.lr (checkpoint 0.005, now 0.05)"),
+        ("--data.n_unknown", "6", "data.n_unknown (checkpoint 8, now 6)"),
+        ("--model.probe.n_exp", "3", "model.probe"),
+    ],
+)
+def test_resuming_with_other_model_or_data_settings_fails_naming_them(
+    cli_run, capsys, monkeypatch, option, value, named
+):
+    root, config, _ = cli_run
+    monkeypatch.chdir(root)
+    line = one_error_line(capsys, [
+        "fit", "--config", str(config), "--trainer.logger.init_args.save_dir", "run",
+        option, value, "--ckpt_path", "last",
+    ])
+    assert named in line and "run/checkpoints/last.ckpt" in line
+
+
+def test_resuming_with_more_epochs_applies_them(cli_run, tmp_path):
+    import shutil
+
+    root, config, _ = cli_run
+    shutil.copytree(root / "run", tmp_path / "run")
+    more = cli("fit", "--config", str(config), "--trainer.logger.init_args.save_dir", "run",
+               "--trainer.max_epochs", "2", "--data.num_workers", "0", "--ckpt_path", "last",
+               cwd=tmp_path)
+    assert more.returncode == 0, more.stderr[-3000:]
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 2 * 4
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["trainer"][
+        "max_epochs"] == 2
+    assert val_epochs(tmp_path / "run") == [0, 1]  # epoch 0's row kept, epoch 1's added
+
+
+def test_fit_from_a_garbage_checkpoint_is_one_line_naming_it(tmp_path, capsys):
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"\x80\x04not a checkpoint at all" * 100)
+    line = one_error_line(capsys, ["fit", "--ckpt_path", str(garbage),
+                                   "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert str(garbage) in line and "not a readable checkpoint" in line
