@@ -98,6 +98,9 @@ class LoRAKnowledgeModule(L.LightningModule):
         self.lora_names: list[str] = []
         self.base_model_name: str | None = None
         self.val_loss = torch.nn.ModuleDict({k: MeanMetric() for k in ("unknown", "known")})
+        # The loss of the first training batch, before any update (LoRA's B starts at zero, so
+        # this is the base model's): the "before" of the end-of-fit summary. Kept in checkpoints.
+        self.initial_train_loss: float | None = None
         # The frozen base is not in checkpoints; loading checks the LoRA keys itself.
         self.strict_loading = False
 
@@ -153,6 +156,8 @@ class LoRAKnowledgeModule(L.LightningModule):
         # For ThroughputMonitor: forward (2N) plus the input-gradient GEMMs (2N) per token of a
         # frozen base; no weight gradients. The LoRA terms are under 1% and left out.
         self.flops_per_batch = 4 * self._n_params * batch["input_ids"].numel()
+        if self.global_step == 0 and self.initial_train_loss is None:
+            self.initial_train_loss = float(out.loss.detach())
         self.log("train/loss", out.loss, prog_bar=True, batch_size=n, sync_dist=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
         return out.loss
@@ -250,6 +255,7 @@ class LoRAKnowledgeModule(L.LightningModule):
             "base_model": self.base_model_name,
             "base_config": _config_fingerprint(self.model),
             "lora_names": self.lora_names,
+            "initial_train_loss": self.initial_train_loss,
             # Dropout draws from the global generator: restoring it makes a resumed run exact.
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -281,6 +287,7 @@ class LoRAKnowledgeModule(L.LightningModule):
                 "checkpoint LoRA weights do not match this model's adapters (other target "
                 f"modules or rank?): missing {missing}, unexpected {unexpected}"
             )
+        self.initial_train_loss = meta.get("initial_train_loss")
         # The frozen base is already loaded: hand it back so the load finds every key.
         own = self.state_dict()
         checkpoint["state_dict"].update({k: v for k, v in own.items() if k not in expected})

@@ -448,3 +448,70 @@ def test_fit_from_a_garbage_checkpoint_is_one_line_naming_it(tmp_path, capsys):
     line = one_error_line(capsys, ["fit", "--ckpt_path", str(garbage),
                                    "--trainer.logger.init_args.save_dir", str(tmp_path)])
     assert str(garbage) in line and "not a readable checkpoint" in line
+
+
+# -- noise, the end-of-fit summary and the evaluate command -----------------------------------
+
+
+def test_fit_says_nothing_about_litlogger_or_leafspec_and_sums_up_before_and_after(cli_run):
+    root, _, fit = cli_run
+    assert "litlogger" not in fit.stderr and "LeafSpec" not in fit.stderr
+    summary = fit.stdout.split("=== lora-lightning fit summary ===", 1)[1]
+    rows = {line.split(":")[0]: line.split(":")[1].split() for line in summary.splitlines()
+            if line.startswith(("reliability", "HighlyKnown", "train loss"))}
+    assert rows["reliability (trained Unknown facts)"][0] == "0.0000"
+    assert rows["HighlyKnown facts retained"][0] == "1.0000"
+    before, after = map(float, rows["train loss (first batch / last batch)"])
+    assert before > 0 and after > 0
+    next_command = (f"python -m lora_lightning test --config {Path('run') / 'config.yaml'} "
+                    "--ckpt_path last")
+    assert next_command in summary
+
+
+def test_the_cli_silences_the_tokenizer_warning_about_prompts_it_cuts_on_purpose(
+    tiny_model_dir
+):
+    import logging
+
+    from lora_lightning.__main__ import quiet_known_noise
+    from lora_lightning.models import load_tokenizer
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transformers.tokenization_utils_base")
+    filters = list(logger.filters)  # as before any command ran in this process
+    for f in filters:
+        logger.removeFilter(f)
+    logger.addHandler(handler)
+    try:
+        tokenizer = load_tokenizer(str(tiny_model_dir))
+        tokenizer.model_max_length = 16
+        tokenizer("word " * 50)
+        assert any("longer than the specified maximum" in r.getMessage() for r in records)
+        records.clear()
+        quiet_known_noise()
+        again = load_tokenizer(str(tiny_model_dir))
+        again.model_max_length = 16
+        again("word " * 50)
+        assert not records
+    finally:
+        logger.removeHandler(handler)
+        logger.filters[:] = filters
+
+
+def test_evaluate_with_only_an_mmlu_limit_limits_truthfulqa_too_and_says_where_it_writes(
+    tiny_model_dir, tmp_path, capsys
+):
+    from lora_lightning.commands import evaluate_command
+
+    data = ROOT.parent / "shared" / "data"
+    out = tmp_path / "results" / "evaluation.json"
+    results = evaluate_command(model=str(tiny_model_dir), data_dir=str(data), mmlu_limit=2,
+                               mmlu_subjects=["astronomy"], n_shot=1, output=str(out),
+                               progress=False)
+    printed = capsys.readouterr().out
+    assert results["truthfulqa"]["n"] == 2 and results["mmlu"]["n"] == 2
+    assert "TruthfulQA is limited to 2 questions too" in printed
+    assert printed.index(f"results will be written to {out}") < printed.index("MMLU (1-shot)")
+    assert json.loads(out.read_text())["truthfulqa"]["n"] == 2

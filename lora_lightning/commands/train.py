@@ -150,13 +150,22 @@ class KnowledgeCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
     def after_fit(self) -> None:
+        run_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
         if self.trainer.is_global_zero:
-            print(fit_summary(self.trainer))
+            print(fit_summary(self.trainer, run_dir))
 
 
-def fit_summary(trainer) -> str:
-    """A few lines a researcher wants after `fit`: where things went and how it did."""
+def fit_summary(trainer, run_dir: str | Path | None = None) -> str:
+    """A few lines a researcher wants after `fit`: where things went, how the measures moved
+    from before training to now, and the command that measures the rest.
+
+    `run_dir` defaults to `trainer.log_dir`, which is a collective under DDP: pass it when only
+    one rank calls this.
+    """
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if run_dir is None:
+        run_dir = trainer.log_dir
+    run_dir = Path(run_dir or trainer.default_root_dir)
     lines = ["", "=== lora-lightning fit summary ==="]
     for cb in trainer.callbacks:
         if isinstance(cb, SaveAdapter) and cb.last_path is not None:
@@ -164,15 +173,31 @@ def fit_summary(trainer) -> str:
     ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "")
     if ckpt:
         lines.append(f"last checkpoint:       {ckpt}")
-    for key, label in (
-        ("train/loss", "train loss (last step)"),
-        ("val/loss_unknown", "val loss, trained Unknown facts"),
-        ("val/loss_known", "val loss, held-out HighlyKnown"),
-        ("val/reliability", "reliability (trained Unknown facts)"),
-        ("val/known_retained", "HighlyKnown facts retained"),
-    ):
-        if key in metrics:
-            lines.append(f"{label + ':':38s} {metrics[key]:.4f}")
+    # Before training, by the categories the mix was built from: every trained fact was
+    # Unknown (answered by none of the probe's prompts) and every held-out one HighlyKnown
+    # (answered by all), so reliability was 0 and retention 1 under the same probe. The train
+    # loss before is the first batch's, measured before the first update.
+    first_loss = getattr(trainer.lightning_module, "initial_train_loss", None)
+    rows = [
+        ("val/reliability", "reliability (trained Unknown facts)", 0.0),
+        ("val/known_retained", "HighlyKnown facts retained", 1.0),
+        ("train/loss", "train loss (first batch / last batch)", first_loss),
+        ("val/loss_unknown", "val loss, trained Unknown facts", None),
+        ("val/loss_known", "val loss, held-out HighlyKnown", None),
+    ]
+    shown = [(label, before, metrics[key]) for key, label, before in rows if key in metrics]
+    if shown:
+        lines.append(f"{'':38s} {'before':>8s} {'after':>8s}")
+        for label, before, after in shown:
+            was = "-" if before is None else f"{before:.4f}"
+            lines.append(f"{label + ':':38s} {was:>8s} {after:8.4f}")
+    config = run_dir / "config.yaml"
+    if config.is_file():
+        lines += [
+            "next, the full measurement (knowledge shift, answer concentration, refusals; add",
+            "--report.mmlu_dir and --report.truthfulqa_path for MMLU/TruthfulQA before vs after):",
+            f"  python -m lora_lightning test --config {config} --ckpt_path last",
+        ]
     return "\n".join(lines)
 
 
