@@ -34,6 +34,8 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.trainer.states import TrainerFn
 
+from lora_lightning.facts import excerpt
+
 __all__ = [
     "RESUMABLE_DATA_KEYS",
     "RESUMABLE_MODEL_KEYS",
@@ -144,8 +146,8 @@ class RunCheckpoint(ModelCheckpoint):
         for logger in trainer.loggers:
             if isinstance(logger, ResumableCSVLogger):
                 logger.start_at_step(trainer.global_step)
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be set from the main thread
+        if not self.save_last or threading.current_thread() is not threading.main_thread():
+            return  # no last.ckpt wanted; or not the main thread, where handlers can be set
         self._previous_handlers = {}
         for name in _SIGNALS:
             signum = getattr(signal, name)
@@ -173,7 +175,7 @@ class RunCheckpoint(ModelCheckpoint):
         if self._stop_pending or not self._stop_requested(trainer):
             return
         if self._validation_follows(trainer):
-            return  # stop after validation, at the epoch-end (or validation-end) checkpoint
+            return  # let validation run first: stop at the epoch-end checkpoint or a step later
         if self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         self._stop_pending = True
@@ -348,5 +350,6 @@ def resume_conflicts(
         saved, now = _plain(saved or {}), _plain(now or {})
         for key in sorted(set(saved) & set(now) - free - _SKIPPED_KEYS):
             if saved[key] != now[key]:
-                found.append(f"{prefix}.{key} (checkpoint {saved[key]!r}, now {now[key]!r})")
+                was, now_ = excerpt(saved[key], 80), excerpt(now[key], 80)
+                found.append(f"{prefix}.{key} (checkpoint {was}, now {now_})")
     return found

@@ -381,13 +381,13 @@ class KnowledgeDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Build the synthetic world once per machine (Lightning calls this on local rank 0)."""
         if self.hparams.facts is None:
-            check_world_facts(self.hparams.tokenizer, None)
+            check_world_facts(self.hparams.tokenizer, None, what="data.tokenizer")
             world.ensure_world()
 
     def _sources(self) -> tuple[str, str, str | None]:
         hp = self.hparams
         # the tokenizer is the model's (the CLI links them): the world's facts only fit the world
-        check_world_facts(hp.tokenizer, hp.facts)
+        check_world_facts(hp.tokenizer, hp.facts, what="data.tokenizer")
         if hp.facts is not None:
             pool = hp.fewshot_pool
             sidecar = pool_sidecar(hp.facts)

@@ -95,10 +95,10 @@ def resolve_tokenizer(name_or_path: str | None, progress: bool = True) -> str:
     return str(world.ensure_world(progress=progress).model_dir)
 
 
-def _is_world_model(model_name_or_path: str | None) -> bool:
+def _is_world_model(model_name_or_path: str | None, what: str) -> bool:
     if model_name_or_path in (None, WORLD_MODEL):
         return True
-    check_model_path(model_name_or_path)  # a path that is no model is the first thing to say
+    check_model_path(model_name_or_path, what)  # a path that is no model: the first thing to say
     path = Path(model_name_or_path).expanduser().resolve()
     home = world.default_home().expanduser().resolve()
     # Only a folder inside the world cache can be the world's base: compare it with the built
@@ -106,7 +106,9 @@ def _is_world_model(model_name_or_path: str | None) -> bool:
     return home in path.parents and path == world.ensure_world(progress=False).model_dir.resolve()
 
 
-def check_world_facts(model_name_or_path: str | None, facts: str | None) -> None:
+def check_world_facts(
+    model_name_or_path: str | None, facts: str | None, what: str = "model.model_name_or_path"
+) -> None:
     """Refuse to train another model on the synthetic world's facts.
 
     Without a fact file the mix comes from the world's facts, categorised (Unknown,
@@ -114,7 +116,7 @@ def check_world_facts(model_name_or_path: str | None, facts: str | None) -> None
     a random-weight or any other Llama those labels are wrong, so the "Unknown" facts it would
     learn and the "known" facts it should keep mean nothing.
     """
-    if facts is not None or _is_world_model(model_name_or_path):
+    if facts is not None or _is_world_model(model_name_or_path, what):
         return
     raise ValueError(
         f"data.facts is required with model {model_name_or_path!r}: the built-in facts are "
