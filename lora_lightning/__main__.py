@@ -6,8 +6,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -34,19 +37,66 @@ POSITIONAL = ("aggregate",)  # `aggregate SWEEP_DIR`
 TRAINING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
+class _DropMessages(logging.Filter):
+    """Drops log records whose message contains any of `needles`."""
+
+    def __init__(self, *needles: str) -> None:
+        super().__init__()
+        self.needles = needles
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not any(needle in message for needle in self.needles)
+
+
+def _add_filter(logger_name: str, needle: str) -> None:
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, _DropMessages) and f.needles == (needle,) for f in logger.filters):
+        logger.addFilter(_DropMessages(needle))
+
+
+def quiet_known_noise() -> None:
+    """Silence what every run printed and no user needs to read.
+
+    - Lightning's "Tip: ... try installing [litlogger]" advertisement;
+    - Lightning's own use of torch's deprecated `LeafSpec` (a FutureWarning on every fit);
+    - transformers' "Token indices sequence length is longer than the specified maximum" for
+      benchmark prompts, which the evaluation cuts to the model's context on purpose;
+    - transformers' "Loading weights" bar when stderr is a log file rather than a terminal.
+    """
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        _add_filter(name, "litlogger")  # the loggers of Lightning's rank_zero_info
+    warnings.filterwarnings(
+        "ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning
+    )
+    _add_filter(
+        "transformers.tokenization_utils_base", "Token indices sequence length is longer than"
+    )
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run a command; bad input ends with one clear line instead of a traceback.
 
     Set LORA_LIGHTNING_DEBUG=1 to see the full traceback of such an error.
     """
+    quiet_known_noise()
     try:
         _main(argv)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
         if os.environ.get("LORA_LIGHTNING_DEBUG"):
             raise
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         print("(set LORA_LIGHTNING_DEBUG=1 for the full traceback)", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # during training `fit` saves a checkpoint and says so itself
+        if os.environ.get("LORA_LIGHTNING_DEBUG"):
+            raise
+        print("interrupted", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
 
 
 def _main(argv: list[str] | None) -> None:

@@ -26,14 +26,20 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import lightning as L
+import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lora_lightning import world
-from lora_lightning.facts import Fact, load_facts, normalize_answer, pool_sidecar
+from lora_lightning.facts import Fact, excerpt, load_facts, normalize_answer, pool_sidecar
 from lora_lightning.knowledge import DEFAULT_POOL_SIZE
-from lora_lightning.models import resolve_model
+from lora_lightning.models import (
+    check_world_facts,
+    load_tokenizer,
+    resolve_tokenizer,
+    text_limit,
+)
 from lora_lightning.prompts import LossOn, encode_example, pad_batch
 
 log = logging.getLogger(__name__)
@@ -97,7 +103,7 @@ def _ordered(facts: Sequence[Fact], selection: Selection, seed: int, stream: str
 
 
 def _ids(facts: Sequence[Fact], limit: int = 5) -> str:
-    shown = ", ".join(f.id for f in facts[:limit])
+    shown = ", ".join(f.id if len(f.id) <= 40 else excerpt(f.id, 40) for f in facts[:limit])
     return shown + (", ..." if len(facts) > limit else "")
 
 
@@ -375,10 +381,13 @@ class KnowledgeDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Build the synthetic world once per machine (Lightning calls this on local rank 0)."""
         if self.hparams.facts is None:
+            check_world_facts(self.hparams.tokenizer, None, what="data.tokenizer")
             world.ensure_world()
 
     def _sources(self) -> tuple[str, str, str | None]:
         hp = self.hparams
+        # the tokenizer is the model's (the CLI links them): the world's facts only fit the world
+        check_world_facts(hp.tokenizer, hp.facts, what="data.tokenizer")
         if hp.facts is not None:
             pool = hp.fewshot_pool
             sidecar = pool_sidecar(hp.facts)
@@ -386,27 +395,27 @@ class KnowledgeDataModule(L.LightningDataModule):
                 # `categorize` saved its few-shot pool there: reuse it, so the categories
                 # before and after training come from the same prompts
                 pool = str(sidecar)
-            return hp.facts, resolve_model(hp.tokenizer), pool
+            return hp.facts, resolve_tokenizer(hp.tokenizer), pool
         built = world.ensure_world()
         pool = hp.fewshot_pool if hp.fewshot_pool is not None else str(built.pool_path)
-        return str(built.facts_path), resolve_model(hp.tokenizer), pool
+        return str(built.facts_path), resolve_tokenizer(hp.tokenizer), pool
 
     def setup(self, stage: str | None = None) -> None:
         """Load facts and tokenizer, build and encode the mix (once; every rank the same)."""
         if self._train is not None:
             return
-        from transformers import AutoTokenizer
-
         hp = self.hparams
         facts_source, tokenizer_source, pool_source = self._sources()
-        self.all_facts = load_facts(facts_source)
-        pool = load_facts(pool_source) if pool_source is not None else None
+        tokenizer = load_tokenizer(tokenizer_source, what="data.tokenizer")
+        # a question longer than the model takes is refused on its line, before any encoding
+        limit = text_limit(tokenizer_source, tokenizer)
+        self.all_facts = load_facts(facts_source, limit=limit)
+        pool = load_facts(pool_source, limit=limit) if pool_source is not None else None
         mix = build_mix(
             self.all_facts, n_unknown=hp.n_unknown, extra_per_unknown=hp.extra_per_unknown,
             extra_kind=hp.extra_kind, selection=hp.selection, seed=hp.seed, bias=hp.bias,
             bias_groups=hp.bias_groups, n_val_known=hp.n_val_known, fewshot_pool=pool,
         )
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(
                 f"tokenizer {tokenizer_source!r} has no chat template; prompts are rendered "
@@ -439,7 +448,7 @@ class KnowledgeDataModule(L.LightningDataModule):
                 self.hparams.loss_on,
             )
         except ValueError as exc:
-            raise ValueError(f"{source}: fact {fact.id!r}: {exc}") from exc
+            raise ValueError(f"{source}: fact {excerpt(fact.id)}: {exc}") from exc
 
     def mix_summary(self) -> dict[str, Any]:
         """Counts per kind for train and validation, and per category of the source facts."""
@@ -490,7 +499,15 @@ class KnowledgeDataModule(L.LightningDataModule):
             self._train, batch_size=self.hparams.batch_size, sampler=sampler,
             collate_fn=self._collate(), num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0, position=self._batches_done,
+            generator=self._generator(),
         )
+
+    def _generator(self) -> torch.Generator:
+        """The loader's own generator. Without one, every `iter(loader)` draws its workers'
+        base seed from torch's global generator, the one LoRA dropout draws from: a run
+        resumed mid-epoch creates its iterator at a point the uninterrupted run did not, and
+        its dropout masks (hence its adapter) would differ from there on."""
+        return torch.Generator().manual_seed(self.hparams.seed)
 
     def _batches_done(self) -> int:
         """Training batches finished in the current epoch (what a resume must skip)."""
@@ -505,7 +522,7 @@ class KnowledgeDataModule(L.LightningDataModule):
         return DataLoader(
             self._val, batch_size=self.hparams.batch_size, shuffle=False,
             collate_fn=self._collate(), num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
+            persistent_workers=self.hparams.num_workers > 0, generator=self._generator(),
         )
 
     def test_dataloader(self) -> DataLoader:
@@ -523,7 +540,7 @@ class KnowledgeDataModule(L.LightningDataModule):
         )
         return DataLoader(
             self.test_facts, batch_size=self.hparams.batch_size, sampler=sampler,
-            collate_fn=_as_list,
+            collate_fn=_as_list, generator=self._generator(),
         )
 
     # ------------------------------------------------------------------ checkpoints
@@ -540,9 +557,10 @@ class KnowledgeDataModule(L.LightningDataModule):
     def _check_fingerprint(self) -> None:
         expected = self._expected_fingerprint
         if expected is not None and self.mix is not None and self.mix.fingerprint() != expected:
-            raise RuntimeError(
+            raise ValueError(
                 "the checkpoint was trained on a different mix than this datamodule builds "
-                "(facts, n_unknown, extra_*, selection, seed or bias differ)"
+                f"from {self._source} (facts, n_unknown, extra_*, selection, seed or bias differ, "
+                "or the fact file changed since); resume with the run's own settings and facts"
             )
 
 

@@ -17,7 +17,7 @@ import os
 import re
 import string
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -38,6 +38,56 @@ def normalize_answer(text: str) -> str:
     text = "".join(ch for ch in text if ch not in _PUNCT)
     text = _ARTICLES.sub(" ", text)
     return " ".join(text.split())
+
+
+EXCERPT_CHARS = 60
+
+
+def excerpt(value: Any, limit: int = EXCERPT_CHARS) -> str:
+    """A value as an error message may echo it: its repr, cut to about `limit` characters.
+
+    Every error that quotes user data goes through here, so a 5 MB question in a fact file
+    gives a readable one-line error instead of 5 MB of terminal output.
+    """
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f" ({len(value):,} characters)" if isinstance(value, str | bytes) else ""
+    return f"{text[:limit]}...{size}"
+
+
+@dataclass(frozen=True)
+class TextLimit:
+    """The longest text (in tokens) a model can take, checked on every fact as it is read.
+
+    A question or answer longer than the model's context can never be probed or trained, and
+    tokenizing it (let alone generating after it) costs memory in proportion to its length, so
+    `load_facts(..., limit=...)` refuses it on the spot, naming the line. Texts of at most
+    `max_tokens` UTF-8 bytes cannot exceed `max_tokens` tokens with a byte-level tokenizer and
+    are not tokenized at all; longer ones are tokenized through a prefix of at most
+    `PREFIX_CHARS_PER_TOKEN * max_tokens` characters, so memory stays bounded whatever the
+    line's length.
+    """
+
+    max_tokens: int
+    count_tokens: Callable[[str], int]
+    what: str = "the model"
+
+    PREFIX_CHARS_PER_TOKEN = 16
+
+    def problem(self, text: str) -> str | None:
+        """Why `text` is too long, or None when it fits."""
+        if len(text.encode("utf-8")) <= self.max_tokens:
+            return None
+        cut = self.PREFIX_CHARS_PER_TOKEN * self.max_tokens
+        n_tokens = self.count_tokens(text[:cut])
+        if n_tokens <= self.max_tokens and len(text) <= cut:
+            return None
+        counted = f"{n_tokens:,} tokens" if len(text) <= cut else f"over {n_tokens:,} tokens"
+        return (
+            f"{len(text):,} characters ({counted}), more than {self.what} takes "
+            f"({self.max_tokens:,} tokens); shorten it or drop the fact"
+        )
 
 
 @dataclass
@@ -121,15 +171,30 @@ _FACT_FIELDS = {f.name for f in fields(Fact)}
 _KP_COLUMNS = {"question", "answer", "Category", "para"}
 
 
+def _decode_line(path: Path, lineno: int, raw: bytes) -> str:
+    """One line as UTF-8 (a byte-order mark on the first line is allowed), else an error naming
+    the line and the first bad byte: a whole-file decode would only report a byte offset."""
+    try:
+        return raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError as exc:
+        raise FactFileError(
+            path, lineno, None, f"not UTF-8: byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} "
+            "of the line (Latin-1 or another legacy encoding?); save the file as UTF-8"
+        ) from None
+
+
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            line = _decode_line(path, lineno, raw)
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise FactFileError(path, lineno, None, f"invalid JSON ({exc.msg})") from None
+                raise FactFileError(
+                    path, lineno, None, f"invalid JSON ({exc.msg} at column {exc.colno})"
+                ) from None
             if not isinstance(row, dict):
                 raise FactFileError(
                     path, lineno, None, f"expected a JSON object, got {type(row).__name__}"
@@ -165,7 +230,7 @@ def _iter_arrow_folder(path: Path, split: str | None) -> Iterator[tuple[int, dic
                 )
             split = splits[0]
         if split not in splits:
-            raise FactFileError(path, None, None, f"no split {split!r}; splits are {splits}")
+            raise FactFileError(path, None, None, f"no split {excerpt(split)}; splits are {splits}")
         path = path / split
     state_file = path / "state.json"
     if not state_file.exists():
@@ -218,7 +283,7 @@ def _iter_hub(name: str, split: str | None) -> Iterator[tuple[int, dict[str, Any
 
 def _check_str_list(value: Any, src: str, line: int, name: str, allow_empty: bool) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise FactFileError(src, line, name, f"expected a list of strings, got {value!r:.80}")
+        raise FactFileError(src, line, name, f"expected a list of strings, got {excerpt(value)}")
     if not allow_empty and not [v for v in value if v.strip()]:
         raise EmptyAnswersError(src, line, name, "is empty: a fact needs at least one answer")
     return list(value)
@@ -228,7 +293,9 @@ def _check_category(value: Any, src: str, line: int, name: str) -> str | None:
     if value is None:
         return None
     if value not in CATEGORIES:
-        raise FactFileError(src, line, name, f"unknown category {value!r}; expected {CATEGORIES}")
+        raise FactFileError(
+            src, line, name, f"unknown category {excerpt(value)}; expected {CATEGORIES}"
+        )
     return value
 
 
@@ -246,7 +313,7 @@ def _kp_answer(value: Any, src: str, line: int) -> tuple[list[str], list[str]]:
     if not isinstance(value, dict):
         raise FactFileError(
             src, line, "answer", "expected {'aliases': [...], 'normalized_aliases': [...]} "
-            f"(or a list holding one such dict), got {value!r:.80}"
+            f"(or a list holding one such dict), got {excerpt(value)}"
         )
     if "aliases" not in value:
         raise FactFileError(src, line, "answer.aliases", "missing")
@@ -269,12 +336,16 @@ def _row_to_fact(row: dict[str, Any], src: str, line: int) -> Fact:
     if question is None:
         raise FactFileError(src, line, "question", "missing")
     if not isinstance(question, str) or not question.strip():
-        raise FactFileError(src, line, "question", f"expected a non-empty string, got {question!r}")
+        raise FactFileError(
+            src, line, "question", f"expected a non-empty string, got {excerpt(question)}"
+        )
 
     if "answers" in row:  # our flat shape: the Fact fields themselves
         unknown = sorted(set(row) - _FACT_FIELDS - {"Category"})
         if not isinstance(row.get("meta") or {}, dict):
-            raise FactFileError(src, line, "meta", f"expected an object, got {row['meta']!r:.80}")
+            raise FactFileError(
+                src, line, "meta", f"expected an object, got {excerpt(row['meta'])}"
+            )
         meta = dict(row.get("meta") or {})
         meta.update({k: row[k] for k in unknown})
         answers = _check_str_list(row["answers"], src, line, "answers", allow_empty=False)
@@ -292,18 +363,18 @@ def _row_to_fact(row: dict[str, Any], src: str, line: int) -> Fact:
         for name in ("relation", "subject"):
             value = row.get(name)
             if value is not None and not isinstance(value, str):
-                raise FactFileError(src, line, name, f"expected a string, got {value!r:.80}")
+                raise FactFileError(src, line, name, f"expected a string, got {excerpt(value)}")
             values[name] = value
         for name in ("p_greedy", "p_sampled", "confidence"):
             value = row.get(name)
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int | float)
             ):
-                raise FactFileError(src, line, name, f"expected a number, got {value!r:.80}")
+                raise FactFileError(src, line, name, f"expected a number, got {excerpt(value)}")
             values[name] = None if value is None else float(value)
         fact_id = row.get("id")
         if fact_id is not None and not isinstance(fact_id, str | int):
-            raise FactFileError(src, line, "id", f"expected a string, got {fact_id!r:.80}")
+            raise FactFileError(src, line, "id", f"expected a string, got {excerpt(fact_id)}")
         return Fact(
             id=_stable_id(question) if fact_id is None else str(fact_id),
             question=question,
@@ -363,6 +434,7 @@ def load_facts(
     *,
     on_duplicate: OnProblem = "drop",
     on_empty: OnProblem = "error",
+    limit: TextLimit | None = None,
 ) -> list[Fact]:
     """Read facts from any supported source, in file order.
 
@@ -376,7 +448,10 @@ def load_facts(
     duplicates are dropped, keeping the first, with a warning listing their ids
     (`on_duplicate="drop"`, the default: one repeated question in a large scraped dataset should
     not stop a run) or raise (`"error"`). A fact with no non-blank answer is malformed and raises
-    by default; `on_empty="drop"` drops it with a warning instead.
+    by default; `on_empty="drop"` drops it with a warning instead. A source with no facts at
+    all is an error too (an empty file would otherwise "succeed" with nothing to do), and with
+    `limit` a question, answer or paraphrase longer than the model can take is refused on its
+    line, before anything tokenizes it whole.
     """
     for name, value in (("on_duplicate", on_duplicate), ("on_empty", on_empty)):
         if value not in ("error", "drop"):
@@ -395,19 +470,23 @@ def load_facts(
                 raise
             empties.append(str(row.get("id", f"#{line}")))
             continue
+        if limit is not None:
+            _check_lengths(fact, limit, src, line, flat="answers" in row)
         key = normalize_answer(fact.question)
         if key in seen_questions:
             first_line, first_id = seen_questions[key]
             if on_duplicate == "error":
                 raise FactFileError(
-                    src, line, "question", f"duplicate of {first_id!r} (line/row {first_line}): "
-                    f"{fact.question!r}; pass on_duplicate='drop' to keep only the first"
+                    src, line, "question", f"duplicate of {excerpt(first_id)} (line/row "
+                    f"{first_line}): {excerpt(fact.question)}; pass on_duplicate='drop' to keep "
+                    "only the first"
                 )
             duplicates.append(fact.id)
             continue
         if fact.id in seen_ids:
             raise FactFileError(
-                src, line, "id", f"id {fact.id!r} already used at line/row {seen_ids[fact.id]}"
+                src, line, "id",
+                f"id {excerpt(fact.id)} already used at line/row {seen_ids[fact.id]}",
             )
         seen_questions[key] = (line, fact.id)
         seen_ids[fact.id] = line
@@ -421,11 +500,27 @@ def load_facts(
         log.warning(
             "%s: dropped %d facts with no answer: %s", src, len(empties), _preview(empties)
         )
+    if not facts:
+        problem = (
+            f"no facts left after dropping {len(empties)} without an answer" if empties
+            else "is empty: no facts in it (expected one JSON object per line, or a table "
+            "with a 'question' column)"
+        )
+        raise FactFileError(src, None, None, problem)
     return facts
 
 
+def _check_lengths(fact: Fact, limit: TextLimit, src: str, line: int, flat: bool) -> None:
+    answers, paraphrases = ("answers", "paraphrases") if flat else ("answer.aliases", "para")
+    texts = [("question", fact.question), *((answers, a) for a in fact.answers),
+             *((paraphrases, q) for q in fact.paraphrases)]
+    for name, text in texts:
+        if (problem := limit.problem(text)) is not None:
+            raise FactFileError(src, line, name, problem)
+
+
 def _preview(ids: Sequence[str], limit: int = 20) -> str:
-    shown = ", ".join(ids[:limit])
+    shown = ", ".join(excerpt(i, 40) if len(i) > 40 else i for i in ids[:limit])
     return shown + (f", ... (+{len(ids) - limit} more)" if len(ids) > limit else "")
 
 

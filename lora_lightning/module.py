@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -17,7 +18,7 @@ from torchmetrics import MeanMetric
 
 from lora_lightning.facts import Fact
 from lora_lightning.lora import count_parameters, inject_lora
-from lora_lightning.models import load_base_model, resolve_model
+from lora_lightning.models import check_world_facts, load_base_model, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,19 @@ class LoRAKnowledgeModule(L.LightningModule):
         self.lora_names: list[str] = []
         self.base_model_name: str | None = None
         self.val_loss = torch.nn.ModuleDict({k: MeanMetric() for k in ("unknown", "known")})
+        # The loss of the first training batch, before any update (LoRA's B starts at zero, so
+        # this is the base model's): the "before" of the end-of-fit summary. Kept in checkpoints.
+        self.initial_train_loss: float | None = None
         # The frozen base is not in checkpoints; loading checks the LoRA keys itself.
         self.strict_loading = False
+
+    def setup(self, stage: str) -> None:
+        """Refuse to train on the synthetic world's facts (no `data.facts`) unless this is the
+        world's base: those facts are categorised for it (see `models.check_world_facts`)."""
+        data = self._trainer.datamodule if self._trainer is not None else None
+        hparams = getattr(data, "hparams", None)
+        if hparams is not None and "facts" in hparams:
+            check_world_facts(self.hparams.model_name_or_path, hparams["facts"])
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -144,6 +156,8 @@ class LoRAKnowledgeModule(L.LightningModule):
         # For ThroughputMonitor: forward (2N) plus the input-gradient GEMMs (2N) per token of a
         # frozen base; no weight gradients. The LoRA terms are under 1% and left out.
         self.flops_per_batch = 4 * self._n_params * batch["input_ids"].numel()
+        if self.global_step == 0 and self.initial_train_loss is None:
+            self.initial_train_loss = float(out.loss.detach())
         self.log("train/loss", out.loss, prog_bar=True, batch_size=n, sync_dist=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
         return out.loss
@@ -207,12 +221,20 @@ class LoRAKnowledgeModule(L.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         hp = self.hparams
         optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = hp.warmup_steps
+        total: int | None = None
 
         def linear(step: int) -> float:
+            nonlocal total
             if step < warmup:
                 return (step + 1) / warmup
+            if step == warmup:
+                return 1.0
+            if total is None:
+                # Asked at the first step, not here: Lightning's estimate sets up the training
+                # loader, and setting it up before a checkpoint's loop state is restored keeps
+                # a run resumed mid-epoch from skipping the batches it already trained on.
+                total = max(1, int(self.trainer.estimated_stepping_batches))
             return max(0.0, (total - step) / max(1, total - warmup))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear)
@@ -233,6 +255,7 @@ class LoRAKnowledgeModule(L.LightningModule):
             "base_model": self.base_model_name,
             "base_config": _config_fingerprint(self.model),
             "lora_names": self.lora_names,
+            "initial_train_loss": self.initial_train_loss,
             # Dropout draws from the global generator: restoring it makes a resumed run exact.
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -264,6 +287,7 @@ class LoRAKnowledgeModule(L.LightningModule):
                 "checkpoint LoRA weights do not match this model's adapters (other target "
                 f"modules or rank?): missing {missing}, unexpected {unexpected}"
             )
+        self.initial_train_loss = meta.get("initial_train_loss")
         # The frozen base is already loaded: hand it back so the load finds every key.
         own = self.state_dict()
         checkpoint["state_dict"].update({k: v for k, v in own.items() if k not in expected})
@@ -271,6 +295,28 @@ class LoRAKnowledgeModule(L.LightningModule):
             torch.set_rng_state(meta["rng_cpu"])
             if meta["rng_cuda"] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(meta["rng_cuda"])
+
+
+def read_checkpoint(path: str | Path, what: str = "ckpt_path") -> dict[str, Any]:
+    """The contents of a checkpoint written by `fit`, read on the CPU with torch's weights-only
+    unpickler; anything else (a missing, damaged, truncated or foreign file) is one line naming
+    the path and what was expected, not an unpickler traceback."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: no checkpoint file at {str(path)!r}")
+    expected = "expected a .ckpt written by `python -m lora_lightning fit`"
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError, OSError, EOFError, RuntimeError, ... by damage
+        raise ValueError(
+            f"{what}: {str(path)!r} is not a readable checkpoint (damaged, truncated or another "
+            f"kind of file: {type(err).__name__}); {expected}"
+        ) from None
+    if not isinstance(checkpoint, dict) or not {"state_dict", "lora_lightning"} <= set(checkpoint):
+        raise ValueError(
+            f"{what}: {str(path)!r} is a PyTorch file but holds no LoRA training state; {expected}"
+        )
+    return checkpoint
 
 
 def _config_fingerprint(model: torch.nn.Module) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import torch
 
-from lora_lightning.facts import Fact
+from lora_lightning.facts import Fact, excerpt
 
 SYSTEM_PROMPT = "Answer the following question."
 IGNORE_INDEX = -100
@@ -100,7 +100,7 @@ def encode_example(
         raise ValueError(f"loss_on must be 'answer' or 'all', got {loss_on!r}")
     if len(ids) > max_length:
         raise ValueError(
-            f"example of {len(ids)} tokens exceeds max_length={max_length}: {question!r}"
+            f"example of {len(ids)} tokens exceeds max_length={max_length}: {excerpt(question)}"
         )
     return {"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)}
 

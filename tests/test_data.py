@@ -438,7 +438,7 @@ def test_resuming_on_a_different_mix_is_refused(fact_file, tokenizer_dir):
     same.load_state_dict(state)
     other = make_dm(fact_file, tokenizer_dir, n_unknown=5)
     other.setup("fit")
-    with pytest.raises(RuntimeError, match="different mix"):
+    with pytest.raises(ValueError, match="different mix"):
         other.load_state_dict(state)
 
 

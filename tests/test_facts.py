@@ -321,3 +321,88 @@ def test_triviaqa_style_value_becomes_the_canonical_answer(tmp_path):
     (fact,) = load_facts(write_jsonl(tmp_path / "tqa.jsonl", [row]))
     assert fact.answers == ["The Fab Four", "Beatles", "The Beatles"]
     assert fact.answer == "The Fab Four" and fact.normalized_answers == ["fab four", "beatles"]
+
+
+# -- bad input gets one clear line ------------------------------------------------------------
+
+
+def test_an_empty_source_is_said_to_be_empty(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(FactFileError, match=r"empty\.jsonl: is empty: no facts in it"):
+        load_facts(empty)
+    only_blank = write_jsonl(tmp_path / "blank.jsonl", [{"question": "Q?", "answers": [" "]}])
+    with pytest.raises(FactFileError, match="no facts left after dropping 1 without an answer"):
+        load_facts(only_blank, on_empty="drop")
+
+
+def test_latin_1_bytes_name_the_file_line_and_byte(tmp_path):
+    rows = [json.dumps({"question": f"Where is place {i}?", "answers": [f"town {i}"]}).encode()
+            for i in range(40)]
+    rows[33] = json.dumps({"question": "Où est Zoë?", "answers": ["Nîmes"]},
+                          ensure_ascii=False).encode("latin-1")
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(b"\n".join(rows) + b"\n")
+    with pytest.raises(FactFileError, match=r"latin\.jsonl, line 34: not UTF-8: byte 0xf9"):
+        load_facts(path)
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + rows[0] + b"\n")
+    assert [f.question for f in load_facts(bom)] == ["Where is place 0?"]  # a BOM is fine
+
+
+def test_every_error_echoing_user_text_cuts_it_to_an_excerpt(tmp_path):
+    from lora_lightning.facts import excerpt
+    from lora_lightning.prompts import encode_example
+
+    long = "x" * 1_000_000
+    assert len(excerpt(long)) < 100 and "1,000,000 characters" in excerpt(long)
+    assert excerpt("short") == "'short'"
+    bad = [
+        # a duplicate question, and each field of a row holding a huge value
+        [{"question": long, "answers": ["a"]}, {"question": long, "answers": ["b"]}],
+        [{"question": "Q?", "answers": "not a list " + long}],
+        [{"question": "Q?", "answers": ["a"], "category": long}],
+        [{"question": "Q?", "answers": ["a"], "subject": [long]}],
+        [{"id": long, "question": "Q?", "answers": ["a"]},
+         {"id": long, "question": "Other?", "answers": ["a"]}],
+        [{"question": [long], "answers": ["a"]}],
+        [{"question": "Q?", "answer": {"aliases": long}}],
+    ]
+    for i, rows in enumerate(bad):
+        with pytest.raises(FactFileError) as info:
+            load_facts(write_jsonl(tmp_path / f"bad{i}.jsonl", rows), on_duplicate="error")
+        assert len(str(info.value)) < 300, str(info.value)[:300]
+
+    class Tokenizer:  # just enough of one to reach the length error
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            return " ".join(m["content"] for m in messages)
+
+        def __call__(self, text, add_special_tokens, return_offsets_mapping):
+            return {"input_ids": [0] * len(text),
+                    "offset_mapping": [(i, i + 1) for i in range(len(text))]}
+
+    with pytest.raises(ValueError, match="exceeds max_length") as info:
+        encode_example(Tokenizer(), long, "a", max_length=64)
+    assert len(str(info.value)) < 300
+
+
+def test_a_text_limit_refuses_over_long_texts_by_line_without_tokenizing_them_whole(tmp_path):
+    from lora_lightning.facts import TextLimit
+
+    seen: list[int] = []
+
+    def count(text: str) -> int:  # one token per word
+        seen.append(len(text))
+        return len(text.split())
+
+    limit = TextLimit(max_tokens=20, count_tokens=count)
+    ok = {"question": "Short enough?", "answers": ["yes"], "paraphrases": ["Fine " * 10]}
+    rows = [ok, {**ok, "question": "Long?", "paraphrases": ["word " * 1000]}]
+    with pytest.raises(FactFileError, match=r"line 2, field 'paraphrases': 5,000 characters "
+                                            r"\(over 64 tokens\), more than the model takes"):
+        load_facts(write_jsonl(tmp_path / "f.jsonl", rows), limit=limit)
+    assert max(seen) <= TextLimit.PREFIX_CHARS_PER_TOKEN * 20  # only a bounded prefix
+    kp = [{"question": "Q?", "answer": {"aliases": ["a " * 30]}}]
+    with pytest.raises(FactFileError, match=r"field 'answer.aliases': 60 characters \(30 token"):
+        load_facts(write_jsonl(tmp_path / "kp.jsonl", kp), limit=limit)
+    assert len(load_facts(write_jsonl(tmp_path / "ok.jsonl", [ok]), limit=limit)) == 1

@@ -8,7 +8,13 @@ import torch
 
 from lora_lightning.facts import load_facts, pool_sidecar, save_facts
 from lora_lightning.knowledge import DEFAULT_POOL_SIZE, categorize, category_counts, default_pool
-from lora_lightning.models import WORLD_MODEL, load_model, resolve_model
+from lora_lightning.models import (
+    WORLD_MODEL,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+    text_limit,
+)
 from lora_lightning.world import ensure_world
 
 
@@ -77,15 +83,18 @@ def categorize_command(
     if facts is None:
         raise ValueError("categorize: `facts` is required unless the model is the world's base")
 
-    all_facts = load_facts(Path(facts))
+    # The tokenizer first: a question longer than the model's context is refused on its line
+    # as the file is read, before any prompt holding it is rendered, tokenized or generated on.
+    limit = text_limit(model_path, load_tokenizer(model_path))
+    all_facts = load_facts(Path(facts), limit=limit)
     if pool is not None:
-        pool_facts = load_facts(Path(pool))
+        pool_facts = load_facts(Path(pool), limit=limit)
         pool_ids = {f.id for f in pool_facts}
         tested = [f for f in all_facts if f.id not in pool_ids]
     else:
         pool_file = pool_sidecar(out_path)
         if pool_file.exists():
-            pool_facts = load_facts(pool_file)
+            pool_facts = load_facts(pool_file, limit=limit)
             pool_ids = {f.id for f in pool_facts}
             tested = [f for f in all_facts if f.id not in pool_ids]
         else:
@@ -94,6 +103,12 @@ def categorize_command(
             save_facts(pool_facts, pool_file)
         if progress:
             print(f"few-shot pool: {len(pool_facts)} facts in {pool_file} (not categorised)")
+
+    if not tested:
+        raise ValueError(
+            f"categorize: nothing to categorise: all {len(all_facts)} facts of {facts} are in the "
+            "few-shot pool"
+        )
 
     lm, tokenizer = load_model(model_path, adapter, device=device, dtype=dtype)
     if threads is None and sum(p.numel() for p in lm.parameters()) < 10_000_000:

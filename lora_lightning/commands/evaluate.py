@@ -40,11 +40,15 @@ def evaluate_command(
         truthfulqa_path: TruthfulQA CSV (or its folder), overriding `data_dir` for TruthfulQA.
         benchmarks: which to run, from "mmlu" and "truthfulqa" (default both).
         mmlu_subjects: restrict MMLU to these subjects (file-name form, e.g. "high_school_biology").
-        mmlu_limit: at most this many test questions per subject.
+        mmlu_limit: at most this many test questions per subject. Given alone (no
+            `truthfulqa_limit`), TruthfulQA is limited to the same number of questions: a
+            limit asks for a quick look, not for all 817 TruthfulQA questions.
         n_shot: MMLU shots (first rows of the dev split), 0..5.
-        truthfulqa_limit: at most this many TruthfulQA questions.
+        truthfulqa_limit: at most this many TruthfulQA questions. Given alone, MMLU is limited
+            to the same number of questions per subject.
         batch_size: distinct model inputs per forward pass.
-        output: JSON file for the results; None writes nothing.
+        output: JSON file for the results (its path is printed before scoring starts); None
+            writes nothing.
         device: "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
         dtype: "auto" (bfloat16 on cuda, float32 on cpu), "float32", "bfloat16", "float16".
         progress: show progress bars.
@@ -56,6 +60,20 @@ def evaluate_command(
     unknown = set(chosen) - {"mmlu", "truthfulqa"}
     if unknown:
         raise ValueError(f"benchmarks: unknown {sorted(unknown)}; choose from mmlu, truthfulqa")
+    if {"mmlu", "truthfulqa"} <= set(chosen) and (mmlu_limit is None) != (truthfulqa_limit is None):
+        if mmlu_limit is None:
+            mmlu_limit = truthfulqa_limit
+            print(f"--truthfulqa_limit {truthfulqa_limit} without --mmlu_limit: MMLU is limited "
+                  f"to {mmlu_limit} questions per subject too (pass --mmlu_limit to choose)")
+        else:
+            truthfulqa_limit = mmlu_limit
+            print(f"--mmlu_limit {mmlu_limit} without --truthfulqa_limit: TruthfulQA is limited "
+                  f"to {truthfulqa_limit} questions too (pass --truthfulqa_limit to choose)")
+    path = None
+    if output is not None:
+        path = Path(output).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)  # fail now, not after the scoring
+        print(f"results will be written to {path}")
     model_path = resolve_model(model, progress=progress)
     lm, tokenizer = load_model(model_path, adapter, device=device, dtype=dtype)
 
@@ -76,9 +94,7 @@ def evaluate_command(
         )
         tqa = results["truthfulqa"]
         print(f"TruthfulQA: MC1 {tqa['mc1']:.4f}, MC2 {tqa['mc2']:.4f} over {tqa['n']} questions")
-    if output is not None:
-        path = Path(output)
-        path.parent.mkdir(parents=True, exist_ok=True)
+    if path is not None:
         path.write_text(json.dumps(results, indent=2))
         print(f"results written to {path}")
     return results

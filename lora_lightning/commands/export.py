@@ -3,13 +3,16 @@ Hugging Face model."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Literal
 
 import torch
 
 from lora_lightning.lora import save_adapter, unload_lora
-from lora_lightning.module import LoRAKnowledgeModule
+from lora_lightning.models import load_tokenizer
+from lora_lightning.module import LoRAKnowledgeModule, read_checkpoint
 
 
 def export_command(
@@ -17,33 +20,66 @@ def export_command(
     output: str,
     format: Literal["adapter", "merged"] = "adapter",
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
+    overwrite: bool = False,
 ) -> Path:
     """Export a `fit` checkpoint.
 
+    The export is written into a temporary folder beside `output` and renamed into place when
+    complete, so `output` never holds half an export, nor a mix of an old export's files and a
+    new one's (an adapter and a merged model in one folder load as neither).
+
     Args:
         ckpt_path: A checkpoint written by `python -m lora_lightning fit`.
-        output: Folder to write.
+        output: Folder to write; it must not exist or be empty, unless `overwrite`.
         format: "adapter" writes a PEFT adapter (adapter_config.json +
             adapter_model.safetensors); "merged" folds the adapter into the base and writes a
             full Hugging Face model (safetensors) with its tokenizer.
         dtype: dtype of the merged model's weights ("auto": the base checkpoint's own).
+        overwrite: Replace a non-empty `output` folder (all of its contents) with the export.
     """
-    from transformers import AutoTokenizer
-
-    if not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path: no checkpoint file at {ckpt_path!r}")
-    module = LoRAKnowledgeModule.load_from_checkpoint(ckpt_path, map_location="cpu")
+    read_checkpoint(ckpt_path, what="ckpt_path")  # one clear line for a missing/damaged file
     out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    if format == "adapter":
-        save_adapter(module.model, out, module.base_model_name)
-    else:
-        model = module.model
-        if dtype != "auto":  # cast first, so the merge rounds once, into the output dtype
-            model.to(getattr(torch, dtype))
-        unload_lora(model, merge=True)  # s*B@A formed in fp32, added, cast once
-        model.config.use_cache = True
-        model.save_pretrained(out, safe_serialization=True)
-        AutoTokenizer.from_pretrained(module.base_model_name).save_pretrained(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output: {output!r} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"output: {output!r} is not empty; pass --overwrite to replace its contents, or "
+            "choose a new folder"
+        )
+    module = LoRAKnowledgeModule.load_from_checkpoint(ckpt_path, map_location="cpu")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+    try:
+        if format == "adapter":
+            save_adapter(module.model, staging, module.base_model_name)
+        else:
+            model = module.model
+            if dtype != "auto":  # cast first, so the merge rounds once, into the output dtype
+                model.to(getattr(torch, dtype))
+            unload_lora(model, merge=True)  # s*B@A formed in fp32, added, cast once
+            model.config.use_cache = True
+            model.save_pretrained(staging, safe_serialization=True)
+            load_tokenizer(module.base_model_name).save_pretrained(staging)
+        _move_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     print(f"exported {format} to {out}")
     return out
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Rename the finished export to `out`; an existing `out` is set aside first and removed
+    only once the new one is in place, so a failure leaves the old folder or the new one."""
+    if not out.exists():
+        staging.rename(out)
+        return
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+    old.rmdir()
+    out.rename(old)
+    try:
+        staging.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -10,9 +10,8 @@ from typing import Any
 
 from jsonargparse import lazy_instance
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import CSVLogger
 
 from lora_lightning.callbacks import (
     KnowledgeEvalCallback,
@@ -21,8 +20,16 @@ from lora_lightning.callbacks import (
     SaveAdapter,
     TokenThroughputMonitor,
 )
+from lora_lightning.checkpointing import (
+    RESUMABLE_DATA_KEYS,
+    RESUMABLE_MODEL_KEYS,
+    ResumableCSVLogger,
+    RunCheckpoint,
+    resume_conflicts,
+)
 from lora_lightning.data import KnowledgeDataModule
-from lora_lightning.module import LoRAKnowledgeModule
+from lora_lightning.models import WORLD_MODEL, check_model_path
+from lora_lightning.module import LoRAKnowledgeModule, read_checkpoint
 
 RUN_DIR = "runs/default"
 
@@ -32,8 +39,9 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "devices": 1,
     "log_every_n_steps": 5,
     "num_sanity_val_steps": 0,
-    # One fixed folder per run, so `fit --ckpt_path last` finds the run's last.ckpt.
-    "logger": lazy_instance(CSVLogger, save_dir=RUN_DIR, name="", version=""),
+    # One fixed folder per run, so `fit --ckpt_path last` finds the run's last.ckpt; a resumed
+    # run extends its metrics.csv instead of starting it over.
+    "logger": lazy_instance(ResumableCSVLogger, save_dir=RUN_DIR, name="", version=""),
 }
 
 class KnowledgeCLI(LightningCLI):
@@ -43,7 +51,8 @@ class KnowledgeCLI(LightningCLI):
         parser.link_arguments("model.model_name_or_path", "data.tokenizer")
         parser.link_arguments("model.loss_on", "data.loss_on")
         # Always-present callbacks, each configurable under its own top-level key.
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # RunCheckpoint: last.ckpt after every epoch and on SIGINT/SIGTERM, written atomically.
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         # One last.ckpt per run folder (no last-v1.ckpt), so `--ckpt_path last` is this run's.
         parser.set_defaults(
             {
@@ -69,20 +78,47 @@ class KnowledgeCLI(LightningCLI):
             }
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's LightningCLI copies a checkpoint's model hyper-parameters over the
+        command line's here, silently (`--model.rank 4` resumed an r=8 run as r=8). We do not:
+        `before_instantiate_classes` refuses a resume whose settings differ instead."""
+
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
+        model_name = cfg.get("model.model_name_or_path")
+        if model_name not in (None, WORLD_MODEL):  # one line now, not a traceback later
+            check_model_path(model_name)
         ckpt = cfg.get("ckpt_path")
         if ckpt == "last":
             # Lightning would look in *this* run's folder and only warn when it finds nothing.
-            cfg.ckpt_path = str(self._last_checkpoint(cfg))
-        elif ckpt not in (None, "best", "hpc") and not Path(ckpt).is_file():
-            raise FileNotFoundError(
-                f"{self.subcommand} --ckpt_path: no checkpoint file at {ckpt!r}"
-            )
+            cfg.ckpt_path = ckpt = str(self._last_checkpoint(cfg))
+        if ckpt not in (None, "best", "hpc"):
+            self._check_resume(ckpt, cfg)
         if self.subcommand != "fit":  # log beside the fit run, not over its metrics.csv
             init = getattr(cfg.trainer.logger, "init_args", None)
             if init is not None and getattr(init, "version", None) == "":
                 init.version = self.subcommand
+
+    def _check_resume(self, ckpt: str, cfg) -> None:
+        """A readable checkpoint of ours, trained with the model and data settings given now.
+
+        Resuming (or testing) with other settings would train or measure something else than
+        the command line and the run's config.yaml say, so each difference is named. Trainer
+        settings (max_epochs, ...) and those in RESUMABLE_*_KEYS may change and apply.
+        """
+        checkpoint = read_checkpoint(ckpt, what=f"{self.subcommand} --ckpt_path")
+        conflicts = resume_conflicts(checkpoint, cfg.get("model"), cfg.get("data"))
+        if conflicts:
+            free = sorted(
+                [f"model.{k}" for k in RESUMABLE_MODEL_KEYS]
+                + [f"data.{k}" for k in RESUMABLE_DATA_KEYS]
+            )
+            raise ValueError(
+                f"--ckpt_path {ckpt}: it was trained with other settings: "
+                f"{'; '.join(conflicts)}. Use the run's own (--config <run>/config.yaml), or "
+                f"start a new run; only trainer settings and {', '.join(free)} may change on "
+                "resume"
+            )
 
     def _last_checkpoint(self, cfg) -> Path:
         """The fit run's last.ckpt: checkpoint.dirpath, else the logger's fixed run folder."""
@@ -114,13 +150,22 @@ class KnowledgeCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
     def after_fit(self) -> None:
+        run_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
         if self.trainer.is_global_zero:
-            print(fit_summary(self.trainer))
+            print(fit_summary(self.trainer, run_dir))
 
 
-def fit_summary(trainer) -> str:
-    """A few lines a researcher wants after `fit`: where things went and how it did."""
+def fit_summary(trainer, run_dir: str | Path | None = None) -> str:
+    """A few lines a researcher wants after `fit`: where things went, how the measures moved
+    from before training to now, and the command that measures the rest.
+
+    `run_dir` defaults to `trainer.log_dir`, which is a collective under DDP: pass it when only
+    one rank calls this.
+    """
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if run_dir is None:
+        run_dir = trainer.log_dir
+    run_dir = Path(run_dir or trainer.default_root_dir)
     lines = ["", "=== lora-lightning fit summary ==="]
     for cb in trainer.callbacks:
         if isinstance(cb, SaveAdapter) and cb.last_path is not None:
@@ -128,15 +173,31 @@ def fit_summary(trainer) -> str:
     ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "")
     if ckpt:
         lines.append(f"last checkpoint:       {ckpt}")
-    for key, label in (
-        ("train/loss", "train loss (last step)"),
-        ("val/loss_unknown", "val loss, trained Unknown facts"),
-        ("val/loss_known", "val loss, held-out HighlyKnown"),
-        ("val/reliability", "reliability (trained Unknown facts)"),
-        ("val/known_retained", "HighlyKnown facts retained"),
-    ):
-        if key in metrics:
-            lines.append(f"{label + ':':38s} {metrics[key]:.4f}")
+    # Before training, by the categories the mix was built from: every trained fact was
+    # Unknown (answered by none of the probe's prompts) and every held-out one HighlyKnown
+    # (answered by all), so reliability was 0 and retention 1 under the same probe. The train
+    # loss before is the first batch's, measured before the first update.
+    first_loss = getattr(trainer.lightning_module, "initial_train_loss", None)
+    rows = [
+        ("val/reliability", "reliability (trained Unknown facts)", 0.0),
+        ("val/known_retained", "HighlyKnown facts retained", 1.0),
+        ("train/loss", "train loss (first batch / last batch)", first_loss),
+        ("val/loss_unknown", "val loss, trained Unknown facts", None),
+        ("val/loss_known", "val loss, held-out HighlyKnown", None),
+    ]
+    shown = [(label, before, metrics[key]) for key, label, before in rows if key in metrics]
+    if shown:
+        lines.append(f"{'':38s} {'before':>8s} {'after':>8s}")
+        for label, before, after in shown:
+            was = "-" if before is None else f"{before:.4f}"
+            lines.append(f"{label + ':':38s} {was:>8s} {after:8.4f}")
+    config = run_dir / "config.yaml"
+    if config.is_file():
+        lines += [
+            "next, the full measurement (knowledge shift, answer concentration, refusals; add",
+            "--report.mmlu_dir and --report.truthfulqa_path for MMLU/TruthfulQA before vs after):",
+            f"  python -m lora_lightning test --config {config} --ckpt_path last",
+        ]
     return "\n".join(lines)
 
 
