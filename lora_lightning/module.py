@@ -19,6 +19,7 @@ from torchmetrics import MeanMetric
 from lora_lightning.facts import Fact
 from lora_lightning.lora import count_parameters, inject_lora
 from lora_lightning.models import check_world_facts, load_base_model, resolve_model
+from lora_lightning.threads import set_threads
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,9 @@ class LoRAKnowledgeModule(L.LightningModule):
             as in the paper's released script. The data module builds the labels accordingly.
         gradient_checkpointing: Recompute activations in backward to save memory.
         probe: How facts are probed by generation (in-loop evaluation and `test`).
+        threads: CPU threads for torch. None chooses from the model's size and the cores free
+            now (`lora_lightning.threads`: one for a small model, whose matrices are too small
+            to split; `OMP_NUM_THREADS` wins); a number is used as given.
     """
 
     def __init__(
@@ -84,6 +88,7 @@ class LoRAKnowledgeModule(L.LightningModule):
         loss_on: Literal["answer", "all"] = "answer",
         gradient_checkpointing: bool = False,
         probe: ProbeConfig | None = ProbeConfig(),  # noqa: B008 (frozen: safe to share)
+        threads: int | None = None,
     ) -> None:
         super().__init__()
         if lr <= 0:
@@ -137,6 +142,8 @@ class LoRAKnowledgeModule(L.LightningModule):
         self.model = model
         trainable, total = count_parameters(model)
         self._n_params = total
+        threads = set_threads(total, hp.threads)
+        log.info("torch uses %d CPU thread(s) for a %s-parameter model", threads, f"{total:,}")
         log.info(
             "LoRA on %d linears: %s trainable / %s total parameters (%.4f%%)",
             len(self.lora_names),

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from lora_lightning.facts import load_facts, pool_sidecar, save_facts
 from lora_lightning.knowledge import DEFAULT_POOL_SIZE, categorize, category_counts, default_pool
 from lora_lightning.models import (
@@ -15,6 +13,7 @@ from lora_lightning.models import (
     resolve_model,
     text_limit,
 )
+from lora_lightning.threads import set_threads
 from lora_lightning.world import ensure_world
 
 
@@ -64,9 +63,9 @@ def categorize_command(
         pool_size: size of a pool carved out of `facts` when no pool is given.
         device: "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
         dtype: "auto" (bfloat16 on cuda, float32 on cpu), "float32", "bfloat16", "float16".
-        threads: CPU threads for torch. None = 1 for models under 10M parameters (on the
-            synthetic world's base one thread is ~3x faster than two on a busy 2-core machine:
-            its matrices are too small to split), else torch's default.
+        threads: CPU threads for torch. None chooses from the model's size and the cores free
+            now (`lora_lightning.threads`: one for a model under 10M parameters, whose
+            matrices are too small to split; `OMP_NUM_THREADS` wins).
         progress: show progress bars.
 
     Returns:
@@ -111,10 +110,7 @@ def categorize_command(
         )
 
     lm, tokenizer = load_model(model_path, adapter, device=device, dtype=dtype)
-    if threads is None and sum(p.numel() for p in lm.parameters()) < 10_000_000:
-        threads = 1
-    if threads is not None:
-        torch.set_num_threads(threads)
+    set_threads(sum(p.numel() for p in lm.parameters()), threads)
 
     partial = out_path.with_name(out_path.name + ".partial")
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ from typing import Any
 
 from lora_lightning import evaluation
 from lora_lightning.models import load_model, resolve_model
+from lora_lightning.threads import set_threads
 
 
 def evaluate_command(
@@ -26,6 +27,7 @@ def evaluate_command(
     output: str | None = "evaluation.json",
     device: str = "auto",
     dtype: str = "auto",
+    threads: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Score a base model, with or without a LoRA adapter, on MMLU and TruthfulQA MC1/MC2.
@@ -51,6 +53,8 @@ def evaluate_command(
             writes nothing.
         device: "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
         dtype: "auto" (bfloat16 on cuda, float32 on cpu), "float32", "bfloat16", "float16".
+        threads: CPU threads for torch. None chooses from the model's size and the cores free
+            now (`lora_lightning.threads`; `OMP_NUM_THREADS` wins).
         progress: show progress bars.
 
     Returns:
@@ -76,6 +80,7 @@ def evaluate_command(
         print(f"results will be written to {path}")
     model_path = resolve_model(model, progress=progress)
     lm, tokenizer = load_model(model_path, adapter, device=device, dtype=dtype)
+    set_threads(sum(p.numel() for p in lm.parameters()), threads)
 
     results: dict[str, Any] = {"model": model_path, "adapter": adapter}
     if "mmlu" in chosen:

@@ -69,11 +69,14 @@ class KnowledgeCLI(LightningCLI):
         # lr 1e-3, 10 epochs), which teach the synthetic world's 172k-parameter base nothing in
         # 10 epochs (measured reliability 0.02); these settings make the toy show the paper's
         # effects in about two minutes on 2 cores. configs/paper/ sets the paper's values.
+        # Batches of 8 (13 steps an epoch instead of 7) lifted reliability at n=50 from about
+        # 0.80 to 0.86-0.92 over several runs.
         parser.set_defaults(
             {
                 "model.rank": 8,
                 "model.alpha": 16.0,
                 "model.lr": 5e-3,
+                "data.batch_size": 8,
                 "knowledge_eval.every_n_epochs": 2,
             }
         )
