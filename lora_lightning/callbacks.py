@@ -340,6 +340,11 @@ class KnowledgeReport(Callback):
             chosen = [f for f in after if f.id in ids]
             m[role].update([f.predictions for f in chosen], chosen)
         pairs = [(b, a) for b, a in zip(before, after, strict=True) if self._is_neighbour(b)]
+        if any(len(b.predictions) != len(a.predictions) for b, a in pairs):
+            # categorised with other probe settings: ask the base now, with this probe's prompts
+            with lora_disabled(pl_module.model):
+                base = pl_module.probe([b for b, _ in pairs])
+            pairs = [(p, a) for p, (_, a) in zip(base, pairs, strict=True)]
         m["locality"].update([b.predictions for b, _ in pairs], [a.predictions for _, a in pairs])
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
