@@ -38,7 +38,7 @@ def facts_and_pool(small_world):
     pool = load_facts(small_world.pool_path)
     known = small_world.known_ids() - small_world.rare_ids()
     pool_ids = {f.id for f in pool}
-    rng = random.Random()
+    rng = random.Random(2026)  # fixed: a flaky sample made the count assertions below flaky
     seen = rng.sample([f for f in facts if f.id in known and f.id not in pool_ids], 5)
     unseen = rng.sample([f for f in facts if f.id not in known], 5)
     return seen + unseen, pool
@@ -145,7 +145,7 @@ def test_categories_follow_the_models_answers(lm, facts_and_pool):
     # Controls: a known fact relabelled with an answer nobody taught the model must be Unknown,
     # and a never-seen fact relabelled with the model's own answer must be known.
     wrong = dataclasses.replace(facts[0], id="wrong", answers=["Qwxzzy"], normalized_answers=[])
-    probe = categorize(model, tokenizer, [facts[5]], pool, n_exp=3, progress=False)[0]
+    probe = categorize(model, tokenizer, [facts[5]], pool, n_exp=3, seed=1, progress=False)[0]
     own = dataclasses.replace(facts[5], id="own", answers=[probe.predictions[0]],
                               normalized_answers=[])
     tested = [*facts, wrong, own]
