@@ -66,31 +66,19 @@ def markdown(results: dict[str, Any]) -> str:
     conf = results.get("confidence") or {}
     lines.append(f"| confidence | {_fmt(conf.get('before'))} | {_fmt(conf.get('after'))} |")
     bench = results.get("benchmarks") or {}
-    if "mmlu" in bench:
-        lines.append(
-            f"| MMLU accuracy (n={_fmt(_get(bench, 'mmlu', 'after', 'n'))}) | "
-            f"{_fmt(_get(bench, 'mmlu', 'before', 'accuracy'))} | "
-            f"{_fmt(_get(bench, 'mmlu', 'after', 'accuracy'))} |"
-        )
-    if "truthfulqa" in bench:
-        for key in ("mc1", "mc2"):
-            lines.append(
-                f"| TruthfulQA {key.upper()} | {_fmt(_get(bench, 'truthfulqa', 'before', key))} | "
-                f"{_fmt(_get(bench, 'truthfulqa', 'after', key))} |"
-            )
-    for key, label in (("world_mc", "world-MC accuracy (held-out known facts)"),):
+    for key, label in (("mmlu", "MMLU accuracy"),
+                       ("world_mc", "world-MC accuracy (held-out known facts)")):
         if key in bench:
             lines.append(
                 f"| {label} (n={_fmt(_get(bench, key, 'after', 'n'))}) | "
                 f"{_fmt(_get(bench, key, 'before', 'accuracy'))} | "
                 f"{_fmt(_get(bench, key, 'after', 'accuracy'))} |"
             )
-    if "world_truthful" in bench:
-        for key in ("mc1", "mc2"):
+    for key, label in (("truthfulqa", "TruthfulQA"), ("world_truthful", "world-truthful")):
+        for measure in ("mc1", "mc2") if key in bench else ():
             lines.append(
-                f"| world-truthful {key.upper()} | "
-                f"{_fmt(_get(bench, 'world_truthful', 'before', key))} | "
-                f"{_fmt(_get(bench, 'world_truthful', 'after', key))} |"
+                f"| {label} {measure.upper()} | {_fmt(_get(bench, key, 'before', measure))} | "
+                f"{_fmt(_get(bench, key, 'after', measure))} |"
             )
     editing = results.get("editing") or {}
     for key, label in (
