@@ -84,7 +84,7 @@ def validate(
 def draw_dropout_seed() -> int:
     """A dropout seed drawn from torch's global CPU generator, so ``torch.manual_seed`` makes a
     run reproducible while the mask itself never has to be stored for backward."""
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+    return int(torch.randint(0, 2**31 - 1, (1,), device="cpu").item())
 
 
 # A backend's fused forward on 2-D x: (x2, weight, bias, A, B, scaling, p, seed) -> (y, S).

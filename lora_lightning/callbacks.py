@@ -30,17 +30,10 @@ from lora_lightning.metrics import (
     Reliability,
 )
 from lora_lightning.progress import LineProgress
+from lora_lightning.prompts import batch_sequences, batch_tokens
 from lora_lightning.report import to_python, write_report
 from lora_lightning.world.benchmarks import evaluate_world_benchmarks
 from lora_lightning.world.cache import BENCHMARKS_DIR, TWO_HOP_FILE
-
-
-def _batch_size(batch: dict[str, torch.Tensor]) -> int:
-    return int(batch["input_ids"].size(0))
-
-
-def _batch_tokens(batch: dict[str, torch.Tensor]) -> int:
-    return int(batch["attention_mask"].sum())
 
 
 class TokenThroughputMonitor(ThroughputMonitor):
@@ -51,8 +44,8 @@ class TokenThroughputMonitor(ThroughputMonitor):
 
     def __init__(self, window_size: int = 20, separator: str = "/") -> None:
         super().__init__(
-            batch_size_fn=_batch_size,
-            length_fn=_batch_tokens,
+            batch_size_fn=batch_sequences,
+            length_fn=batch_tokens,
             window_size=window_size,
             separator=separator,
         )

@@ -40,7 +40,7 @@ from lora_lightning.models import (
     resolve_tokenizer,
     text_limit,
 )
-from lora_lightning.prompts import LossOn, encode_example, pad_batch
+from lora_lightning.prompts import LossOn, encode_example, pack_batch, pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -324,6 +324,9 @@ class KnowledgeDataModule(L.LightningDataModule):
         batch_size: Samples per batch on each device.
         max_length: Longest conversation in tokens; a longer one is an error, never truncated.
         num_workers: DataLoader worker processes.
+        packing: Concatenate each batch's conversations into one row without padding
+            (`prompts.pack_batch`; the model sees a block-diagonal causal mask), instead of
+            right-padding them to the longest. The same loss and gradients, less work.
     """
 
     def __init__(
@@ -343,6 +346,7 @@ class KnowledgeDataModule(L.LightningDataModule):
         batch_size: int = 16,
         max_length: int = 256,
         num_workers: int = 0,
+        packing: bool = True,
     ) -> None:
         super().__init__()
         for name, value, literal in [("extra_kind", extra_kind, ExtraKind),
@@ -472,6 +476,8 @@ class KnowledgeDataModule(L.LightningDataModule):
     # ---------------------------------------------------------------------- loaders
 
     def _collate(self) -> Callable[[Sequence[dict[str, Any]]], dict[str, Any]]:
+        if self.hparams.get("packing", False):
+            return pack_batch
         return partial(pad_batch, pad_token_id=self.tokenizer.pad_token_id)
 
     def _world(self) -> tuple[int, int]:

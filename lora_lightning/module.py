@@ -16,9 +16,11 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
+from lora_lightning.attention import use_packed_attention
 from lora_lightning.facts import Fact
 from lora_lightning.lora import count_parameters, inject_lora
 from lora_lightning.models import check_world_facts, load_base_model, resolve_model
+from lora_lightning.prompts import IGNORE_INDEX, batch_sequences
 from lora_lightning.threads import set_threads
 
 log = logging.getLogger(__name__)
@@ -124,6 +126,7 @@ class LoRAKnowledgeModule(L.LightningModule):
         self.base_model_name = resolve_model(hp.model_name_or_path)
         model = load_base_model(self.base_model_name, hp.dtype)
         model.requires_grad_(False)
+        use_packed_attention(model)  # padding-free batches (data.packing) attend per example
         self.lora_names = inject_lora(
             model,
             list(hp.target_modules),
@@ -158,16 +161,42 @@ class LoRAKnowledgeModule(L.LightningModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        out = self(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
-        n = batch["input_ids"].size(0)
+        token_loss, _ = self._label_token_losses(batch)
+        loss = token_loss.mean()
+        n = batch_sequences(batch)
         # For ThroughputMonitor: forward (2N) plus the input-gradient GEMMs (2N) per token of a
         # frozen base; no weight gradients. The LoRA terms are under 1% and left out.
         self.flops_per_batch = 4 * self._n_params * batch["input_ids"].numel()
         if self.global_step == 0 and self.initial_train_loss is None:
-            self.initial_train_loss = float(out.loss.detach())
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=n, sync_dist=True)
+            self.initial_train_loss = float(loss.detach())
+        self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
-        return out.loss
+        return loss
+
+    def _label_token_losses(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy of every labelled next-token position, and the example it belongs to.
+
+        The vocabulary projection runs on the labelled positions alone: with the answer-only
+        loss that is a few tokens per fact, while the LM head over every position of a batch is
+        a third of the small world base's FLOPs and, on Llama-3's 128k vocabulary, hundreds of
+        MB of logits. The mean of the result is the loss Hugging Face's causal-LM forward gives
+        (mean over labelled tokens, in fp32).
+        """
+        labels = batch["labels"][:, 1:]
+        keep = labels != IGNORE_INDEX
+        packed = "position_ids" in batch  # `pack_batch`: one row, no attention mask
+        layout = (
+            {"position_ids": batch["position_ids"]}
+            if packed
+            else {"attention_mask": batch["attention_mask"]}
+        )
+        hidden = self.model.get_decoder()(input_ids=batch["input_ids"], **layout).last_hidden_state
+        logits = self.model.get_output_embeddings()(hidden[:, :-1][keep]).float()
+        token_loss = torch.nn.functional.cross_entropy(logits, labels[keep], reduction="none")
+        rows = batch["sequence_ids"][:, 1:][keep] if packed else keep.nonzero()[:, 0]
+        return token_loss, rows
 
     def on_train_start(self) -> None:
         trainable, total = count_parameters(self.model)
@@ -175,13 +204,11 @@ class LoRAKnowledgeModule(L.LightningModule):
             logger.log_hyperparams({"params/trainable": trainable, "params/total": total})
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        logits = self(batch["input_ids"], batch["attention_mask"]).logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        token_loss = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), labels, ignore_index=-100, reduction="none"
-        )
-        n_tokens = (labels != -100).sum(1).clamp(min=1)
-        per_sample = token_loss.sum(1) / n_tokens
+        token_loss, rows = self._label_token_losses(batch)
+        n = batch_sequences(batch)
+        totals = token_loss.new_zeros(n).index_add_(0, rows, token_loss)
+        n_tokens = torch.bincount(rows, minlength=n).clamp(min=1)
+        per_sample = totals / n_tokens
         kind = batch.get("kind")
         for code, name in enumerate(("unknown", "known")):
             # every rank updates both (maybe with nothing): compute() is a collective

@@ -130,3 +130,56 @@ def pad_batch(examples: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str
             ints = all(isinstance(v, int) and not isinstance(v, bool) for v in values)
             batch[key] = torch.tensor(values, dtype=torch.long) if ints else values
     return batch
+
+
+def pack_batch(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Collate encoded examples into one padding-free row, as Hugging Face's flattening
+    collator does.
+
+    Fact conversations are short and of very different lengths (a fifth to a quarter of a
+    padded batch is padding), so the examples are concatenated instead: `input_ids` and
+    `labels` of shape [1, total], `position_ids` restarting at 0 for each example (from which
+    transformers builds a block-diagonal causal mask, so no token attends across examples)
+    and `sequence_ids`, the example each token belongs to. The first label of every example is
+    `IGNORE_INDEX`: in the row it would be predicted from the previous example's last token.
+    No `attention_mask`: its absence is what tells the model the row is packed. Other keys
+    pass through as in `pad_batch`.
+    """
+    if not examples:
+        raise ValueError("cannot collate an empty batch")
+    ids: list[int] = []
+    positions: list[int] = []
+    labels: list[int] = []
+    sequences: list[int] = []
+    for index, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        ids += ex["input_ids"]
+        positions += range(n)
+        labels += [IGNORE_INDEX, *ex["labels"][1:]]
+        sequences += [index] * n
+    batch: dict[str, Any] = {
+        key: torch.tensor([values], dtype=torch.long)
+        for key, values in (("input_ids", ids), ("position_ids", positions),
+                            ("labels", labels), ("sequence_ids", sequences))
+    }
+    for key in examples[0]:
+        if key not in PADDED_KEYS:
+            values = [ex[key] for ex in examples]
+            ints = all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+            batch[key] = torch.tensor(values, dtype=torch.long) if ints else values
+    return batch
+
+
+def batch_sequences(batch: dict[str, Any]) -> int:
+    """How many examples a collated batch holds (padded or packed)."""
+    if "sequence_ids" in batch:
+        return int(batch["sequence_ids"][0, -1]) + 1
+    return int(batch["input_ids"].size(0))
+
+
+def batch_tokens(batch: dict[str, Any]) -> int:
+    """How many real (non-padding) tokens a collated batch holds (padded or packed)."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(batch["input_ids"].numel())
+

@@ -18,6 +18,10 @@ try:  # the interpreter only where there is no GPU to run the kernels for real
 
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    # LORA_LIGHTNING_TEST_DEVICE=cuda (benchmarks/gpu_check.sh): tensors the tests make without
+    # naming a device are made there, so the kernel and layer tests run the real Triton kernels.
+    if os.environ.get("LORA_LIGHTNING_TEST_DEVICE"):
+        torch.set_default_device(os.environ["LORA_LIGHTNING_TEST_DEVICE"])
 except ImportError:  # pragma: no cover
     pass
 

@@ -289,7 +289,32 @@ def rank_zero_log():
     logger.removeHandler(handler)
 
 
-def test_datamodule_batches_mask_everything_but_the_answer(fact_file, tokenizer_dir, rank_zero_log):
+def examples_in(batch: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input ids, labels) of each example of a padded or a packed batch, padding removed."""
+    if "sequence_ids" in batch:  # packed: one row, no padding, positions restart per example
+        ids, labels, seq = batch["input_ids"][0], batch["labels"][0], batch["sequence_ids"][0]
+        assert "attention_mask" not in batch
+        out = []
+        for index in range(int(seq[-1]) + 1):
+            sel = seq == index
+            assert batch["position_ids"][0][sel].tolist() == list(range(int(sel.sum())))
+            out.append((ids[sel], labels[sel]))
+        return out
+    out = []
+    for ids, mask, labels in zip(
+        batch["input_ids"], batch["attention_mask"], batch["labels"], strict=True
+    ):
+        n = int(mask.sum())
+        assert mask[:n].all() and not mask[n:].any()  # right padding
+        assert (labels[n:] == -100).all()
+        out.append((ids[:n], labels[:n]))
+    return out
+
+
+@pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
+def test_datamodule_batches_mask_everything_but_the_answer(
+    fact_file, tokenizer_dir, rank_zero_log, packing
+):
     dm = make_dm(
         fact_file,
         tokenizer_dir,
@@ -297,6 +322,7 @@ def test_datamodule_batches_mask_everything_but_the_answer(fact_file, tokenizer_
         extra_per_unknown=2,
         extra_kind="highly_known",
         batch_size=4,
+        packing=packing,
     )
     dm.setup("fit")
     logged = "\n".join(rank_zero_log)
@@ -315,15 +341,11 @@ def test_datamodule_batches_mask_everything_but_the_answer(fact_file, tokenizer_
     by_question = {f.question: f for f in dm.train_unknown + dm.train_extra}
     seen = 0
     for batch in dm.train_dataloader():
-        assert set(batch) == {"input_ids", "attention_mask", "labels"}
+        layout = {"position_ids", "sequence_ids"} if packing else {"attention_mask"}
+        assert set(batch) == {"input_ids", "labels", *layout}
         assert all(batch[k].dtype == torch.long for k in batch)
-        for ids, mask, labels in zip(
-            batch["input_ids"], batch["attention_mask"], batch["labels"], strict=True
-        ):
-            n = int(mask.sum())
-            assert mask[:n].all() and not mask[n:].any()  # right padding
-            assert (labels[n:] == -100).all()
-            text = dm.tokenizer.decode(ids[:n].tolist())
+        for ids, labels in examples_in(batch):
+            text = dm.tokenizer.decode(ids.tolist())
             question = text.split("Question: ", 1)[1].split("<|end|>", 1)[0]
             fact = by_question.pop(question)
             assert decode_trained(dm.tokenizer, ids, labels) == f"Answer: {fact.answer}<|end|>\n"
@@ -338,22 +360,24 @@ def test_validation_batches_carry_the_kind_of_each_item(fact_file, tokenizer_dir
     for batch in dm.val_dataloader():
         assert batch["kind"].dtype == torch.long
         kinds += [VAL_KINDS[code] for code in batch["kind"].tolist()]
-        answers += [
-            decode_trained(dm.tokenizer, i, lab)
-            for i, lab in zip(batch["input_ids"], batch["labels"], strict=True)
-        ]
+        answers += [decode_trained(dm.tokenizer, i, lab) for i, lab in examples_in(batch)]
     assert kinds == ["unknown"] * 3 + ["highly_known"] * 4
     expected = [f"Answer: {f.answer}<|end|>\n" for f in dm.train_unknown + dm.val_known]
     assert answers == expected
 
 
-def test_loss_on_all_trains_on_every_real_token(fact_file, tokenizer_dir):
-    dm = make_dm(fact_file, tokenizer_dir, n_unknown=4, loss_on="all", batch_size=4)
+@pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
+def test_loss_on_all_trains_on_every_real_token(fact_file, tokenizer_dir, packing):
+    dm = make_dm(
+        fact_file, tokenizer_dir, n_unknown=4, loss_on="all", batch_size=4, packing=packing
+    )
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    real = batch["attention_mask"].bool()
-    assert torch.equal(batch["labels"][real], batch["input_ids"][real])
-    assert (batch["labels"][~real] == -100).all()
+    for ids, labels in examples_in(batch):
+        # the first token is never a target (nothing before it in its example predicts it)
+        assert torch.equal(labels[1:], ids[1:])
+    if not packing:
+        assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
 
 
 def test_two_datamodules_with_one_seed_build_the_same_mix(fact_file, tokenizer_dir):

@@ -9,6 +9,8 @@ per-dtype rounding bounds below. The Triton kernels run under TRITON_INTERPRET=1
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -246,9 +248,30 @@ def test_auto_backend_runs_torch_on_cpu(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(kernels, "lora_linear_torch", spy)
-    x, w, b, a, bb, s = _problem((3, 8), 8, 2, torch.float32)
+    with torch.device("cpu"):  # also where the suite runs with CUDA as the default device
+        x, w, b, a, bb, s = _problem((3, 8), 8, 2, torch.float32)
     kernels.lora_linear(x, w, b, a, bb, s)
     assert len(calls) == 1
+
+
+def test_auto_backend_takes_triton_on_cuda_only_from_enough_tokens():
+    """Few tokens are launch-bound: cuBLAS through the torch path is faster there."""
+    from kernels import _resolve_backend
+
+    class FakeCuda:
+        is_cuda = True
+
+        def __init__(self, *shape):
+            self.shape = shape
+
+        def numel(self):
+            return int(torch.tensor(self.shape).prod())
+
+    small, large = FakeCuda(4, 100, 64), FakeCuda(kernels.TRITON_MIN_TOKENS, 64)
+    assert _resolve_backend("auto", small) == "torch"
+    expected = "triton" if importlib.util.find_spec("triton") else "torch"
+    assert _resolve_backend("auto", large) == expected
+    assert _resolve_backend("triton", small) == "triton"  # an explicit choice is kept
 
 
 def _bad(**overrides):
@@ -370,7 +393,7 @@ def test_mixed_precision_autocast_runs_in_the_autocast_dtype():
     weight, bias = torch.randn(12, 16), torch.randn(12)
     lora_a = torch.randn(4, 16, requires_grad=True)
     lora_b = torch.randn(12, 4, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
         y = kernels.lora_linear(x, weight, bias, lora_a, lora_b, 0.5, backend="torch")
     assert y.dtype == torch.bfloat16
     ref = kernels.lora_linear_reference(x.double(), weight.double(), bias.double(),

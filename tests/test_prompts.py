@@ -19,10 +19,13 @@ from lora_lightning.facts import Fact
 from lora_lightning.prompts import (
     IGNORE_INDEX,
     SYSTEM_PROMPT,
+    batch_sequences,
+    batch_tokens,
     build_fewshot_sets,
     encode_example,
     extract_answer,
     fewshot_messages,
+    pack_batch,
     pad_batch,
     qa_messages,
     render,
@@ -182,3 +185,21 @@ def test_pad_batch_right_pads_and_never_trains_on_padding(rng):
 )
 def test_extract_answer_takes_the_first_line_without_the_prefix(generated, answer):
     assert extract_answer(generated) == answer
+
+
+def test_pack_batch_concatenates_examples_into_one_row_with_restarting_positions():
+    examples = [
+        {"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "attention_mask": [1, 1, 1], "kind": 0},
+        {"input_ids": [8, 9], "labels": [8, 9], "attention_mask": [1, 1], "kind": 1},
+    ]
+    batch = pack_batch(examples)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert batch["sequence_ids"].tolist() == [[0, 0, 0, 1, 1]]
+    # an example's first token is never predicted from the previous example's last
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9]]
+    assert "attention_mask" not in batch  # its absence tells transformers the row is packed
+    assert batch["kind"].tolist() == [0, 1]
+    assert batch_sequences(batch) == 2 and batch_tokens(batch) == 5
+    padded = pad_batch(examples, pad_token_id=0)
+    assert batch_sequences(padded) == 2 and batch_tokens(padded) == 5

@@ -327,3 +327,56 @@ def test_knowledge_probe_runs_every_n_epochs_and_after_the_last(
     assert [row["epoch"] for row in probe.history] == [1.0, 2.0]
     assert all(0.0 <= row["reliability"] <= 1.0 for row in probe.history)
     assert "val/reliability" in trainer.callback_metrics
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("loss_on", ["answer", "all"])
+def test_training_loss_equals_the_full_causal_lm_loss_on_the_padded_batch(
+    tiny_model_dir, tiny_fact_files, loss_on, packed
+):
+    """The LM head runs on labelled positions alone, and packed batches carry no padding; loss
+    and LoRA gradients are still those of Hugging Face's causal-LM loss over the padded batch."""
+    from lora_lightning.prompts import pack_batch, pad_batch
+
+    module = make_module(tiny_model_dir, lora_dropout=0.0, loss_on=loss_on)
+    module.configure_model()
+    data = make_data(tiny_model_dir, tiny_fact_files, loss_on=loss_on)
+    data.setup("fit")
+    items = [*data._train.items, *data._val.items]
+    padded = pad_batch(items, data.tokenizer.pad_token_id)
+    assert (padded["attention_mask"] == 0).any(), "the batch should carry padding"
+    with torch.no_grad():  # a non-zero adapter, so the LoRA path is exercised
+        for name, p in module.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    lora = [p for p in module.model.parameters() if p.requires_grad]
+
+    token_loss, rows = module._label_token_losses(pack_batch(items) if packed else padded)
+    ours = token_loss.mean()
+    ours_grads = torch.autograd.grad(ours, lora)
+    full = module.model(
+        input_ids=padded["input_ids"], attention_mask=padded["attention_mask"],
+        labels=padded["labels"],
+    ).loss
+    full_grads = torch.autograd.grad(full, lora)
+
+    assert torch.allclose(ours, full, rtol=1e-5, atol=1e-7)
+    for mine, theirs in zip(ours_grads, full_grads, strict=True):
+        assert torch.allclose(mine, theirs, rtol=1e-4, atol=1e-7)
+    labelled = (padded["labels"][:, 1:] != -100).sum(1)
+    assert torch.equal(torch.bincount(rows, minlength=len(items)), labelled)
+
+
+def test_validation_loss_per_kind_is_the_same_packed_or_padded(tiny_model_dir, tiny_fact_files):
+    losses = {}
+    for packed in (False, True):
+        module = make_module(tiny_model_dir)
+        module.configure_model()
+        data = make_data(tiny_model_dir, tiny_fact_files, packing=packed)
+        trainer = make_trainer(Path("unused"), epochs=1)
+        torch.manual_seed(0)
+        out = trainer.validate(module, datamodule=data, verbose=False)[0]
+        losses[packed] = out
+    assert set(losses[True]) == {"val/loss_unknown", "val/loss_known"}
+    for key, value in losses[False].items():
+        assert losses[True][key] == pytest.approx(value, rel=1e-5)

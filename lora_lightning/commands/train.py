@@ -87,7 +87,8 @@ class KnowledgeCLI(LightningCLI):
         `before_instantiate_classes` refuses a resume whose settings differ instead."""
 
     def before_instantiate_classes(self) -> None:
-        cfg = self.config[self.subcommand]
+        # run=False (no subcommand, e.g. a benchmark that drives the trainer itself): flat config
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
         model_name = cfg.get("model.model_name_or_path")
         if model_name not in (None, WORLD_MODEL):  # one line now, not a traceback later
             check_model_path(model_name)
@@ -97,7 +98,7 @@ class KnowledgeCLI(LightningCLI):
             cfg.ckpt_path = ckpt = str(self._last_checkpoint(cfg))
         if ckpt not in (None, "best", "hpc"):
             self._check_resume(ckpt, cfg)
-        if self.subcommand != "fit":  # log beside the fit run, not over its metrics.csv
+        if self.subcommand not in ("fit", None):  # log beside the fit run, not over its metrics.csv
             init = getattr(cfg.trainer.logger, "init_args", None)
             if init is not None and getattr(init, "version", None) == "":
                 init.version = self.subcommand
