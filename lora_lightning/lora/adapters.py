@@ -42,6 +42,7 @@ from lora_lightning.lora.layer import (
 __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
+    "check_adapter_folder",
     "load_adapter",
     "peft_state_dict",
     "save_adapter",
@@ -283,6 +284,29 @@ def _check_identity(
     warnings.warn(f"{path}: {problem}; loading anyway (strict=False)", stacklevel=3)
 
 
+def check_adapter_folder(directory: str | Path) -> Path:
+    """The adapter's `adapter_config.json`, or one clear error naming the folder: missing, a
+    file, or a folder that is no adapter (a merged model folder given as an adapter is said to
+    be one). Cheap, so a command can check before it spends minutes loading a base model."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        what = "is a file, not a folder" if directory.exists() else "does not exist"
+        raise FileNotFoundError(f"adapter folder {str(directory)!r} {what}")
+    config_path = directory / ADAPTER_CONFIG_NAME
+    if not config_path.is_file():
+        hint = (
+            "; it holds a config.json: a whole (e.g. merged) model, to load as the model "
+            "itself, not as an adapter"
+            if (directory / "config.json").is_file()
+            else ""
+        )
+        raise FileNotFoundError(
+            f"adapter folder {str(directory)!r} has no {ADAPTER_CONFIG_NAME}: not a PEFT adapter "
+            f"folder (expected {ADAPTER_CONFIG_NAME} + {ADAPTER_WEIGHTS_NAME}){hint}"
+        )
+    return config_path
+
+
 def load_adapter(
     model: nn.Module,
     directory: str | Path,
@@ -300,21 +324,7 @@ def load_adapter(
     `config._name_or_path` for that check.
     """
     directory = Path(directory)
-    if not directory.is_dir():
-        what = "is a file, not a folder" if directory.exists() else "does not exist"
-        raise FileNotFoundError(f"adapter folder {str(directory)!r} {what}")
-    config_path = directory / ADAPTER_CONFIG_NAME
-    if not config_path.is_file():
-        hint = (
-            "; it holds a config.json: a whole (e.g. merged) model, to load as the model "
-            "itself, not as an adapter"
-            if (directory / "config.json").is_file()
-            else ""
-        )
-        raise FileNotFoundError(
-            f"adapter folder {str(directory)!r} has no {ADAPTER_CONFIG_NAME}: not a PEFT adapter "
-            f"folder (expected {ADAPTER_CONFIG_NAME} + {ADAPTER_WEIGHTS_NAME}){hint}"
-        )
+    config_path = check_adapter_folder(directory)
     config = _read_config(config_path)
     tensors, metadata, weights_path = _read_tensors(directory)
     rank, alpha = config["r"], config["lora_alpha"]
