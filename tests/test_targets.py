@@ -9,6 +9,7 @@ exactly the layers that were wrapped.
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -249,11 +250,13 @@ def test_the_module_refuses_a_broken_regex_before_loading_a_model():
     ],
 )
 def test_the_training_config_takes_each_syntax(
-    yaml_value, parsed, n_layers, tiny_model_dir, tmp_path, capsys
+    yaml_value, parsed, n_layers, tiny_model_dir, tmp_path, capsys, monkeypatch
 ):
     """`fit --config` with a YAML `target_modules` in each form: the CLI keeps it as written,
     and the module built from it wraps what PEFT would."""
     from lora_lightning.commands.train import run_training_cli
+
+    monkeypatch.setattr(sys, "argv", ["lora_lightning"])  # pytest's own are not the CLI's
 
     config = tmp_path / "config.yaml"
     config.write_text(f"model:\n  target_modules: {yaml_value}\n")
