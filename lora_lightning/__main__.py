@@ -16,6 +16,8 @@ from typing import Any
 
 from lora_lightning.commands import (
     aggregate_command,
+    ask_argv,
+    ask_command,
     categorize_command,
     evaluate_command,
     export_command,
@@ -27,6 +29,7 @@ from lora_lightning.commands import (
 
 COMMANDS: dict[str, Callable[..., Any]] = {
     "aggregate": aggregate_command,
+    "ask": ask_command,
     "categorize": categorize_command,
     "evaluate": evaluate_command,
     "export": export_command,
@@ -108,6 +111,8 @@ def _main(argv: list[str] | None) -> None:
         command = argv.pop(0)
         if command == "sweep":  # `sweep --config FILE`: the sweep file is not jsonargparse's
             argv = sweep_argv(argv)
+        elif command == "ask":  # `ask "Where was X born?"`: the bare words are the question
+            argv = ask_argv(argv)
         auto_cli(
             COMMANDS[command], args=argv, as_positional=command in POSITIONAL,
             prog=f"python -m lora_lightning {command}",

@@ -35,6 +35,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.trainer.states import TrainerFn
 
 from lora_lightning.facts import excerpt
+from lora_lightning.lora.layer import canonical_targets
 
 __all__ = [
     "RESUMABLE_DATA_KEYS",
@@ -335,6 +336,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _comparable(key: str, value: Any) -> Any:
+    """A setting in the form two equivalent spellings share: `target_modules` "ALL-LINEAR" is
+    "all-linear", and a suffix list is a set (checkpoints before PEFT's target syntax hold the
+    same list, so they resume unchanged)."""
+    return canonical_targets(value) if key == "target_modules" else value
+
+
 def resume_conflicts(
     checkpoint: Mapping[str, Any], model: Mapping[str, Any] | Any, data: Mapping[str, Any] | Any
 ) -> list[str]:
@@ -349,7 +357,7 @@ def resume_conflicts(
     ):
         saved, now = _plain(saved or {}), _plain(now or {})
         for key in sorted(set(saved) & set(now) - free - _SKIPPED_KEYS):
-            if saved[key] != now[key]:
+            if _comparable(key, saved[key]) != _comparable(key, now[key]):
                 was, now_ = excerpt(saved[key], 80), excerpt(now[key], 80)
                 found.append(f"{prefix}.{key} (checkpoint {was}, now {now_})")
     return found

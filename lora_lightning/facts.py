@@ -126,6 +126,14 @@ class Fact:
         return self.answers[0]
 
 
+def question_fact(question: str, answers: Sequence[str] = ()) -> Fact:
+    """A fact for a question typed rather than read from a file (`ask "Where was X born?"`),
+    with the id `load_facts` would give it, so the same question is the same fact either way."""
+    if not question.strip():
+        raise ValueError("the question is empty")
+    return Fact(id=_stable_id(question), question=question, answers=list(answers))
+
+
 def is_correct(output: str, fact: Fact) -> bool:
     """The paper's criterion: some normalised alias is a substring of the lower-cased output.
 
@@ -330,8 +338,13 @@ def _kp_answer(value: Any, src: str, line: int) -> tuple[list[str], list[str]]:
     return aliases, normalized
 
 
-def _row_to_fact(row: dict[str, Any], src: str, line: int) -> Fact:
-    """One fact from either our flat shape (`answers`) or the knowledge-packing one (`answer`)."""
+def _row_to_fact(
+    row: dict[str, Any], src: str, line: int, answers_required: bool = True
+) -> Fact:
+    """One fact from either our flat shape (`answers`) or the knowledge-packing one (`answer`);
+    with `answers_required=False` a row may have no answer (`answers` missing or empty)."""
+    if not answers_required and "answers" not in row and "answer" not in row:
+        row = {**row, "answers": []}
     question = row.get("question")
     if question is None:
         raise FactFileError(src, line, "question", "missing")
@@ -348,7 +361,9 @@ def _row_to_fact(row: dict[str, Any], src: str, line: int) -> Fact:
             )
         meta = dict(row.get("meta") or {})
         meta.update({k: row[k] for k in unknown})
-        answers = _check_str_list(row["answers"], src, line, "answers", allow_empty=False)
+        answers = _check_str_list(
+            row["answers"], src, line, "answers", allow_empty=not answers_required
+        )
         normalized = _check_str_list(
             row.get("normalized_answers") or [], src, line, "normalized_answers", allow_empty=True
         )
@@ -435,6 +450,7 @@ def load_facts(
     on_duplicate: OnProblem = "drop",
     on_empty: OnProblem = "error",
     limit: TextLimit | None = None,
+    answers_required: bool = True,
 ) -> list[Fact]:
     """Read facts from any supported source, in file order.
 
@@ -452,6 +468,10 @@ def load_facts(
     all is an error too (an empty file would otherwise "succeed" with nothing to do), and with
     `limit` a question, answer or paraphrase longer than the model can take is refused on its
     line, before anything tokenizes it whole.
+
+    `answers_required=False` reads questions to ask rather than facts to train on: a row
+    without `answers` (or with an empty list) becomes a fact with no answers, which no output
+    matches; everything else is checked as usual.
     """
     for name, value in (("on_duplicate", on_duplicate), ("on_empty", on_empty)):
         if value not in ("error", "drop"):
@@ -464,7 +484,7 @@ def load_facts(
     empties: list[str] = []
     for line, row in rows:
         try:
-            fact = _row_to_fact(row, src, line)
+            fact = _row_to_fact(row, src, line, answers_required)
         except EmptyAnswersError:
             if on_empty == "error":
                 raise

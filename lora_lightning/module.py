@@ -19,6 +19,7 @@ from torchmetrics import MeanMetric
 from lora_lightning.attention import use_packed_attention
 from lora_lightning.facts import Fact
 from lora_lightning.lora import count_parameters, inject_lora
+from lora_lightning.lora.layer import check_target_spec
 from lora_lightning.models import check_world_facts, load_base_model, resolve_model
 from lora_lightning.prompts import IGNORE_INDEX, batch_sequences
 from lora_lightning.threads import set_threads
@@ -60,7 +61,10 @@ class LoRAKnowledgeModule(L.LightningModule):
         alpha: LoRA alpha (paper: 2).
         lora_dropout: Dropout on the LoRA input (paper: 0.1), fused into the kernel.
         use_rslora: Scale by alpha/sqrt(r) instead of alpha/r (paper: on).
-        target_modules: Module-name suffixes to wrap (paper: gate/up/down projections).
+        target_modules: Which linear layers get LoRA, as PEFT reads `target_modules`: a list of
+            module-name suffixes (paper: gate/up/down projections), a regular expression matched
+            against full module names (`.*mlp[.](gate|up)_proj`), or `all-linear` (every linear
+            layer but `lm_head`).
         backend: Kernel backend of every LoRA linear: "auto" (Triton on CUDA), "triton", "torch".
         lr: AdamW learning rate (paper: 1e-3), decayed linearly to zero.
         weight_decay: AdamW weight decay.
@@ -82,7 +86,7 @@ class LoRAKnowledgeModule(L.LightningModule):
         alpha: float = 2.0,
         lora_dropout: float = 0.1,
         use_rslora: bool = True,
-        target_modules: tuple[str, ...] = PAPER_TARGETS,
+        target_modules: str | tuple[str, ...] = PAPER_TARGETS,
         backend: Literal["auto", "triton", "torch"] = "auto",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
@@ -99,6 +103,8 @@ class LoRAKnowledgeModule(L.LightningModule):
             raise ValueError(f"model.lora_dropout must be in [0, 1), got {lora_dropout}")
         if warmup_steps < 0:
             raise ValueError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
+        # an empty list or a broken regex fails here, before the base model is loaded
+        check_target_spec(target_modules, "model.target_modules")
         self.probe_config = probe or ProbeConfig()
         self.save_hyperparameters()
         self.model: torch.nn.Module | None = None
@@ -129,7 +135,7 @@ class LoRAKnowledgeModule(L.LightningModule):
         use_packed_attention(model)  # padding-free batches (data.packing) attend per example
         self.lora_names = inject_lora(
             model,
-            list(hp.target_modules),
+            check_target_spec(hp.target_modules, "model.target_modules"),
             rank=hp.rank,
             alpha=hp.alpha,
             dropout=hp.lora_dropout,

@@ -7,6 +7,7 @@ import pytest
 from lora_lightning.__main__ import COMMANDS
 from lora_lightning.commands import (
     aggregate_command,
+    ask_command,
     categorize_command,
     evaluate_command,
     export_command,
@@ -21,6 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_every_command_is_a_typed_function_in_the_table():
     assert {
         "aggregate": aggregate_command,
+        "ask": ask_command,
         "categorize": categorize_command,
         "evaluate": evaluate_command,
         "export": export_command,

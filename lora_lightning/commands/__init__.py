@@ -5,6 +5,7 @@ into a command line, so `--help`, config files and error messages come from one 
 """
 
 from lora_lightning.commands.aggregate import aggregate_command
+from lora_lightning.commands.ask import ask_argv, ask_command
 from lora_lightning.commands.categorize import categorize_command
 from lora_lightning.commands.evaluate import evaluate_command
 from lora_lightning.commands.export import export_command
@@ -14,6 +15,8 @@ from lora_lightning.commands.world import world_command
 
 __all__ = [
     "aggregate_command",
+    "ask_argv",
+    "ask_command",
     "categorize_command",
     "evaluate_command",
     "export_command",

@@ -7,6 +7,7 @@ inject_lora, save_adapter, load_adapter`), the contract outside tools rely on.
 from lora_lightning.lora.adapters import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
+    check_adapter_folder,
     load_adapter,
     peft_state_dict,
     save_adapter,
@@ -27,6 +28,7 @@ __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
     "LoRALinear",
+    "check_adapter_folder",
     "count_parameters",
     "inject_lora",
     "load_adapter",

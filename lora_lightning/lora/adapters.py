@@ -32,9 +32,8 @@ from torch import nn
 
 from lora_lightning.lora.layer import (
     LoRALinear,
-    available_suffixes,
+    adaptable_modules,
     inject_lora,
-    linear_modules,
     lora_modules,
     matches_target,
     resolve_targets,
@@ -43,6 +42,7 @@ from lora_lightning.lora.layer import (
 __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
+    "check_adapter_folder",
     "load_adapter",
     "peft_state_dict",
     "save_adapter",
@@ -81,10 +81,13 @@ def _uniform(modules: dict[str, LoRALinear], attribute: str) -> object:
 
 
 def _target_list(model: nn.Module, wrapped: Sequence[str]) -> list[str]:
-    """The shortest target list PEFT will resolve to exactly the wrapped layers."""
+    """The target list PEFT resolves to exactly the wrapped layers: their last name parts when
+    those select nothing else (PEFT matches a list against every module, not only linear ones),
+    else the full names. A list and not the spec the layers were injected with (a regex,
+    `"all-linear"`): a list means one thing to every PEFT version, and it states the layers."""
     suffixes = sorted({name.rsplit(".", 1)[-1] for name in wrapped})
     covered = {
-        name for name in linear_modules(model) if any(matches_target(name, s) for s in suffixes)
+        name for name in adaptable_modules(model) if any(matches_target(name, s) for s in suffixes)
     }
     return suffixes if covered == set(wrapped) else sorted(wrapped)
 
@@ -225,21 +228,17 @@ def _read_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     )
 
 
-def _resolve_config_targets(model: nn.Module, targets: str | list[str], path: Path) -> list[str]:
-    if isinstance(targets, str):  # PEFT: a single string is a regex matched against full names
-        if targets == "all-linear":
-            raise ValueError(
-                f"{path}: target_modules 'all-linear' is not supported; list the names"
-            )
-        names = [n for n in linear_modules(model) if re.fullmatch(targets, n)]
-        if not names:
-            raise ValueError(
-                f"{path}: target_modules regex {targets!r} matches no linear layer; available "
-                f"linear-layer suffixes: {available_suffixes(model)}"
-            )
-        return names
+def _resolve_config_targets(model: nn.Module, targets: object, path: Path) -> list[str]:
+    """The layers an adapter config's `target_modules` selects, by PEFT's rules (a regex string,
+    `"all-linear"`, or a list of suffixes of which, as in PEFT, some may select nothing: a
+    config written for several architectures still loads). The tensors are checked after."""
+    if targets is None:
+        raise ValueError(
+            f"{path}: target_modules is null (an adapter on parameters, `target_parameters`, "
+            "is not supported): the adapter names no layers to load into"
+        )
     try:
-        return resolve_targets(model, targets)
+        return resolve_targets(model, targets, require_each=False)
     except ValueError as err:
         raise ValueError(f"{path}: the adapter does not fit this model: {err}") from err
 
@@ -285,6 +284,29 @@ def _check_identity(
     warnings.warn(f"{path}: {problem}; loading anyway (strict=False)", stacklevel=3)
 
 
+def check_adapter_folder(directory: str | Path) -> Path:
+    """The adapter's `adapter_config.json`, or one clear error naming the folder: missing, a
+    file, or a folder that is no adapter (a merged model folder given as an adapter is said to
+    be one). Cheap, so a command can check before it spends minutes loading a base model."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        what = "is a file, not a folder" if directory.exists() else "does not exist"
+        raise FileNotFoundError(f"adapter folder {str(directory)!r} {what}")
+    config_path = directory / ADAPTER_CONFIG_NAME
+    if not config_path.is_file():
+        hint = (
+            "; it holds a config.json: a whole (e.g. merged) model, to load as the model "
+            "itself, not as an adapter"
+            if (directory / "config.json").is_file()
+            else ""
+        )
+        raise FileNotFoundError(
+            f"adapter folder {str(directory)!r} has no {ADAPTER_CONFIG_NAME}: not a PEFT adapter "
+            f"folder (expected {ADAPTER_CONFIG_NAME} + {ADAPTER_WEIGHTS_NAME}){hint}"
+        )
+    return config_path
+
+
 def load_adapter(
     model: nn.Module,
     directory: str | Path,
@@ -302,11 +324,7 @@ def load_adapter(
     `config._name_or_path` for that check.
     """
     directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"adapter directory {directory} does not exist")
-    config_path = directory / ADAPTER_CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: not a PEFT adapter directory")
+    config_path = check_adapter_folder(directory)
     config = _read_config(config_path)
     tensors, metadata, weights_path = _read_tensors(directory)
     rank, alpha = config["r"], config["lora_alpha"]
