@@ -32,8 +32,10 @@ from lora_lightning.inference import evaluating
 __all__ = [
     "INSTALL_HINT",
     "HarnessUnavailable",
+    "check_tasks",
     "evaluate_tasks",
     "harness_lm",
+    "include_folders",
     "parse_tasks",
     "run_harness",
     "summarize",
@@ -74,7 +76,7 @@ def parse_tasks(tasks: str | Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys(name for name in names if name))
 
 
-def _include_paths(include: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[Path]:
+def include_folders(include: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[Path]:
     """Existing folders of task YAMLs; a YAML file stands for its folder (the harness indexes
     folders, so a file's siblings are indexed too)."""
     if include is None:
@@ -106,7 +108,7 @@ def task_manager(include: str | os.PathLike | Sequence[str | os.PathLike] | None
     Indexing the harness' thousands of task YAMLs takes seconds, so one manager per set of
     include folders is kept for the life of the process (a `test` run scores before and after
     with the same tasks)."""
-    return _cached_manager(tuple(str(p) for p in _include_paths(include)))
+    return _cached_manager(tuple(str(p) for p in include_folders(include)))
 
 
 def _broken_yamls(include: Sequence[Path]) -> list[str]:
