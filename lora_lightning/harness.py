@@ -108,6 +108,7 @@ def task_manager(include: str | os.PathLike | Sequence[str | os.PathLike] | None
     Indexing the harness' thousands of task YAMLs takes seconds, so one manager per set of
     include folders is kept for the life of the process (a `test` run scores before and after
     with the same tasks)."""
+    require_lm_eval()  # also when a manager is cached: lm_eval may have gone since
     return _cached_manager(tuple(str(p) for p in include_folders(include)))
 
 
