@@ -124,7 +124,7 @@ class KnowledgeCLI(LightningCLI):
         `before_instantiate_classes` refuses a resume whose settings differ instead."""
 
     def before_instantiate_classes(self) -> None:
-        cfg = self.config[self.subcommand]
+        cfg = self.config.get(str(self.subcommand), self.config)  # run=False: no subcommand
         model_name = cfg.get("model.model_name_or_path")
         if model_name not in (None, WORLD_MODEL):  # one line now, not a traceback later
             check_model_path(model_name)
@@ -139,7 +139,7 @@ class KnowledgeCLI(LightningCLI):
             if init is None:
                 continue
             if _kind(entry) in FOLDER_LOGGERS:
-                if self.subcommand != "fit" and getattr(init, "version", None) == "":
+                if self.subcommand not in (None, "fit") and getattr(init, "version", None) == "":
                     init.version = self.subcommand  # beside the fit run, not over its log
             else:
                 # "" is the folder loggers' "no subfolder", which jsonargparse carries over

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FitConfigParser", "cell_loggers", "cli_value"]
+__all__ = ["FitConfigParser", "cell_loggers", "cli_value", "has_run_logger"]
 
 
 def cli_value(value: Any) -> str:
@@ -23,6 +23,14 @@ def cli_value(value: Any) -> str:
 
 def _plain(value: Any) -> Any:
     return value.as_dict() if hasattr(value, "as_dict") else value
+
+
+def has_run_logger(logger: Any) -> bool:
+    """Whether a parsed `trainer.logger` has a ResumableCSVLogger (whose folder is the run
+    folder; without one, `fit` adds one in `trainer.default_root_dir`)."""
+    entries = logger if isinstance(logger, list) else [logger]
+    return any(str(getattr(e, "class_path", "")).endswith(".ResumableCSVLogger")
+               for e in entries)
 
 
 def cell_loggers(

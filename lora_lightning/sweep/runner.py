@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_lightning.sweep.cell import read_status, report_path
-from lora_lightning.sweep.cellconfig import FitConfigParser, cell_loggers
+from lora_lightning.sweep.cellconfig import FitConfigParser, cell_loggers, has_run_logger
 from lora_lightning.sweep.folder import CELLS_DIR, claim_folder, write_cell
 from lora_lightning.sweep.progress import SweepProgress, duration
 from lora_lightning.sweep.shared import categorized_settings, world_settings
@@ -34,8 +34,7 @@ def _own_settings(sweep: Sweep, cell: Cell, cell_dir: Path, logger: Any) -> dict
     """The keys the sweep sets for each cell: its run folder (where `--ckpt_path last` looks),
     checkpoints, adapter, report, the base scores every cell shares, and the base config's
     loggers told the sweep's and the cell's names (`cell_loggers`)."""
-    return {
-        "trainer.default_root_dir": str(cell_dir),
+    own = {
         "trainer.logger": cell_loggers(logger, sweep.output.name, cell.name, cell.labels,
                                        cell_dir),
         "checkpoint.dirpath": str(cell_dir / "checkpoints"),
@@ -43,6 +42,9 @@ def _own_settings(sweep: Sweep, cell: Cell, cell_dir: Path, logger: Any) -> dict
         "report.report_dir": str(cell_dir / "test" / "report"),
         "report.before_scores": str(sweep.output / BEFORE_SCORES),
     }
+    if not has_run_logger(logger):  # the run folder's logger is added in default_root_dir
+        own["trainer.default_root_dir"] = str(cell_dir)
+    return own
 
 
 def check_configs(sweep: Sweep, parser: FitConfigParser, shared: dict[str, Any]) -> Any:
