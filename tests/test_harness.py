@@ -413,3 +413,15 @@ def test_the_small_worlds_reference_scores_are_the_harness_scores(tmp_path):
     assert (round(tqa["mc1"], 4), round(tqa["mc2"], 4)) == (0.28, 0.4842)
     assert theirs["local_truthfulqa_mc1"]["acc"] == pytest.approx(tqa["mc1"], abs=1e-6)
     assert theirs["local_truthfulqa_mc2"]["acc"] == pytest.approx(tqa["mc2"], abs=1e-6)
+
+
+def test_a_sweeps_summary_has_a_column_per_harness_task_metric_before_and_after():
+    from lora_lightning.sweep.aggregate import headline
+
+    row = headline({"benchmarks": {
+        "harness": {"arc_easy": {"before": {"acc": 0.5, "acc_stderr": 0.1, "n": 10},
+                                 "after": {"acc": 0.4, "acc_stderr": 0.1, "n": 10}}},
+        "mmlu": {"before": {"accuracy": 0.3}, "after": {"accuracy": 0.2}},
+    }})
+    assert (row["harness_arc_easy_acc_before"], row["harness_arc_easy_acc_after"]) == (0.5, 0.4)
+    assert row["mmlu_accuracy_after"] == 0.2 and not any("stderr" in k for k in row)
