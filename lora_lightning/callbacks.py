@@ -34,6 +34,8 @@ from lora_lightning.report import report_metrics, to_python, write_report
 from lora_lightning.world.benchmarks import evaluate_world_benchmarks
 from lora_lightning.world.cache import BENCHMARKS_DIR, TWO_HOP_FILE
 
+_METRICS_PER_CALL = 500
+
 
 def _batch_size(batch: dict[str, torch.Tensor]) -> int:
     return int(batch["input_ids"].size(0))
@@ -415,9 +417,12 @@ class KnowledgeReport(Callback):
         """Every number of the report to every logger, straight to the loggers: through
         `pl_module.log` they would also fill Lightning's end-of-test table with a hundred rows
         (and only scalars logged there reach the loggers at all)."""
-        metrics = report_metrics(self.results)
+        items = list(report_metrics(self.results).items())
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+            # MLflow refuses more than 1000 metrics in one call (many harness tasks get there)
+            for start in range(0, len(items), _METRICS_PER_CALL):
+                chunk = dict(items[start : start + _METRICS_PER_CALL])
+                logger.log_metrics(chunk, step=trainer.global_step)
             logger.save()
 
     def _world(self, trainer: L.Trainer) -> Path | None:

@@ -16,6 +16,7 @@ the `harness` extra is optional (`pip install "lora-lightning[harness]"`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import functools
 import logging
@@ -233,7 +234,12 @@ def harness_lm(
     progress: bool = True,
 ) -> Any:
     """An lm_eval `HFLM` (subclass) scoring `model` as it is now: LoRA layers on, off or merged,
-    whatever they are set to when the harness calls it."""
+    whatever they are set to when the harness calls it.
+
+    A tokenizer without a pad token is copied first: the harness would give it one (its
+    unk or eos token), which would change how the rest of the run pads."""
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        tokenizer = copy.deepcopy(tokenizer)
     return _lm_class()(model, tokenizer, batch_size, max_length, name, progress)
 
 

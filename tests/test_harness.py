@@ -259,6 +259,14 @@ def test_local_tasks_run_on_the_model_in_memory_with_and_without_the_adapter(
         assert sample["resps"][0][0].split("\n")[0] == text
 
 
+def test_the_harness_does_not_give_our_tokenizer_a_pad_token(tiny):
+    model, tokenizer = tiny
+    padless = AutoTokenizer.from_pretrained(tokenizer.name_or_path, pad_token=None)
+    padless.pad_token = None
+    lm = harness.harness_lm(model, padless, progress=False)
+    assert lm.tokenizer.pad_token_id is not None and padless.pad_token_id is None
+
+
 def test_a_limit_and_shots_are_passed_to_the_harness(tiny, tasks_dir):
     model, tokenizer = tiny
     result = harness.run_harness(model, tokenizer, "colours_mc", tasks_dir, limit=2,

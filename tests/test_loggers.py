@@ -288,3 +288,30 @@ def test_a_sweeps_cells_are_named_and_grouped_in_the_base_configs_loggers(tmp_pa
         "save_dir": str(cell_dir), "name": "", "version": "", "prefix": "",
         "flush_logs_every_n_steps": 100}
     assert "trainer.default_root_dir" not in own  # cell.yaml of earlier sweeps unchanged
+
+
+def test_the_report_reaches_every_logger_in_calls_mlflow_accepts():
+    """Each logger gets every number, at most 500 per call (MLflow refuses over 1000)."""
+    from types import SimpleNamespace
+
+    from lora_lightning.callbacks import KnowledgeReport
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls: list[dict] = []
+
+        def log_metrics(self, metrics: dict, step: int) -> None:
+            self.calls.append(metrics)
+
+        def save(self) -> None:
+            pass
+
+    loggers = [Recorder(), Recorder()]
+    report = KnowledgeReport()
+    report.results = {"benchmarks": {"harness": {f"task{i}": {"after": {"acc": i / 1200}}
+                                                 for i in range(1200)}}}
+    report._log_report(SimpleNamespace(loggers=loggers, global_step=7))
+    for logger in loggers:
+        assert max(len(c) for c in logger.calls) <= 500
+        merged = {k: v for call in logger.calls for k, v in call.items()}
+        assert merged == report_metrics(report.results) and len(merged) == 1200
