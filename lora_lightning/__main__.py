@@ -26,6 +26,7 @@ from lora_lightning.commands import (
     sweep_command,
     world_command,
 )
+from lora_lightning.harness import HarnessUnavailable
 
 COMMANDS: dict[str, Callable[..., Any]] = {
     "aggregate": aggregate_command,
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     quiet_known_noise()
     try:
         _main(argv)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, HarnessUnavailable) as err:
         if os.environ.get("LORA_LIGHTNING_DEBUG"):
             raise
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)

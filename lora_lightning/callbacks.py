@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback, ProgressBar, ThroughputMonitor
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
-from lora_lightning import evaluation
+from lora_lightning import evaluation, harness
 from lora_lightning.facts import load_facts
 from lora_lightning.lora import lora_disabled, save_adapter
 from lora_lightning.metrics import (
@@ -31,9 +31,11 @@ from lora_lightning.metrics import (
 )
 from lora_lightning.progress import LineProgress
 from lora_lightning.prompts import batch_sequences, batch_tokens
-from lora_lightning.report import to_python, write_report
+from lora_lightning.report import report_metrics, to_python, write_report
 from lora_lightning.world.benchmarks import evaluate_world_benchmarks
 from lora_lightning.world.cache import BENCHMARKS_DIR, TWO_HOP_FILE
+
+_METRICS_PER_CALL = 500
 
 
 class TokenThroughputMonitor(ThroughputMonitor):
@@ -217,8 +219,10 @@ class KnowledgeReport(Callback):
     categories before training this gives the knowledge shift, and the answers give
     concentration, refusals and confidence before vs after. Reliability and known-fact
     retention are read off the trained Unknown and held-out HighlyKnown facts among them.
-    MMLU and TruthfulQA run with the adapter and without it (same weights, LoRA disabled) when
-    their data paths are given. Rank 0 writes `report.json`, `report.md` and `reliability.png`.
+    MMLU, TruthfulQA and lm-evaluation-harness tasks run with the adapter and without it (same
+    weights, LoRA disabled) when their data paths or task names are given. Rank 0 writes
+    `report.json`, `report.md` and `reliability.png`, and logs the report's numbers to every
+    logger of the trainer (`report_metrics`), so TensorBoard, MLflow or W&B hold them too.
 
     Args:
         report_dir: Output folder (default `<log dir>/report`).
@@ -227,6 +231,14 @@ class KnowledgeReport(Callback):
         mmlu_limit: At most this many test questions per subject.
         truthfulqa_path: TruthfulQA.csv; None skips TruthfulQA.
         truthfulqa_limit: At most this many TruthfulQA questions.
+        harness_tasks: lm-evaluation-harness tasks, groups or tags ("hellaswag,arc_easy"),
+            run by the harness on the model in memory, before (LoRA disabled) and after.
+            Needs `pip install "lora-lightning[harness]"`.
+        harness_include: Folder(s) of your own harness task YAMLs (the harness'
+            `--include_path`).
+        harness_limit: At most this many documents per harness task (a float below 1: that
+            share of each task).
+        harness_num_fewshot: Shots for every harness task (None: each task's own default).
         benchmark_batch_size: Batch size of the log-likelihood scoring.
         explosion_factor: An answer "exploded" if repeated more than this times the base
             model's most repeated answer.
@@ -253,6 +265,10 @@ class KnowledgeReport(Callback):
         mmlu_limit: int | None = None,
         truthfulqa_path: str | None = None,
         truthfulqa_limit: int | None = None,
+        harness_tasks: list[str] | str | None = None,
+        harness_include: list[str] | str | None = None,
+        harness_limit: int | float | None = None,
+        harness_num_fewshot: int | None = None,
         benchmark_batch_size: int = 8,
         explosion_factor: float = 2.0,
         world_dir: str | None = "auto",
@@ -264,12 +280,23 @@ class KnowledgeReport(Callback):
         self.mmlu_limit = mmlu_limit
         self.truthfulqa_path = truthfulqa_path
         self.truthfulqa_limit = truthfulqa_limit
+        self.harness_tasks = harness_tasks
+        self.harness_include = harness_include
+        self.harness_limit = harness_limit
+        self.harness_num_fewshot = harness_num_fewshot
         self.benchmark_batch_size = benchmark_batch_size
         self.explosion_factor = explosion_factor
         self.world_dir = world_dir
         self.before_scores = before_scores
         self.results: dict[str, Any] = {}
         self.report_path: Path | None = None
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A missing lm_eval or a misspelt harness task fails now, not after the probe (every
+        rank checks, so that none waits for a failed one in a collective)."""
+        tasks = harness.parse_tasks(self.harness_tasks)
+        if tasks:
+            harness.check_tasks(harness.task_manager(self.harness_include), tasks)
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         device = pl_module.device
@@ -377,6 +404,19 @@ class KnowledgeReport(Callback):
             out = Path(self.report_dir) if self.report_dir else Path(root) / "report"
             self.report_path = write_report(self.results, out)
             rank_zero_info(f"report written to {self.report_path}")
+            self._log_report(trainer)
+
+    def _log_report(self, trainer: L.Trainer) -> None:
+        """Every number of the report to every logger, straight to the loggers: through
+        `pl_module.log` they would also fill Lightning's end-of-test table with a hundred rows
+        (and only scalars logged there reach the loggers at all)."""
+        items = list(report_metrics(self.results).items())
+        for logger in trainer.loggers:
+            # MLflow refuses more than 1000 metrics in one call (many harness tasks get there)
+            for start in range(0, len(items), _METRICS_PER_CALL):
+                chunk = dict(items[start : start + _METRICS_PER_CALL])
+                logger.log_metrics(chunk, step=trainer.global_step)
+            logger.save()
 
     def _world(self, trainer: L.Trainer) -> Path | None:
         """The bench world whose benchmarks and 2-hop questions apply, if any."""
@@ -423,7 +463,10 @@ class KnowledgeReport(Callback):
 
     def _benchmarks(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         world = self._world(trainer)
-        if not (self.mmlu_dir or self.truthfulqa_path or world) or not trainer.is_global_zero:
+        tasks = harness.parse_tasks(self.harness_tasks)
+        if not (self.mmlu_dir or self.truthfulqa_path or world or tasks):
+            return {}
+        if not trainer.is_global_zero:
             return {}
         tokenizer, model = trainer.datamodule.tokenizer, pl_module.model
         model.eval()
@@ -435,7 +478,11 @@ class KnowledgeReport(Callback):
         out: dict[str, Any] = {}
         for when, scores in (("before", before), ("after", after)):
             for name, value in scores.items():
-                out.setdefault(name, {})[when] = value
+                if name == "harness":  # one before/after pair per task, as for the others
+                    for task, metrics in value.items():
+                        out.setdefault("harness", {}).setdefault(task, {})[when] = metrics
+                else:
+                    out.setdefault(name, {})[when] = value
         return out
 
     def _shared_before_scores(
@@ -452,6 +499,12 @@ class KnowledgeReport(Callback):
             "mmlu_limit": self.mmlu_limit, "truthfulqa_path": self.truthfulqa_path,
             "truthfulqa_limit": self.truthfulqa_limit, "world": str(world) if world else None,
         }
+        if harness.parse_tasks(self.harness_tasks):  # only then, so older files stay valid
+            settings["harness"] = {
+                "tasks": harness.parse_tasks(self.harness_tasks),
+                "include": [str(p) for p in harness.include_folders(self.harness_include)],
+                "limit": self.harness_limit, "num_fewshot": self.harness_num_fewshot,
+            }
         key = json.dumps(settings, sort_keys=True)
         path = Path(self.before_scores)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -495,5 +548,12 @@ class KnowledgeReport(Callback):
                     evaluate_world_benchmarks(
                         model, tokenizer, world / BENCHMARKS_DIR, self.benchmark_batch_size
                     )
+                )
+            tasks = harness.parse_tasks(self.harness_tasks)
+            if tasks:
+                out["harness"] = harness.evaluate_tasks(
+                    model, tokenizer, tasks, self.harness_include, self.harness_limit,
+                    self.harness_num_fewshot, self.benchmark_batch_size,
+                    name="with adapter" if adapter else "base (LoRA disabled)", progress=False,
                 )
         return out

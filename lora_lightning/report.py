@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,13 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {label} {measure.upper()} | {_fmt(_get(bench, key, 'before', measure))} | "
                 f"{_fmt(_get(bench, key, 'after', measure))} |"
             )
+    for task, result in sorted((bench.get("harness") or {}).items()):
+        shown = result.get("after") or result.get("before") or {}
+        for metric in (k for k in shown if k != "n" and not k.endswith("_stderr")):
+            lines.append(
+                f"| harness {task} {metric} (n={_fmt(shown.get('n'))}) | "
+                f"{_fmt(_get(result, 'before', metric))} | {_fmt(_get(result, 'after', metric))} |"
+            )
     editing = results.get("editing") or {}
     for key, label in (
         ("generalization", "generalisation (trained facts, held-out templates)"),
@@ -126,6 +134,37 @@ def markdown(results: dict[str, Any]) -> str:
     if exploded:
         lines.append("Exploded answers after: " + ", ".join(f"{a!r} x{n}" for a, n in exploded))
     return "\n".join(lines) + "\n"
+
+
+# Not logged as the report's numbers: the per-epoch history (logged as val/* while fitting),
+# the training mix (settings, not measures) and MMLU's per-subject breakdown (in report.json).
+_NOT_LOGGED = frozenset({"history", "mix", "subjects"})
+
+
+def _metric_name(parts: list[str]) -> str:
+    """A name every logger accepts: MLflow allows only letters, digits and `_-./ `, so the
+    shift's "UK->MK" becomes "UK_to_MK" and anything else odd an underscore."""
+    name = "/".join(parts).replace("->", "_to_")
+    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", name)
+
+
+def report_metrics(results: dict[str, Any], prefix: str = "report") -> dict[str, float]:
+    """The report's numbers as flat `{"report/benchmarks/mmlu/after/accuracy": 0.25, ...}`, for
+    loggers (TensorBoard, MLflow, W&B, CSV), which take named scalars: every number in the
+    report except lists (top answers, the shift's count matrix) and the parts in _NOT_LOGGED.
+    """
+    flat: dict[str, float] = {}
+
+    def walk(value: Any, parts: list[str]) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if str(key) not in _NOT_LOGGED:
+                    walk(item, [*parts, str(key)])
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[_metric_name(parts)] = float(value)
+
+    walk(to_python(results), [prefix])
+    return flat
 
 
 def plot_history(history: list[dict[str, float]], path: Path) -> Path | None:

@@ -1,5 +1,5 @@
-"""`python -m lora_lightning evaluate`: MMLU and TruthfulQA for a model, with or without an
-adapter."""
+"""`python -m lora_lightning evaluate`: MMLU, TruthfulQA and lm-evaluation-harness tasks for a
+model, with or without an adapter."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lora_lightning import evaluation
+from lora_lightning import evaluation, harness
 from lora_lightning.models import load_model, resolve_model
 from lora_lightning.threads import set_threads
 
@@ -23,6 +23,10 @@ def evaluate_command(
     mmlu_limit: int | None = None,
     n_shot: int = 5,
     truthfulqa_limit: int | None = None,
+    harness_tasks: list[str] | str | None = None,
+    harness_include: list[str] | str | None = None,
+    harness_limit: int | float | None = None,
+    harness_num_fewshot: int | None = None,
     batch_size: int = 8,
     output: str | None = "evaluation.json",
     device: str = "auto",
@@ -30,7 +34,8 @@ def evaluate_command(
     threads: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Score a base model, with or without a LoRA adapter, on MMLU and TruthfulQA MC1/MC2.
+    """Score a base model, with or without a LoRA adapter, on MMLU, TruthfulQA MC1/MC2 and
+    lm-evaluation-harness tasks.
 
     Args:
         model: Hugging Face model directory or hub name; None or "world" = the synthetic
@@ -40,7 +45,9 @@ def evaluate_command(
             layout); None = Hugging Face datasets (needs `datasets` and the network).
         mmlu_dir: MMLU folder, overriding `data_dir` for MMLU.
         truthfulqa_path: TruthfulQA CSV (or its folder), overriding `data_dir` for TruthfulQA.
-        benchmarks: which to run, from "mmlu" and "truthfulqa" (default both).
+        benchmarks: which to run, from "mmlu" and "truthfulqa". Default: both; with
+            `harness_tasks`, those whose local data is given (so `--harness_tasks` alone runs
+            the harness tasks only, with nothing to download).
         mmlu_subjects: restrict MMLU to these subjects (file-name form, e.g. "high_school_biology").
         mmlu_limit: at most this many test questions per subject. Given alone (no
             `truthfulqa_limit`), TruthfulQA is limited to the same number of questions: a
@@ -48,6 +55,14 @@ def evaluate_command(
         n_shot: MMLU shots (first rows of the dev split), 0..5.
         truthfulqa_limit: at most this many TruthfulQA questions. Given alone, MMLU is limited
             to the same number of questions per subject.
+        harness_tasks: lm-evaluation-harness tasks, groups or tags ("hellaswag,arc_easy"),
+            run by the harness itself on the model in memory (adapter applied, unmerged).
+            Needs `pip install "lora-lightning[harness]"`.
+        harness_include: folder(s) of your own harness task YAMLs (the harness'
+            `--include_path`), whose tasks `harness_tasks` may then name.
+        harness_limit: at most this many documents per harness task (a float below 1: that
+            share of each task).
+        harness_num_fewshot: shots for every harness task (None: each task's own default).
         batch_size: distinct model inputs per forward pass.
         output: JSON file for the results (its path is printed before scoring starts); None
             writes nothing.
@@ -58,9 +73,17 @@ def evaluate_command(
         progress: show progress bars.
 
     Returns:
-        ``{"mmlu": {...}, "truthfulqa": {...}, "model": ..., "adapter": ...}``.
+        ``{"mmlu": {...}, "truthfulqa": {...}, "harness": {task: {metric: value, "n": ...}},
+        "model": ..., "adapter": ...}``.
     """
-    chosen = list(benchmarks) if benchmarks is not None else ["mmlu", "truthfulqa"]
+    tasks = harness.parse_tasks(harness_tasks)
+    if benchmarks is not None:
+        chosen = list(benchmarks)
+    elif tasks:
+        chosen = [name for name, source in (("mmlu", mmlu_dir), ("truthfulqa", truthfulqa_path))
+                  if source is not None or data_dir is not None]
+    else:
+        chosen = ["mmlu", "truthfulqa"]
     unknown = set(chosen) - {"mmlu", "truthfulqa"}
     if unknown:
         raise ValueError(f"benchmarks: unknown {sorted(unknown)}; choose from mmlu, truthfulqa")
@@ -73,6 +96,8 @@ def evaluate_command(
             truthfulqa_limit = mmlu_limit
             print(f"--mmlu_limit {mmlu_limit} without --truthfulqa_limit: TruthfulQA is limited "
                   f"to {truthfulqa_limit} questions too (pass --truthfulqa_limit to choose)")
+    if tasks:  # a missing lm_eval or a misspelt task fails now, before the model is loaded
+        harness.check_tasks(harness.task_manager(harness_include), tasks)
     path = None
     if output is not None:
         path = Path(output).resolve()
@@ -99,6 +124,15 @@ def evaluate_command(
         )
         tqa = results["truthfulqa"]
         print(f"TruthfulQA: MC1 {tqa['mc1']:.4f}, MC2 {tqa['mc2']:.4f} over {tqa['n']} questions")
+    if tasks:
+        results["harness"] = harness.evaluate_tasks(
+            lm, tokenizer, tasks, harness_include, harness_limit, harness_num_fewshot,
+            batch_size, name=adapter or model_path, progress=progress,
+        )
+        for task, scores in results["harness"].items():
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items()
+                              if k != "n" and not k.endswith("_stderr"))
+            print(f"harness {task}: {shown} over {scores.get('n', '?')} documents")
     if path is not None:
         path.write_text(json.dumps(results, indent=2))
         print(f"results written to {path}")

@@ -43,6 +43,43 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     # run extends its metrics.csv instead of starting it over.
     "logger": lazy_instance(ResumableCSVLogger, save_dir=RUN_DIR, name="", version=""),
 }
+# Loggers whose `version` is a folder of their own: "" means none, the run folder itself.
+FOLDER_LOGGERS = ("ResumableCSVLogger", "CSVLogger", "TensorBoardLogger")
+
+
+def _logger_entries(logger: Any) -> list[Any]:
+    """The configured logger(s) as a list ([] for True/False/None)."""
+    if logger is None or isinstance(logger, bool):
+        return []
+    return list(logger) if isinstance(logger, (list, tuple)) else [logger]
+
+
+def _kind(entry: Any) -> str:
+    """A configured logger's class name ("TensorBoardLogger"), "" when it is no class."""
+    return str(getattr(entry, "class_path", "") or "").rsplit(".", 1)[-1]
+
+
+def run_folder(trainer_config: Any) -> Path | None:
+    """The run folder a `trainer` config means: where config.yaml, checkpoints/, adapter/,
+    report/ and metrics.csv go, and where `--ckpt_path last` looks.
+
+    It is the save_dir (and name) of the configured `ResumableCSVLogger` with a fixed version
+    (the default logger: `runs/default`); when `--trainer.logger` configures other loggers
+    only, `KnowledgeCLI` adds a ResumableCSVLogger for the run folder in front of them, in
+    `--trainer.default_root_dir` (default `runs/default`). None: no logging at all
+    (`--trainer.logger false`), or a version left to Lightning's counter.
+    """
+    logger = getattr(trainer_config, "logger", None)
+    if logger is False:
+        return None
+    for entry in _logger_entries(logger):
+        if _kind(entry) == "ResumableCSVLogger":
+            init = entry.init_args
+            if getattr(init, "version", None) != "":
+                return None
+            return Path(init.save_dir) / (getattr(init, "name", None) or "")
+    return Path(getattr(trainer_config, "default_root_dir", None) or RUN_DIR)
+
 
 class KnowledgeCLI(LightningCLI):
     """LightningCLI with the module's base model and loss choice shared with the data."""
@@ -87,8 +124,7 @@ class KnowledgeCLI(LightningCLI):
         `before_instantiate_classes` refuses a resume whose settings differ instead."""
 
     def before_instantiate_classes(self) -> None:
-        # run=False (no subcommand, e.g. a benchmark that drives the trainer itself): flat config
-        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        cfg = self.config.get(str(self.subcommand), self.config)  # run=False: no subcommand
         model_name = cfg.get("model.model_name_or_path")
         if model_name not in (None, WORLD_MODEL):  # one line now, not a traceback later
             check_model_path(model_name)
@@ -98,10 +134,20 @@ class KnowledgeCLI(LightningCLI):
             cfg.ckpt_path = ckpt = str(self._last_checkpoint(cfg))
         if ckpt not in (None, "best", "hpc"):
             self._check_resume(ckpt, cfg)
-        if self.subcommand not in ("fit", None):  # log beside the fit run, not over its metrics.csv
-            init = getattr(cfg.trainer.logger, "init_args", None)
-            if init is not None and getattr(init, "version", None) == "":
-                init.version = self.subcommand
+        for entry in _logger_entries(cfg.trainer.logger):
+            init = getattr(entry, "init_args", None)
+            if init is None:
+                continue
+            if _kind(entry) in FOLDER_LOGGERS:
+                if self.subcommand not in (None, "fit") and getattr(init, "version", None) == "":
+                    init.version = self.subcommand  # beside the fit run, not over its log
+            else:
+                # "" is the folder loggers' "no subfolder", which jsonargparse carries over
+                # from the default logger to one chosen with `--trainer.logger WandbLogger`;
+                # there it would be an empty run name and id: let the logger choose them.
+                for key in ("name", "version"):
+                    if getattr(init, key, None) == "":
+                        setattr(init, key, None)
 
     def _check_resume(self, ckpt: str, cfg) -> None:
         """A readable checkpoint of ours, trained with the model and data settings given now.
@@ -125,11 +171,10 @@ class KnowledgeCLI(LightningCLI):
             )
 
     def _last_checkpoint(self, cfg) -> Path:
-        """The fit run's last.ckpt: checkpoint.dirpath, else the logger's fixed run folder."""
+        """The fit run's last.ckpt: checkpoint.dirpath, else the run folder's."""
         folder = cfg.checkpoint.dirpath
-        init = getattr(cfg.trainer.logger, "init_args", None)
-        if folder is None and init is not None and getattr(init, "version", None) == "":
-            folder = Path(init.save_dir) / (init.name or "") / "checkpoints"
+        if folder is None and (run := run_folder(cfg.trainer)) is not None:
+            folder = run / "checkpoints"
         if folder is None:
             raise FileNotFoundError(
                 "--ckpt_path last: cannot tell this run's checkpoint folder; set "
@@ -143,7 +188,8 @@ class KnowledgeCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         """Progress as whole lines when stdout is a log, not a terminal (unless a progress bar
         is configured or switched off): added here, not in the config, so `--print_config` is
-        the same wherever it runs."""
+        the same wherever it runs. And the run folder's logger first (`_with_run_logger`)."""
+        config = {**config, "logger": self._with_run_logger(config)}
         configured = [*(config.get("callbacks") or []), *callbacks]
         if (
             config.get("enable_progress_bar") in (None, True)
@@ -152,6 +198,27 @@ class KnowledgeCLI(LightningCLI):
         ):
             callbacks = [*callbacks, LineProgressBar()]
         return super()._instantiate_trainer(config, callbacks)
+
+    def _with_run_logger(self, config: dict[str, Any]) -> Any:
+        """The trainer's loggers with a `ResumableCSVLogger` of the run folder first.
+
+        Lightning puts checkpoints in the first logger's folder and `trainer.log_dir` (our
+        config.yaml, adapter and report) there too: for MLflow that was the store's root and
+        for W&B its project folder, so `--ckpt_path last`, the adapter and the sweep's cells
+        lost their run folder when a user chose another logger. Any choice of loggers keeps
+        recording what it records; the run folder (`run_folder`) stays where it always is.
+        `--trainer.logger false` still means no logging at all."""
+        logger = config.get("logger")
+        if logger is False:
+            return logger
+        loggers = [] if logger is None or logger is True else (
+            list(logger) if isinstance(logger, (list, tuple)) else [logger])
+        ours = [lg for lg in loggers if isinstance(lg, ResumableCSVLogger)]
+        if ours:
+            return [ours[0], *(lg for lg in loggers if lg is not ours[0])]
+        run = Path(config.get("default_root_dir") or RUN_DIR)
+        version = "" if self.subcommand in (None, "fit") else self.subcommand
+        return [ResumableCSVLogger(save_dir=run, name="", version=version), *loggers]
 
     def after_fit(self) -> None:
         run_dir = self.trainer.log_dir  # a collective under DDP: every rank asks

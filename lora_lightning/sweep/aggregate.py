@@ -68,7 +68,15 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
     row = {name: _get(report, *path) for name, path in _STATIC}
     exploded = _get(report, "concentration", "after", "exploded")
     row["exploded_after"] = len(exploded) if isinstance(exploded, list) else None
-    for name, result in sorted((report.get("benchmarks") or {}).items()):
+    benchmarks = dict(report.get("benchmarks") or {})
+    for task, result in sorted((benchmarks.pop("harness", None) or {}).items()):
+        shown = result.get("after") or result.get("before") or {}
+        for metric in (k for k in shown if k != "n" and not k.endswith("_stderr")):
+            for when in ("before", "after"):
+                value = _get(result, when, metric)
+                if value is not None:
+                    row[f"harness_{task}_{metric}_{when}"] = value
+    for name, result in sorted(benchmarks.items()):
         for metric in ("accuracy", "mc1", "mc2"):
             for when in ("before", "after"):
                 value = _get(result, when, metric)

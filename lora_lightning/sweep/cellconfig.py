@@ -12,13 +12,68 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FitConfigParser", "cli_value"]
+__all__ = ["FitConfigParser", "cell_loggers", "cli_value", "has_run_logger"]
 
 
 def cli_value(value: Any) -> str:
     """A value as the command line spells it: strings as they are (jsonargparse would keep
     JSON quotes in a string), everything else as JSON (numbers, true/false, null, lists)."""
     return value if isinstance(value, str) else json.dumps(value)
+
+
+def _plain(value: Any) -> Any:
+    return value.as_dict() if hasattr(value, "as_dict") else value
+
+
+def has_run_logger(logger: Any) -> bool:
+    """Whether a parsed `trainer.logger` has a ResumableCSVLogger (whose folder is the run
+    folder; without one, `fit` adds one in `trainer.default_root_dir`)."""
+    entries = logger if isinstance(logger, list) else [logger]
+    return any(str(getattr(e, "class_path", "")).endswith(".ResumableCSVLogger")
+               for e in entries)
+
+
+def cell_loggers(
+    logger: Any, sweep_name: str, cell_name: str, labels: dict[str, str], cell_dir: Path
+) -> Any:
+    """The cell's `trainer.logger`: the base config's logger(s), each told which sweep and
+    which cell it records, so that a sweep's runs are grouped wherever they are logged.
+
+    - CSV loggers (the default) write into the cell's own folder, which is its run folder;
+    - TensorBoard: `<save_dir>/<sweep>/<cell>` (name = the sweep, version = the cell), so one
+      `tensorboard --logdir <save_dir>` shows the grid, `fit` and `test` of a cell together;
+    - MLflow: run name = the cell, tags `sweep`, `cell` and one per axis (`n: "100"`);
+    - W&B: name = the cell, group = the sweep, tags "axis=label".
+
+    Tags the base config sets are kept; other loggers are left as they are. `logger` is the
+    parsed config's value (a namespace, a list of them, or True/False/None); the result is
+    plain data for the command line.
+    """
+    if logger is None or isinstance(logger, bool):
+        return logger
+    entries = logger if isinstance(logger, list) else [logger]
+    out = []
+    for entry in entries:
+        entry = _plain(entry)
+        if not isinstance(entry, dict) or "class_path" not in entry:
+            out.append(entry)
+            continue
+        init = dict(_plain(entry.get("init_args")) or {})
+        kind = str(entry["class_path"]).rsplit(".", 1)[-1]
+        if kind in ("ResumableCSVLogger", "CSVLogger"):
+            init.update(save_dir=str(cell_dir), name="", version="")
+        elif kind == "TensorBoardLogger":
+            init.update(name=sweep_name, version=cell_name)
+        elif kind == "MLFlowLogger":
+            init["run_name"] = cell_name
+            init["tags"] = {**(init.get("tags") or {}), "sweep": sweep_name, "cell": cell_name,
+                            **{axis: str(label) for axis, label in labels.items()}}
+        elif kind == "WandbLogger":
+            init.update(name=cell_name, group=sweep_name)
+            axis_tags = [f"{axis}={label}" for axis, label in labels.items()]
+            init["tags"] = list(dict.fromkeys([*(init.get("tags") or []), *axis_tags]))
+        out.append({**entry, "init_args": init})
+    return out if isinstance(logger, list) else out[0]
 
 
 class _Parsed(Exception):  # noqa: N818  (a signal, not an error)

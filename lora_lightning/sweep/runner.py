@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_lightning.sweep.cell import read_status, report_path
-from lora_lightning.sweep.cellconfig import FitConfigParser
+from lora_lightning.sweep.cellconfig import FitConfigParser, cell_loggers, has_run_logger
 from lora_lightning.sweep.folder import CELLS_DIR, claim_folder, write_cell
 from lora_lightning.sweep.progress import SweepProgress, duration
 from lora_lightning.sweep.shared import categorized_settings, world_settings
@@ -30,18 +30,21 @@ def _cell_dir(sweep: Sweep, cell: Cell) -> Path:
     return sweep.output / CELLS_DIR / cell.name
 
 
-def _own_settings(sweep: Sweep, cell_dir: Path) -> dict[str, Any]:
+def _own_settings(sweep: Sweep, cell: Cell, cell_dir: Path, logger: Any) -> dict[str, Any]:
     """The keys the sweep sets for each cell: its run folder (where `--ckpt_path last` looks),
-    checkpoints, adapter, report, and the base scores every cell shares."""
-    return {
-        "trainer.logger.init_args.save_dir": str(cell_dir),
-        "trainer.logger.init_args.name": "",
-        "trainer.logger.init_args.version": "",
+    checkpoints, adapter, report, the base scores every cell shares, and the base config's
+    loggers told the sweep's and the cell's names (`cell_loggers`)."""
+    own = {
+        "trainer.logger": cell_loggers(logger, sweep.output.name, cell.name, cell.labels,
+                                       cell_dir),
         "checkpoint.dirpath": str(cell_dir / "checkpoints"),
         "save_adapter.dirpath": str(cell_dir / "adapter"),
         "report.report_dir": str(cell_dir / "test" / "report"),
         "report.before_scores": str(sweep.output / BEFORE_SCORES),
     }
+    if not has_run_logger(logger):  # the run folder's logger is added in default_root_dir
+        own["trainer.default_root_dir"] = str(cell_dir)
+    return own
 
 
 def check_configs(sweep: Sweep, parser: FitConfigParser, shared: dict[str, Any]) -> Any:
@@ -51,11 +54,6 @@ def check_configs(sweep: Sweep, parser: FitConfigParser, shared: dict[str, Any])
         config = parser.parse(sweep.base, {})
     except ValueError as exc:
         raise sweep.error("base", f"{sweep.base} is not a valid fit config: {exc}") from exc
-    logger = getattr(config.trainer, "logger", None)
-    init = getattr(logger, "init_args", None)
-    if init is None or not all(hasattr(init, k) for k in ("save_dir", "name", "version")):
-        raise sweep.error("base", "trainer.logger must be a logger with save_dir, name and "
-                          "version (CSVLogger, the default): each cell's run folder is set there")
     common = {**sweep.overrides, **shared}
     try:
         config = parser.parse(sweep.base, common)
@@ -144,11 +142,12 @@ def run_sweep(
     if shared:
         check_configs(sweep, parser, shared)
 
+    base_logger = config.trainer.logger  # the base config's, before any cell's are set
     jobs = []
     for cell in cells:
         cell_dir = _cell_dir(sweep, cell)
         settings = {**CHECKPOINT_EVERY_EPOCH, **sweep.overrides, **shared, **cell.settings,
-                    **_own_settings(sweep, cell_dir)}
+                    **_own_settings(sweep, cell, cell_dir, base_logger)}
         try:
             config = parser.parse(sweep.base, settings)
         except ValueError as exc:
