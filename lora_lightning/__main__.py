@@ -114,10 +114,13 @@ def _main(argv: list[str] | None) -> None:
             argv = sweep_argv(argv)
         elif command == "ask":  # `ask "Where was X born?"`: the bare words are the question
             argv = ask_argv(argv)
-        auto_cli(
+        result = auto_cli(
             COMMANDS[command], args=argv, as_positional=command in POSITIONAL,
             prog=f"python -m lora_lightning {command}",
         )
+        if command == "sweep" and isinstance(result, dict) and result.get("failed"):
+            # the other cells finished and are aggregated; a script or CI must still notice
+            sys.exit(1)
         return
     if argv and argv[0] in ("-h", "--help"):
         print(

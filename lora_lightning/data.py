@@ -150,6 +150,7 @@ def build_mix(
     bias_groups: int = 1,
     n_val_known: int = 0,
     fewshot_pool: Sequence[Fact] | None = None,
+    extra_repeats: bool = False,
 ) -> Mix:
     """Choose the training mix and the validation facts from categorised facts.
 
@@ -157,6 +158,11 @@ def build_mix(
     n*k, the validation facts the last `n_val_known`, so the forgetting set does not move when k
     or n change. Few-shot pool: `fewshot_pool` minus any fact used in the mix or validation, or,
     when None, the HighlyKnown facts left over.
+
+    With `extra_repeats`, a mix that needs more distinct extras than there are (n*k HighlyKnown
+    facts, or k paraphrases of each Unknown fact) cycles through the ones there are, each used
+    as evenly as possible, instead of failing. The paper's largest mixes need it: 3,000 Unknown
+    + 10 HighlyKnown each is 30,000 extras against 2,732 HighlyKnown facts.
     """
     _check_choice("extra_kind", extra_kind, ExtraKind)
     _check_choice("selection", selection, Selection)
@@ -185,25 +191,39 @@ def build_mix(
         )
     train_unknown = candidates[:n_unknown]
 
-    n_known_needed = n_val_known + (n_unknown * k if extra_kind == "highly_known" else 0)
+    n_extra = n_unknown * k if extra_kind == "highly_known" else 0
+    n_known_needed = n_val_known + (min(n_extra, 1) if extra_repeats else n_extra)
     if len(known) < n_known_needed:
         extra = f" + {n_unknown}*{k} extras" if extra_kind == "highly_known" else ""
+        hint = "" if extra_repeats or not n_extra else (
+            "; data.extra_repeats=true reuses HighlyKnown facts as the paper's largest mixes do"
+        )
         raise ValueError(
             f"not enough HighlyKnown facts: need {n_known_needed} (n_val_known={n_val_known}"
-            f"{extra}), the facts have {len(known)}"
+            f"{extra}), the facts have {len(known)}{hint}"
         )
     val_known = known[len(known) - n_val_known :] if n_val_known else []
     leftover = known[: len(known) - n_val_known]
 
     if extra_kind == "highly_known":
-        train_extra, leftover = leftover[: n_unknown * k], leftover[n_unknown * k :]
+        if n_extra > len(leftover):  # extra_repeats (checked above): cycle, evenly
+            train_extra = [leftover[i % len(leftover)] for i in range(n_extra)]
+            log.warning(
+                "%d HighlyKnown extras from %d distinct facts: each is repeated up to %d times",
+                n_extra, len(leftover), -(-n_extra // len(leftover)),
+            )
+            leftover = []
+        else:
+            train_extra, leftover = leftover[:n_extra], leftover[n_extra:]
     elif extra_kind == "paraphrase" and k:
-        short = [f for f in train_unknown if len(_usable_paraphrases(f)) < k]
+        least = 1 if extra_repeats else k
+        short = [f for f in train_unknown if len(_usable_paraphrases(f)) < least]
         if short:
+            hint = "" if extra_repeats else "; data.extra_repeats=true reuses paraphrases"
             raise ValueError(
                 f"extra_per_unknown={k} paraphrases requested, but {len(short)} of the "
                 f"{n_unknown} Unknown facts have fewer distinct ones (e.g. {short[0].id} has "
-                f"{len(_usable_paraphrases(short[0]))}; ids {_ids(short)})"
+                f"{len(_usable_paraphrases(short[0]))}; ids {_ids(short)}){hint}"
             )
         train_extra = [
             replace(
@@ -244,10 +264,12 @@ def _usable_paraphrases(fact: Fact) -> list[str]:
 
 
 def _paraphrases(fact: Fact, k: int, selection: Selection, seed: int) -> list[str]:
+    """k paraphrases of the question; fewer distinct ones (only with `extra_repeats`) cycle."""
     usable = _usable_paraphrases(fact)
     if selection == "random":
-        return random.Random(f"{seed}:{PARAPHRASE}:{fact.id}").sample(usable, k)
-    return usable[:k]
+        rng = random.Random(f"{seed}:{PARAPHRASE}:{fact.id}")
+        usable = rng.sample(usable, min(k, len(usable)))
+    return [usable[j % len(usable)] for j in range(k)]
 
 
 class EncodedFacts(Dataset):
@@ -319,6 +341,9 @@ class KnowledgeDataModule(L.LightningDataModule):
             facts sharing a "subject" or an "answer"; "none" = unbiased.
         bias_groups: How many subject/answer groups a biased mix draws from.
         n_val_known: Held-out HighlyKnown facts validated on to measure forgetting.
+        extra_repeats: When the facts have fewer distinct extras than the mix needs (n*k
+            HighlyKnown facts, or k paraphrases per Unknown fact), reuse them evenly instead of
+            failing, as the paper's largest mixes must.
         loss_on: "answer" puts loss on the assistant turn only; "all" on every token, as the
             paper's released script does.
         batch_size: Samples per batch on each device.
@@ -342,6 +367,7 @@ class KnowledgeDataModule(L.LightningDataModule):
         bias: Bias = "none",
         bias_groups: int = 1,
         n_val_known: int = 50,
+        extra_repeats: bool = False,
         loss_on: LossOn = "answer",
         batch_size: int = 16,
         max_length: int = 256,
@@ -419,6 +445,7 @@ class KnowledgeDataModule(L.LightningDataModule):
             self.all_facts, n_unknown=hp.n_unknown, extra_per_unknown=hp.extra_per_unknown,
             extra_kind=hp.extra_kind, selection=hp.selection, seed=hp.seed, bias=hp.bias,
             bias_groups=hp.bias_groups, n_val_known=hp.n_val_known, fewshot_pool=pool,
+            extra_repeats=hp.get("extra_repeats", False),
         )
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(
@@ -470,7 +497,7 @@ class KnowledgeDataModule(L.LightningDataModule):
             "fewshot_pool": len(self.mix.fewshot_pool),
             "settings": {name: hp[name] for name in (
                 "n_unknown", "extra_per_unknown", "extra_kind", "selection", "seed", "bias",
-                "bias_groups", "n_val_known", "loss_on")},
+                "bias_groups", "n_val_known", "extra_repeats", "loss_on")},
         }
 
     # ---------------------------------------------------------------------- loaders

@@ -87,3 +87,20 @@ def test_world_command_shows_sizes_categories_and_base_accuracy(tmp_path, monkey
     assert f"Unknown {info['categories']['Unknown']}" in shown
     again = world_command(scale="small", home=str(tmp_path), json_output=True)
     assert again["root"] == info["root"] and '"n_tested"' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("failed", "code"), [({}, None), ({"n=10__mix=+0": "boom"}, 1)])
+def test_sweep_exits_non_zero_when_a_cell_failed(monkeypatch, failed, code):
+    """The other cells still ran and were aggregated; a script or CI must notice the failure."""
+    import lora_lightning.__main__ as cli
+
+    def fake_sweep(config_file: str, dry_run: bool = False) -> dict:
+        return {"cells": 2, "done": 2 - len(failed), "failed": failed}
+
+    monkeypatch.setitem(cli.COMMANDS, "sweep", fake_sweep)
+    if code is None:
+        cli.main(["sweep", "--config", "grid.yaml"])
+    else:
+        with pytest.raises(SystemExit) as exited:
+            cli.main(["sweep", "--config", "grid.yaml"])
+        assert exited.value.code == code

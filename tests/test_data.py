@@ -239,6 +239,39 @@ def test_not_enough_facts_errors_name_the_numbers(facts):
         build_mix(facts, n_unknown=1, extra_per_unknown=1, extra_kind="none")
 
 
+def test_extra_repeats_cycles_highly_known_facts_evenly_when_too_few(facts):
+    """3,000 Unknown + 10 HighlyKnown each needs more HighlyKnown facts than the paper had."""
+    with pytest.raises(ValueError, match="data.extra_repeats=true reuses HighlyKnown"):
+        build_mix(facts, n_unknown=10, extra_per_unknown=6, extra_kind="highly_known",
+                  n_val_known=5)
+    mix = build_mix(facts, n_unknown=10, extra_per_unknown=6, extra_kind="highly_known",
+                    n_val_known=5, extra_repeats=True)
+    assert len(mix.train_extra) == 60
+    uses = Counter(f.id for f in mix.train_extra)
+    assert len(uses) == N_KNOWN - 5  # every HighlyKnown fact but the validation ones
+    assert max(uses.values()) - min(uses.values()) <= 1  # as evenly as possible
+    assert not {f.id for f in mix.val_known} & set(uses)  # the forgetting set stays untouched
+    # with enough distinct facts the option changes nothing
+    same = dict(n_unknown=5, extra_per_unknown=2, extra_kind="highly_known", n_val_known=5)
+    assert build_mix(facts, **same, extra_repeats=True) == build_mix(facts, **same)
+
+
+@pytest.mark.parametrize("selection", ["first", "random"])
+def test_extra_repeats_cycles_paraphrases_when_a_fact_has_too_few(facts, selection):
+    short = build_mix(facts, n_unknown=5, selection=selection).train_unknown[3]
+    short.paraphrases = [short.paraphrases[0], short.question.upper()]  # one distinct
+    with pytest.raises(ValueError, match="data.extra_repeats=true reuses paraphrases"):
+        build_mix(facts, n_unknown=5, extra_per_unknown=3, extra_kind="paraphrase",
+                  selection=selection)
+    mix = build_mix(facts, n_unknown=5, extra_per_unknown=3, extra_kind="paraphrase",
+                    selection=selection, extra_repeats=True)
+    of_short = [f.question for f in mix.train_extra if f.meta["paraphrase_of"] == short.id]
+    assert of_short == [short.paraphrases[0]] * 3
+    for fact in mix.train_unknown:
+        questions = [f.question for f in mix.train_extra if f.meta["paraphrase_of"] == fact.id]
+        assert len(questions) == 3 and fact.question not in questions
+
+
 @pytest.mark.parametrize(
     ("bias", "groups", "sizes"), [("answer", 1, [9]), ("answer", 2, [9, 6]), ("subject", 1, [8])]
 )
