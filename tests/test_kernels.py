@@ -204,9 +204,10 @@ def test_dropout_is_reproducible_under_manual_seed():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nothing_full_size_is_saved_for_backward_but_x(backend):
     """No dropout mask, no drop(x), no fp32 copy of x: what autograd keeps is x itself, the
-    frozen weight, the adapters and the thin S [M, r]."""
+    frozen weight, the adapters and the thin S [M, r]; the torch backend adds its dropout mask
+    bit-packed (uint8, 1 bit per element of x: 1/16 of x in bf16), nothing bigger."""
     _triton_or_skip(backend)
-    x, w, b, a, bb, s = _problem((40, 32), 24, 4, torch.bfloat16)
+    x, w, b, a, bb, s = _problem((40, 33), 24, 4, torch.bfloat16)
     saved: list[torch.Tensor] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -215,10 +216,55 @@ def test_nothing_full_size_is_saved_for_backward_but_x(backend):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         kernels.lora_linear(x, w, b, a, bb, s, dropout_p=0.1, backend=backend)
+    packed = [t for t in saved if t.dtype == torch.uint8]
+    if backend == "torch":
+        assert [t.numel() for t in packed] == [(x.numel() + 7) // 8]
+    else:
+        assert packed == []
+    saved = [t for t in saved if t.dtype != torch.uint8]
     x_sized = [t for t in saved if t.numel() >= x.numel()]
     assert [t.data_ptr() for t in x_sized] == [x.data_ptr()]
     assert all(t.dtype == torch.bfloat16 for t in saved)
     assert sum(t.numel() for t in saved) <= x.numel() + w.numel() + a.numel() + bb.numel() + 40 * 4
+
+
+def test_bit_packing_keeps_every_byte_pattern():
+    """pack_keep's multiply-and-shift gathers each byte's bit without carries, for all 256
+    patterns of 8 keep decisions, and the unpacking table reads them back in the same order."""
+    from kernels.torch_backend import pack_keep, unpack_scale
+
+    patterns = (torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1  # [256, 8], bit j
+    packed = pack_keep(patterns.bool().reshape(-1))
+    assert torch.equal(packed, torch.arange(256, dtype=torch.uint8))
+    scale = unpack_scale(packed, (256, 8), 0.5, torch.float32)
+    assert torch.equal(scale, patterns.float() * 2.0)
+
+
+@pytest.mark.parametrize("shape", [(96, 80), (7, 13), (3, 5, 11)])
+def test_packed_mask_saved_by_forward_is_the_seeds_mask(shape):
+    """What backward unpacks is exactly the mask regenerated from the seed (``dropout_mask``),
+    odd element counts (a padded last byte) included."""
+    x = torch.randn(*shape, requires_grad=True)
+    w, a = torch.randn(6, shape[-1]), torch.randn(2, shape[-1], requires_grad=True)
+    bb = torch.randn(6, 2, requires_grad=True)
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    rng_state = torch.get_rng_state()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        kernels.lora_linear(x, w, None, a, bb, 2.0, dropout_p=0.3, backend="torch")
+    torch.set_rng_state(rng_state)
+    seed = kernels.draw_dropout_seed()
+    (packed,) = [t for t in saved if t.dtype == torch.uint8]
+    from kernels.torch_backend import keep_mask, unpack_scale
+
+    mask = kernels.dropout_mask(x.detach(), 0.3, seed, backend="torch")
+    assert torch.equal(unpack_scale(packed, shape, 0.3, torch.float32), mask)
+    keep, factor = keep_mask(shape, 0.3, seed, torch.float32, x.device)
+    assert torch.equal(keep * factor, mask)
 
 
 def test_inference_saves_nothing_and_matches_training_output():
