@@ -23,17 +23,11 @@ import math
 import torch
 
 from kernels._common import (
-    DROPOUT_LEVELS,
     dropout_keep_factor,
     dropout_threshold,
     forward_and_save,
     run_fused,
 )
-
-# (w * _GATHER) >> 56 moves the low bit of each of the 8 bytes of w into one byte: byte j's bit
-# lands on bit 56 + j, and no two partial products share a bit, so nothing carries into the top
-# byte (checked for all 256 patterns by tests/test_kernels.py).
-_GATHER = 0x0102040810204080
 
 
 def _padded(numel: int) -> int:
@@ -41,30 +35,55 @@ def _padded(numel: int) -> int:
     return (numel + 7) // 8 * 8
 
 
-def _keep_bools(numel: int, dropout_p: float, seed: int, device: torch.device) -> torch.Tensor:
-    """The keep decisions (True kept) for the first ``_padded(numel)`` elements, flat.
+def uniform_bit_planes(
+    numel: int, dropout_p: float, seed: int, device: torch.device
+) -> tuple[torch.Tensor, int]:
+    """The random bits behind the mask of a seed, and the threshold they are compared with.
 
-    Four 16-bit uniforms are cut from each 64-bit draw of the seeded generator: on a CPU this is
-    about 3x cheaper than ``bernoulli_``. An element is kept when its uniform is at least
-    ``dropout_threshold(p)`` of the 65536 levels, so the keep probability is
-    1 - round(p * 65536) / 65536. Drawing a few more words for the padding does not change the
-    first ones: the same seed gives the same mask for every element of x.
+    Element e of x owns a 16-bit uniform u_e; bit 15 - i of u_e is bit e % 64 of word e // 64
+    of plane i (int64 [planes, ceil(numel / 64)], drawn by a seeded ``torch.Generator`` plane
+    after plane). The element is kept when u_e >= t = ``dropout_threshold(p)``, so the keep
+    probability is exactly 1 - t / 65536. Bits of u below the lowest set bit of t cannot change
+    that comparison, so only the planes down to it are drawn (p = 0.5: one plane).
     """
+    threshold = dropout_threshold(dropout_p)
+    lowest = (threshold & -threshold).bit_length() - 1 if threshold else 16
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    padded = _padded(numel)
-    words = torch.randint(
-        -(2**63), 2**63 - 1, (padded // 4,), dtype=torch.int64, generator=generator, device=device
-    )
-    uniform16 = words.view(torch.int16)  # uniform on [-32768, 32767]
-    return uniform16 >= dropout_threshold(dropout_p) - DROPOUT_LEVELS // 2
+    words = (numel + 63) // 64
+    planes = torch.randint(
+        -(2**63), 2**63 - 1, (16 - lowest, words), dtype=torch.int64, generator=generator,
+        device=device,
+    )  # fmt: skip
+    return planes, threshold
 
 
-def pack_keep(keep: torch.Tensor) -> torch.Tensor:
-    """Bit-pack a flat bool tensor whose length is a multiple of 8: element 8i + j becomes bit j
-    of byte i (uint8). Three elementwise ops on 1/8 of the elements, via the int64 view."""
-    words = keep.view(torch.uint8).view(torch.int64)
-    return ((words * _GATHER) >> 56).bitwise_and_(0xFF).to(torch.uint8)
+def packed_keep_mask(numel: int, dropout_p: float, seed: int, device: torch.device) -> torch.Tensor:
+    """The keep mask for a seed, bit-packed (uint8, ``_padded(numel) // 8`` bytes; element
+    8i + j is bit j of byte i): what the forward saves for backward instead of regenerating it.
+
+    The comparison u >= t runs bit-sliced, 64 elements per int64 op, from the most significant
+    plane down: ``greater`` collects elements already above t, ``equal`` those still tied with
+    it. That is a few dozen ops on 1/64 of the elements, where comparing 16-bit integers and
+    packing the result would make full-size passes.
+    """
+    planes, threshold = uniform_bit_planes(numel, dropout_p, seed, device)
+    if threshold == 0:  # p below 1/131072: nothing is dropped
+        keep = torch.full(planes.shape[1:], -1, dtype=torch.int64, device=device)
+        return keep.view(torch.uint8)[: _padded(numel) // 8]
+    greater = torch.zeros_like(planes[0])
+    equal: torch.Tensor | None = None  # None: every element still tied (all ones)
+    for i, bits in enumerate(planes):
+        if threshold >> (15 - i) & 1:  # t has a 1: a 0 in u falls below, a 1 stays tied
+            equal = bits.clone() if equal is None else equal.bitwise_and_(bits)
+        elif equal is None:  # t has a 0 and all are tied: a 1 in u is above t
+            greater.bitwise_or_(bits)
+        else:
+            above = equal & bits
+            greater.bitwise_or_(above)
+            equal.bitwise_xor_(above)  # equal & ~bits
+    keep = greater if equal is None else greater.bitwise_or_(equal)
+    return keep.view(torch.uint8)[: _padded(numel) // 8]  # little-endian: bit e % 64 -> byte
 
 
 @functools.lru_cache(maxsize=64)
@@ -86,20 +105,15 @@ def unpack_scale(
     return scale[: math.prod(shape)].view(shape)
 
 
-def packed_keep_mask(numel: int, dropout_p: float, seed: int, device: torch.device) -> torch.Tensor:
-    """The keep mask for a seed, bit-packed (uint8, ``_padded(numel) // 8`` bytes): what the
-    forward saves for backward instead of regenerating it."""
-    return pack_keep(_keep_bools(numel, dropout_p, seed, device))
-
-
 def keep_mask(
     shape: tuple[int, ...], dropout_p: float, seed: int, dtype: torch.dtype, device: torch.device
 ) -> tuple[torch.Tensor, float]:
     """The dropout keep mask (1 kept, 0 dropped) for a seed, and the 1/keep factor that goes
     with it. Identical every time it is called with the same arguments, and equal to what the
-    forward packs (see ``_keep_bools`` for how the draws become decisions)."""
-    keep = _keep_bools(math.prod(shape), dropout_p, seed, device)[: math.prod(shape)]
-    return keep.view(shape).to(dtype), dropout_keep_factor(dropout_p)
+    forward packs (``packed_keep_mask``)."""
+    packed = packed_keep_mask(math.prod(shape), dropout_p, seed, device)
+    keep = unpack_scale(packed, shape, 0.0, dtype)  # factor 1 for p = 0: the bits themselves
+    return keep, dropout_keep_factor(dropout_p)
 
 
 def dropout_scale_mask(
@@ -108,6 +122,32 @@ def dropout_scale_mask(
     """The inverted-dropout multiplier (0 or 1/keep) ``lora_linear_torch`` applies for a seed."""
     packed = packed_keep_mask(math.prod(shape), dropout_p, seed, device)
     return unpack_scale(packed, shape, dropout_p, dtype)
+
+
+# Row blocks of x are sized so that one block of x, of its mask and of dx (or dy) stay in a
+# core's L2 together: the masked and thin work then reads x and dy once from memory instead of
+# making a full-size pass per elementwise op. Off the CPU there is one block (no Python loop).
+_BLOCK_BYTES = 256 * 1024
+
+
+def _row_blocks(x2: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, stop) row ranges covering x2, each a multiple of 8 rows (so every block starts
+    on a byte of the packed mask) except the last."""
+    m, k = x2.shape
+    if x2.device.type != "cpu":
+        return [(0, m)]
+    rows = max(8, _BLOCK_BYTES // max(1, k * x2.element_size()) // 8 * 8)
+    return [(start, min(start + rows, m)) for start in range(0, m, rows)]
+
+
+def _block_scale(
+    packed: torch.Tensor, table: torch.Tensor, start: int, stop: int, k: int, work: torch.Tensor
+) -> torch.Tensor:
+    """The dropout multipliers of rows [start, stop) as a [stop - start, k] view of ``work``."""
+    first, last = start * k // 8, _padded(stop * k) // 8
+    out = work[: (last - first) * 8].view(last - first, 8)
+    torch.index_select(table, 0, packed[first:last].to(torch.int32), out=out)
+    return out.view(-1)[: (stop - start) * k].view(stop - start, k)
 
 
 def _forward(
@@ -120,15 +160,27 @@ def _forward(
     dropout_p: float,
     seed: int,
 ) -> tuple[torch.Tensor, ...]:
-    """y and S = drop(x) A^T (a transposed view of a contiguous [r, M]), plus the packed mask
-    when there is dropout. drop(x) lives only inside this call."""
+    """y and S = drop(x) A^T [M, r], plus the packed mask when there is dropout.
+
+    Per row block: draw and pack the keep bits, unpack them into the multipliers, multiply by x
+    and take the block's S rows, all inside L2 (drop(x) never exists beyond one block). Then
+    y = s S B^T (+ bias) is written first and the base GEMM accumulates onto it (``beta=1``
+    costs nothing inside a GEMM, whereas adding the LoRA term afterwards is a pass over y).
+    """
+    m, k = x2.shape
+    a_t = lora_a.t().contiguous()  # [in, r]: tiny
+    s = x2.new_empty(m, lora_a.shape[0])
     packed = None
-    dropped = x2
-    if dropout_p != 0.0:
-        packed = packed_keep_mask(x2.numel(), dropout_p, seed, x2.device)
-        dropped = unpack_scale(packed, tuple(x2.shape), dropout_p, x2.dtype).mul_(x2)
-    s = (lora_a @ dropped.t()).t()
-    del dropped
+    if dropout_p == 0.0:
+        torch.mm(x2, a_t, out=s)
+    else:
+        packed = packed_keep_mask(m * k, dropout_p, seed, x2.device)
+        table = _scale_table(dropout_p, x2.dtype, x2.device)
+        blocks = _row_blocks(x2)
+        work = x2.new_empty(_padded((blocks[0][1] - blocks[0][0]) * k))
+        for start, stop in blocks:
+            dropped = _block_scale(packed, table, start, stop, k, work).mul_(x2[start:stop])
+            torch.mm(dropped, a_t, out=s[start:stop])
     y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
     y.addmm_(s, lora_b.t(), alpha=scaling)
     return (y, s) if packed is None else (y, s, packed)
@@ -143,26 +195,57 @@ class _LoRALinearTorch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        """Per row block (in L2): dS = s dy B, dB += s S^T dy, the block's masked LoRA term of dx
+        (dS A) * mask and dA += dS^T (x * mask). dy and x are read once each; the big dx GEMM
+        then accumulates onto the LoRA term already in dx."""
         x2, weight, lora_a, lora_b, s, *packed = ctx.saved_tensors
         scaling, dropout_p = ctx.scaling, ctx.dropout_p
         dy2 = dy.reshape(-1, dy.shape[-1])
         need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
-
-        d_s = (lora_b.t() @ dy2.t()).t().mul_(scaling)  # dL/dS, [M, r]
-        grad_b = (s.t() @ dy2).t().mul_(scaling) if need_b else None
-        scale = None
-        if dropout_p != 0.0 and (need_x or need_a):
-            scale = unpack_scale(packed[0], tuple(x2.shape), dropout_p, x2.dtype)
-        grad_x = grad_a = None
+        m, k = x2.shape
+        dtype = x2.dtype
+        # 16-bit dtypes sum the per-block dA / dB partials in fp32, as one GEMM would inside
+        acc_dtype = torch.float32 if x2.element_size() < 4 else dtype
+        sb_t = lora_b.t().mul(scaling).contiguous()  # [r, out]
+        grad_x = dy2 @ weight if need_x else None
+        grad_a = torch.zeros(lora_a.shape, dtype=acc_dtype, device=x2.device) if need_a else None
+        grad_b_t = torch.zeros(sb_t.shape, dtype=acc_dtype, device=x2.device) if need_b else None
+        blocks = _row_blocks(x2)
+        masked = dropout_p != 0.0 and (need_x or need_a)
+        if masked:
+            table = _scale_table(dropout_p, dtype, x2.device)
+            work = x2.new_empty(_padded((blocks[0][1] - blocks[0][0]) * k))
         if need_x:
-            # the thin LoRA term first, masked in place; the big GEMM then accumulates onto it
-            grad_x = d_s @ lora_a
-            if scale is not None:
-                grad_x.mul_(scale)
-            grad_x = grad_x.addmm_(dy2, weight).view(ctx.x_shape)
+            lora_term = x2.new_empty(blocks[0][1] - blocks[0][0], k)
+        for start, stop in blocks:
+            dy_block = dy2[start:stop]
+            d_s_t = sb_t @ dy_block.t()  # [r, rows]: (dL/dS)^T of this block
+            if need_b:
+                _accumulate(grad_b_t, s[start:stop].t(), dy_block, scaling)
+            scale = _block_scale(packed[0], table, start, stop, k, work) if masked else None
+            if need_x:
+                term = torch.mm(d_s_t.t(), lora_a, out=lora_term[: stop - start])
+                if scale is None:
+                    grad_x[start:stop].add_(term)
+                else:
+                    grad_x[start:stop].addcmul_(term, scale)
+            if need_a:
+                dropped = x2[start:stop] if scale is None else scale.mul_(x2[start:stop])
+                _accumulate(grad_a, d_s_t, dropped, 1.0)
+        if need_x:
+            grad_x = grad_x.view(ctx.x_shape)
         if need_a:
-            grad_a = d_s.t() @ (x2 if scale is None else scale.mul_(x2))  # scale -> drop(x)
+            grad_a = grad_a.to(dtype)
+        grad_b = grad_b_t.t().to(dtype).contiguous() if need_b else None
         return grad_x, None, None, grad_a, grad_b, None, None, None
+
+
+def _accumulate(acc: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float) -> None:
+    """acc += alpha * left @ right, in acc's (possibly wider) dtype."""
+    if acc.dtype == left.dtype:
+        acc.addmm_(left, right, alpha=alpha)
+    else:
+        acc.add_(left @ right, alpha=alpha)
 
 
 def lora_linear_torch(

@@ -228,22 +228,38 @@ def test_nothing_full_size_is_saved_for_backward_but_x(backend):
     assert sum(t.numel() for t in saved) <= x.numel() + w.numel() + a.numel() + bb.numel() + 40 * 4
 
 
-def test_bit_packing_keeps_every_byte_pattern():
-    """pack_keep's multiply-and-shift gathers each byte's bit without carries, for all 256
-    patterns of 8 keep decisions, and the unpacking table reads them back in the same order."""
-    from kernels.torch_backend import pack_keep, unpack_scale
+@pytest.mark.parametrize("p", [1e-6, 0.1, 0.3, 0.5, 0.9999])
+def test_bit_sliced_mask_is_the_16_bit_uniform_comparison(p):
+    """The packed mask keeps exactly the elements whose 16-bit uniform (rebuilt bit by bit from
+    the seed's planes) is at least round(p * 65536), and unpacks element 8i + j from bit j of
+    byte i; the keep rate is then 1 - t / 65536 by construction."""
+    from kernels._common import dropout_threshold
+    from kernels.torch_backend import packed_keep_mask, uniform_bit_planes, unpack_scale
 
-    patterns = (torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1  # [256, 8], bit j
-    packed = pack_keep(patterns.bool().reshape(-1))
-    assert torch.equal(packed, torch.arange(256, dtype=torch.uint8))
-    scale = unpack_scale(packed, (256, 8), 0.5, torch.float32)
-    assert torch.equal(scale, patterns.float() * 2.0)
+    numel, seed = 1000, 1234  # not a multiple of 64: the last word is padding
+    planes, t = uniform_bit_planes(numel, p, seed, torch.device("cpu"))
+    assert t == dropout_threshold(p)
+    element = torch.arange(numel)
+    bits = (planes[:, element // 64] >> (element % 64)) & 1  # [planes, numel], MSB first
+    weights = 2 ** torch.arange(15, 15 - planes.shape[0], -1)
+    u = (bits * weights.unsqueeze(-1)).sum(0)  # u with its undrawn low bits at 0
+    packed = packed_keep_mask(numel, p, seed, torch.device("cpu"))
+    assert packed.dtype == torch.uint8 and packed.numel() == numel // 8
+    keep = unpack_scale(packed, (numel,), 0.0, torch.float32) == 1
+    assert torch.equal(keep, u >= t)
+    # the undrawn bits cannot matter: t has none below its lowest set bit
+    assert t == 0 or t % 2 ** (16 - planes.shape[0]) == 0
 
 
+@pytest.mark.parametrize("rows_per_block", [8, 16, 1000])
 @pytest.mark.parametrize("shape", [(96, 80), (7, 13), (3, 5, 11)])
-def test_packed_mask_saved_by_forward_is_the_seeds_mask(shape):
+def test_packed_mask_saved_by_forward_is_the_seeds_mask(shape, rows_per_block, monkeypatch):
     """What backward unpacks is exactly the mask regenerated from the seed (``dropout_mask``),
-    odd element counts (a padded last byte) included."""
+    odd element counts (a padded last byte) and x cut into several row blocks included; the
+    gradients use it too."""
+    import kernels.torch_backend as torch_backend
+
+    monkeypatch.setattr(torch_backend, "_BLOCK_BYTES", rows_per_block * shape[-1] * 4)
     x = torch.randn(*shape, requires_grad=True)
     w, a = torch.randn(6, shape[-1]), torch.randn(2, shape[-1], requires_grad=True)
     bb = torch.randn(6, 2, requires_grad=True)
@@ -265,6 +281,11 @@ def test_packed_mask_saved_by_forward_is_the_seeds_mask(shape):
     assert torch.equal(unpack_scale(packed, shape, 0.3, torch.float32), mask)
     keep, factor = keep_mask(shape, 0.3, seed, torch.float32, x.device)
     assert torch.equal(keep * factor, mask)
+    torch.set_rng_state(rng_state)
+    y = kernels.lora_linear(x, w, None, a, bb, 2.0, dropout_p=0.3, backend="torch")
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, a, bb), dy)
+    _assert_matches(y, grads, *_reference64(x, w, None, a, bb, 2.0, dy, mask=mask), torch.float32)
 
 
 def test_inference_saves_nothing_and_matches_training_output():
