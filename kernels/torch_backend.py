@@ -2,17 +2,23 @@
 
 Compared with the textbook layer (PEFT: dropout, A, B, scale, add, each a separate full-size
 tensor), the forward writes the base GEMM straight into the output and accumulates the LoRA
-term into it with ``addmm_`` (no [M, out] temporaries); the backward writes the thin LoRA term
-of dx first and lets the big dx GEMM accumulate onto it (``beta=1`` is free inside a GEMM).
+term into it with ``addmm_`` (no [M, out] temporaries), and the backward does the same for dx.
 
-Dropout: the forward draws the keep mask once from a seed (a ``torch.Generator``) and keeps it
-bit-packed, 1 bit per element of x (1/32 of x in fp32, 1/16 in bf16), so that backward neither
-stores a full-size mask or drop(x) nor pays to regenerate the draws. Only x, the frozen weight,
-the adapters, the small S = drop(x) A^T [M, r] and that packed mask are saved.
+On a CPU the LoRA work is memory-bound, so what counts is the number of full-size passes over
+[M, in] (measured: benchmarks/RESULTS.md, "CPU (measured)"):
 
-The thin [M, r] products are computed as ``(A @ X^T)^T``-style transposed views: for MKL on one
-thread a GEMM with the skinny operand on the left runs ~1.3-1.8x faster than the same product
-written the natural way (measured, benchmarks/RESULTS.md), and a transposed view costs nothing.
+- Dropout is drawn once, in the forward, from a seed (a ``torch.Generator``) as 16-bit uniforms
+  laid out in bit planes and compared with the threshold 64 elements per int64 op, which gives
+  the mask already bit-packed. That packed mask (1 bit per element of x: 1/32 of x in fp32) is
+  what backward gets instead of regenerating it; no full-size mask and no drop(x) is saved.
+- The masked work runs per row block sized for L2: unpack the block's multipliers with one
+  table gather, multiply into x, take its rows of S = drop(x) A^T (forward) or add
+  mask * (dS A) into dx and accumulate dA (backward). drop(x) never exists beyond one block.
+- The thin [M, r] products that read a whole [M, in] / [M, out] operand are written as
+  ``(A @ X^T)``-shaped GEMMs (skinny operand on the left): 1.3-1.8x faster with MKL on one
+  thread than the same product written ``X @ A^T``, and the transposed view costs nothing.
+
+Saved for backward: x, the frozen weight, the adapters, S [M, r] and the packed mask.
 """
 
 from __future__ import annotations
@@ -127,7 +133,7 @@ def dropout_scale_mask(
 # Row blocks of x are sized so that one block of x, of its mask and of dx (or dy) stay in a
 # core's L2 together: the masked and thin work then reads x and dy once from memory instead of
 # making a full-size pass per elementwise op. Off the CPU there is one block (no Python loop).
-_BLOCK_BYTES = 256 * 1024
+_BLOCK_BYTES = 512 * 1024
 
 
 def _row_blocks(x2: torch.Tensor) -> list[tuple[int, int]]:
@@ -141,12 +147,13 @@ def _row_blocks(x2: torch.Tensor) -> list[tuple[int, int]]:
 
 
 def _block_scale(
-    packed: torch.Tensor, table: torch.Tensor, start: int, stop: int, k: int, work: torch.Tensor
+    index: torch.Tensor, table: torch.Tensor, start: int, stop: int, k: int, work: torch.Tensor
 ) -> torch.Tensor:
-    """The dropout multipliers of rows [start, stop) as a [stop - start, k] view of ``work``."""
+    """The dropout multipliers of rows [start, stop) as a [stop - start, k] view of ``work``
+    (``index``: the packed mask's bytes as int32, the index type ``index_select`` takes)."""
     first, last = start * k // 8, _padded(stop * k) // 8
     out = work[: (last - first) * 8].view(last - first, 8)
-    torch.index_select(table, 0, packed[first:last].to(torch.int32), out=out)
+    torch.index_select(table, 0, index[first:last], out=out)
     return out.view(-1)[: (stop - start) * k].view(stop - start, k)
 
 
@@ -162,10 +169,11 @@ def _forward(
 ) -> tuple[torch.Tensor, ...]:
     """y and S = drop(x) A^T [M, r], plus the packed mask when there is dropout.
 
-    Per row block: draw and pack the keep bits, unpack them into the multipliers, multiply by x
-    and take the block's S rows, all inside L2 (drop(x) never exists beyond one block). Then
-    y = s S B^T (+ bias) is written first and the base GEMM accumulates onto it (``beta=1``
-    costs nothing inside a GEMM, whereas adding the LoRA term afterwards is a pass over y).
+    The mask is drawn and packed for all of x at once (bit-sliced, 1/64 of the elements per
+    op); then, per row block, its multipliers are unpacked, multiplied into x and the block's S
+    rows taken, all inside L2 (drop(x) never exists beyond one block). The base GEMM is written
+    first and the LoRA term added onto y while y is still in cache (writing S B^T first and
+    accumulating the base GEMM onto it was measured slower: that write goes to cold memory).
     """
     m, k = x2.shape
     a_t = lora_a.t().contiguous()  # [in, r]: tiny
@@ -175,11 +183,12 @@ def _forward(
         torch.mm(x2, a_t, out=s)
     else:
         packed = packed_keep_mask(m * k, dropout_p, seed, x2.device)
+        index = packed.to(torch.int32)
         table = _scale_table(dropout_p, x2.dtype, x2.device)
         blocks = _row_blocks(x2)
         work = x2.new_empty(_padded((blocks[0][1] - blocks[0][0]) * k))
         for start, stop in blocks:
-            dropped = _block_scale(packed, table, start, stop, k, work).mul_(x2[start:stop])
+            dropped = _block_scale(index, table, start, stop, k, work).mul_(x2[start:stop])
             torch.mm(dropped, a_t, out=s[start:stop])
     y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
     y.addmm_(s, lora_b.t(), alpha=scaling)
@@ -195,57 +204,66 @@ class _LoRALinearTorch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        """Per row block (in L2): dS = s dy B, dB += s S^T dy, the block's masked LoRA term of dx
-        (dS A) * mask and dA += dS^T (x * mask). dy and x are read once each; the big dx GEMM
-        then accumulates onto the LoRA term already in dx."""
+        """dS and dB as one thin GEMM each over dy, the big dx GEMM, then per row block (in L2)
+        the block's masked LoRA term of dx, (dS A) * mask, added onto dx and dA += dS^T (x *
+        mask): x and the mask are read once, and neither the mask nor drop(x) is ever
+        full-size."""
         x2, weight, lora_a, lora_b, s, *packed = ctx.saved_tensors
         scaling, dropout_p = ctx.scaling, ctx.dropout_p
         dy2 = dy.reshape(-1, dy.shape[-1])
         need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
-        m, k = x2.shape
-        dtype = x2.dtype
-        # 16-bit dtypes sum the per-block dA / dB partials in fp32, as one GEMM would inside
-        acc_dtype = torch.float32 if x2.element_size() < 4 else dtype
-        sb_t = lora_b.t().mul(scaling).contiguous()  # [r, out]
+        d_s_t = (lora_b.t() @ dy2.t()).mul_(scaling)  # [r, M]: (dL/dS)^T
+        grad_b = (s.t() @ dy2).t().mul_(scaling) if need_b else None
         grad_x = dy2 @ weight if need_x else None
-        grad_a = torch.zeros(lora_a.shape, dtype=acc_dtype, device=x2.device) if need_a else None
-        grad_b_t = torch.zeros(sb_t.shape, dtype=acc_dtype, device=x2.device) if need_b else None
-        blocks = _row_blocks(x2)
-        masked = dropout_p != 0.0 and (need_x or need_a)
-        if masked:
-            table = _scale_table(dropout_p, dtype, x2.device)
-            work = x2.new_empty(_padded((blocks[0][1] - blocks[0][0]) * k))
-        if need_x:
-            lora_term = x2.new_empty(blocks[0][1] - blocks[0][0], k)
-        for start, stop in blocks:
-            dy_block = dy2[start:stop]
-            d_s_t = sb_t @ dy_block.t()  # [r, rows]: (dL/dS)^T of this block
-            if need_b:
-                _accumulate(grad_b_t, s[start:stop].t(), dy_block, scaling)
-            scale = _block_scale(packed[0], table, start, stop, k, work) if masked else None
+        grad_a = None
+        if dropout_p == 0.0:
             if need_x:
-                term = torch.mm(d_s_t.t(), lora_a, out=lora_term[: stop - start])
-                if scale is None:
-                    grad_x[start:stop].add_(term)
-                else:
-                    grad_x[start:stop].addcmul_(term, scale)
+                grad_x.addmm_(d_s_t.t(), lora_a)
             if need_a:
-                dropped = x2[start:stop] if scale is None else scale.mul_(x2[start:stop])
-                _accumulate(grad_a, d_s_t, dropped, 1.0)
-        if need_x:
+                grad_a = d_s_t @ x2
+        elif need_x or need_a:
+            grad_a = _masked_backward(
+                x2, lora_a, d_s_t, grad_x, packed[0], dropout_p, need_a=need_a
+            )
+        if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape)
-        if need_a:
-            grad_a = grad_a.to(dtype)
-        grad_b = grad_b_t.t().to(dtype).contiguous() if need_b else None
         return grad_x, None, None, grad_a, grad_b, None, None, None
 
 
-def _accumulate(acc: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float) -> None:
-    """acc += alpha * left @ right, in acc's (possibly wider) dtype."""
-    if acc.dtype == left.dtype:
-        acc.addmm_(left, right, alpha=alpha)
-    else:
-        acc.add_(left @ right, alpha=alpha)
+def _masked_backward(
+    x2: torch.Tensor,
+    lora_a: torch.Tensor,
+    d_s_t: torch.Tensor,
+    grad_x: torch.Tensor | None,
+    packed: torch.Tensor,
+    dropout_p: float,
+    need_a: bool,
+) -> torch.Tensor | None:
+    """Add mask * (dS A) into ``grad_x`` (when given) and return dA = dS^T (x * mask) (when
+    ``need_a``), one row block at a time. 16-bit dtypes sum the per-block dA partials in fp32,
+    as one GEMM would inside."""
+    m, k = x2.shape
+    acc_dtype = torch.float32 if x2.element_size() < 4 else x2.dtype
+    grad_a = torch.zeros(lora_a.shape, dtype=acc_dtype, device=x2.device) if need_a else None
+    index = packed.to(torch.int32)
+    table = _scale_table(dropout_p, x2.dtype, x2.device)
+    blocks = _row_blocks(x2)
+    rows = blocks[0][1] - blocks[0][0]
+    work = x2.new_empty(_padded(rows * k))
+    lora_term = x2.new_empty(rows, k) if grad_x is not None else None
+    for start, stop in blocks:
+        d_s_block = d_s_t[:, start:stop]
+        scale = _block_scale(index, table, start, stop, k, work)
+        if grad_x is not None:
+            term = torch.mm(d_s_block.t(), lora_a, out=lora_term[: stop - start])
+            grad_x[start:stop].addcmul_(term, scale)
+        if grad_a is not None:
+            dropped = scale.mul_(x2[start:stop])
+            if acc_dtype == x2.dtype:
+                grad_a.addmm_(d_s_block, dropped)
+            else:
+                grad_a.add_(d_s_block @ dropped)
+    return None if grad_a is None else grad_a.to(x2.dtype)
 
 
 def lora_linear_torch(
