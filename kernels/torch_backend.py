@@ -14,9 +14,9 @@ On a CPU the LoRA work is memory-bound, so what counts is the number of full-siz
 - The masked work runs per row block sized for L2: unpack the block's multipliers with one
   table gather, multiply into x, take its rows of S = drop(x) A^T (forward) or add
   mask * (dS A) into dx and accumulate dA (backward). drop(x) never exists beyond one block.
-- The thin [M, r] products that read a whole [M, in] / [M, out] operand are written as
-  ``(A @ X^T)``-shaped GEMMs (skinny operand on the left): 1.3-1.8x faster with MKL on one
-  thread than the same product written ``X @ A^T``, and the transposed view costs nothing.
+- dS and dB, the thin products that read all of dy, are written with the skinny operand on
+  the left (``B^T dy^T``, ``S^T dy``): 1.4-1.8x faster with MKL on one thread than ``dy B`` and
+  ``dy^T S``, and the transposed views cost nothing.
 
 Saved for backward: x, the frozen weight, the adapters, S [M, r] and the packed mask.
 """
