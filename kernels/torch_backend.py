@@ -11,6 +11,8 @@ On a CPU the LoRA work is memory-bound, so what counts is the number of full-siz
   laid out in bit planes and compared with the threshold 64 elements per int64 op, which gives
   the mask already bit-packed. That packed mask (1 bit per element of x: 1/32 of x in fp32) is
   what backward gets instead of regenerating it; no full-size mask and no drop(x) is saved.
+  (On CUDA, where this path serves small launch-bound calls, whole 16-bit uniforms are compared
+  and packed instead: a handful of kernels rather than one per bit plane.)
 - The masked work runs per row block sized for L2: unpack the block's multipliers with one
   table gather, multiply into x, take its rows of S = drop(x) A^T (forward) or add
   mask * (dS A) into dx and accumulate dA (backward). drop(x) never exists beyond one block.
@@ -29,6 +31,7 @@ import math
 import torch
 
 from kernels._common import (
+    DROPOUT_LEVELS,
     dropout_keep_factor,
     dropout_threshold,
     forward_and_save,
@@ -68,15 +71,28 @@ def packed_keep_mask(numel: int, dropout_p: float, seed: int, device: torch.devi
     """The keep mask for a seed, bit-packed (uint8, ``_padded(numel) // 8`` bytes; element
     8i + j is bit j of byte i): what the forward saves for backward instead of regenerating it.
 
-    The comparison u >= t runs bit-sliced, 64 elements per int64 op, from the most significant
-    plane down: ``greater`` collects elements already above t, ``equal`` those still tied with
-    it. That is a few dozen ops on 1/64 of the elements, where comparing 16-bit integers and
-    packing the result would make full-size passes.
+    On a CPU the comparison u >= t runs bit-sliced (``_sliced_keep_words``): a few dozen ops on
+    1/64 of the elements, where comparing 16-bit integers and packing the result would make
+    full-size passes. Elsewhere (CUDA, where the torch path serves small, launch-bound calls)
+    the same kind of draw is compared and packed in a handful of kernels
+    (``_compared_keep_bytes``) instead of one launch per bit plane.
     """
+    if device.type != "cpu":
+        return _compared_keep_bytes(numel, dropout_p, seed, device)
+    return _sliced_keep_words(numel, dropout_p, seed, device).view(torch.uint8)[
+        : _padded(numel) // 8
+    ]  # little-endian: bit e % 64 of word e // 64 is bit e % 8 of byte e // 8
+
+
+def _sliced_keep_words(
+    numel: int, dropout_p: float, seed: int, device: torch.device
+) -> torch.Tensor:
+    """Keep bits, 64 elements per int64 word, from ``uniform_bit_planes`` compared bit-sliced
+    from the most significant plane down: ``greater`` collects elements already above t,
+    ``equal`` those still tied with it."""
     planes, threshold = uniform_bit_planes(numel, dropout_p, seed, device)
     if threshold == 0:  # p below 1/131072: nothing is dropped
-        keep = torch.full(planes.shape[1:], -1, dtype=torch.int64, device=device)
-        return keep.view(torch.uint8)[: _padded(numel) // 8]
+        return torch.full(planes.shape[1:], -1, dtype=torch.int64, device=device)
     greater = torch.zeros_like(planes[0])
     equal: torch.Tensor | None = None  # None: every element still tied (all ones)
     for i, bits in enumerate(planes):
@@ -88,8 +104,35 @@ def packed_keep_mask(numel: int, dropout_p: float, seed: int, device: torch.devi
             above = equal & bits
             greater.bitwise_or_(above)
             equal.bitwise_xor_(above)  # equal & ~bits
-    keep = greater if equal is None else greater.bitwise_or_(equal)
-    return keep.view(torch.uint8)[: _padded(numel) // 8]  # little-endian: bit e % 64 -> byte
+    return greater if equal is None else greater.bitwise_or_(equal)
+
+
+# (w * _GATHER) >> 56 moves the low bit of each of the 8 bytes of w into one byte: byte j's bit
+# lands on bit 56 + j and no two partial products share a bit, so nothing carries into the top
+# byte (checked for all 256 patterns by tests/test_kernels.py).
+_GATHER = 0x0102040810204080
+
+
+def pack_keep(keep: torch.Tensor) -> torch.Tensor:
+    """Bit-pack a flat bool tensor whose length is a multiple of 8: element 8i + j becomes bit j
+    of byte i (uint8). Three elementwise ops on 1/8 of the elements, via the int64 view."""
+    words = keep.view(torch.uint8).view(torch.int64)
+    return ((words * _GATHER) >> 56).bitwise_and_(0xFF).to(torch.uint8)
+
+
+def _compared_keep_bytes(
+    numel: int, dropout_p: float, seed: int, device: torch.device
+) -> torch.Tensor:
+    """Keep bits from whole 16-bit uniforms (four cut from each 64-bit draw of the seeded
+    generator), compared as integers and packed: u >= t, keep probability 1 - t / 65536."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    padded = _padded(numel)
+    words = torch.randint(
+        -(2**63), 2**63 - 1, (padded // 4,), dtype=torch.int64, generator=generator, device=device
+    )
+    signed_threshold = dropout_threshold(dropout_p) - DROPOUT_LEVELS // 2
+    return pack_keep(words.view(torch.int16) >= signed_threshold)  # int16 is u - 32768
 
 
 @functools.lru_cache(maxsize=64)

@@ -251,6 +251,47 @@ def test_bit_sliced_mask_is_the_16_bit_uniform_comparison(p):
     assert t == 0 or t % 2 ** (16 - planes.shape[0]) == 0
 
 
+def test_bit_packing_keeps_every_byte_pattern():
+    """pack_keep's multiply-and-shift gathers each byte's bit without carries, for all 256
+    patterns of 8 keep decisions, and the unpacking table reads them back in the same order."""
+    from kernels.torch_backend import pack_keep, unpack_scale
+
+    patterns = (torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1  # [256, 8], bit j
+    packed = pack_keep(patterns.bool().reshape(-1))
+    assert torch.equal(packed, torch.arange(256, dtype=torch.uint8))
+    assert torch.equal(unpack_scale(packed, (256, 8), 0.5, torch.float32), patterns * 2.0)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_compared_mask_draw_used_off_the_cpu(p, monkeypatch):
+    """The draw the torch path uses on CUDA (whole 16-bit uniforms compared, then packed), run
+    here on the CPU: the keep decisions are u >= t, the rate is right, and the layer's forward
+    and gradients use exactly the mask ``dropout_mask`` reports."""
+    import kernels.torch_backend as torch_backend
+    from kernels._common import dropout_threshold
+
+    monkeypatch.setattr(torch_backend, "packed_keep_mask", torch_backend._compared_keep_bytes)
+    numel, seed = 96 * 80 + 3, 77
+    generator = torch.Generator().manual_seed(seed)
+    words = torch.randint(-(2**63), 2**63 - 1, ((numel + 7) // 8 * 2,), generator=generator)
+    u = words.view(torch.int16)[:numel].long() + 32768
+    keep = torch_backend.unpack_scale(
+        torch_backend.packed_keep_mask(numel, p, seed, torch.device("cpu")), (numel,), 0.0,
+        torch.float32,
+    ) == 1  # fmt: skip
+    assert torch.equal(keep, u >= dropout_threshold(p))
+    assert abs(keep.float().mean().item() - (1 - p)) < 5 * (p * (1 - p) / numel) ** 0.5
+
+    x, w, b, a, bb, s = _problem((2, 19, 24), 20, 4, torch.float32)
+    rng_state = torch.get_rng_state()
+    y = kernels.lora_linear(x, w, b, a, bb, s, dropout_p=p, backend="torch")
+    torch.set_rng_state(rng_state)
+    mask = kernels.dropout_mask(x.detach(), p, kernels.draw_dropout_seed(), backend="torch")
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, a, bb), dy)
+    _assert_matches(y, grads, *_reference64(x, w, b, a, bb, s, dy, mask=mask), torch.float32)
+
+
 @pytest.mark.parametrize("rows_per_block", [8, 16, 1000])
 @pytest.mark.parametrize("shape", [(96, 80), (7, 13), (3, 5, 11)])
 def test_packed_mask_saved_by_forward_is_the_seeds_mask(shape, rows_per_block, monkeypatch):
