@@ -63,7 +63,8 @@ def lora_linear(
     x [..., in], weight [out, in], bias [out] or None, lora_a [r, in], lora_b [out, r].
     The adapters may be kept in another float dtype (e.g. fp32 master weights); they are used in
     x's dtype and their gradients flow back in their own. Dropout (only when ``training``) uses a
-    seed drawn from torch's global generator and is regenerated, not stored, for backward.
+    seed drawn from torch's global generator; for backward the Triton kernels regenerate the mask
+    and the torch path keeps it bit-packed (1 bit per element), never full-size.
     """
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):

@@ -87,8 +87,9 @@ def draw_dropout_seed() -> int:
     return int(torch.randint(0, 2**31 - 1, (1,), device="cpu").item())
 
 
-# A backend's fused forward on 2-D x: (x2, weight, bias, A, B, scaling, p, seed) -> (y, S).
-FusedForward = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+# A backend's fused forward on 2-D x: (x2, weight, bias, A, B, scaling, p, seed) -> (y, S, *extra)
+# where ``extra`` are small tensors its backward also needs (the torch backend's bit-packed mask).
+FusedForward = Callable[..., tuple[torch.Tensor, ...]]
 
 
 def forward_and_save(
@@ -104,11 +105,12 @@ def forward_and_save(
     seed: int,
 ) -> torch.Tensor:
     """Flatten x's leading dims, run a backend's forward and, with an autograd `ctx`, keep what
-    every backend's backward needs: x (a view, never a dropped copy), W, A, B and S [M, r]."""
+    every backend's backward needs: x (a view, never a dropped copy), W, A, B and S [M, r],
+    followed by whatever small extras the backend's forward returned after S."""
     x2 = x.reshape(-1, x.shape[-1])  # a view whenever x allows one: strides go to the kernels
-    y, s = fused_forward(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+    y, s, *extra = fused_forward(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
     if ctx is not None:
-        ctx.save_for_backward(x2, weight, lora_a, lora_b, s)
+        ctx.save_for_backward(x2, weight, lora_a, lora_b, s, *extra)
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.x_shape = scaling, dropout_p, seed, x.shape
     return y.view(*x.shape[:-1], weight.shape[0])
 

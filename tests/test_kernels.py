@@ -204,9 +204,10 @@ def test_dropout_is_reproducible_under_manual_seed():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nothing_full_size_is_saved_for_backward_but_x(backend):
     """No dropout mask, no drop(x), no fp32 copy of x: what autograd keeps is x itself, the
-    frozen weight, the adapters and the thin S [M, r]."""
+    frozen weight, the adapters and the thin S [M, r]; the torch backend adds its dropout mask
+    bit-packed (uint8, 1 bit per element of x: 1/16 of x in bf16), nothing bigger."""
     _triton_or_skip(backend)
-    x, w, b, a, bb, s = _problem((40, 32), 24, 4, torch.bfloat16)
+    x, w, b, a, bb, s = _problem((40, 33), 24, 4, torch.bfloat16)
     saved: list[torch.Tensor] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -215,10 +216,117 @@ def test_nothing_full_size_is_saved_for_backward_but_x(backend):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         kernels.lora_linear(x, w, b, a, bb, s, dropout_p=0.1, backend=backend)
+    packed = [t for t in saved if t.dtype == torch.uint8]
+    if backend == "torch":
+        assert [t.numel() for t in packed] == [(x.numel() + 7) // 8]
+    else:
+        assert packed == []
+    saved = [t for t in saved if t.dtype != torch.uint8]
     x_sized = [t for t in saved if t.numel() >= x.numel()]
     assert [t.data_ptr() for t in x_sized] == [x.data_ptr()]
     assert all(t.dtype == torch.bfloat16 for t in saved)
     assert sum(t.numel() for t in saved) <= x.numel() + w.numel() + a.numel() + bb.numel() + 40 * 4
+
+
+@pytest.mark.parametrize("p", [1e-6, 0.1, 0.3, 0.5, 0.9999])
+def test_bit_sliced_mask_is_the_16_bit_uniform_comparison(p):
+    """The packed mask keeps exactly the elements whose 16-bit uniform (rebuilt bit by bit from
+    the seed's planes) is at least round(p * 65536), and unpacks element 8i + j from bit j of
+    byte i; the keep rate is then 1 - t / 65536 by construction."""
+    from kernels._common import dropout_threshold
+    from kernels.torch_backend import packed_keep_mask, uniform_bit_planes, unpack_scale
+
+    numel, seed = 1000, 1234  # not a multiple of 64: the last word is padding
+    planes, t = uniform_bit_planes(numel, p, seed, torch.device("cpu"))
+    assert t == dropout_threshold(p)
+    element = torch.arange(numel)
+    bits = (planes[:, element // 64] >> (element % 64)) & 1  # [planes, numel], MSB first
+    weights = 2 ** torch.arange(15, 15 - planes.shape[0], -1)
+    u = (bits * weights.unsqueeze(-1)).sum(0)  # u with its undrawn low bits at 0
+    packed = packed_keep_mask(numel, p, seed, torch.device("cpu"))
+    assert packed.dtype == torch.uint8 and packed.numel() == numel // 8
+    keep = unpack_scale(packed, (numel,), 0.0, torch.float32) == 1
+    assert torch.equal(keep, u >= t)
+    # the undrawn bits cannot matter: t has none below its lowest set bit
+    assert t == 0 or t % 2 ** (16 - planes.shape[0]) == 0
+
+
+def test_bit_packing_keeps_every_byte_pattern():
+    """pack_keep's multiply-and-shift gathers each byte's bit without carries, for all 256
+    patterns of 8 keep decisions, and the unpacking table reads them back in the same order."""
+    from kernels.torch_backend import pack_keep, unpack_scale
+
+    patterns = (torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1  # [256, 8], bit j
+    packed = pack_keep(patterns.bool().reshape(-1))
+    assert torch.equal(packed, torch.arange(256, dtype=torch.uint8))
+    assert torch.equal(unpack_scale(packed, (256, 8), 0.5, torch.float32), patterns * 2.0)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_compared_mask_draw_used_off_the_cpu(p, monkeypatch):
+    """The draw the torch path uses on CUDA (whole 16-bit uniforms compared, then packed), run
+    here on the CPU: the keep decisions are u >= t, the rate is right, and the layer's forward
+    and gradients use exactly the mask ``dropout_mask`` reports."""
+    import kernels.torch_backend as torch_backend
+    from kernels._common import dropout_threshold
+
+    monkeypatch.setattr(torch_backend, "packed_keep_mask", torch_backend._compared_keep_bytes)
+    numel, seed = 96 * 80 + 3, 77
+    generator = torch.Generator().manual_seed(seed)
+    words = torch.randint(-(2**63), 2**63 - 1, ((numel + 7) // 8 * 2,), generator=generator)
+    u = words.view(torch.int16)[:numel].long() + 32768
+    keep = torch_backend.unpack_scale(
+        torch_backend.packed_keep_mask(numel, p, seed, torch.device("cpu")), (numel,), 0.0,
+        torch.float32,
+    ) == 1  # fmt: skip
+    assert torch.equal(keep, u >= dropout_threshold(p))
+    assert abs(keep.float().mean().item() - (1 - p)) < 5 * (p * (1 - p) / numel) ** 0.5
+
+    x, w, b, a, bb, s = _problem((2, 19, 24), 20, 4, torch.float32)
+    rng_state = torch.get_rng_state()
+    y = kernels.lora_linear(x, w, b, a, bb, s, dropout_p=p, backend="torch")
+    torch.set_rng_state(rng_state)
+    mask = kernels.dropout_mask(x.detach(), p, kernels.draw_dropout_seed(), backend="torch")
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, a, bb), dy)
+    _assert_matches(y, grads, *_reference64(x, w, b, a, bb, s, dy, mask=mask), torch.float32)
+
+
+@pytest.mark.parametrize("rows_per_block", [8, 16, 1000])
+@pytest.mark.parametrize("shape", [(96, 80), (7, 13), (3, 5, 11)])
+def test_packed_mask_saved_by_forward_is_the_seeds_mask(shape, rows_per_block, monkeypatch):
+    """What backward unpacks is exactly the mask regenerated from the seed (``dropout_mask``),
+    odd element counts (a padded last byte) and x cut into several row blocks included; the
+    gradients use it too."""
+    import kernels.torch_backend as torch_backend
+
+    monkeypatch.setattr(torch_backend, "_BLOCK_BYTES", rows_per_block * shape[-1] * 4)
+    x = torch.randn(*shape, requires_grad=True)
+    w, a = torch.randn(6, shape[-1]), torch.randn(2, shape[-1], requires_grad=True)
+    bb = torch.randn(6, 2, requires_grad=True)
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    rng_state = torch.get_rng_state()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        kernels.lora_linear(x, w, None, a, bb, 2.0, dropout_p=0.3, backend="torch")
+    torch.set_rng_state(rng_state)
+    seed = kernels.draw_dropout_seed()
+    (packed,) = [t for t in saved if t.dtype == torch.uint8]
+    from kernels.torch_backend import keep_mask, unpack_scale
+
+    mask = kernels.dropout_mask(x.detach(), 0.3, seed, backend="torch")
+    assert torch.equal(unpack_scale(packed, shape, 0.3, torch.float32), mask)
+    keep, factor = keep_mask(shape, 0.3, seed, torch.float32, x.device)
+    assert torch.equal(keep * factor, mask)
+    torch.set_rng_state(rng_state)
+    y = kernels.lora_linear(x, w, None, a, bb, 2.0, dropout_p=0.3, backend="torch")
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, a, bb), dy)
+    _assert_matches(y, grads, *_reference64(x, w, None, a, bb, 2.0, dy, mask=mask), torch.float32)
 
 
 def test_inference_saves_nothing_and_matches_training_output():
