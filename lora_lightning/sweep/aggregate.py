@@ -171,7 +171,12 @@ def _paper(grid: Grid, use: bool, measure: str, n: Any, group: str) -> str:
         return ""
     cell = grid.cells(n, group)[0]
     value = paper_value(measure, n, cell["extra_kind"], cell["extra_per_unknown"])
-    return f" [paper {_fmt(float(value))}]" if value is not None else ""
+    if value is None:
+        return ""
+    value = float(value)
+    return f" [paper {int(value):,}]" if value.is_integer() and value > 1 else (
+        f" [paper {_fmt(value)}]"
+    )
 
 
 def markdown(grid: Grid, record: dict[str, Any], sweep_dir: Path, plots: list[Path],
@@ -235,9 +240,12 @@ def markdown(grid: Grid, record: dict[str, Any], sweep_dir: Path, plots: list[Pa
     editing = [c for c in ("generalization", "portability") if grid.has(f"{c}_after")]
     if editing or grid.has("locality"):
         lines += ["## Knowledge-editing measures", ""]
+        meaning = {
+            "generalization": "trained Unknown facts asked with held-out question templates",
+            "portability": "2-hop questions whose answer needs a trained fact",
+        }
         for name in editing:
-            lines += [f"### {name} (trained facts asked differently / through reasoning): "
-                      "before → after", ""]
+            lines += [f"### {name} ({meaning[name]}): before → after", ""]
             lines += _table(grid, lambda n, g, name=name:
                             _fmt(_mean(grid.values(n, g, f"{name}_before")))
                             + " → " + simple(f"{name}_after")(n, g))
