@@ -350,8 +350,9 @@ class KnowledgeDataModule(L.LightningDataModule):
         max_length: Longest conversation in tokens; a longer one is an error, never truncated.
         num_workers: DataLoader worker processes.
         packing: Concatenate each batch's conversations into one row without padding
-            (`prompts.pack_batch`; the model sees a block-diagonal causal mask), instead of
-            right-padding them to the longest. The same loss and gradients, less work.
+            (`prompts.pack_batch`; attention stays within each conversation, see
+            `lora_lightning/attention.py`) instead of right-padding them to the longest. The
+            same loss and gradients, less work.
     """
 
     def __init__(

@@ -138,8 +138,9 @@ def pack_batch(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
     Fact conversations are short and of very different lengths (a fifth to a quarter of a
     padded batch is padding), so the examples are concatenated instead: `input_ids` and
-    `labels` of shape [1, total], `position_ids` restarting at 0 for each example (from which
-    transformers builds a block-diagonal causal mask, so no token attends across examples)
+    `labels` of shape [1, total], `position_ids` restarting at 0 for each example (from them
+    `lora_lightning.attention` attends per example, or transformers builds a block-diagonal
+    causal mask: no token attends across examples)
     and `sequence_ids`, the example each token belongs to. The first label of every example is
     `IGNORE_INDEX`: in the row it would be predicted from the previous example's last token.
     No `attention_mask`: its absence is what tells the model the row is packed. Other keys
