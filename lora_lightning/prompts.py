@@ -124,6 +124,12 @@ def pad_batch(examples: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str
         value = pad_token_id if pad is None else pad
         rows = [list(ex[key]) + [value] * (width - len(ex[key])) for ex in examples]
         batch[key] = torch.tensor(rows, dtype=torch.long)
+    return _with_other_keys(batch, examples)
+
+
+def _with_other_keys(batch: dict[str, Any], examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Add the examples' keys other than the token columns: as a LongTensor when every value
+    is an int (e.g. a `kind` code, so it moves to the device with the batch), else as a list."""
     for key in examples[0]:
         if key not in PADDED_KEYS:
             values = [ex[key] for ex in examples]
@@ -163,12 +169,7 @@ def pack_batch(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         for key, values in (("input_ids", ids), ("position_ids", positions),
                             ("labels", labels), ("sequence_ids", sequences))
     }
-    for key in examples[0]:
-        if key not in PADDED_KEYS:
-            values = [ex[key] for ex in examples]
-            ints = all(isinstance(v, int) and not isinstance(v, bool) for v in values)
-            batch[key] = torch.tensor(values, dtype=torch.long) if ints else values
-    return batch
+    return _with_other_keys(batch, examples)
 
 
 def batch_sequences(batch: dict[str, Any]) -> int:
