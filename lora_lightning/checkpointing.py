@@ -314,7 +314,7 @@ class ResumableCSVLogger(CSVLogger):
 
 # Settings that may differ on resume: they change how the work is done, not what is trained.
 RESUMABLE_MODEL_KEYS = frozenset({"backend", "gradient_checkpointing", "threads"})
-RESUMABLE_DATA_KEYS = frozenset({"num_workers", "max_length", "packing"})
+RESUMABLE_DATA_KEYS = frozenset({"num_workers", "max_length", "packing", "test_batch_size"})
 # Data settings linked from the model's (compared there) and Lightning's bookkeeping.
 _SKIPPED_KEYS = frozenset({"_instantiator", "_class_path", "tokenizer", "loss_on"})
 

@@ -573,10 +573,13 @@ def test_test_batches_are_every_categorised_fact_outside_the_fewshot_pool(fact_f
         extra_per_unknown=2,
         extra_kind="highly_known",
         batch_size=8,
+        test_batch_size=16,
     )
     dm.setup("test")
     batches = list(dm.test_dataloader())
-    assert all(isinstance(b, list) and len(b) <= 8 for b in batches)
+    # test batches are sized for the probe's generation batches, not the training batch
+    assert all(isinstance(b, list) and len(b) <= 16 for b in batches)
+    assert len(batches[0]) == 16
     tested = [f for b in batches for f in b]
     pool_ids = {f.id for f in dm.fewshot_pool}
     assert len(pool_ids) == min(DEFAULT_POOL_SIZE, N_KNOWN - 5 - 10)
