@@ -30,6 +30,7 @@ __all__ = [
     "PaddedBatch",
     "common_prefix_length",
     "evaluating",
+    "greedy_decode",
     "left_padded_batches",
     "model_device",
     "pad_token_id",
@@ -174,18 +175,81 @@ def _pad(
     )
 
 
+def _cache_keyword(model) -> str:
+    """The forward's KV-cache argument: `cache` in transformers 5.x, `past_key_values` before."""
+    forward = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in forward else "past_key_values"
+
+
+def _new_cache(model):
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # older transformers: no config argument
+        return DynamicCache()
+
+
 def prefix_cache(model, batch: PaddedBatch) -> dict[str, Any]:
     """The keys and values of a batch's shared prefix, computed once and repeated for every row,
     as the keyword argument `generate` takes it (`cache` in transformers 5.x, `past_key_values`
     before)."""
-    from transformers import DynamicCache
-
-    forward = inspect.signature(model.forward).parameters
-    keyword = "cache" if "cache" in forward else "past_key_values"
-    try:
-        cache = DynamicCache(config=model.config)
-    except TypeError:  # older transformers: no config argument
-        cache = DynamicCache()
+    keyword = _cache_keyword(model)
+    cache = _new_cache(model)
     model(input_ids=batch.prefix_ids, use_cache=True, **{keyword: cache})
     cache.batch_repeat_interleave(len(batch.indices))
     return {keyword: cache}
+
+
+def greedy_decode(
+    model,
+    batch: PaddedBatch,
+    max_new_tokens: int,
+    stops: Sequence[int],
+    cache: dict[str, Any] | None = None,
+) -> tuple[list[list[int]], list[list[float]]]:
+    """Greedy continuations of a left-padded batch: per row the new tokens (through its first
+    stop token, or `max_new_tokens` of them) and the log-probability of each.
+
+    What `generate(do_sample=False)` computes, in a loop that drops the rows that have ended
+    from the batch (their KV cache rows too) instead of carrying them as padding until the
+    longest row ends: fact answers are a few tokens, but one row that never stops kept the
+    whole batch running, and on a small model the per-step cost is mostly fixed overhead that
+    `generate` adds (logits processors, stopping criteria, a new mask per step). Only the last
+    position's logits are computed. `cache` is `prefix_cache(model, batch)` when the batch has
+    a shared prefix (its rows' own tokens are then read after it), else None. Run it inside
+    `evaluating(model)`.
+    """
+    keyword = _cache_keyword(model)
+    kv = (cache or {}).get(keyword)
+    if kv is None:
+        kv = _new_cache(model)
+    start = batch.prefix_len if cache else 0
+    ids = batch.input_ids[:, start:]
+    positions = batch.position_ids[:, start:]
+    mask = batch.attention_mask
+    rows = torch.arange(len(batch.indices), device=ids.device)
+    stop = torch.as_tensor(list(stops), dtype=torch.long, device=ids.device)
+    tokens: list[list[int]] = [[] for _ in batch.indices]
+    logprobs: list[list[float]] = [[] for _ in batch.indices]
+    for step in range(max_new_tokens):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                    logits_to_keep=1, **{keyword: kv})
+        logp = out.logits[:, -1].float().log_softmax(-1)
+        chosen = logp.argmax(-1)
+        chosen_logp = logp.gather(-1, chosen[:, None])[:, 0]
+        for row, token, value in zip(rows.tolist(), chosen.tolist(), chosen_logp.tolist(),
+                                     strict=True):
+            tokens[row].append(token)
+            logprobs[row].append(value)
+        going = ~torch.isin(chosen, stop)
+        if step == max_new_tokens - 1 or not bool(going.any()):
+            break
+        if not bool(going.all()):
+            keep = going.nonzero()[:, 0]
+            kv.batch_select_indices(keep)
+            rows, chosen, mask, positions = rows[keep], chosen[keep], mask[keep], positions[keep]
+        ids = chosen[:, None]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        positions = positions[:, -1:] + 1
+    return tokens, logprobs

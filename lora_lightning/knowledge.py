@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import zlib
 from collections import Counter
@@ -23,6 +24,7 @@ import torch
 from lora_lightning.facts import CATEGORIES, Fact, fact_to_row
 from lora_lightning.inference import (
     evaluating,
+    greedy_decode,
     left_padded_batches,
     model_device,
     pad_token_id,
@@ -46,6 +48,33 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
+
+
+def _sample(
+    model, batch, gen_config, cache: dict, seed: int, stops: Sequence[int]
+) -> list[tuple[list[int], list[float]]]:
+    """Sampled continuations of a batch through `generate`: per returned sequence its tokens
+    through the first stop token and their log-probabilities after the sampling warpers.
+    Seeded, inside a fork of the RNG, so the caller's random state (a training run's dropout)
+    is untouched."""
+    device = model_device(model)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        _seed_everything(seed)
+        out = model.generate(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+            generation_config=gen_config, **cache,
+        )
+    new = out.sequences[:, batch.width :]
+    logprobs = model.compute_transition_scores(
+        out.sequences, out.scores, normalize_logits=True
+    ).float()
+    rows = []
+    for row in range(new.shape[0]):
+        tokens = new[row].tolist()
+        ends = [k for k, t in enumerate(tokens) if t in stops]
+        n = ends[0] + 1 if ends else len(tokens)
+        rows.append((tokens[:n], logprobs[row, :n].tolist()))
+    return rows
 
 
 def generate_answers(
@@ -106,25 +135,13 @@ def generate_answers(
     with bar, evaluating(model):
         for batch in batches:
             cache = prefix_cache(model, batch) if batch.prefix_len else {}
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                _seed_everything(seed + batch.start)
-                out = model.generate(
-                    input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                    generation_config=gen_config, **cache,
-                )
-            new = out.sequences[:, batch.width :]
-            # log-probabilities of the chosen tokens, renormalised after any sampling warpers
-            logprobs = model.compute_transition_scores(
-                out.sequences, out.scores, normalize_logits=True
-            ).float()
-            for row in range(new.shape[0]):
-                tokens = new[row].tolist()
-                n = len(tokens)
-                ends = [k for k, t in enumerate(tokens) if t in stops]
-                if ends:
-                    n = ends[0] + 1
-                text = tokenizer.decode(tokens[:n], skip_special_tokens=True)
-                prob = logprobs[row, :n].exp().mean().item() if n else 0.0
+            if do_sample or num_return_sequences > 1:
+                rows = _sample(model, batch, gen_config, cache, seed + batch.start, stops)
+            else:
+                rows = zip(*greedy_decode(model, batch, max_new_tokens, stops, cache), strict=True)
+            for row, (tokens, logprobs) in enumerate(rows):
+                text = tokenizer.decode(tokens, skip_special_tokens=True)
+                prob = sum(math.exp(v) for v in logprobs) / len(logprobs) if logprobs else 0.0
                 results[batch.indices[row // num_return_sequences]].append(
                     Generation(text=extract_answer(text), mean_token_prob=prob)
                 )

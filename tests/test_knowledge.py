@@ -284,3 +284,32 @@ def test_sharing_the_few_shot_prefix_gives_the_answers_of_plain_left_padding(lm,
     assert [g.text for g in shared] == [g.text for g in plain]
     for a, b in zip(shared, plain, strict=True):
         assert a.mean_token_prob == pytest.approx(b.mean_token_prob, abs=1e-4)
+
+
+@pytest.mark.parametrize("max_new_tokens", [3, 32])
+def test_greedy_answers_and_probabilities_are_those_of_generate(lm, facts_and_pool,
+                                                                max_new_tokens):
+    """The greedy loop drops rows that have ended from the batch; every answer and its mean
+    token probability is still what `model.generate` gives the prompt alone, whether the row
+    stopped at its end token or at `max_new_tokens` (3 cuts answers short)."""
+    model, tokenizer = lm
+    facts, pool = facts_and_pool
+    shot_sets = build_fewshot_sets(pool, n_exp=2, n_shot=4, seed=11)
+    prompts = [render(tokenizer, fewshot_messages(f.question, s), True)
+               for f in facts for s in shot_sets]
+    ours = generate_answers(model, tokenizer, prompts, batch_size=8,
+                            max_new_tokens=max_new_tokens)
+    eos = tokenizer.eos_token_id
+    lengths = []
+    for prompt, answer in zip(prompts, ours, strict=True):
+        enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             return_dict_in_generate=True, output_scores=True,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
+        new = out.sequences[0, enc["input_ids"].shape[1]:].tolist()
+        n = new.index(eos) + 1 if eos in new else len(new)
+        lengths.append(n)
+        logp = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
+        assert answer.text == extract_answer(tokenizer.decode(new[:n], skip_special_tokens=True))
+        assert answer.mean_token_prob == pytest.approx(logp[0, :n].exp().mean().item(), abs=1e-4)
+    assert len(set(lengths)) > 1 or max_new_tokens in lengths  # rows ended at different steps
