@@ -526,3 +526,23 @@ def test_before_scores_are_computed_once_and_read_back_by_every_cell_with_the_sa
     assert second["mmlu"]["before"] == first["mmlu"]["before"]
     cell(3)  # other benchmark settings: scored and stored beside the first
     assert calls[-2:] == [3, 3] and len(json.loads(path.read_text())) == 2
+
+
+def test_the_longest_cells_are_launched_first(small_world, tmp_path, monkeypatch):
+    """A long cell started last keeps one worker busy while the others idle, so cells go out
+    by training examples x epochs, largest first (ties in the sweep file's order)."""
+    from lora_lightning.sweep import local
+
+    launched: list[str] = []
+    monkeypatch.setattr(local, "run_local",
+                        lambda jobs, *args: launched.extend(name for name, _ in jobs) or {})
+    body = grid_body(small_world, [2, 8, 4], [1])
+    body["axes"]["mix"] = {
+        "+0": {"data.extra_kind": "none", "data.extra_per_unknown": 0},
+        "+2HK": {"data.extra_kind": "highly_known", "data.extra_per_unknown": 2},
+    }
+    sweep_command(str(write_sweep(tmp_path / "s.yaml", body)), output=str(tmp_path / "out"))
+    assert launched == [  # sizes 24, 12, 8, 6, 4, 2
+        "n=8__seed=1__mix=+2HK", "n=4__seed=1__mix=+2HK", "n=8__seed=1__mix=+0",
+        "n=2__seed=1__mix=+2HK", "n=4__seed=1__mix=+0", "n=2__seed=1__mix=+0",
+    ]
