@@ -4,6 +4,7 @@ adapter export and the `test` report."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -248,7 +249,9 @@ class KnowledgeReport(Callback):
         before_scores: A JSON file shared by runs on the same base model (a sweep's cells):
             the benchmark scores without the adapter are read from it when it holds scores for
             these benchmark settings, else computed and added to it under a file lock, so a
-            sweep of many runs scores the base once. None = always compute them.
+            sweep of many runs scores the base once. The base's answers to the generalisation
+            and portability questions are kept beside it the same way
+            (`before_probes-<settings hash>.jsonl`). None = always compute them.
 
     Beside the paper's measures the report has the knowledge-editing ones (docs/science.md),
     each before and after with its denominator: generalisation (trained Unknown facts asked with
@@ -452,14 +455,39 @@ class KnowledgeReport(Callback):
             mine = _shard(facts, trainer)
             result = {}
             for when in ("before", "after"):
-                ctx = lora_disabled(pl_module.model) if when == "before" else nullcontext()
-                with ctx:
+                if when == "before":
+                    with lora_disabled(pl_module.model):
+                        probed = self._probe_base(trainer, pl_module, mine)
+                else:
                     probed = pl_module.probe(mine)
                 metric = Reliability().to(pl_module.device)
                 metric.update([f.predictions for f in probed], mine)
                 result[when] = metric.compute()  # a collective: every rank calls it
             out[name] = result
         return out
+
+    def _probe_base(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, facts: list
+    ) -> list:
+        """The base model's answers to the editing measures' questions (call it under
+        `lora_disabled`). With `before_scores`, they are kept beside it in a JSONL per base model
+        and probe settings, under a file lock: the cells of a sweep that train the same facts
+        (every mix at one n) probe each question once, not once per cell."""
+        if self.before_scores is None or not facts:
+            return pl_module.probe(facts)
+        from filelock import FileLock
+
+        settings = {
+            "model": getattr(pl_module, "base_model_name", None),
+            "dtype": str(next(pl_module.model.parameters()).dtype),
+            "probe": dataclasses.asdict(pl_module.probe_config),
+            "pool": sorted(f.id for f in trainer.datamodule.fewshot_pool),
+        }
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+        path = Path(self.before_scores).with_name(f"before_probes-{key}.jsonl")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock"):
+            return pl_module.probe(facts, checkpoint=path)
 
     def _benchmarks(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         world = self._world(trainer)

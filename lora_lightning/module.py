@@ -233,10 +233,11 @@ class LoRAKnowledgeModule(L.LightningModule):
 
     # -- probing by generation -------------------------------------------------------------------
 
-    def probe(self, facts: Sequence[Fact]) -> list[Fact]:
+    def probe(self, facts: Sequence[Fact], checkpoint: Path | None = None) -> list[Fact]:
         """Categorise `facts` with the current weights (adapter active): new Fact objects with
         `category`, `p_greedy` and per-prompt `predictions`. The tokenizer and the few-shot pool
-        come from the attached data module."""
+        come from the attached data module. With `checkpoint` (a JSONL), facts found there are
+        read back instead of probed, and the others are added (`knowledge.categorize`)."""
         from lora_lightning.knowledge import categorize
 
         if not facts:
@@ -248,6 +249,7 @@ class LoRAKnowledgeModule(L.LightningModule):
             facts,
             data.fewshot_pool,
             progress=False,
+            checkpoint=checkpoint,
             **asdict(self.probe_config),
         )
 

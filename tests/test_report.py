@@ -193,3 +193,49 @@ def test_on_a_bench_world_the_report_has_editing_measures_and_world_benchmarks(t
         "before", "after"}
     md = (report.report_path / "report.md").read_text()
     assert "world-MC" in md and "generalisation" in md and "locality" in md
+
+
+def test_a_sweeps_cells_probe_the_base_on_the_editing_questions_once(
+    small_world, tmp_path, monkeypatch, one_thread
+):
+    """With `before_scores` (as a sweep sets it), the base's answers to the generalisation
+    questions are kept beside it: a second cell training the same facts reads them back, and
+    its "before" equals the first's; other probe settings get a file of their own."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from lora_lightning import knowledge
+    from lora_lightning.facts import load_facts
+
+    facts = [f for f in load_facts(small_world.facts_path) if f.category == "Unknown"][:3]
+    trained = [dataclasses.replace(f, meta={**f.meta, "heldout_questions": [
+        f"Tell me: {f.question}", f"I wonder. {f.question}"]}) for f in facts]
+    data = SimpleNamespace(tokenizer=AutoTokenizer.from_pretrained(small_world.model_dir),
+                           fewshot_pool=load_facts(small_world.pool_path),
+                           train_unknown=trained)
+    trainer = SimpleNamespace(datamodule=data, global_rank=0, world_size=1)
+    probed: list[int] = []
+    real = knowledge.generate_answers
+    monkeypatch.setattr(knowledge, "generate_answers",
+                        lambda m, t, prompts, **k: probed.append(len(prompts)) or real(
+                            m, t, prompts, **k))
+
+    def cell(n_exp: int) -> dict:
+        module = make_module(small_world.model_dir, probe=ProbeConfig(n_exp=n_exp,
+                                                                      max_new_tokens=6))
+        module.configure_model()
+        module._trainer = trainer
+        report = KnowledgeReport(before_scores=str(tmp_path / "before_scores.json"),
+                                 world_dir=None)
+        return report._probed_measures(trainer, module)["generalization"]
+
+    first = cell(2)
+    assert probed == [12, 12]  # 6 held-out questions x 2 prompts, before then after
+    second = cell(2)
+    assert probed == [12, 12, 12], "the second cell must read the base's answers back"
+    assert second["before"] == first["before"] and first["before"]["n_facts"] == 6
+    assert len(list(tmp_path.glob("before_probes-*.jsonl"))) == 1
+    cell(3)  # other probe settings: probed again, kept in a file of their own
+    assert probed[-2:] == [18, 18] and len(list(tmp_path.glob("before_probes-*.jsonl"))) == 2
