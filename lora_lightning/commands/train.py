@@ -34,7 +34,7 @@ from lora_lightning.module import LoRAKnowledgeModule, read_checkpoint
 RUN_DIR = "runs/default"
 
 TRAINER_DEFAULTS: dict[str, Any] = {
-    "max_epochs": 20,
+    "max_epochs": 60,
     "accelerator": "auto",
     "devices": 1,
     "log_every_n_steps": 5,
@@ -104,17 +104,23 @@ class KnowledgeCLI(LightningCLI):
         parser.add_lightning_class_args(KnowledgeReport, "report")
         # The embedded default run. The module's own defaults are the paper's (rank 1, alpha 2,
         # lr 1e-3, 10 epochs), which teach the synthetic world's 172k-parameter base nothing in
-        # 10 epochs (measured reliability 0.02); these settings make the toy show the paper's
-        # effects in about two minutes on 2 cores. configs/paper/ sets the paper's values.
-        # Batches of 8 (13 steps an epoch instead of 7) lifted reliability at n=50 from about
-        # 0.80 to 0.86-0.92 over several runs.
+        # 10 epochs (measured reliability 0.02); configs/paper/ sets the paper's values. Here
+        # the run must learn what it is taught (issue 9: reliability >= 0.95 at n = 50, the
+        # paper's 1.00) in well under three minutes on 2 cores. Measured at n = 50, seed 42:
+        # rank 8 on gate/up/down with lr 5e-3 and 20 epochs stopped at 0.82-0.92 whatever one
+        # knob changed (40 epochs, lr 1e-2, rank 16, no dropout, batches of 4, gradient
+        # clipping, alpha 8; a wider, deeper or longer pre-trained base did no better);
+        # rank 32 on every linear layer, lr 2e-3, 60 epochs gave 0.96 (seeds 42 and 1) in 37 s.
+        # The update's scale is unchanged (rsLoRA: alpha / sqrt(rank) = 5.66 as before).
+        # Batches of 8 (13 steps an epoch instead of 7) and a probe every 5 epochs.
         parser.set_defaults(
             {
-                "model.rank": 8,
-                "model.alpha": 16.0,
-                "model.lr": 5e-3,
+                "model.rank": 32,
+                "model.alpha": 32.0,
+                "model.lr": 2e-3,
+                "model.target_modules": "all-linear",
                 "data.batch_size": 8,
-                "knowledge_eval.every_n_epochs": 2,
+                "knowledge_eval.every_n_epochs": 5,
             }
         )
 
