@@ -33,10 +33,12 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _UPCAST_DOT = tl.constexpr(INTERPRET)
 
 
-def _gemm_configs(reduce_name: str, out_name: str) -> list[triton.Config]:
+def _gemm_configs(
+    reduce_name: str, out_name: str, interpret: bool = INTERPRET
+) -> list[triton.Config]:
     """Autotune space for an [M, out] tile GEMM reducing over ``reduce``; one tiny fixed config
     under the interpreter, where autotuning would only multiply an already slow run."""
-    if INTERPRET:
+    if interpret:
         return [triton.Config({"BLOCK_M": 16, out_name: 16, reduce_name: 16, "GROUP_M": 2})]
     shapes = [  # (BLOCK_M, out, reduce, stages, warps): H100-friendly bf16 tiles
         (128, 256, 64, 3, 8),
@@ -55,9 +57,9 @@ def _gemm_configs(reduce_name: str, out_name: str) -> list[triton.Config]:
     ]
 
 
-def _thin_configs(reduce_name: str) -> list[triton.Config]:
+def _thin_configs(reduce_name: str, interpret: bool = INTERPRET) -> list[triton.Config]:
     """Configs for the rank-wide kernels (S and the dy pass): bandwidth-bound row sweeps."""
-    if INTERPRET:
+    if interpret:
         return [triton.Config({"BLOCK_M": 16, reduce_name: 16})]
     return [
         triton.Config({"BLOCK_M": bm, reduce_name: br}, num_stages=stages, num_warps=warps)
@@ -68,6 +70,63 @@ def _thin_configs(reduce_name: str) -> list[triton.Config]:
             (32, 256, 3, 4),
         ]
     ]
+
+
+_FALLBACK_SMEM = 232448  # H100/H200: 227 KB of shared memory per program (opt-in)
+
+
+def _shared_memory_limit(device: torch.device) -> int:
+    """Shared memory one program may use on `device` (Triton's own figure)."""
+    if device.type != "cuda":
+        return _FALLBACK_SMEM
+    try:
+        props = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)
+        return int(props["max_shared_mem"])
+    except Exception:  # noqa: BLE001 - an unknown driver: assume the GPU the tiles are tuned for
+        return _FALLBACK_SMEM
+
+
+def shared_memory_bytes(
+    config: triton.Config, reduce_name: str, out_name: str | None, block_r: int,
+    element_size: int,
+) -> int:
+    """A lower bound of the shared memory Triton gives a config of these kernels on sm_90,
+    exact for the fp32 GEMMs: measured by compiling every config for H100 with Triton 3.9
+    (a test holds it to the compiler's figure), so pruning by it never drops a config that fits.
+
+    fp32 pipelines `num_stages - 1` copies of the operand tiles, [M, reduce] and [reduce, out]
+    (out = the rank for the thin kernels); a GEMM's LoRA step ([M, r] and [r, out] tiles)
+    reuses that space after the main loop, so it counts only when larger. 16-bit dtypes took
+    one stage's worth (wgmma) or more.
+    """
+    bm, red = config.kwargs["BLOCK_M"], config.kwargs[reduce_name]
+    stages = config.num_stages - 1 if element_size >= 4 else 1
+    out = config.kwargs[out_name] if out_name else block_r
+    tiles = stages * (bm * red + red * out)
+    if out_name:
+        tiles = max(tiles, bm * block_r + block_r * out)
+    return tiles * element_size
+
+
+def prune_configs(reduce_name: str, out_name: str | None = None):
+    """An `early_config_prune` for the autotuner: drop the configs whose tiles do not fit in
+    shared memory for this dtype and rank, which Triton would compile only to fail at launch.
+    At rank 256 in fp32 three of the forward GEMM's five configs need 256-384 KB (227 KB fit on
+    an H100) and each took 2 minutes to compile: the whole space ran past the CUDA test's 90 s
+    limit on an H200. The smallest config is kept if none fits."""
+
+    def prune(configs, named_args, **kwargs):
+        block_r = int(kwargs.get("BLOCK_R", named_args.get("BLOCK_R", 16)))
+        tensor = next(v for v in named_args.values() if isinstance(v, torch.Tensor))
+        limit = _shared_memory_limit(tensor.device)
+
+        def size(config: triton.Config) -> int:
+            return shared_memory_bytes(config, reduce_name, out_name, block_r,
+                                       tensor.element_size())
+
+        return [c for c in configs if size(c) <= limit] or [min(configs, key=size)]
+
+    return prune
 
 
 @triton.jit
@@ -122,7 +181,10 @@ def _keep(seed, rows, col0, K, threshold, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: 
     return uniform16 >= threshold
 
 
-@triton.autotune(configs=_thin_configs("BLOCK_K"), key=["M_BUCKET", "K", "BLOCK_R"])
+@triton.autotune(
+    configs=_thin_configs("BLOCK_K"), key=["M_BUCKET", "K", "BLOCK_R"],
+    prune_configs_by={"early_config_prune": prune_configs("BLOCK_K")},
+)
 @triton.jit
 def _lora_s_kernel(
     x_ptr, a_ptr, s_ptr,
@@ -152,7 +214,10 @@ def _lora_s_kernel(
     )
 
 
-@triton.autotune(configs=_gemm_configs("BLOCK_K", "BLOCK_N"), key=["M_BUCKET", "N", "K", "BLOCK_R"])
+@triton.autotune(
+    configs=_gemm_configs("BLOCK_K", "BLOCK_N"), key=["M_BUCKET", "N", "K", "BLOCK_R"],
+    prune_configs_by={"early_config_prune": prune_configs("BLOCK_K", "BLOCK_N")},
+)
 @triton.jit
 def _fwd_kernel(
     x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr,
@@ -187,7 +252,8 @@ def _fwd_kernel(
 
 
 @triton.autotune(
-    configs=_thin_configs("BLOCK_N"), key=["M_BUCKET", "N", "BLOCK_R"], reset_to_zero=["db_ptr"]
+    configs=_thin_configs("BLOCK_N"), key=["M_BUCKET", "N", "BLOCK_R"], reset_to_zero=["db_ptr"],
+    prune_configs_by={"early_config_prune": prune_configs("BLOCK_N")},
 )
 @triton.jit
 def _dy_pass_kernel(
@@ -226,6 +292,7 @@ def _dy_pass_kernel(
     configs=_gemm_configs("BLOCK_N", "BLOCK_K"),
     key=["M_BUCKET", "N", "K", "BLOCK_R", "NEED_DX"],
     reset_to_zero=["da_ptr"],
+    prune_configs_by={"early_config_prune": prune_configs("BLOCK_N", "BLOCK_K")},
 )
 @triton.jit
 def _dx_kernel(

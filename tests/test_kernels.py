@@ -494,6 +494,85 @@ def test_triton_kernels_compile_for_h100_without_a_gpu():
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
 
 
+_SMEM_SCRIPT = _AOT_SCRIPT.split("for dtype, precision in")[0] + r"""
+def shared_of(kernel, dtype, constants, fp32_ptrs, config):
+    fn = kernel.fn
+    signature = {}
+    for name in fn.arg_names:
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32" if name in fp32_ptrs else f"*{dtype}"
+        else:
+            signature[name] = "fp32" if name in FLOATS else "i32"
+    source = ASTSource(fn=fn, signature=signature, constexprs=constants)
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).metadata.shared
+
+KERNELS = [  # kernel, reduce, out, constants, fp32 pointers, the config to compile (cheap ones)
+    (tb._lora_s_kernel, "BLOCK_K", None, {"HAS_DROPOUT": True}, (), 0),
+    (tb._fwd_kernel, "BLOCK_K", "BLOCK_N", {"HAS_BIAS": True}, (), 3),
+    (tb._dy_pass_kernel, "BLOCK_N", None, {}, ("db_ptr",), 0),
+    (tb._dx_kernel, "BLOCK_N", "BLOCK_K", {"HAS_DROPOUT": True, "NEED_DX": True,
+                                             "NEED_DA": True}, ("da_ptr",), 3),
+]
+for dtype, precision, size in (("bf16", "tf32", 2), ("fp32", "ieee", 4)):
+    for kernel, reduce, out, constants, fp32_ptrs, which in KERNELS:
+        configs = (tb._gemm_configs(reduce, out, interpret=False) if out
+                   else tb._thin_configs(reduce, interpret=False))
+        config = configs[which]
+        real = shared_of(kernel, dtype, {"PRECISION": precision, "BLOCK_R": 16, **constants,
+                                         **config.kwargs}, fp32_ptrs, config)
+        formula = tb.shared_memory_bytes(config, reduce, out, 16, size)
+        exact = out is not None and size == 4
+        print(kernel.fn.__name__, dtype, real, formula, "exact" if exact else "bound")
+        assert formula == real if exact else formula <= real, (kernel.fn.__name__, dtype)
+print("measured")
+"""
+
+
+@pytest.mark.slow
+def test_the_shared_memory_formula_that_prunes_autotune_configs_is_the_compilers():
+    """`shared_memory_bytes` decides which configs are compiled at all (an fp32 rank-256 call
+    compiled 2-minute configs only to fail at launch): compiled for H100, a config's shared
+    memory is the formula's for the fp32 GEMMs and never below it elsewhere."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", _SMEM_SCRIPT], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "measured" in done.stdout, (done.stdout + done.stderr)[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "rank", "kept"),
+    [
+        (torch.bfloat16, 16, 5),  # every config fits
+        (torch.float32, 16, 5),  # 144-192 KB of 227
+        (torch.float32, 256, 2),  # [M, r] and [r, N] alone are 256-384 KB for three of them
+    ],
+)
+def test_autotune_drops_only_the_configs_that_cannot_fit_in_shared_memory(dtype, rank, kept):
+    pytest.importorskip("triton")
+    from kernels import triton_backend as tb
+
+    configs = tb._gemm_configs("BLOCK_K", "BLOCK_N", interpret=False)
+    prune = tb.prune_configs("BLOCK_K", "BLOCK_N")
+    x = torch.empty(8, 8, dtype=dtype)
+    pruned = prune(configs, {"x_ptr": x}, BLOCK_R=rank)
+    assert len(pruned) == kept
+    assert all(tb.shared_memory_bytes(c, "BLOCK_K", "BLOCK_N", rank, x.element_size())
+               <= tb._FALLBACK_SMEM for c in pruned)
+    # nothing fits: the smallest config is still compiled rather than none
+    assert len(prune(configs, {"x_ptr": x}, BLOCK_R=4096)) == 1
+
+
 def test_mixed_precision_autocast_runs_in_the_autocast_dtype():
     """Lightning's bf16-mixed wraps steps in autocast: the layer must follow it, not crash."""
     torch.manual_seed(0)
