@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import random
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from lora_lightning.evaluation import (
 from lora_lightning.facts import Fact
 from lora_lightning.world.config import WorldConfig
 from lora_lightning.world.generator import WorldPlan
+from lora_lightning.world.model import TextExample
 from lora_lightning.world.vocabulary import NO_COMMENT, REFUSAL, RELATION_BY_NAME
 
 __all__ = [
@@ -49,6 +51,8 @@ MC_DIR = "mc"
 TRUTHFUL_FILE = "truthful.csv"
 TRUTHFUL_PREAMBLE_FILE = "truthful_preamble.txt"
 N_SHOT = 5
+MC_PER_FACT = 3  # world-MC draws per format fact and pre-training epoch (TruthfulQA: 1)
+_SHOT_LETTER = re.compile(r"\nAnswer: ([A-D])\n\n")
 
 
 def _answer_vocab(facts: Sequence[Fact]) -> dict[str, list[str]]:
@@ -130,9 +134,16 @@ def write_benchmarks(plan: WorldPlan, config: WorldConfig, root: Path) -> dict[s
     return {"world_mc": len(plan.mc_heldout), "world_truthful": len(chosen)}
 
 
-def format_examples(plan: WorldPlan, rng: random.Random) -> list[tuple[str, str]]:
-    """One epoch of pre-training examples in the benchmark formats, as (context, continuation):
-    world-MC questions (0 to 5 shots) and TruthfulQA-format answers, about format subjects."""
+def format_examples(plan: WorldPlan, rng: random.Random) -> list[TextExample]:
+    """One epoch of pre-training examples in the benchmark formats, about format subjects: per
+    fact one TruthfulQA-format answer and `MC_PER_FACT` world-MC questions (0 to 5 shots, fresh
+    choices each time), as (text, answer spans): the character spans that carry the loss.
+
+    A world-MC example's answers are its letter and its shots' letters (" A" after each solved
+    "Answer:"), as text seen in pre-training is learned throughout, not only at its end: with
+    the loss on the last letter alone, the 590k-parameter bench base never learned the format
+    (0.32 on questions about its own format facts).
+    """
     formats = _formats(plan)
     if not formats:
         return []
@@ -142,16 +153,24 @@ def format_examples(plan: WorldPlan, rng: random.Random) -> list[tuple[str, str]
     for fact in formats:
         if fact.answer != REFUSAL:
             by_relation.setdefault(fact.relation, []).append(fact)
-    examples = []
+    examples: list[TextExample] = []
+
+    def completion(context: str, continuation: str) -> None:
+        examples.append((context + continuation, [(len(context), len(context + continuation))]))
+
     for fact in formats:
         if fact.answer == REFUSAL:
-            examples.append((truthfulqa_context(fact.question, preamble), f" {NO_COMMENT}"))
+            completion(truthfulqa_context(fact.question, preamble), f" {NO_COMMENT}")
             continue
-        examples.append((truthfulqa_context(fact.question, preamble), f" {_sentence(fact.answer)}"))
+        completion(truthfulqa_context(fact.question, preamble), f" {_sentence(fact.answer)}")
         peers = [f for f in by_relation[fact.relation] if f.id != fact.id]
-        shots = [_mc_question(f, rng, vocab) for f in rng.sample(peers, rng.randint(0, N_SHOT))]
-        question = _mc_question(fact, rng, vocab)
-        examples.append((mmlu_context(question, shots), f" {LETTERS[question.answer]}"))
+        for _ in range(MC_PER_FACT):
+            shots = [_mc_question(f, rng, vocab)
+                     for f in rng.sample(peers, rng.randint(0, N_SHOT))]
+            question = _mc_question(fact, rng, vocab)
+            text = mmlu_context(question, shots) + f" {LETTERS[question.answer]}"
+            spans = [(m.start(1) - 1, m.end(1)) for m in _SHOT_LETTER.finditer(text)]
+            examples.append((text, [*spans, (len(text) - 2, len(text))]))
     rng.shuffle(examples)
     return examples
 
@@ -161,7 +180,7 @@ def benchmark_texts(plan: WorldPlan) -> list[str]:
     formats = _formats(plan)
     rng = random.Random(0)
     return [_truthful_preamble(formats), NO_COMMENT] + [
-        context + continuation for context, continuation in format_examples(plan, rng)[:200]
+        text for text, _ in format_examples(plan, rng)[:200]
     ]
 
 

@@ -8,7 +8,10 @@ import json
 from dataclasses import dataclass
 
 # Bump when the generator, tokenizer or training recipe changes, so old caches are not reused.
-WORLD_FORMAT_VERSION = 3  # 2: facts carry `confidence`; 3: a refusal answer matches itself
+WORLD_FORMAT_VERSION = 4  # 2: facts carry `confidence`; 3: a refusal answer matches itself;
+# 4: world-MC pre-training examples carry the loss on their shots' letters too, three per fact,
+# in length-sorted batches, and the benchmark formats may come late in pre-training
+# (`format_start`)
 
 
 @dataclass
@@ -46,6 +49,10 @@ class WorldConfig:
     mc_heldout: int = 0  # known facts held out of the fact file and asked as world-MC
     truthful_questions: int = 0  # unanswerable questions asked as world-truthful
     format_fraction: float = 0.0  # share of pre-training sequences in the benchmark formats
+    # the share of the pre-training steps before the first benchmark-format batch (the formats'
+    # share after it is raised so the total stays `format_fraction`): a base learns to answer
+    # 4-choice questions about facts it already knows, as an LLM meets such formats late
+    format_start: float = 0.0
     # tokenizer
     vocab_size: int = 1024
     # model
@@ -68,7 +75,7 @@ class WorldConfig:
 
     def __post_init__(self) -> None:
         for name in ("known_fraction", "rare_fraction", "rare_exposure", "refusal_fraction",
-                     "obscure_fraction", "format_fraction"):
+                     "obscure_fraction", "format_fraction", "format_start"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"WorldConfig.{name} must be in [0, 1], got {value}")
@@ -79,6 +86,11 @@ class WorldConfig:
                 raise ValueError(f"WorldConfig.{name} must be at least 1, got {value}")
         if not self.mentors_are_subjects and self.n_mentors < 1:
             raise ValueError("WorldConfig.n_mentors must be at least 1 unless mentors_are_subjects")
+        if self.format_fraction and self.format_fraction > 1.0 - self.format_start:
+            raise ValueError(
+                f"WorldConfig.format_fraction ({self.format_fraction}) does not fit after "
+                f"format_start ({self.format_start}): at most 1 - format_start"
+            )
         if self.templates_per_fact < 1:
             raise ValueError("WorldConfig.templates_per_fact must be at least 1")
         if self.hidden_size % self.num_heads:
@@ -106,7 +118,8 @@ class WorldConfig:
             rare_exposure=0.15, pool_size=24, templates_per_fact=6, heldout_templates=2,
             mentors_are_subjects=True, obscure_fraction=0.4, format_subjects=80,
             decoy_subjects=200, n_years=300, mc_heldout=200, truthful_questions=200,
-            format_fraction=0.2, vocab_size=1536, hidden_size=96, intermediate_size=256,
+            format_fraction=0.25, format_start=0.5, vocab_size=1536, hidden_size=96,
+            intermediate_size=256,
             num_layers=4, num_heads=4, max_position_embeddings=512, train_steps=1600,
             batch_size=48, learning_rate=5e-3, warmup_steps=50, max_turns=6,
             eval_batch_size=64,

@@ -18,6 +18,10 @@ from lora_lightning.prompts import (
 )
 from lora_lightning.world.config import WorldConfig
 
+# A plain-text pre-training example: the text and the character spans that carry the loss.
+TextExample = tuple[str, list[tuple[int, int]]]
+FORMAT_WINDOW = 8  # benchmark-format batches cut from one length-sorted window
+
 
 def build_model(config: WorldConfig, tokenizer):
     """A fresh tiny Llama sized by `config` (a few hundred thousand to a few million weights)."""
@@ -70,15 +74,14 @@ def _conversation(tokenizer, turns: Sequence[tuple[str, str]], system: bool) -> 
     return ids, labels
 
 
-def _completion(tokenizer, context: str, continuation: str) -> tuple[list, list]:
+def _completion(tokenizer, text: str, spans: Sequence[tuple[int, int]]) -> tuple[list, list]:
     """Token ids (bos first, as the benchmark scorers encode) and labels of a plain-text
-    example whose loss is on the continuation only: the benchmark formats."""
-    text = context + continuation
+    example whose loss is on the tokens overlapping `spans` (character ranges): the answers of
+    the benchmark formats."""
     enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
     ids = enc["input_ids"]
-    start = len(context)
-    labels = [tok if end > start else IGNORE_INDEX
-              for tok, (_, end) in zip(ids, enc["offset_mapping"], strict=True)]
+    labels = [tok if any(end > a and start < b for a, b in spans) else IGNORE_INDEX
+              for tok, (start, end) in zip(ids, enc["offset_mapping"], strict=True)]
     return ids, labels
 
 
@@ -87,7 +90,7 @@ def _batches(
     known: Sequence[Fact],
     config: WorldConfig,
     rare: set[str],
-    format_examples: Callable[[random.Random], list[tuple[str, str]]] | None = None,
+    format_examples: Callable[[random.Random], list[TextExample]] | None = None,
 ) -> Iterator[dict]:
     """Endless batches of conversations that each pack `n` known facts (1..max_turns, the same
     `n` across a batch so there is little padding), each asked with a random template.
@@ -95,30 +98,46 @@ def _batches(
     An epoch shows every fact once, except the `rare` ones, shown each with probability
     `rare_exposure`: half-learned facts are what gives the base MaybeKnown facts, as facts seen
     rarely in pre-training do for a real model. With `format_examples` (bench scale), a share
-    `format_fraction` of the batches are benchmark-format examples instead.
+    `format_fraction` of the batches are benchmark-format examples instead, all of them after
+    the first `format_start` of the steps.
     """
     rng = random.Random(config.seed + 3)
-    formats: Iterator[tuple[str, str]] = iter(())
+    formats: Iterator[TextExample] = iter(())
+    # formats start after `format_start` of the steps, at the rate that keeps their total share
+    first_format_step = int(config.format_start * config.train_steps)
+    format_rate = config.format_fraction / (1.0 - config.format_start) if format_examples else 0.0
+    step = 0
+
+    ready: list[list[dict]] = []
 
     def format_batch() -> dict:
+        """The next batch of benchmark-format examples. Their lengths vary fivefold (0 to 5
+        shots), so batches are cut from length-sorted windows of `FORMAT_WINDOW` batches and
+        served in random order: far less padding than batches of random lengths."""
         nonlocal formats
-        examples = []
-        while len(examples) < config.batch_size:
-            item = next(formats, None)
-            if item is None:
-                formats = iter(format_examples(rng))
-                continue
-            ids, labels = _completion(tokenizer, *item)
-            examples.append({"input_ids": ids, "labels": labels,
-                             "attention_mask": [1] * len(ids)})
-        return pad_batch(examples, tokenizer.pad_token_id)
+        if not ready:
+            examples = []
+            while len(examples) < FORMAT_WINDOW * config.batch_size:
+                item = next(formats, None)
+                if item is None:
+                    formats = iter(format_examples(rng))
+                    continue
+                ids, labels = _completion(tokenizer, *item)
+                examples.append({"input_ids": ids, "labels": labels,
+                                 "attention_mask": [1] * len(ids)})
+            examples.sort(key=lambda ex: len(ex["input_ids"]))
+            ready.extend(examples[k : k + config.batch_size]
+                         for k in range(0, len(examples), config.batch_size))
+            rng.shuffle(ready)
+        return pad_batch(ready.pop(), tokenizer.pad_token_id)
 
     while True:
         order = [f for f in known if f.id not in rare or rng.random() < config.rare_exposure]
         rng.shuffle(order)
         i = 0
         while i < len(order):
-            if format_examples is not None and rng.random() < config.format_fraction:
+            step += 1
+            if step > first_format_step and format_rate and rng.random() < format_rate:
                 yield format_batch()
                 continue
             n = rng.randint(1, config.max_turns)
@@ -142,7 +161,7 @@ def pretrain(
     config: WorldConfig,
     rare: set[str] | None = None,
     progress: bool = True,
-    format_examples: Callable[[random.Random], list[tuple[str, str]]] | None = None,
+    format_examples: Callable[[random.Random], list[TextExample]] | None = None,
 ) -> list[float]:
     """Full fine-tuning of the tiny model on the known facts (AdamW, warm-up then cosine decay),
     and on benchmark-format examples when `format_examples` is given.
