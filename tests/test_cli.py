@@ -81,11 +81,13 @@ def test_default_fit_then_test_writes_adapter_and_report(tmp_path):
     assert "=== lora-lightning fit summary ===" in fit.stdout
     run = tmp_path / "runs" / "default"
     adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
-    assert adapter["peft_type"] == "LORA" and adapter["r"] == 8
+    assert adapter["peft_type"] == "LORA" and adapter["r"] == 32
     with open(run / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("val/reliability")]
     final = float(rows[-1]["val/reliability"])
-    assert final >= 0.5, f"the default run should teach most of its Unknown facts, got {final}"
+    # measured 0.96 (two seeds, one thread); the floor leaves room for other thread counts'
+    # rounding, which changes a run's trajectory
+    assert final >= 0.9, f"the default run should teach its Unknown facts, got {final}"
 
     test = cli(
         "test",

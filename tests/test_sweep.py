@@ -215,7 +215,7 @@ def test_submitit_tasks_run_cells_after_one_shared_categorize_and_a_failing_cell
     sweep_file = write_sweep(tmp_path / "slurm.yaml", {
         "categorize": {"facts": str(raw), "n_exp": 2, "pool_size": 6, "batch_size": 32},
         "overrides": {
-            "model.model_name_or_path": str(tiny_model_dir),
+            "model.model_name_or_path": str(tiny_model_dir), "model.rank": 4,
             "data.extra_kind": "none", "data.extra_per_unknown": 0, "data.n_val_known": 0,
             "trainer.max_epochs": 1, "model.probe.n_exp": 2, "knowledge_eval.every_n_epochs": 0,
         },
