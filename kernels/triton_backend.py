@@ -57,11 +57,17 @@ def _gemm_configs(
     ]
 
 
+# Configs compiled only when none of the tuned ones fits in shared memory (see prune_configs).
+_FALLBACK_CONFIGS: set[int] = set()
+
+
 def _thin_configs(reduce_name: str, interpret: bool = INTERPRET) -> list[triton.Config]:
-    """Configs for the rank-wide kernels (S and the dy pass): bandwidth-bound row sweeps."""
+    """Configs for the rank-wide kernels (S and the dy pass): bandwidth-bound row sweeps, and
+    a small fallback (`_FALLBACK_CONFIGS`) for fp32 at large ranks, where the dy pass needs
+    300-600 KB of shared memory in every other config."""
     if interpret:
         return [triton.Config({"BLOCK_M": 16, reduce_name: 16})]
-    return [
+    configs = [
         triton.Config({"BLOCK_M": bm, reduce_name: br}, num_stages=stages, num_warps=warps)
         for bm, br, stages, warps in [
             (64, 64, 4, 4),
@@ -70,6 +76,10 @@ def _thin_configs(reduce_name: str, interpret: bool = INTERPRET) -> list[triton.
             (32, 256, 3, 4),
         ]
     ]
+    fallback = triton.Config({"BLOCK_M": 16, reduce_name: 32}, num_stages=2, num_warps=4)
+    _FALLBACK_CONFIGS.add(id(fallback))
+    return [*configs, fallback]
+
 
 
 _FALLBACK_SMEM = 232448  # H100/H200: 227 KB of shared memory per program (opt-in)
@@ -88,16 +98,18 @@ def _shared_memory_limit(device: torch.device) -> int:
 
 def shared_memory_bytes(
     config: triton.Config, reduce_name: str, out_name: str | None, block_r: int,
-    element_size: int,
+    element_size: int, resident: str | None = None,
 ) -> int:
     """A lower bound of the shared memory Triton gives a config of these kernels on sm_90,
-    exact for the fp32 GEMMs: measured by compiling every config for H100 with Triton 3.9
-    (a test holds it to the compiler's figure), so pruning by it never drops a config that fits.
+    exact for the fp32 GEMMs and `_lora_s`: measured by compiling every config for H100 with
+    Triton 3.9 (a test holds it to the compiler's figure), so pruning by it never drops a
+    config that fits.
 
     fp32 pipelines `num_stages - 1` copies of the operand tiles, [M, reduce] and [reduce, out]
-    (out = the rank for the thin kernels); a GEMM's LoRA step ([M, r] and [r, out] tiles)
-    reuses that space after the main loop, so it counts only when larger. 16-bit dtypes took
-    one stage's worth (wgmma) or more.
+    (out = the rank for the thin kernels); 16-bit dtypes took one stage's worth (wgmma). A
+    GEMM's LoRA step ([M, r] and [r, out] tiles) reuses that space after the main loop, so it
+    counts only when larger. `resident` is a thin kernel's tile held beside the pipeline: "x"
+    (`_lora_s`' [M, reduce] x tile, fp32 only) or "s" (the dy pass' [M, r] tile).
     """
     bm, red = config.kwargs["BLOCK_M"], config.kwargs[reduce_name]
     stages = config.num_stages - 1 if element_size >= 4 else 1
@@ -105,15 +117,20 @@ def shared_memory_bytes(
     tiles = stages * (bm * red + red * out)
     if out_name:
         tiles = max(tiles, bm * block_r + block_r * out)
+    if resident == "x" and element_size >= 4:
+        tiles += bm * red
+    elif resident == "s":
+        tiles += bm * block_r
     return tiles * element_size
 
 
-def prune_configs(reduce_name: str, out_name: str | None = None):
+def prune_configs(reduce_name: str, out_name: str | None = None, resident: str | None = None):
     """An `early_config_prune` for the autotuner: drop the configs whose tiles do not fit in
-    shared memory for this dtype and rank, which Triton would compile only to fail at launch.
-    At rank 256 in fp32 three of the forward GEMM's five configs need 256-384 KB (227 KB fit on
-    an H100) and each took 2 minutes to compile: the whole space ran past the CUDA test's 90 s
-    limit on an H200. The smallest config is kept if none fits."""
+    shared memory for this dtype and rank, which Triton would compile only to fail at launch,
+    and the fallback configs while a tuned one fits. At rank 256 in fp32 three of the forward
+    GEMM's five configs need 256-384 KB (227 KB fit on an H100) and took 2-3 minutes each to
+    compile: the whole space ran past the CUDA test's 90 s limit on an H200. The smallest
+    config is kept if none fits."""
 
     def prune(configs, named_args, **kwargs):
         block_r = int(kwargs.get("BLOCK_R", named_args.get("BLOCK_R", 16)))
@@ -122,9 +139,11 @@ def prune_configs(reduce_name: str, out_name: str | None = None):
 
         def size(config: triton.Config) -> int:
             return shared_memory_bytes(config, reduce_name, out_name, block_r,
-                                       tensor.element_size())
+                                       tensor.element_size(), resident)
 
-        return [c for c in configs if size(c) <= limit] or [min(configs, key=size)]
+        fitting = [c for c in configs if size(c) <= limit]
+        tuned = [c for c in fitting if id(c) not in _FALLBACK_CONFIGS]
+        return tuned or fitting or [min(configs, key=size)]
 
     return prune
 
@@ -183,7 +202,7 @@ def _keep(seed, rows, col0, K, threshold, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: 
 
 @triton.autotune(
     configs=_thin_configs("BLOCK_K"), key=["M_BUCKET", "K", "BLOCK_R"],
-    prune_configs_by={"early_config_prune": prune_configs("BLOCK_K")},
+    prune_configs_by={"early_config_prune": prune_configs("BLOCK_K", resident="x")},
 )
 @triton.jit
 def _lora_s_kernel(
@@ -253,7 +272,7 @@ def _fwd_kernel(
 
 @triton.autotune(
     configs=_thin_configs("BLOCK_N"), key=["M_BUCKET", "N", "BLOCK_R"], reset_to_zero=["db_ptr"],
-    prune_configs_by={"early_config_prune": prune_configs("BLOCK_N")},
+    prune_configs_by={"early_config_prune": prune_configs("BLOCK_N", resident="s")},
 )
 @triton.jit
 def _dy_pass_kernel(

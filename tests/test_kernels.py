@@ -509,22 +509,22 @@ def shared_of(kernel, dtype, constants, fp32_ptrs, config):
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).metadata.shared
 
-KERNELS = [  # kernel, reduce, out, constants, fp32 pointers, the config to compile (cheap ones)
-    (tb._lora_s_kernel, "BLOCK_K", None, {"HAS_DROPOUT": True}, (), 0),
-    (tb._fwd_kernel, "BLOCK_K", "BLOCK_N", {"HAS_BIAS": True}, (), 3),
-    (tb._dy_pass_kernel, "BLOCK_N", None, {}, ("db_ptr",), 0),
-    (tb._dx_kernel, "BLOCK_N", "BLOCK_K", {"HAS_DROPOUT": True, "NEED_DX": True,
-                                             "NEED_DA": True}, ("da_ptr",), 3),
+KERNELS = [  # kernel, reduce, out, resident tile, constants, fp32 pointers, config (cheap)
+    (tb._lora_s_kernel, "BLOCK_K", None, "x", {"HAS_DROPOUT": True}, (), 0),
+    (tb._fwd_kernel, "BLOCK_K", "BLOCK_N", None, {"HAS_BIAS": True}, (), 3),
+    (tb._dy_pass_kernel, "BLOCK_N", None, "s", {}, ("db_ptr",), 0),
+    (tb._dx_kernel, "BLOCK_N", "BLOCK_K", None, {"HAS_DROPOUT": True, "NEED_DX": True,
+                                                   "NEED_DA": True}, ("da_ptr",), 3),
 ]
 for dtype, precision, size in (("bf16", "tf32", 2), ("fp32", "ieee", 4)):
-    for kernel, reduce, out, constants, fp32_ptrs, which in KERNELS:
+    for kernel, reduce, out, resident, constants, fp32_ptrs, which in KERNELS:
         configs = (tb._gemm_configs(reduce, out, interpret=False) if out
                    else tb._thin_configs(reduce, interpret=False))
         config = configs[which]
         real = shared_of(kernel, dtype, {"PRECISION": precision, "BLOCK_R": 16, **constants,
                                          **config.kwargs}, fp32_ptrs, config)
-        formula = tb.shared_memory_bytes(config, reduce, out, 16, size)
-        exact = out is not None and size == 4
+        formula = tb.shared_memory_bytes(config, reduce, out, 16, size, resident)
+        exact = size == 4 and kernel is not tb._dy_pass_kernel
         print(kernel.fn.__name__, dtype, real, formula, "exact" if exact else "bound")
         assert formula == real if exact else formula <= real, (kernel.fn.__name__, dtype)
 print("measured")
@@ -535,7 +535,7 @@ print("measured")
 def test_the_shared_memory_formula_that_prunes_autotune_configs_is_the_compilers():
     """`shared_memory_bytes` decides which configs are compiled at all (an fp32 rank-256 call
     compiled 2-minute configs only to fail at launch): compiled for H100, a config's shared
-    memory is the formula's for the fp32 GEMMs and never below it elsewhere."""
+    memory is the formula's for the fp32 GEMMs and `_lora_s`, and never below it elsewhere."""
     import os
     import subprocess
     import sys
@@ -571,6 +571,23 @@ def test_autotune_drops_only_the_configs_that_cannot_fit_in_shared_memory(dtype,
                <= tb._FALLBACK_SMEM for c in pruned)
     # nothing fits: the smallest config is still compiled rather than none
     assert len(prune(configs, {"x_ptr": x}, BLOCK_R=4096)) == 1
+
+
+@pytest.mark.parametrize(("dtype", "rank", "fallback_only"),
+                         [(torch.bfloat16, 16, False), (torch.float32, 256, True)])
+def test_the_dy_pass_falls_back_to_small_tiles_only_when_no_tuned_config_fits(
+    dtype, rank, fallback_only
+):
+    """fp32 at rank 256: every tuned dy-pass config needs 306-610 KB (compiled for H100), so
+    only the small fallback is compiled; otherwise the fallback is never tried."""
+    pytest.importorskip("triton")
+    from kernels import triton_backend as tb
+
+    configs = tb._thin_configs("BLOCK_N", interpret=False)
+    pruned = tb.prune_configs("BLOCK_N", resident="s")(
+        configs, {"dy_ptr": torch.empty(4, 4, dtype=dtype)}, BLOCK_R=rank)
+    fallbacks = [c for c in pruned if id(c) in tb._FALLBACK_CONFIGS]
+    assert (pruned == fallbacks) if fallback_only else (fallbacks == [] and len(pruned) == 4)
 
 
 def test_mixed_precision_autocast_runs_in_the_autocast_dtype():
