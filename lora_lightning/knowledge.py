@@ -97,9 +97,11 @@ def generate_answers(
     token) and batched by `inference.left_padded_batches`, so every continuation starts right
     after its prompt. Prompts whose first `share_prefix` tokens agree (the same few-shot
     examples) are batched together and their common prefix is encoded once per batch, which on
-    a small model is most of the cost of a probe (0 turns this off). Sampling is seeded per
-    batch, so a run is repeatable, inside a fork of the RNG, so the caller's random state (a
-    training run's dropout) is untouched.
+    a small model is most of the cost of a probe (0 turns this off). Greedy answers come from
+    `inference.greedy_decode` (the answers of `generate`, without its per-step machinery and
+    with ended rows leaving the batch); sampled ones from `generate`, seeded per batch, so a
+    run is repeatable, inside a fork of the RNG, so the caller's random state (a training run's
+    dropout) is untouched.
     """
     from transformers import GenerationConfig
 
