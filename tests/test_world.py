@@ -343,3 +343,41 @@ def test_a_reduced_bench_world_builds_its_benchmarks_bit_for_bit(tmp_path):
     for key in ("world_mc", "world_truthful_mc1", "world_truthful_mc2", "refusal_rate"):
         assert 0.0 <= info[key] <= 1.0, key
     assert info["n_two_hop"] == len(load_facts(first.two_hop_path)) > 0
+
+
+def test_benchmark_formats_come_in_the_second_half_with_every_answer_letter_learned():
+    """The base learns 4-choice questions about facts it already knows: no format batch before
+    `format_start` of the steps, then formats at the rate that keeps their overall share; an
+    MC example's loss is on its letter and on each solved shot's letter; a format batch is cut
+    from a length-sorted window, so it carries little padding."""
+    from lora_lightning.prompts import IGNORE_INDEX
+    from lora_lightning.world.benchmarks import format_examples
+    from lora_lightning.world.generator import plan_world
+    from lora_lightning.world.model import _batches
+
+    config = dataclasses.replace(_reduced_bench(), train_steps=400)
+    plan = plan_world(config)
+    tok = train_tokenizer(world_texts(plan.facts), vocab_size=config.vocab_size)
+    batches = _batches(tok, plan.known, config, set(), lambda rng: format_examples(plan, rng))
+    is_format, real_tokens, padded_tokens = [], 0, 0
+    for _ in range(config.train_steps):
+        batch = next(batches)
+        first = tok.decode(batch["input_ids"][0], skip_special_tokens=True)
+        fmt = first.startswith(("The following are multiple choice", "Q:"))
+        is_format.append(fmt)
+        if fmt:
+            real_tokens += int(batch["attention_mask"].sum())
+            padded_tokens += batch["attention_mask"].numel()
+            for row, text_ids in enumerate(batch["input_ids"]):
+                text = tok.decode(text_ids, skip_special_tokens=True)
+                if text.startswith("The following"):
+                    labels = batch["labels"][row]
+                    labelled = tok.decode(labels[labels != IGNORE_INDEX])
+                    assert labelled.replace(" ", "") == "".join(
+                        line[-1] for line in text.split("\n") if line.startswith("Answer:"))
+    start = int(config.format_start * config.train_steps)
+    assert not any(is_format[:start])
+    share = sum(is_format) / len(is_format)
+    assert abs(share - config.format_fraction) < 0.06, share
+    # 0 to 5 shots make lengths vary fivefold; sorted windows keep the batches nearly full
+    assert real_tokens / padded_tokens > 0.85, real_tokens / padded_tokens
