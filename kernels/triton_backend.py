@@ -33,11 +33,19 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _UPCAST_DOT = tl.constexpr(INTERPRET)
 
 
+# Small-tile configs carry this attribute: compiled only where no tuned config fits in shared
+# memory or, for fp32 at large ranks, where the tuned ones take minutes to compile
+# (see prune_configs).
+_FALLBACK = "lora_lightning_fallback"
+_LARGE_RANK = 128  # a padded rank from which fp32 calls take the fallback configs
+
+
 def _gemm_configs(
     reduce_name: str, out_name: str, interpret: bool = INTERPRET
 ) -> list[triton.Config]:
-    """Autotune space for an [M, out] tile GEMM reducing over ``reduce``; one tiny fixed config
-    under the interpreter, where autotuning would only multiply an already slow run."""
+    """Autotune space for an [M, out] tile GEMM reducing over ``reduce``, plus a small-tile
+    fallback (`is_fallback`); one tiny fixed config under the interpreter, where
+    autotuning would only multiply an already slow run."""
     if interpret:
         return [triton.Config({"BLOCK_M": 16, out_name: 16, reduce_name: 16, "GROUP_M": 2})]
     shapes = [  # (BLOCK_M, out, reduce, stages, warps): H100-friendly bf16 tiles
@@ -47,7 +55,7 @@ def _gemm_configs(
         (128, 64, 64, 4, 4),
         (64, 128, 64, 4, 4),
     ]
-    return [
+    configs = [
         triton.Config(
             {"BLOCK_M": bm, out_name: bo, reduce_name: br, "GROUP_M": 8},
             num_stages=stages,
@@ -55,15 +63,15 @@ def _gemm_configs(
         )
         for bm, bo, br, stages, warps in shapes
     ]
-
-
-# Configs compiled only when none of the tuned ones fits in shared memory (see prune_configs).
-_FALLBACK_CONFIGS: set[int] = set()
+    fallback = triton.Config({"BLOCK_M": 32, out_name: 32, reduce_name: 32, "GROUP_M": 8},
+                             num_stages=2, num_warps=4)
+    setattr(fallback, _FALLBACK, True)
+    return [*configs, fallback]
 
 
 def _thin_configs(reduce_name: str, interpret: bool = INTERPRET) -> list[triton.Config]:
     """Configs for the rank-wide kernels (S and the dy pass): bandwidth-bound row sweeps, and
-    a small fallback (`_FALLBACK_CONFIGS`) for fp32 at large ranks, where the dy pass needs
+    a small fallback (`is_fallback`) for fp32 at large ranks, where the dy pass needs
     300-600 KB of shared memory in every other config."""
     if interpret:
         return [triton.Config({"BLOCK_M": 16, reduce_name: 16})]
@@ -77,12 +85,17 @@ def _thin_configs(reduce_name: str, interpret: bool = INTERPRET) -> list[triton.
         ]
     ]
     fallback = triton.Config({"BLOCK_M": 16, reduce_name: 32}, num_stages=2, num_warps=4)
-    _FALLBACK_CONFIGS.add(id(fallback))
+    setattr(fallback, _FALLBACK, True)
     return [*configs, fallback]
 
 
 
 _FALLBACK_SMEM = 232448  # H100/H200: 227 KB of shared memory per program (opt-in)
+
+
+def is_fallback(config: triton.Config) -> bool:
+    """Whether `config` is a small-tile fallback (see `prune_configs`)."""
+    return bool(getattr(config, _FALLBACK, False))
 
 
 def _shared_memory_limit(device: torch.device) -> int:
@@ -127,10 +140,13 @@ def shared_memory_bytes(
 def prune_configs(reduce_name: str, out_name: str | None = None, resident: str | None = None):
     """An `early_config_prune` for the autotuner: drop the configs whose tiles do not fit in
     shared memory for this dtype and rank, which Triton would compile only to fail at launch,
-    and the fallback configs while a tuned one fits. At rank 256 in fp32 three of the forward
-    GEMM's five configs need 256-384 KB (227 KB fit on an H100) and took 2-3 minutes each to
-    compile: the whole space ran past the CUDA test's 90 s limit on an H200. The smallest
-    config is kept if none fits."""
+    and the fallback configs while a tuned one fits; the smallest config if none fits.
+
+    fp32 at a padded rank of `_LARGE_RANK` or more takes the fallback configs alone. Its dots
+    are IEEE FMA loops, not tensor-core instructions, and at rank 256 the tuned tiles took
+    26-166 s each to compile for sm_90 (the whole space ran past the CUDA test's 90 s limit
+    on an H200; three of the forward GEMM's five configs need 256-384 KB of the 227 KB there
+    is), the 32-wide fallback tiles 1.5-3.5 s."""
 
     def prune(configs, named_args, **kwargs):
         block_r = int(kwargs.get("BLOCK_R", named_args.get("BLOCK_R", 16)))
@@ -142,7 +158,10 @@ def prune_configs(reduce_name: str, out_name: str | None = None, resident: str |
                                        tensor.element_size(), resident)
 
         fitting = [c for c in configs if size(c) <= limit]
-        tuned = [c for c in fitting if id(c) not in _FALLBACK_CONFIGS]
+        tuned = [c for c in fitting if not is_fallback(c)]
+        fallback = [c for c in fitting if is_fallback(c)]
+        if fallback and tensor.element_size() >= 4 and block_r >= _LARGE_RANK:
+            return fallback
         return tuned or fitting or [min(configs, key=size)]
 
     return prune
