@@ -89,7 +89,6 @@ def _thin_configs(reduce_name: str, interpret: bool = INTERPRET) -> list[triton.
     return [*configs, fallback]
 
 
-
 _FALLBACK_SMEM = 232448  # H100/H200: 227 KB of shared memory per program (opt-in)
 
 

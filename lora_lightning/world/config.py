@@ -119,9 +119,8 @@ class WorldConfig:
             mentors_are_subjects=True, obscure_fraction=0.4, format_subjects=80,
             decoy_subjects=200, n_years=300, mc_heldout=200, truthful_questions=200,
             format_fraction=0.25, format_start=0.5, vocab_size=1536, hidden_size=96,
-            intermediate_size=256,
-            num_layers=4, num_heads=4, max_position_embeddings=512, train_steps=1600,
-            batch_size=48, learning_rate=5e-3, warmup_steps=50, max_turns=6,
+            intermediate_size=256, num_layers=4, num_heads=4, max_position_embeddings=512,
+            train_steps=1600, batch_size=48, learning_rate=5e-3, warmup_steps=50, max_turns=6,
             eval_batch_size=64,
         )
 

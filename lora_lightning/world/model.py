@@ -105,7 +105,9 @@ def _batches(
     formats: Iterator[TextExample] = iter(())
     # formats start after `format_start` of the steps, at the rate that keeps their total share
     first_format_step = int(config.format_start * config.train_steps)
-    format_rate = config.format_fraction / (1.0 - config.format_start) if format_examples else 0.0
+    format_rate = 0.0
+    if format_examples is not None and config.format_fraction:
+        format_rate = config.format_fraction / (1.0 - config.format_start)
     step = 0
 
     ready: list[list[dict]] = []
