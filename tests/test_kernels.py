@@ -449,7 +449,7 @@ import kernels.triton_backend as tb
 
 FLOATS = {"scale", "inv_keep", "scaling"}
 
-def compile_h100(kernel, dtype, constants, fp32_ptrs=()):
+def compile_h100(kernel, dtype, constants, fp32_ptrs=(), options=None):
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
     signature = {}
     for name in fn.arg_names:
@@ -460,7 +460,8 @@ def compile_h100(kernel, dtype, constants, fp32_ptrs=()):
         else:
             signature[name] = "fp32" if name in FLOATS else "i32"
     source = ASTSource(fn=fn, signature=signature, constexprs=constants)
-    triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    target = GPUTarget("cuda", 90, 32)
+    return triton.compile(source, target=target, options=options or {"num_warps": 4})
 
 for dtype, precision in (("bf16", "tf32"), ("fp32", "ieee")):
     common = {"PRECISION": precision, "BLOCK_R": 16, "BLOCK_M": 32}
@@ -496,18 +497,8 @@ def test_triton_kernels_compile_for_h100_without_a_gpu():
 
 _SMEM_SCRIPT = _AOT_SCRIPT.split("for dtype, precision in")[0] + r"""
 def shared_of(kernel, dtype, constants, fp32_ptrs, config):
-    fn = kernel.fn
-    signature = {}
-    for name in fn.arg_names:
-        if name in constants:
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = "*fp32" if name in fp32_ptrs else f"*{dtype}"
-        else:
-            signature[name] = "fp32" if name in FLOATS else "i32"
-    source = ASTSource(fn=fn, signature=signature, constexprs=constants)
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).metadata.shared
+    return compile_h100(kernel, dtype, constants, fp32_ptrs, options).metadata.shared
 
 KERNELS = [  # kernel, reduce, out, resident tile, constants, fp32 pointers, config (cheap)
     (tb._lora_s_kernel, "BLOCK_K", None, "x", {"HAS_DROPOUT": True}, (), 0),
