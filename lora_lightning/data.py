@@ -350,7 +350,8 @@ class KnowledgeDataModule(L.LightningDataModule):
         test_batch_size: Facts per `test` batch. Each batch is re-categorised with every
             few-shot set of the probe, one generation batch per set holding one prompt per
             fact, so a batch of at least the probe's `batch_size` facts fills them (with the
-            training batch size of 8, the bench world's test took 151 s instead of ~90 s).
+            greedy loop of `inference.greedy_decode`, a bench-world cell's test took 138 s
+            against 170 s with batches of 8 and `generate`).
         max_length: Longest conversation in tokens; a longer one is an error, never truncated.
         num_workers: DataLoader worker processes.
         packing: Concatenate each batch's conversations into one row without padding

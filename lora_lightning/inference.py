@@ -214,11 +214,11 @@ def greedy_decode(
     What `generate(do_sample=False)` computes, in a loop that drops the rows that have ended
     from the batch (their KV cache rows too) instead of carrying them as padding until the
     longest row ends: fact answers are a few tokens, but one row that never stops kept the
-    whole batch running, and on a small model the per-step cost is mostly fixed overhead that
-    `generate` adds (logits processors, stopping criteria, a new mask per step). Only the last
-    position's logits are computed. `cache` is `prefix_cache(model, batch)` when the batch has
-    a shared prefix (its rows' own tokens are then read after it), else None. Run it inside
-    `evaluating(model)`.
+    whole batch running. None of `generate`'s per-step machinery (logits processors, stopping
+    criteria) runs, which on the bench world's base was worth 1.24x at 8 rows a batch and
+    1.08x at 64. Only the last position's logits are computed. `cache` is
+    `prefix_cache(model, batch)` when the batch has a shared prefix (its rows' own tokens are
+    then read after it), else None. Run it inside `evaluating(model)`.
     """
     keyword = _cache_keyword(model)
     kv = (cache or {}).get(keyword)
