@@ -1,16 +1,19 @@
-"""Time one LoRA linear: frozen base GEMMs alone, our Triton path, our torch path, PEFT's layer.
+"""Time one LoRA linear: frozen base GEMMs alone, our Triton paths, our torch path, PEFT's layer.
 
 All rows run in one process on the same inputs, so the ratios are side by side:
 
     python benchmarks/bench_lora.py                      # GPU if present, else CPU shapes
     python benchmarks/bench_lora.py --device cpu --out benchmarks/cpu.json
-    python benchmarks/bench_lora.py --shapes 8192x4096x4096x16 --dtype bf16
+    python benchmarks/bench_lora.py --shapes 8192x4096x4096x16 --dtype bf16 --profile
 
 A shape is TOKENSxINxOUTxRANK. Modes: ``fwd`` (forward with autograd recording, as in
 training), ``bwd`` (backward alone, replayed on a retained graph) and ``fwd+bwd``. The base row
 is ``F.linear(x, W)`` with x requiring grad and W frozen: forward GEMM plus the dx GEMM, the
 floor any LoRA layer pays. Ratios: ``x base`` = row / base (docs/kernels.md target <= 1.08 on a
 GPU), ``PEFT speed-up`` = PEFT / row (target >= 1.4 on a GPU, >= 1.0 for the torch path on a CPU).
+Rows ``triton`` (every GEMM in Triton, the LoRA work fused in) and ``triton-cublas`` (the big
+GEMMs in cuBLAS, the dropout work in Triton) are our two GPU paths. ``--profile`` adds, per row,
+the time of every kernel (GPU) or op (CPU) in one training step, from torch.profiler.
 """
 
 from __future__ import annotations
@@ -111,6 +114,35 @@ def _timer_gpu(
     return out
 
 
+def profile_step(step: Callable[[], None], device: torch.device, steps: int = 5) -> list[dict]:
+    """Where one training step of a row spends its time: every GPU kernel (on CUDA) or every
+    op's own CPU time, per step, largest first, from torch.profiler over `steps` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    step()  # compiled, tuned and cached before anything is recorded
+    activity = ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        for _ in range(steps):
+            step()
+        if on_gpu:
+            torch.cuda.synchronize(device)
+    rows = []
+    for event in prof.key_averages():
+        us = event.self_device_time_total if on_gpu else event.self_cpu_time_total
+        if us > 0:
+            rows.append({"kernel": event.key, "calls": event.count / steps, "us": us / steps})
+    return sorted(rows, key=lambda row: -row["us"])
+
+
+def _print_profile(profile: dict[str, list[dict]], top: int = 12) -> None:
+    for name, kernels_ in profile.items():
+        total = sum(k["us"] for k in kernels_)
+        print(f"\n{name}: {total:.1f} us of self time per step (profiled)")
+        for k in kernels_[:top]:
+            print(f"  {k['us']:>10.1f} us {k['calls']:>5.1f}x  {k['kernel'][:90]}")
+
+
 def _flops(m: int, k: int, n: int, r: int, lora: bool) -> dict[str, float]:
     base_fwd, base_bwd = 2.0 * m * n * k, 2.0 * m * n * k  # y = xW^T ; dx = dy W
     if not lora:
@@ -130,8 +162,10 @@ def _bytes(m: int, k: int, n: int, elem: int) -> dict[str, float]:
 
 def bench_shape(
     m: int, k: int, n: int, r: int, dtype: torch.dtype, device: torch.device, dropout: float,
-    rows: list[str], timer: Timer, warmup: int, repeats: int,
+    rows: list[str], timer: Timer, warmup: int, repeats: int, profile: dict | None = None,
 ) -> list[dict]:  # fmt: skip
+    """Time every row and mode at one shape; with a `profile` dict, also fill it with each
+    row's per-kernel breakdown of a training step (``profile_step``)."""
     alpha = 2.0 * r
     scaling = alpha / r
     x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
@@ -151,6 +185,7 @@ def bench_shape(
     forwards: dict[str, tuple[Callable[[], torch.Tensor], list[torch.Tensor]]] = {
         "base": (lambda: F.linear(x, weight), [x]),
         "triton": (ours("triton"), [x, lora_a, lora_b]),
+        "triton-cublas": (ours("triton-cublas"), [x, lora_a, lora_b]),
         "torch": (ours("torch"), [x, lora_a, lora_b]),
     }
     if peft_model is not None:
@@ -183,6 +218,9 @@ def bench_shape(
         calls[row, "fwd"], calls[row, "bwd"], calls[row, "fwd+bwd"] = fwd, bwd, fwd_bwd
     timings = timer(calls, warmup, repeats)
     del graphs
+    if profile is not None:
+        for row in rows:
+            profile[f"{m}x{k}x{n}x{r} {row}"] = profile_step(calls[row, "fwd+bwd"], device)
     results = []
     for (row, mode), ms in timings.items():
         flops = _flops(m, k, n, r, lora=row != "base")[mode]
@@ -259,7 +297,7 @@ def _machine(device: torch.device) -> dict:
 
 
 def _print_table(results: list[dict]) -> None:
-    header = f"{'shape':>20} {'row':>7} {'mode':>8} {'ms':>10} {'x base':>7} {'PEFT sp.':>8} " \
+    header = f"{'shape':>20} {'row':>13} {'mode':>8} {'ms':>10} {'x base':>7} {'PEFT sp.':>8} " \
              f"{'TFLOP/s':>8} {'%roof':>6}"  # fmt: skip
     print(header)
     print("-" * len(header))
@@ -269,7 +307,7 @@ def _print_table(results: list[dict]) -> None:
 
     for r in results:
         print(
-            f"{r['shape']:>20} {r['row']:>7} {r['mode']:>8} {r['ms']:>10.3f} "
+            f"{r['shape']:>20} {r['row']:>13} {r['mode']:>8} {r['ms']:>10.3f} "
             f"{fmt(r['x_base'], '.3f'):>7} {fmt(r['peft_speedup'], '.3f'):>8} "
             f"{r['tflops']:>8.3f} {fmt(r['roofline_pct'], '.1f'):>6}"
         )
@@ -281,10 +319,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--shapes", nargs="+", help="TOKENSxINxOUTxRANK ...")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default bf16 on GPU, fp32 on CPU")
     parser.add_argument("--dropout", type=float, default=0.1)
-    parser.add_argument("--rows", nargs="+", choices=["base", "triton", "torch", "peft"])
+    parser.add_argument(
+        "--rows", nargs="+", choices=["base", "triton", "triton-cublas", "torch", "peft"]
+    )
     parser.add_argument("--warmup", type=int, default=2, help="CPU timer warm-up calls")
     parser.add_argument("--repeats", type=int, default=9, help="CPU timer: median of this many")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads on the CPU")
+    parser.add_argument("--profile", action="store_true",
+                        help="per-kernel (GPU) or per-op (CPU) times of each row's training step")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
 
@@ -295,10 +337,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")]
-    default_rows = ["base", "triton", "torch", "peft"] if on_gpu else ["base", "torch", "peft"]
-    rows = args.rows or default_rows
-    if "triton" in rows and not on_gpu:
-        parser.error("the triton row needs a CUDA device (the interpreter is not a benchmark)")
+    gpu_rows = ["base", "triton", "triton-cublas", "torch", "peft"]
+    rows = args.rows or (gpu_rows if on_gpu else ["base", "torch", "peft"])
+    if any(row.startswith("triton") for row in rows) and not on_gpu:
+        parser.error("the triton rows need a CUDA device (the interpreter is not a benchmark)")
     shapes = args.shapes or (GPU_SHAPES if on_gpu else CPU_SHAPES)
     timer = _timer_gpu if on_gpu else _timer_cpu
 
@@ -306,18 +348,23 @@ def main(argv: list[str] | None = None) -> dict:
     machine = _machine(device)
     print(json.dumps(machine))
     results: list[dict] = []
+    profile: dict[str, list[dict]] | None = {} if args.profile else None
     for shape in shapes:
         try:
             m, k, n, r = (int(v) for v in shape.lower().split("x"))
         except ValueError:
             parser.error(f"--shapes: {shape!r} is not TOKENSxINxOUTxRANK (e.g. 2048x1024x1024x16)")
         results += bench_shape(
-            m, k, n, r, dtype, device, args.dropout, rows, timer, args.warmup, args.repeats
-        )
+            m, k, n, r, dtype, device, args.dropout, rows, timer, args.warmup, args.repeats,
+            profile,
+        )  # fmt: skip
     if hasattr(os, "getloadavg"):
         machine["loadavg_1_5_15_after"] = os.getloadavg()
     _print_table(results)
     report = {"machine": machine, "rows": rows, "results": results}
+    if profile is not None:
+        _print_profile(profile)
+        report["profile"] = profile
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))

@@ -5,8 +5,10 @@
 #
 # 1. the kernel and layer tests on CUDA (tests/test_kernels.py, tests/test_lora.py with every
 #    tensor the tests make placed on the GPU: the real Triton kernels, no interpreter);
-# 2. bench_lora.py at the design shape (tokens 8192, in = out = 4096, r 16, bf16, dropout 0.1):
-#    base GEMMs vs our Triton kernels vs our torch path vs PEFT's layer;
+# 2. bench_lora.py at the design shape (tokens 8192, in = out = 4096, r 16, bf16, dropout 0.1)
+#    and at 4096 / 2048 / 1024 tokens (where `auto` should switch paths): base GEMMs vs our
+#    fused Triton kernels vs cuBLAS + Triton dropout kernels vs our torch path vs PEFT's layer,
+#    with each row's per-kernel times (--profile);
 # 3. bench_train.py on a random Llama-3.2-1B-shaped model (1.2B parameters, bf16): our `fit`
 #    vs transformers' Trainer + PEFT, training tokens/s.
 #
@@ -57,8 +59,9 @@ EXTRA=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && EXTRA+=(--timeout 90)
 step tests 240 env LORA_LIGHTNING_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider \
     "${EXTRA[@]}" --tb=short -rfE tests/test_kernels.py tests/test_lora.py
-step bench_lora 150 "$PY" benchmarks/bench_lora.py --shapes 8192x4096x4096x16 --dtype bf16 \
-    --dropout 0.1 --out "$OUT_DIR/bench_lora.json"
+step bench_lora 150 "$PY" benchmarks/bench_lora.py --dtype bf16 --dropout 0.1 --profile \
+    --shapes 8192x4096x4096x16 4096x4096x4096x16 2048x4096x4096x16 1024x4096x4096x16 \
+    --out "$OUT_DIR/bench_lora.json"
 step bench_train 150 "$PY" benchmarks/bench_train.py --models llama-1b --device cuda \
     --n_unknown 150 --batch_size 16 --epochs 3 --repeats 1 --out "$OUT_DIR/bench_train.json"
 exit $status

@@ -24,7 +24,9 @@ __all__ = [
     "lora_linear_reference",
 ]
 
-BACKENDS = ("auto", "triton", "torch")
+# "triton": every GEMM in Triton, the LoRA work fused into them; "triton-cublas": the big GEMMs in
+# cuBLAS and only the dropout-masked LoRA work in Triton (same mask, same numbers up to rounding).
+BACKENDS = ("auto", "triton", "triton-cublas", "torch")
 # "auto" runs the Triton kernels on CUDA from this many tokens (rows of x) up. Below it a call is
 # launch-bound: measured on an H200 (benchmarks/RESULTS.md), a 1.2B Llama trained on batches of
 # 16 facts (450-700 tokens) ran 1.56x faster end to end on the torch path (cuBLAS), while at
@@ -39,9 +41,10 @@ def _resolve_backend(backend: str, x: torch.Tensor) -> str:
         tokens = x.numel() // max(x.shape[-1], 1)
         native = x.is_cuda and importlib.util.find_spec("triton") is not None
         return "triton" if native and tokens >= TRITON_MIN_TOKENS else "torch"
-    if backend == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if backend.startswith("triton") and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
-            "lora_linear: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)"
+            f"lora_linear: backend={backend!r} needs CUDA tensors (or TRITON_INTERPRET=1 on the "
+            "CPU)"
         )
     return backend
 
@@ -91,15 +94,17 @@ def lora_linear(
         return lora_linear_torch(x, weight, bias, lora_a, lora_b, scaling, p, seed)
     from kernels.triton_backend import lora_linear_triton
 
-    return lora_linear_triton(x, weight, bias, lora_a, lora_b, scaling, p, seed)
+    cublas = chosen == "triton-cublas"
+    return lora_linear_triton(x, weight, bias, lora_a, lora_b, scaling, p, seed, cublas=cublas)
 
 
 def dropout_mask(
     x: torch.Tensor, dropout_p: float, seed: int, backend: str = "auto"
 ) -> torch.Tensor:
     """The dropout multiplier (0 or 1/(1-p), shape and dtype of x) that ``lora_linear`` applies
-    for ``seed`` on ``backend``. For tests and debugging: replay ``torch.manual_seed`` and call
-    ``draw_dropout_seed()`` to get the seed a ``lora_linear`` call used."""
+    for ``seed`` on ``backend`` (both Triton backends draw the same mask). For tests and
+    debugging: replay ``torch.manual_seed`` and call ``draw_dropout_seed()`` to get the seed a
+    ``lora_linear`` call used."""
     chosen = _resolve_backend(backend, x)
     if chosen == "torch":
         return dropout_scale_mask(tuple(x.shape), dropout_p, seed, x.dtype, x.device)

@@ -7,6 +7,13 @@ backward  3. ``_dy_pass``: dS = s dy B and dB = dy^T S' in one pass over dy.
           4. ``_dx``:     dx = dy W + drop'(dS A), the LoRA term added to the dx accumulator, and,
              from the same x tile and the same regenerated mask, dA += dS^T drop(x).
 
+``backend="triton-cublas"`` keeps the two big GEMMs (y = x W^T, dx = dy W) and the thin products
+that need no mask in cuBLAS (through torch) and runs only the dropout-masked work in Triton:
+``_lora_s`` for S', and ``_masked_grads`` for dx += drop'(dS A) and dA = dS^T drop(x) in one
+read of x, with the same regenerated mask. It trades the fused K-step and epilogues for
+cuBLAS's main loop: on an H200 the fused forward (``_lora_s`` and the GEMM with its LoRA step)
+took 1.37x the base cuBLAS GEMM and the fused backward 1.91x (benchmarks/RESULTS.md).
+
 Dropout is philox (``tl.randint4x``, one call per 8 elements as 16-bit uniforms) keyed by
 (seed, row, column of x), so backward regenerates exactly the forward mask: no mask, no drop(x),
 no fp32 copy of x is stored. Saved for backward: x (as given, no copy when it can be viewed as
@@ -17,6 +24,7 @@ is padded to a power of two >= 16 for ``tl.dot``.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -85,6 +93,25 @@ def _thin_configs(reduce_name: str, interpret: bool = INTERPRET) -> list[triton.
         ]
     ]
     fallback = triton.Config({"BLOCK_M": 16, reduce_name: 32}, num_stages=2, num_warps=4)
+    setattr(fallback, _FALLBACK, True)
+    return [*configs, fallback]
+
+
+def _stream_configs(interpret: bool = INTERPRET) -> list[triton.Config]:
+    """Configs for ``_masked_grads``, a bandwidth-bound sweep over [M, in] in column strips,
+    and a small fallback (`is_fallback`) for fp32 at large ranks."""
+    if interpret:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16})]
+    configs = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_stages=stages, num_warps=warps)
+        for bm, bk, stages, warps in [
+            (64, 128, 3, 4),
+            (128, 128, 2, 8),
+            (64, 256, 2, 8),
+            (32, 128, 3, 4),
+        ]
+    ]
+    fallback = triton.Config({"BLOCK_M": 16, "BLOCK_K": 32}, num_stages=2, num_warps=4)
     setattr(fallback, _FALLBACK, True)
     return [*configs, fallback]
 
@@ -164,6 +191,40 @@ def prune_configs(reduce_name: str, out_name: str | None = None, resident: str |
         return tuned or fitting or [min(configs, key=size)]
 
     return prune
+
+
+def stream_shared_memory_bytes(config: triton.Config, block_r: int, element_size: int) -> int:
+    """The shared memory of a ``_masked_grads`` config on sm_90, from compiling every config
+    at ranks 16 and 256 for H100 (a test holds it to the compiler).
+
+    fp32, exact: the row loop pipelines `num_stages - 1` copies of the [M, r] dS and [M, K] x
+    tiles, beside one more x tile and A's [r, K]. 16-bit dtypes: the larger of one step's
+    tiles (x, A, dS) and dA's [r, K] accumulator, in fp32, on its way to the atomic add: at
+    most 1 KB below the compiler's figure, up to 40 KB above it, and the two agree on which
+    configs fit in 227 KB.
+    """
+    bm, bk = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_K"]
+    if element_size >= 4:
+        stages = config.num_stages - 1
+        return (stages * (bm * bk + bm * block_r) + bm * bk + block_r * bk) * element_size
+    return max((bm * bk + block_r * bk + bm * block_r) * element_size, 4 * block_r * bk)
+
+
+def prune_stream_configs(configs, named_args, **kwargs):
+    """`prune_configs` for ``_masked_grads``: what fits, the fallback alone for fp32 at large
+    ranks."""
+    block_r = int(kwargs.get("BLOCK_R", named_args.get("BLOCK_R", 16)))
+    tensor = next(v for v in named_args.values() if isinstance(v, torch.Tensor))
+    limit = _shared_memory_limit(tensor.device)
+    size = tensor.element_size()
+    fitting = [c for c in configs if stream_shared_memory_bytes(c, block_r, size) <= limit]
+    tuned = [c for c in fitting if not is_fallback(c)]
+    fallback = [c for c in fitting if is_fallback(c)]
+    if fallback and size >= 4 and block_r >= _LARGE_RANK:
+        return fallback
+    return tuned or fitting or [
+        min(configs, key=lambda c: stream_shared_memory_bytes(c, block_r, size))
+    ]
 
 
 @triton.jit
@@ -386,6 +447,55 @@ def _dx_kernel(
         )
 
 
+@triton.autotune(
+    configs=_stream_configs(), key=["M_BUCKET", "K", "BLOCK_R", "NEED_DX", "NEED_DA"],
+    reset_to_zero=["da_ptr"],
+    prune_configs_by={"early_config_prune": prune_stream_configs},
+)
+@triton.jit
+def _masked_grads_kernel(
+    ds_ptr, a_ptr, x_ptr, dx_ptr, da_ptr,
+    M, K, R, M_BUCKET,
+    stride_dsm, stride_dsr, stride_ar, stride_ak, stride_xm, stride_xk,
+    stride_dxm, stride_dxk, stride_dar, stride_dak,
+    threshold, seed, inv_keep,
+    NEED_DX: tl.constexpr, NEED_DA: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """dx[:, strip] += drop'(dS A)[:, strip] (dx already holds cuBLAS's dy W) and
+    dA[:, strip] += dS^T drop(x)[:, strip], for one column strip of x and every
+    `num_programs(1)`-th row tile: the strip's dA stays in registers across its row tiles, so
+    there is one atomic add per program and strip, not per tile."""
+    pid_k = tl.program_id(0)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rr = tl.arange(0, BLOCK_R)
+    a = _load_tile(a_ptr, rr, rk, stride_ar, stride_ak, R, K)
+    da = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for tile in range(tl.program_id(1), tl.cdiv(M, BLOCK_M), tl.num_programs(1)):
+        rm = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        tile_mask = (rm[:, None] < M) & (rk[None, :] < K)
+        ds = _load_tile(ds_ptr, rm, rr, stride_dsm, stride_dsr, M, R)
+        keep = _keep(seed, rm, pid_k * BLOCK_K, K, threshold, BLOCK_M, BLOCK_K)
+        if NEED_DX:
+            lora = _mma(ds, a, tl.zeros((BLOCK_M, BLOCK_K), tl.float32), PRECISION)
+            dx_ptrs = dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk
+            dx = tl.load(dx_ptrs, mask=tile_mask, other=0.0).to(tl.float32)
+            dx += tl.where(keep, lora * inv_keep, 0.0)
+            tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=tile_mask)
+        if NEED_DA:
+            x = tl.load(
+                x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                mask=tile_mask, other=0.0,
+            )
+            da = _mma(tl.trans(ds), tl.where(keep, x, tl.zeros_like(x)), da, PRECISION)
+    if NEED_DA:
+        tl.atomic_add(
+            da_ptr + rr[:, None] * stride_dar + rk[None, :] * stride_dak,
+            da * inv_keep,
+            mask=(rr[:, None] < R) & (rk[None, :] < K),
+        )
+
+
 def _block_r(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
@@ -441,7 +551,12 @@ def _forward(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
     return y, s
 
 
-def _backward(dy2, x2, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need_dx, need_da):
+def _backward(
+    dy2, x2, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need_dx, need_da, need_db
+):
+    """dS and dB in one pass over dy (``_dy_pass``; dB is always computed there), then the dx
+    GEMM with the LoRA term and dA (``_dx``)."""
+    del need_db
     m, k = x2.shape
     n, r = weight.shape[0], lora_a.shape[0]
     block_r = _block_r(r)
@@ -477,6 +592,88 @@ def _backward(dy2, x2, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need
     return dx, d_a, d_b
 
 
+@functools.lru_cache(maxsize=16)
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 2 elsewhere (the interpreter), so the tests
+    run strips split across programs that each take several row tiles."""
+    if device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _forward_cublas(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
+    """y = x W^T (+ b) in cuBLAS, then y += S' B^T; S' = s drop(x) A^T from ``_lora_s``."""
+    m, k = x2.shape
+    r = lora_a.shape[0]
+    s = torch.empty((m, r), device=x2.device, dtype=x2.dtype)
+    _lora_s_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](
+        x2, lora_a, s,
+        m, k, r, _m_bucket(m),
+        x2.stride(0), x2.stride(1), lora_a.stride(0), lora_a.stride(1), s.stride(0), s.stride(1),
+        scaling * dropout_keep_factor(dropout_p), dropout_threshold(dropout_p), seed,
+        HAS_DROPOUT=dropout_p > 0.0, PRECISION=_precision(x2.dtype), BLOCK_R=_block_r(r),
+    )  # fmt: skip
+    y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
+    y.addmm_(s, lora_b.t())
+    return y, s
+
+
+def _backward_cublas(
+    dy2, x2, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need_dx, need_da, need_db
+):
+    """dS, dB, dx = dy W in cuBLAS; with dropout, one ``_masked_grads`` sweep adds the masked
+    LoRA term into dx and computes dA (without, two more cuBLAS calls do)."""
+    m, k = x2.shape
+    r = lora_a.shape[0]
+    # one rounding of s * (dy B) in x's dtype, as the fused kernels store it
+    d_s = torch.addmm(s, dy2, lora_b, beta=0, alpha=scaling)
+    d_b = dy2.t() @ s if need_db else None
+    dx = dy2 @ weight if need_dx else None
+    d_a = None
+    if dropout_p == 0.0:
+        if need_dx:
+            dx.addmm_(d_s, lora_a)
+        if need_da:
+            d_a = d_s.t() @ x2
+    elif need_dx or need_da:
+        d_a = torch.zeros((r, k), device=x2.device, dtype=torch.float32)
+        sms = _sm_count(x2.device)
+
+        def grid(meta):
+            # two programs per SM: enough warps in flight for a bandwidth-bound sweep
+            strips, tiles = triton.cdiv(k, meta["BLOCK_K"]), triton.cdiv(m, meta["BLOCK_M"])
+            return strips, max(1, min(tiles, triton.cdiv(2 * sms, strips)))
+
+        _masked_grads_kernel[grid](
+            d_s, lora_a, x2, dx if need_dx else d_s, d_a,
+            m, k, r, _m_bucket(m),
+            d_s.stride(0), d_s.stride(1), lora_a.stride(0), lora_a.stride(1),
+            x2.stride(0), x2.stride(1), *(dx.stride() if need_dx else (0, 0)),
+            d_a.stride(0), d_a.stride(1),
+            dropout_threshold(dropout_p), seed, dropout_keep_factor(dropout_p),
+            NEED_DX=need_dx, NEED_DA=need_da, PRECISION=_precision(x2.dtype),
+            BLOCK_R=_block_r(r),
+        )  # fmt: skip
+        if not need_da:
+            d_a = None
+    return dx, d_a, d_b
+
+
+def _gradients(ctx, dy, backward):
+    """The autograd outputs of either Triton Function from its `backward` (the fused kernels'
+    or the cuBLAS one's): x's gradient in x's shape, the adapters' in their dtypes."""
+    x2, weight, lora_a, lora_b, s = ctx.saved_tensors
+    need_dx, _, _, need_da, need_db = ctx.needs_input_grad[:5]
+    dx, d_a, d_b = backward(
+        dy.reshape(-1, dy.shape[-1]), x2, weight, lora_a, lora_b, s, ctx.scaling,
+        ctx.dropout_p, ctx.seed, need_dx, need_da, need_db,
+    )  # fmt: skip
+    grad_x = dx.view(ctx.x_shape) if need_dx else None
+    grad_a = d_a.to(lora_a.dtype) if need_da else None
+    grad_b = d_b.to(lora_b.dtype) if need_db else None
+    return grad_x, None, None, grad_a, grad_b, None, None, None
+
+
 class _LoRALinearTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
@@ -486,17 +683,19 @@ class _LoRALinearTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, lora_a, lora_b, s = ctx.saved_tensors
-        need_dx, _, _, need_da, need_db = ctx.needs_input_grad[:5]
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        dx, d_a, d_b = _backward(
-            dy2, x2, weight, lora_a, lora_b, s, ctx.scaling, ctx.dropout_p, ctx.seed,
-            need_dx, need_da,
-        )  # fmt: skip
-        grad_x = dx.view(ctx.x_shape) if need_dx else None
-        grad_a = d_a.to(lora_a.dtype) if need_da else None
-        grad_b = d_b.to(lora_b.dtype) if need_db else None
-        return grad_x, None, None, grad_a, grad_b, None, None, None
+        return _gradients(ctx, dy, _backward)
+
+
+class _LoRALinearTritonCublas(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
+        return forward_and_save(
+            ctx, _forward_cublas, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed
+        )
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _gradients(ctx, dy, _backward_cublas)
 
 
 def lora_linear_triton(
@@ -508,13 +707,16 @@ def lora_linear_triton(
     scaling: float,
     dropout_p: float,
     seed: int,
+    cublas: bool = False,
 ) -> torch.Tensor:
-    """Fused Triton LoRA linear with an explicit dropout seed (``dropout_p`` already zero when
-    not training). Arguments are assumed validated and in one dtype."""
+    """Triton LoRA linear with an explicit dropout seed (``dropout_p`` already zero when not
+    training): the fused kernels, or with ``cublas`` the base GEMMs in cuBLAS and the masked
+    work in Triton. Arguments are assumed validated and in one dtype."""
     _check(x, weight.numel(), x.numel() // max(x.shape[-1], 1) * weight.shape[0])
-    return run_fused(
-        _LoRALinearTriton, _forward, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed
+    function, forward = (
+        (_LoRALinearTritonCublas, _forward_cublas) if cublas else (_LoRALinearTriton, _forward)
     )
+    return run_fused(function, forward, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
 
 
 @triton.jit

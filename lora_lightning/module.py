@@ -65,7 +65,9 @@ class LoRAKnowledgeModule(L.LightningModule):
             module-name suffixes (paper: gate/up/down projections), a regular expression matched
             against full module names (`.*mlp[.](gate|up)_proj`), or `all-linear` (every linear
             layer but `lm_head`).
-        backend: Kernel backend of every LoRA linear: "auto" (Triton on CUDA), "triton", "torch".
+        backend: Kernel backend of every LoRA linear: "auto" (Triton on CUDA from 2048 tokens a
+            call), "triton" (fused Triton GEMMs), "triton-cublas" (cuBLAS GEMMs, the dropout
+            work in Triton), "torch".
         lr: AdamW learning rate (paper: 1e-3), decayed linearly to zero.
         weight_decay: AdamW weight decay.
         warmup_steps: Linear warm-up steps before the decay (paper: 0).
@@ -87,7 +89,7 @@ class LoRAKnowledgeModule(L.LightningModule):
         lora_dropout: float = 0.1,
         use_rslora: bool = True,
         target_modules: str | tuple[str, ...] = PAPER_TARGETS,
-        backend: Literal["auto", "triton", "torch"] = "auto",
+        backend: Literal["auto", "triton", "triton-cublas", "torch"] = "auto",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
