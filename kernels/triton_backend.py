@@ -449,7 +449,7 @@ def _dx_kernel(
 
 @triton.autotune(
     configs=_stream_configs(), key=["M_BUCKET", "K", "BLOCK_R", "NEED_DX", "NEED_DA"],
-    reset_to_zero=["da_ptr"],
+    reset_to_zero=["da_ptr"], restore_value=["dx_ptr"],  # tuning trials add into both
     prune_configs_by={"early_config_prune": prune_stream_configs},
 )
 @triton.jit

@@ -180,6 +180,40 @@ def test_both_triton_backends_train_alike(dtype):
         assert _rel(split, fused.double()) < REL_TOL[dtype], name
 
 
+@pytest.mark.parametrize("backend", ["triton", "triton-cublas"])
+def test_autotune_trials_leave_no_trace_in_the_gradients(backend, monkeypatch):
+    """On a GPU the first call of each shape runs every config on the real arguments. Kernels
+    that add into a tensor (dA and dB by atomics, dx in place) must zero or restore it between
+    trials, or that step's gradients come out several times too large. Simulated under the
+    interpreter: every kernel gets two configs and a timer that just runs them."""
+    triton = pytest.importorskip("triton")
+    from kernels import triton_backend as tb
+
+    def run_once(kernel_call, quantiles=None, **_):
+        kernel_call()
+        return [1.0, 1.0, 1.0]
+
+    for name in ("_lora_s_kernel", "_fwd_kernel", "_dy_pass_kernel", "_dx_kernel",
+                 "_masked_grads_kernel"):  # fmt: skip
+        tuner = getattr(tb, name)
+        first = tuner.configs[0]
+        second = triton.Config({**first.kwargs, "BLOCK_M": 2 * first.kwargs["BLOCK_M"]})
+        clone = triton.autotune(
+            configs=[first, second], key=tuner.keys, reset_to_zero=tuner.reset_to_zero,
+            restore_value=tuner.restore_value, do_bench=run_once,
+        )(tuner.fn)  # fmt: skip
+        monkeypatch.setattr(tb, name, clone)
+    x, w, b, a, bb, s = _problem((37, 24), 20, 4, torch.float32)
+    rng_state = torch.get_rng_state()
+    y = kernels.lora_linear(x, w, b, a, bb, s, dropout_p=0.3, backend=backend)
+    torch.set_rng_state(rng_state)
+    mask = kernels.dropout_mask(x.detach(), 0.3, kernels.draw_dropout_seed(), backend=backend)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, a, bb), dy)
+    y_ref, grads_ref = _reference64(x, w, b, a, bb, s, dy, mask=mask)
+    _assert_matches(y, grads, y_ref, grads_ref, torch.float32)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_keep_rate_and_independence(backend, p):
