@@ -10,8 +10,8 @@
 #    fused Triton kernels vs cuBLAS + Triton dropout kernels vs our torch path vs PEFT's layer,
 #    with each row's per-kernel times (--profile);
 # 3. bench_train.py on a random Llama-3.2-1B-shaped model (1.2B parameters, bf16): our `fit`
-#    (`auto`: the torch path at these 450-700-token batches, and the triton-cublas backend) vs
-#    transformers' Trainer + PEFT, training tokens/s.
+#    (`auto`: the torch path at these 450-700-token batches; packed batches, and padded ones)
+#    vs transformers' Trainer + PEFT, training tokens/s.
 #
 # Each step has its own time limit and a failing step does not stop the next; logs, JSON and
 # the tables (in benchmarks/RESULTS.md format) land in OUT_DIR. Needs torch, triton,
@@ -58,12 +58,12 @@ EOF
 EXTRA=()
 "$PY" -c "import xdist" 2>/dev/null && EXTRA+=(-n 8 -p no:benchmark)
 "$PY" -c "import pytest_timeout" 2>/dev/null && EXTRA+=(--timeout 90)
-step tests 180 env LORA_LIGHTNING_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider \
+step tests 200 env LORA_LIGHTNING_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider \
     "${EXTRA[@]}" --tb=short -rfE tests/test_kernels.py tests/test_lora.py
-step bench_lora 150 "$PY" benchmarks/bench_lora.py --dtype bf16 --dropout 0.1 --profile \
+step bench_lora 130 "$PY" benchmarks/bench_lora.py --dtype bf16 --dropout 0.1 --profile \
     --shapes 8192x4096x4096x16 4096x4096x4096x16 2048x4096x4096x16 1024x4096x4096x16 \
     --out "$OUT_DIR/bench_lora.json"
 step bench_train 150 "$PY" benchmarks/bench_train.py --models llama-1b --device cuda \
     --n_unknown 150 --batch_size 16 --epochs 4 --repeats 1 \
-    --variant "triton-cublas=--model.backend=triton-cublas" --out "$OUT_DIR/bench_train.json"
+    --variant "padded=--data.packing=false" --out "$OUT_DIR/bench_train.json"
 exit $status
