@@ -41,9 +41,9 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _UPCAST_DOT = tl.constexpr(INTERPRET)
 
 
-# Small-tile configs carry this attribute: compiled only where no tuned config fits in shared
-# memory or, for fp32 at large ranks, where the tuned ones take minutes to compile
-# (see prune_configs).
+# Small-tile configs carry this attribute: always among the autotuner's candidates (the one
+# that still launches where the tuned tiles run out of shared memory), alone for fp32 at large
+# ranks, where the tuned ones take minutes to compile (see `_candidates`).
 _FALLBACK = "lora_lightning_fallback"
 _LARGE_RANK = 128  # a padded rank from which fp32 calls take the fallback configs
 
@@ -79,8 +79,8 @@ def _gemm_configs(
 
 def _thin_configs(reduce_name: str, interpret: bool = INTERPRET) -> list[triton.Config]:
     """Configs for the rank-wide kernels (S and the dy pass): bandwidth-bound row sweeps, and
-    a small fallback (`is_fallback`) for fp32 at large ranks, where the dy pass needs
-    300-600 KB of shared memory in every other config."""
+    a small fallback (`is_fallback`) for large ranks, where the dy pass needs 262-610 KB of
+    shared memory in every other config (bf16 and fp32 at rank 256)."""
     if interpret:
         return [triton.Config({"BLOCK_M": 16, reduce_name: 16})]
     configs = [
@@ -98,17 +98,18 @@ def _thin_configs(reduce_name: str, interpret: bool = INTERPRET) -> list[triton.
 
 
 def _stream_configs(interpret: bool = INTERPRET) -> list[triton.Config]:
-    """Configs for ``_masked_grads``, a bandwidth-bound sweep over [M, in] in column strips,
-    and a small fallback (`is_fallback`) for fp32 at large ranks."""
+    """Configs for ``_masked_grads``, a bandwidth-bound sweep over [M, in] in column strips
+    (tiles and warps chosen so that none spills registers in bf16 at rank 16, compiled for
+    sm_90), and a small fallback (`is_fallback`)."""
     if interpret:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16})]
     configs = [
         triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_stages=stages, num_warps=warps)
         for bm, bk, stages, warps in [
-            (64, 128, 3, 4),
-            (128, 128, 2, 8),
-            (64, 256, 2, 8),
-            (32, 128, 3, 4),
+            (64, 128, 3, 8),
+            (128, 64, 3, 8),
+            (32, 256, 3, 8),
+            (32, 128, 4, 4),
         ]
     ]
     fallback = triton.Config({"BLOCK_M": 16, "BLOCK_K": 32}, num_stages=2, num_warps=4)
@@ -137,94 +138,104 @@ def _shared_memory_limit(device: torch.device) -> int:
 
 def shared_memory_bytes(
     config: triton.Config, reduce_name: str, out_name: str | None, block_r: int,
-    element_size: int, resident: str | None = None,
+    element_size: int, resident: str | None = None, lora_first: bool = False,
 ) -> int:
-    """A lower bound of the shared memory Triton gives a config of these kernels on sm_90,
-    exact for the fp32 GEMMs and `_lora_s`: measured by compiling every config for H100 with
-    Triton 3.9 (a test holds it to the compiler's figure), so pruning by it never drops a
-    config that fits.
+    """The shared memory a config of these kernels takes on sm_90 in a real call: exact for the
+    GEMMs and fp32 `_lora_s`, a lower bound for the dy pass and 16-bit `_lora_s`. Measured by
+    compiling every config for H100 with Triton 3.9 as the JIT does at an aligned shape
+    (16-byte aligned pointers, sizes divisible by 16, unit strides as constants); a test holds
+    the formula to the compiler. Unaligned shapes are not pipelined and take less.
 
-    fp32 pipelines `num_stages - 1` copies of the operand tiles, [M, reduce] and [reduce, out]
-    (out = the rank for the thin kernels); 16-bit dtypes took one stage's worth (wgmma). A
-    GEMM's LoRA step ([M, r] and [r, out] tiles) reuses that space after the main loop, so it
-    counts only when larger. `resident` is a thin kernel's tile held beside the pipeline: "x"
-    (`_lora_s`' [M, reduce] x tile, fp32 only) or "s" (the dy pass' [M, r] tile).
+    The main loop keeps `num_stages` copies of its operand tiles, [M, reduce] and [reduce, out]
+    (out = the rank in the thin kernels), in 16-bit dtypes and `num_stages - 1` in fp32; the
+    16-bit thin kernels keep the rank-wide operand once. A GEMM's LoRA step, [M, r] and
+    [r, out] tiles, reuses the pipeline's space when it follows the main loop (`_fwd`), and adds
+    to it when it precedes it in 16-bit dtypes (`_dx`: `lora_first`). `resident` is a thin
+    kernel's tile held beside the pipeline: "x" (fp32 `_lora_s`' x tile) or "s" (the dy pass'
+    [M, r] tile).
     """
     bm, red = config.kwargs["BLOCK_M"], config.kwargs[reduce_name]
-    stages = config.num_stages - 1 if element_size >= 4 else 1
-    out = config.kwargs[out_name] if out_name else block_r
-    tiles = stages * (bm * red + red * out)
+    wide = element_size >= 4
+    stages = config.num_stages - 1 if wide else config.num_stages
     if out_name:
-        tiles = max(tiles, bm * block_r + block_r * out)
-    if resident == "x" and element_size >= 4:
-        tiles += bm * red
-    elif resident == "s":
+        out = config.kwargs[out_name]
+        main, lora = stages * (bm * red + red * out), bm * block_r + block_r * out
+        tiles = main + lora if lora_first and not wide else max(main, lora)
+    elif wide:
+        tiles = stages * (bm * red + red * block_r) + (bm * red if resident == "x" else 0)
+    else:
+        tiles = stages * bm * red + red * block_r
+    if resident == "s":
         tiles += bm * block_r
     return tiles * element_size
 
 
-def prune_configs(reduce_name: str, out_name: str | None = None, resident: str | None = None):
-    """An `early_config_prune` for the autotuner: drop the configs whose tiles do not fit in
-    shared memory for this dtype and rank, which Triton would compile only to fail at launch,
-    and the fallback configs while a tuned one fits; the smallest config if none fits.
-
-    fp32 at a padded rank of `_LARGE_RANK` or more takes the fallback configs alone. Its dots
-    are IEEE FMA loops, not tensor-core instructions, and at rank 256 the tuned tiles took
-    26-166 s each to compile for sm_90 (the whole space ran past the CUDA test's 90 s limit
-    on an H200; three of the forward GEMM's five configs need 256-384 KB of the 227 KB there
-    is), the 32-wide fallback tiles 1.5-3.5 s."""
-
-    def prune(configs, named_args, **kwargs):
-        block_r = int(kwargs.get("BLOCK_R", named_args.get("BLOCK_R", 16)))
-        tensor = next(v for v in named_args.values() if isinstance(v, torch.Tensor))
-        limit = _shared_memory_limit(tensor.device)
-
-        def size(config: triton.Config) -> int:
-            return shared_memory_bytes(config, reduce_name, out_name, block_r,
-                                       tensor.element_size(), resident)
-
-        fitting = [c for c in configs if size(c) <= limit]
-        tuned = [c for c in fitting if not is_fallback(c)]
-        fallback = [c for c in fitting if is_fallback(c)]
-        if fallback and tensor.element_size() >= 4 and block_r >= _LARGE_RANK:
-            return fallback
-        return tuned or fitting or [min(configs, key=size)]
-
-    return prune
-
-
 def stream_shared_memory_bytes(config: triton.Config, block_r: int, element_size: int) -> int:
-    """The shared memory of a ``_masked_grads`` config on sm_90, from compiling every config
-    at ranks 16 and 256 for H100 (a test holds it to the compiler).
-
-    fp32, exact: the row loop pipelines `num_stages - 1` copies of the [M, r] dS and [M, K] x
-    tiles, beside one more x tile and A's [r, K]. 16-bit dtypes: the larger of one step's
-    tiles (x, A, dS) and dA's [r, K] accumulator, in fp32, on its way to the atomic add: at
-    most 1 KB below the compiler's figure, up to 40 KB above it, and the two agree on which
-    configs fit in 227 KB.
-    """
+    """`shared_memory_bytes` for ``_masked_grads`` (same measurement): in fp32, exactly
+    `num_stages - 1` copies of the [M, r] dS and [M, K] x tiles beside one more x tile and A's
+    [r, K]; in 16-bit dtypes, at least `num_stages` copies of the x tile and A once."""
     bm, bk = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_K"]
     if element_size >= 4:
         stages = config.num_stages - 1
         return (stages * (bm * bk + bm * block_r) + bm * bk + block_r * bk) * element_size
-    return max((bm * bk + block_r * bk + bm * block_r) * element_size, 4 * block_r * bk)
+    return (config.num_stages * bm * bk + block_r * bk) * element_size
+
+
+def _candidates(
+    configs: list[triton.Config], size, element_size: int, block_r: int, limit: int
+) -> list[triton.Config]:
+    """The configs the autotuner should time: those whose `size` (a lower bound of their
+    shared memory) fits in `limit`, the small fallback always among them; the fallback alone
+    for fp32 at a padded rank of `_LARGE_RANK` or more; the smallest config if none fits.
+
+    The fallback stays because a lower bound can pass a config that then fails at launch
+    (bf16 at rank 256: every tuned dy-pass config needs 262-377 KB of the 227 KB there is),
+    and the autotuner, which times every candidate, skips a config that runs out of resources
+    and keeps the fastest one that ran. fp32 at large ranks takes the fallback alone: its dots
+    are IEEE FMA loops, not tensor-core instructions, and at rank 256 the tuned tiles took
+    26-166 s each to compile for sm_90 (the whole space ran past the CUDA test's 90 s limit on
+    an H200), the 32-wide fallback tiles 1.5-3.5 s."""
+    fitting = [c for c in configs if size(c) <= limit]
+    fallback = [c for c in fitting if is_fallback(c)]
+    if fallback and element_size >= 4 and block_r >= _LARGE_RANK:
+        return fallback
+    return fitting or [min(configs, key=size)]
+
+
+def _pruning_inputs(named_args, kwargs) -> tuple[int, int, int]:
+    """(padded rank, element size, shared memory limit) of an autotuned call."""
+    block_r = int(kwargs.get("BLOCK_R", named_args.get("BLOCK_R", 16)))
+    tensor = next(v for v in named_args.values() if isinstance(v, torch.Tensor))
+    return block_r, tensor.element_size(), _shared_memory_limit(tensor.device)
+
+
+def prune_configs(
+    reduce_name: str, out_name: str | None = None, resident: str | None = None,
+    lora_first: bool = False,
+):  # fmt: skip
+    """An `early_config_prune` for the autotuner: the `_candidates` of a GEMM or thin kernel
+    (arguments as `shared_memory_bytes`')."""
+
+    def prune(configs, named_args, **kwargs):
+        block_r, element_size, limit = _pruning_inputs(named_args, kwargs)
+
+        def size(config: triton.Config) -> int:
+            return shared_memory_bytes(config, reduce_name, out_name, block_r, element_size,
+                                       resident, lora_first)
+
+        return _candidates(configs, size, element_size, block_r, limit)
+
+    return prune
 
 
 def prune_stream_configs(configs, named_args, **kwargs):
-    """`prune_configs` for ``_masked_grads``: what fits, the fallback alone for fp32 at large
-    ranks."""
-    block_r = int(kwargs.get("BLOCK_R", named_args.get("BLOCK_R", 16)))
-    tensor = next(v for v in named_args.values() if isinstance(v, torch.Tensor))
-    limit = _shared_memory_limit(tensor.device)
-    size = tensor.element_size()
-    fitting = [c for c in configs if stream_shared_memory_bytes(c, block_r, size) <= limit]
-    tuned = [c for c in fitting if not is_fallback(c)]
-    fallback = [c for c in fitting if is_fallback(c)]
-    if fallback and size >= 4 and block_r >= _LARGE_RANK:
-        return fallback
-    return tuned or fitting or [
-        min(configs, key=lambda c: stream_shared_memory_bytes(c, block_r, size))
-    ]
+    """The `early_config_prune` of ``_masked_grads``: its `_candidates`."""
+    block_r, element_size, limit = _pruning_inputs(named_args, kwargs)
+
+    def size(config: triton.Config) -> int:
+        return stream_shared_memory_bytes(config, block_r, element_size)
+
+    return _candidates(configs, size, element_size, block_r, limit)
 
 
 @triton.jit
@@ -390,7 +401,7 @@ def _dy_pass_kernel(
     configs=_gemm_configs("BLOCK_N", "BLOCK_K"),
     key=["M_BUCKET", "N", "K", "BLOCK_R", "NEED_DX"],
     reset_to_zero=["da_ptr"],
-    prune_configs_by={"early_config_prune": prune_configs("BLOCK_N", "BLOCK_K")},
+    prune_configs_by={"early_config_prune": prune_configs("BLOCK_N", "BLOCK_K", lora_first=True)},
 )
 @triton.jit
 def _dx_kernel(
@@ -409,29 +420,13 @@ def _dx_kernel(
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     rr = tl.arange(0, BLOCK_R)
     tile_mask = (rm[:, None] < M) & (rk[None, :] < K)
-    if NEED_DX:
-        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        for n0 in range(0, N, BLOCK_N):
-            rn = n0 + tl.arange(0, BLOCK_N)
-            dy = _load_tile(dy_ptr, rm, rn, stride_dym, stride_dyn, M, N)
-            w = _load_tile(w_ptr, rn, rk, stride_wn, stride_wk, N, K)
-            acc = _mma(dy, w, acc, PRECISION)
-    # epilogue: the LoRA term and dA, from state loaded only now to keep registers free above
+    # The LoRA work comes first, while no accumulator is live: dA from the x tile, then the
+    # masked dS A that the main loop's accumulator starts from. Done after the loop (as an
+    # epilogue beside the [M, K] accumulator) it needed two more [M, K] fp32 tiles and spilled
+    # about 1 KB of registers a thread in the large tiles (compiled for sm_90).
     ds = _load_tile(ds_ptr, rm, rr, stride_dsm, stride_dsr, M, R)
     if HAS_DROPOUT:
         keep = _keep(seed, rm, pid_k * BLOCK_K, K, threshold, BLOCK_M, BLOCK_K)
-    if NEED_DX:
-        a = _load_tile(a_ptr, rr, rk, stride_ar, stride_ak, R, K)
-        if HAS_DROPOUT:  # the mask sits on the LoRA branch only, so it needs its own product
-            lora = _mma(ds, a, tl.zeros((BLOCK_M, BLOCK_K), tl.float32), PRECISION)
-            acc += tl.where(keep, lora * inv_keep, 0.0)
-        else:
-            acc = _mma(ds, a, acc, PRECISION)
-        tl.store(
-            dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk,
-            acc.to(dx_ptr.dtype.element_ty),
-            mask=tile_mask,
-        )
     if NEED_DA:
         x = tl.load(
             x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=tile_mask, other=0.0
@@ -439,11 +434,25 @@ def _dx_kernel(
         if HAS_DROPOUT:
             x = tl.where(keep, x, tl.zeros_like(x))
         da = _mma(tl.trans(ds), x, tl.zeros((BLOCK_R, BLOCK_K), tl.float32), PRECISION)
-        da = da * inv_keep
         tl.atomic_add(
             da_ptr + rr[:, None] * stride_dar + rk[None, :] * stride_dak,
-            da,
+            da * inv_keep,
             mask=(rr[:, None] < R) & (rk[None, :] < K),
+        )
+    if NEED_DX:
+        a = _load_tile(a_ptr, rr, rk, stride_ar, stride_ak, R, K)
+        acc = _mma(ds, a, tl.zeros((BLOCK_M, BLOCK_K), tl.float32), PRECISION)
+        if HAS_DROPOUT:  # the mask sits on the LoRA branch only
+            acc = tl.where(keep, acc * inv_keep, 0.0)
+        for n0 in range(0, N, BLOCK_N):
+            rn = n0 + tl.arange(0, BLOCK_N)
+            dy = _load_tile(dy_ptr, rm, rn, stride_dym, stride_dyn, M, N)
+            w = _load_tile(w_ptr, rn, rk, stride_wn, stride_wk, N, K)
+            acc = _mma(dy, w, acc, PRECISION)
+        tl.store(
+            dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk,
+            acc.to(dx_ptr.dtype.element_ty),
+            mask=tile_mask,
         )
 
 
