@@ -4,8 +4,8 @@ forward   1. ``_lora_s``: S' = s * drop(x) A^T  [M, r], a thin GEMM (one read of
           2. ``_fwd``:    y = [x | S'] @ [W | B]^T + b: the LoRA term is one more K-step of the
              base GEMM's accumulator and the bias is added in the epilogue.
 backward  3. ``_dy_pass``: dS = s dy B and dB = dy^T S' in one pass over dy.
-          4. ``_dx``:     dx = dy W + drop'(dS A), the LoRA term added to the dx accumulator, and,
-             from the same x tile and the same regenerated mask, dA += dS^T drop(x).
+          4. ``_dx``:     dx = dy W + drop'(dS A), the accumulator starting from the LoRA term,
+             and, from the same x tile and regenerated mask, dA += dS^T drop(x).
 
 ``backend="triton-cublas"`` keeps the two big GEMMs (y = x W^T, dx = dy W) and the thin products
 that need no mask in cuBLAS (through torch) and runs only the dropout-masked work in Triton:
