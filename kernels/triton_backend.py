@@ -41,10 +41,12 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _UPCAST_DOT = tl.constexpr(INTERPRET)
 
 
-# Small-tile configs carry this attribute: always among the autotuner's candidates (the one
-# that still launches where the tuned tiles run out of shared memory), alone for fp32 at large
-# ranks, where the tuned ones take minutes to compile (see `_candidates`).
-_FALLBACK = "lora_lightning_fallback"
+# The small-tile fallback configs, known by identity: always among the autotuner's candidates
+# (the one that still launches where the tuned tiles run out of shared memory), alone for fp32
+# at large ranks, where the tuned ones take minutes to compile (see `_candidates`). Not an
+# attribute on the Config: Triton's on-disk autotune cache rebuilds a config from its
+# __dict__ as `Config(**d)`, which an unknown key breaks.
+_FALLBACKS: list[triton.Config] = []
 _LARGE_RANK = 128  # a padded rank from which fp32 calls take the fallback configs
 
 
@@ -73,7 +75,7 @@ def _gemm_configs(
     ]
     fallback = triton.Config({"BLOCK_M": 32, out_name: 32, reduce_name: 32, "GROUP_M": 8},
                              num_stages=2, num_warps=4)
-    setattr(fallback, _FALLBACK, True)
+    _FALLBACKS.append(fallback)
     return [*configs, fallback]
 
 
@@ -93,7 +95,7 @@ def _thin_configs(reduce_name: str, interpret: bool = INTERPRET) -> list[triton.
         ]
     ]
     fallback = triton.Config({"BLOCK_M": 16, reduce_name: 32}, num_stages=2, num_warps=4)
-    setattr(fallback, _FALLBACK, True)
+    _FALLBACKS.append(fallback)
     return [*configs, fallback]
 
 
@@ -113,7 +115,7 @@ def _stream_configs(interpret: bool = INTERPRET) -> list[triton.Config]:
         ]
     ]
     fallback = triton.Config({"BLOCK_M": 16, "BLOCK_K": 32}, num_stages=2, num_warps=4)
-    setattr(fallback, _FALLBACK, True)
+    _FALLBACKS.append(fallback)
     return [*configs, fallback]
 
 
@@ -121,8 +123,8 @@ _FALLBACK_SMEM = 232448  # H100/H200: 227 KB of shared memory per program (opt-i
 
 
 def is_fallback(config: triton.Config) -> bool:
-    """Whether `config` is a small-tile fallback (see `prune_configs`)."""
-    return bool(getattr(config, _FALLBACK, False))
+    """Whether `config` is a small-tile fallback (see `_candidates`)."""
+    return any(config is fallback for fallback in _FALLBACKS)
 
 
 def _shared_memory_limit(device: torch.device) -> int:
@@ -520,6 +522,24 @@ def _m_bucket(m: int) -> int:
     return triton.next_power_of_2(max(m, 1))
 
 
+_MAX_OFFSET = 2**31 - 1  # the kernels index with int32 offsets
+
+
+def _extent(t: torch.Tensor) -> int:
+    """One past the largest element offset a kernel computes from `t`'s strides: its numel
+    when contiguous, more for a strided view (a row slice of a wider tensor)."""
+    if t.numel() == 0:
+        return 0
+    steps = zip(t.shape, t.stride(), strict=True)
+    return 1 + sum((size - 1) * abs(stride) for size, stride in steps)
+
+
+def _addressable(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or its contiguous copy when a view's offsets would overflow int32 though its
+    elements alone would not."""
+    return t.contiguous() if _extent(t) > _MAX_OFFSET >= t.numel() else t
+
+
 def _check(x: torch.Tensor, *other_sizes: int) -> None:
     if x.dtype not in _DTYPES:
         raise ValueError(
@@ -527,7 +547,7 @@ def _check(x: torch.Tensor, *other_sizes: int) -> None:
             "use float32, bfloat16 or float16 (or backend='torch')"
         )
     largest = max((x.numel(), *other_sizes))
-    if largest >= 2**31:  # the kernels index with int32 offsets
+    if largest > _MAX_OFFSET:
         raise ValueError(
             f"lora_linear(backend='triton'): a tensor has {largest} elements, more than the "
             "kernels' int32 indexing allows (2**31 - 1); split the batch"
@@ -674,7 +694,7 @@ def _gradients(ctx, dy, backward):
     x2, weight, lora_a, lora_b, s = ctx.saved_tensors
     need_dx, _, _, need_da, need_db = ctx.needs_input_grad[:5]
     dx, d_a, d_b = backward(
-        dy.reshape(-1, dy.shape[-1]), x2, weight, lora_a, lora_b, s, ctx.scaling,
+        _addressable(dy.reshape(-1, dy.shape[-1])), x2, weight, lora_a, lora_b, s, ctx.scaling,
         ctx.dropout_p, ctx.seed, need_dx, need_da, need_db,
     )  # fmt: skip
     grad_x = dx.view(ctx.x_shape) if need_dx else None
@@ -721,6 +741,7 @@ def lora_linear_triton(
     """Triton LoRA linear with an explicit dropout seed (``dropout_p`` already zero when not
     training): the fused kernels, or with ``cublas`` the base GEMMs in cuBLAS and the masked
     work in Triton. Arguments are assumed validated and in one dtype."""
+    x, weight = _addressable(x), _addressable(weight)
     _check(x, weight.numel(), x.numel() // max(x.shape[-1], 1) * weight.shape[0])
     function, forward = (
         (_LoRALinearTritonCublas, _forward_cublas) if cublas else (_LoRALinearTriton, _forward)

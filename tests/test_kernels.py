@@ -463,6 +463,34 @@ def test_bad_arguments_raise_clear_value_errors(overrides, message):
         kernels.lora_linear(**_bad(**overrides))
 
 
+def test_a_strided_view_whose_offsets_overflow_int32_is_copied_first(monkeypatch):
+    """The kernels compute offsets as row * stride in int32, so a row slice of a wider tensor
+    can overflow with fewer than 2**31 elements: such an x is made contiguous (its elements fit)
+    before the kernels see it. Shown with the limit lowered to the view's size."""
+    pytest.importorskip("triton")
+    from kernels import triton_backend as tb
+
+    huge = torch.empty_strided((4, 8), (2**31, 1), device="meta")  # 32 elements, offsets > 2**31
+    assert tb._extent(huge) > tb._MAX_OFFSET >= huge.numel()
+    assert tb._addressable(huge).is_contiguous()
+    assert tb._addressable(torch.empty(4, 8)).is_contiguous()
+
+    wide = torch.randn(13, 48)
+    x = wide[:, :20]  # rows 48 apart: offsets up to 12 * 48 + 19 = 595 for 260 elements
+    _, w, b, a, bb, s = _problem((13, 20), 18, 4, torch.float32)
+    monkeypatch.setattr(tb, "_MAX_OFFSET", 400)  # every tensor fits, the view's offsets not
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = kernels.lora_linear(x, w, b, a, bb, s, backend="triton")
+    assert any(t.shape == x.shape and t.is_contiguous() for t in saved)  # the copy went in
+    assert not any(t.data_ptr() == x.data_ptr() for t in saved)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (a, bb), dy)
+    y_ref, (_, *grads_ref) = _reference64(x, w, b, a, bb, s, dy)
+    for got, want in zip((y, *grads), (y_ref, *grads_ref), strict=True):
+        assert _rel(got, want) < REL_TOL[torch.float32]
+
+
 def test_triton_backend_rejects_float64():
     pytest.importorskip("triton")
     with pytest.raises(ValueError, match="float64"):
@@ -675,6 +703,24 @@ def test_autotune_times_what_fits_and_keeps_the_fallback(dtype, rank, tuned, ker
     assert all(size(c, rank, x.element_size()) <= tb._FALLBACK_SMEM for c in pruned)
     # nothing fits: the smallest config is still compiled rather than none
     assert len(prune(configs, {"x_ptr": x}, BLOCK_R=4096)) == 1
+
+
+def test_every_config_survives_tritons_autotune_disk_cache():
+    """With TRITON_CACHE_AUTOTUNING=1 Triton stores each timed config as the JSON of its
+    __dict__ and reads it back as `Config(**d)`: nothing of ours may ride on a Config (a marker
+    attribute on the fallback would crash the next process to read the cache)."""
+    triton = pytest.importorskip("triton")
+    import json
+
+    from kernels import triton_backend as tb
+
+    for configs in (tb._gemm_configs("BLOCK_K", "BLOCK_N", interpret=False),
+                    tb._thin_configs("BLOCK_N", interpret=False),
+                    tb._stream_configs(interpret=False)):  # fmt: skip
+        assert sum(tb.is_fallback(c) for c in configs) == 1
+        for config in configs:
+            rebuilt = triton.Config(**json.loads(json.dumps(config.__dict__)))
+            assert str(rebuilt) == str(config)
 
 
 def test_mixed_precision_autocast_runs_in_the_autocast_dtype():
