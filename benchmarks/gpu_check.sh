@@ -58,9 +58,9 @@ EOF
 EXTRA=()
 "$PY" -c "import xdist" 2>/dev/null && EXTRA+=(-n 8 -p no:benchmark)
 "$PY" -c "import pytest_timeout" 2>/dev/null && EXTRA+=(--timeout 90)
-step tests 200 env LORA_LIGHTNING_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider \
+step tests 180 env LORA_LIGHTNING_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider \
     "${EXTRA[@]}" --tb=short -rfE tests/test_kernels.py tests/test_lora.py
-step bench_lora 130 "$PY" benchmarks/bench_lora.py --dtype bf16 --dropout 0.1 --profile \
+step bench_lora 150 "$PY" benchmarks/bench_lora.py --dtype bf16 --dropout 0.1 --profile \
     --shapes 8192x4096x4096x16 4096x4096x4096x16 2048x4096x4096x16 1024x4096x4096x16 \
     --out "$OUT_DIR/bench_lora.json"
 step bench_train 150 "$PY" benchmarks/bench_train.py --models llama-1b --device cuda \
