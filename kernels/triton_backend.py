@@ -554,20 +554,26 @@ def _check(x: torch.Tensor, *other_sizes: int) -> None:
         )
 
 
-def _forward(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
+def _lora_s(x2, lora_a, scaling, dropout_p, seed) -> torch.Tensor:
+    """S' = s drop(x) A^T [M, r] (``_lora_s``), the first kernel of both Triton forwards."""
     m, k = x2.shape
-    n, r = weight.shape[0], lora_a.shape[0]
-    block_r = _block_r(r)
-    precision = _precision(x2.dtype)
+    r = lora_a.shape[0]
     s = torch.empty((m, r), device=x2.device, dtype=x2.dtype)
-    y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     _lora_s_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](
         x2, lora_a, s,
         m, k, r, _m_bucket(m),
         x2.stride(0), x2.stride(1), lora_a.stride(0), lora_a.stride(1), s.stride(0), s.stride(1),
         scaling * dropout_keep_factor(dropout_p), dropout_threshold(dropout_p), seed,
-        HAS_DROPOUT=dropout_p > 0.0, PRECISION=precision, BLOCK_R=block_r,
+        HAS_DROPOUT=dropout_p > 0.0, PRECISION=_precision(x2.dtype), BLOCK_R=_block_r(r),
     )  # fmt: skip
+    return s
+
+
+def _forward(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
+    m, k = x2.shape
+    n, r = weight.shape[0], lora_a.shape[0]
+    s = _lora_s(x2, lora_a, scaling, dropout_p, seed)
+    y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     _fwd_kernel[
         lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     ](
@@ -575,7 +581,7 @@ def _forward(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
         m, n, k, r, _m_bucket(m),
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), s.stride(0), s.stride(1),
         lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, PRECISION=precision, BLOCK_R=block_r,
+        HAS_BIAS=bias is not None, PRECISION=_precision(x2.dtype), BLOCK_R=_block_r(r),
     )  # fmt: skip
     return y, s
 
@@ -632,16 +638,7 @@ def _sm_count(device: torch.device) -> int:
 
 def _forward_cublas(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
     """y = x W^T (+ b) in cuBLAS, then y += S' B^T; S' = s drop(x) A^T from ``_lora_s``."""
-    m, k = x2.shape
-    r = lora_a.shape[0]
-    s = torch.empty((m, r), device=x2.device, dtype=x2.dtype)
-    _lora_s_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](
-        x2, lora_a, s,
-        m, k, r, _m_bucket(m),
-        x2.stride(0), x2.stride(1), lora_a.stride(0), lora_a.stride(1), s.stride(0), s.stride(1),
-        scaling * dropout_keep_factor(dropout_p), dropout_threshold(dropout_p), seed,
-        HAS_DROPOUT=dropout_p > 0.0, PRECISION=_precision(x2.dtype), BLOCK_R=_block_r(r),
-    )  # fmt: skip
+    s = _lora_s(x2, lora_a, scaling, dropout_p, seed)
     y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
     y.addmm_(s, lora_b.t())
     return y, s
@@ -654,9 +651,11 @@ def _backward_cublas(
     LoRA term into dx and computes dA (without, two more cuBLAS calls do)."""
     m, k = x2.shape
     r = lora_a.shape[0]
+    d_b = dy2.t() @ s if need_db else None
+    if not (need_dx or need_da):
+        return None, None, d_b
     # one rounding of s * (dy B) in x's dtype, as the fused kernels store it
     d_s = torch.addmm(s, dy2, lora_b, beta=0, alpha=scaling)
-    d_b = dy2.t() @ s if need_db else None
     dx = dy2 @ weight if need_dx else None
     d_a = None
     if dropout_p == 0.0:
@@ -664,7 +663,7 @@ def _backward_cublas(
             dx.addmm_(d_s, lora_a)
         if need_da:
             d_a = d_s.t() @ x2
-    elif need_dx or need_da:
+    else:
         d_a = torch.zeros((r, k), device=x2.device, dtype=torch.float32)
         sms = _sm_count(x2.device)
 
