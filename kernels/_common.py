@@ -115,9 +115,24 @@ def forward_and_save(
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
+def fused_function(
+    name: str, fused_forward: FusedForward, backward: Callable[..., tuple]
+) -> type[torch.autograd.Function]:
+    """A backend's autograd.Function: the forward runs `fused_forward` through
+    `forward_and_save`, the backward is `backward(ctx, dy)`. Backends differ only in those two,
+    so this one definition serves them all; `run_fused` takes `fused_forward` from it."""
+
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
+        return forward_and_save(
+            ctx, fused_forward, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed
+        )
+
+    members = {"forward": forward, "backward": backward, "fused_forward": fused_forward}
+    return type(name, (torch.autograd.Function,), {k: staticmethod(v) for k, v in members.items()})
+
+
 def run_fused(
     function: type[torch.autograd.Function],
-    fused_forward: FusedForward,
     x,
     weight,
     bias,
@@ -127,8 +142,9 @@ def run_fused(
     dropout_p: float,
     seed: int,
 ) -> torch.Tensor:
-    """Through the backend's autograd.Function when a gradient is wanted; otherwise the bare
-    forward, which saves nothing (inference skips the Function's bookkeeping altogether)."""
+    """Through the backend's autograd.Function (from `fused_function`) when a gradient is
+    wanted; otherwise its bare fused forward, which saves nothing (inference skips the
+    Function's bookkeeping altogether)."""
     scaling = float(scaling)
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
@@ -136,5 +152,5 @@ def run_fused(
     if needs_grad:
         return function.apply(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
     return forward_and_save(
-        None, fused_forward, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed
+        None, function.fused_forward, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed
     )

@@ -34,7 +34,7 @@ from kernels._common import (
     DROPOUT_LEVELS,
     dropout_keep_factor,
     dropout_threshold,
-    forward_and_save,
+    fused_function,
     run_fused,
 )
 
@@ -238,39 +238,32 @@ def _forward(
     return (y, s) if packed is None else (y, s, packed)
 
 
-class _LoRALinearTorch(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
-        return forward_and_save(
-            ctx, _forward, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed
-        )
+def _backward(ctx, dy):
+    """dS and dB as one thin GEMM each over dy, the big dx GEMM, then per row block (in L2)
+    the block's masked LoRA term of dx, (dS A) * mask, added onto dx and dA += dS^T (x *
+    mask): x and the mask are read once, and neither the mask nor drop(x) is ever
+    full-size."""
+    x2, weight, lora_a, lora_b, s, *packed = ctx.saved_tensors
+    scaling, dropout_p = ctx.scaling, ctx.dropout_p
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
+    d_s_t = (lora_b.t() @ dy2.t()).mul_(scaling)  # [r, M]: (dL/dS)^T
+    grad_b = (s.t() @ dy2).t().mul_(scaling) if need_b else None
+    grad_x = dy2 @ weight if need_x else None
+    grad_a = None
+    if dropout_p == 0.0:
+        if need_x:
+            grad_x.addmm_(d_s_t.t(), lora_a)
+        if need_a:
+            grad_a = d_s_t @ x2
+    elif need_x or need_a:
+        grad_a = _masked_backward(x2, lora_a, d_s_t, grad_x, packed[0], dropout_p, need_a=need_a)
+    if grad_x is not None:
+        grad_x = grad_x.view(ctx.x_shape)
+    return grad_x, None, None, grad_a, grad_b, None, None, None
 
-    @staticmethod
-    def backward(ctx, dy):
-        """dS and dB as one thin GEMM each over dy, the big dx GEMM, then per row block (in L2)
-        the block's masked LoRA term of dx, (dS A) * mask, added onto dx and dA += dS^T (x *
-        mask): x and the mask are read once, and neither the mask nor drop(x) is ever
-        full-size."""
-        x2, weight, lora_a, lora_b, s, *packed = ctx.saved_tensors
-        scaling, dropout_p = ctx.scaling, ctx.dropout_p
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
-        d_s_t = (lora_b.t() @ dy2.t()).mul_(scaling)  # [r, M]: (dL/dS)^T
-        grad_b = (s.t() @ dy2).t().mul_(scaling) if need_b else None
-        grad_x = dy2 @ weight if need_x else None
-        grad_a = None
-        if dropout_p == 0.0:
-            if need_x:
-                grad_x.addmm_(d_s_t.t(), lora_a)
-            if need_a:
-                grad_a = d_s_t @ x2
-        elif need_x or need_a:
-            grad_a = _masked_backward(
-                x2, lora_a, d_s_t, grad_x, packed[0], dropout_p, need_a=need_a
-            )
-        if grad_x is not None:
-            grad_x = grad_x.view(ctx.x_shape)
-        return grad_x, None, None, grad_a, grad_b, None, None, None
+
+_LoRALinearTorch = fused_function("_LoRALinearTorch", _forward, _backward)
 
 
 def _masked_backward(
@@ -321,6 +314,4 @@ def lora_linear_torch(
 ) -> torch.Tensor:
     """Fused torch LoRA linear with an explicit dropout seed (``dropout_p`` already zero when
     not training). Arguments are assumed validated and in one dtype."""
-    return run_fused(
-        _LoRALinearTorch, _forward, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed
-    )
+    return run_fused(_LoRALinearTorch, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import dropout_keep_factor, dropout_threshold, forward_and_save, run_fused
+from kernels._common import dropout_keep_factor, dropout_threshold, fused_function, run_fused
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -687,43 +687,29 @@ def _backward_cublas(
     return dx, d_a, d_b
 
 
-def _gradients(ctx, dy, backward):
-    """The autograd outputs of either Triton Function from its `backward` (the fused kernels'
-    or the cuBLAS one's): x's gradient in x's shape, the adapters' in their dtypes."""
-    x2, weight, lora_a, lora_b, s = ctx.saved_tensors
-    need_dx, _, _, need_da, need_db = ctx.needs_input_grad[:5]
-    dx, d_a, d_b = backward(
-        _addressable(dy.reshape(-1, dy.shape[-1])), x2, weight, lora_a, lora_b, s, ctx.scaling,
-        ctx.dropout_p, ctx.seed, need_dx, need_da, need_db,
-    )  # fmt: skip
-    grad_x = dx.view(ctx.x_shape) if need_dx else None
-    grad_a = d_a.to(lora_a.dtype) if need_da else None
-    grad_b = d_b.to(lora_b.dtype) if need_db else None
-    return grad_x, None, None, grad_a, grad_b, None, None, None
+def _autograd_backward(backward):
+    """The autograd backward (ctx, dy) of a Triton Function around `backward` (the fused
+    kernels' or the cuBLAS one's): x's gradient in x's shape, the adapters' in their dtypes."""
+
+    def run(ctx, dy):
+        x2, weight, lora_a, lora_b, s = ctx.saved_tensors
+        need_dx, _, _, need_da, need_db = ctx.needs_input_grad[:5]
+        dx, d_a, d_b = backward(
+            _addressable(dy.reshape(-1, dy.shape[-1])), x2, weight, lora_a, lora_b, s,
+            ctx.scaling, ctx.dropout_p, ctx.seed, need_dx, need_da, need_db,
+        )  # fmt: skip
+        grad_x = dx.view(ctx.x_shape) if need_dx else None
+        grad_a = d_a.to(lora_a.dtype) if need_da else None
+        grad_b = d_b.to(lora_b.dtype) if need_db else None
+        return grad_x, None, None, grad_a, grad_b, None, None, None
+
+    return run
 
 
-class _LoRALinearTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
-        return forward_and_save(
-            ctx, _forward, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed
-        )
-
-    @staticmethod
-    def backward(ctx, dy):
-        return _gradients(ctx, dy, _backward)
-
-
-class _LoRALinearTritonCublas(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
-        return forward_and_save(
-            ctx, _forward_cublas, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed
-        )
-
-    @staticmethod
-    def backward(ctx, dy):
-        return _gradients(ctx, dy, _backward_cublas)
+_LoRALinearTriton = fused_function("_LoRALinearTriton", _forward, _autograd_backward(_backward))
+_LoRALinearTritonCublas = fused_function(
+    "_LoRALinearTritonCublas", _forward_cublas, _autograd_backward(_backward_cublas)
+)
 
 
 def lora_linear_triton(
@@ -742,10 +728,8 @@ def lora_linear_triton(
     work in Triton. Arguments are assumed validated and in one dtype."""
     x, weight = _addressable(x), _addressable(weight)
     _check(x, weight.numel(), x.numel() // max(x.shape[-1], 1) * weight.shape[0])
-    function, forward = (
-        (_LoRALinearTritonCublas, _forward_cublas) if cublas else (_LoRALinearTriton, _forward)
-    )
-    return run_fused(function, forward, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+    function = _LoRALinearTritonCublas if cublas else _LoRALinearTriton
+    return run_fused(function, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
 
 
 @triton.jit
