@@ -34,7 +34,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import kernels  # noqa: E402
+import lora_kernels  # noqa: E402
 
 GPU_SHAPES = ["8192x4096x4096x16"]
 CPU_SHAPES = ["2048x1024x1024x16", "1024x2048x2048x16", "2048x1024x1024x64"]
@@ -179,7 +179,7 @@ def bench_shape(
     peft_dtype = str(peft_model.proj.lora_A["default"].weight.dtype) if peft_model else None
 
     def ours(backend: str) -> Callable[[], torch.Tensor]:
-        return lambda: kernels.lora_linear(
+        return lambda: lora_kernels.lora_linear(
             x, weight, None, lora_a, lora_b, scaling, dropout, backend=backend
         )
 

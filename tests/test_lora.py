@@ -162,23 +162,23 @@ def test_the_config_offers_every_kernel_backend():
     backends, so a new backend is selectable from a config the day it lands."""
     import typing
 
-    import kernels
+    import lora_kernels
     from lora_lightning.module import LoRAKnowledgeModule
 
     hints = typing.get_type_hints(LoRAKnowledgeModule.__init__)
-    assert typing.get_args(hints["backend"]) == kernels.BACKENDS
+    assert typing.get_args(hints["backend"]) == lora_kernels.BACKENDS
 
 
 def test_forward_goes_through_the_kernel_dispatch_with_the_layer_settings(monkeypatch):
-    import kernels
+    import lora_kernels
 
     calls = []
 
     def spy(*args):
         calls.append(args)
-        return kernels.lora_linear_reference(*args)
+        return lora_kernels.lora_linear_reference(*args)
 
-    monkeypatch.setattr(kernels, "lora_linear", spy)
+    monkeypatch.setattr(lora_kernels, "lora_linear", spy)
     layer = LoRALinear(nn.Linear(16, 8), rank=2, alpha=6, dropout=0.25, backend="torch")
     inputs = torch.randn(3, 16)
     layer(inputs)

@@ -27,15 +27,6 @@ def test_ci_runs_the_readme_test_command():
     assert test_command in ci_lines
 
 
-def test_transformers_does_not_mistake_our_kernels_for_hf_kernels():
-    from transformers.utils.import_utils import is_kernels_available
-
-    import kernels
-
-    assert kernels.__file__.startswith(str(ROOT))
-    assert is_kernels_available() is False
-
-
 def _imports_of(root: Path, path: Path, package: str) -> set[str]:
     """Every `package` module a file imports, at module level or inside a function."""
     import ast

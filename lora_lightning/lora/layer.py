@@ -1,14 +1,14 @@
 """The LoRA layer, its injection into a model, merging, and running a model without it.
 
-`LoRALinear` wraps a frozen `nn.Linear` and routes its forward through `kernels.lora_linear`, so
-the fused torch/Triton paths serve every wrapped layer.
+`LoRALinear` wraps a frozen `nn.Linear` and routes its forward through
+`lora_kernels.lora_linear`, so the fused torch/Triton paths serve every wrapped layer.
 
 Design choices a user should know about:
 
 * LoRA parameters are kept in fp32 when the base layer is fp16/bf16 (otherwise in the base dtype),
   on the base weight's device. PEFT does the same by default (`autocast_adapter_dtype=True`),
   and it matters here: many AdamW steps of lr 1e-3 on a rank-1 adapter fall below the
-  resolution of bf16. `kernels.lora_linear` casts A and B (r * (in + out) values, negligible)
+  resolution of bf16. `lora_kernels.lora_linear` casts A and B (r * (in + out) values, negligible)
   to x's dtype, so x is never copied to fp32 (PEFT's default does copy it).
 * `merge()` twice (or `unmerge()` when not merged) raises rather than doing nothing: a silent
   no-op would hide a caller that lost track of the state.
@@ -28,7 +28,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-import kernels
+import lora_kernels
 
 __all__ = [
     "ALL_LINEAR",
@@ -108,7 +108,7 @@ class LoRALinear(nn.Module):
         if self.merged:
             return self.base(x)
         # the fp32 adapter goes in as is: lora_linear uses it in x's dtype, gradients stay fp32
-        return kernels.lora_linear(
+        return lora_kernels.lora_linear(
             x,
             self.base.weight,
             self.base.bias,
@@ -125,7 +125,7 @@ class LoRALinear(nn.Module):
         (a rank-r correction, no change to the weight), so the answer never includes it."""
         if not self.merged:
             return self.base(x)
-        return kernels.lora_linear(
+        return lora_kernels.lora_linear(
             x,
             self.base.weight,
             self.base.bias,
@@ -199,8 +199,8 @@ def _check_dropout(dropout: float) -> None:
 
 
 def _check_backend(backend: str) -> None:
-    if backend not in kernels.BACKENDS:
-        raise ValueError(f"backend must be one of {kernels.BACKENDS}, got {backend!r}")
+    if backend not in lora_kernels.BACKENDS:
+        raise ValueError(f"backend must be one of {lora_kernels.BACKENDS}, got {backend!r}")
 
 
 def _check_rank(rank: int, layer: nn.Module, name: str | None = None) -> None:

@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from kernels._common import (
+from lora_kernels._common import (
     DROPOUT_LEVELS,
     dropout_keep_factor,
     dropout_threshold,

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import dropout_keep_factor, dropout_threshold, fused_function, run_fused
+from lora_kernels._common import dropout_keep_factor, dropout_threshold, fused_function, run_fused
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 

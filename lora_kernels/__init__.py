@@ -1,8 +1,8 @@
 """Fused LoRA linear kernels (Triton on CUDA, a fused torch formulation elsewhere).
 
 Independent of Lightning and transformers: only torch, and triton (imported lazily, only when
-the Triton backend is asked for). Deliberately defines no ``__version__``: Hugging Face ships an
-optional package with the import name ``kernels`` and transformers must not take ours for it.
+the Triton backend is asked for). Not called ``kernels``: that import name belongs to Hugging
+Face's hub kernels, which transformers requires since 5.25, and the two would shadow each other.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import os
 
 import torch
 
-from kernels._common import draw_dropout_seed, validate
-from kernels.reference import lora_linear_reference
-from kernels.torch_backend import dropout_scale_mask, lora_linear_torch
+from lora_kernels._common import draw_dropout_seed, validate
+from lora_kernels.reference import lora_linear_reference
+from lora_kernels.torch_backend import dropout_scale_mask, lora_linear_torch
 
 __all__ = [
     "TRITON_MIN_TOKENS",
@@ -92,7 +92,7 @@ def lora_linear(
     seed = draw_dropout_seed() if p > 0.0 else 0
     if chosen == "torch":
         return lora_linear_torch(x, weight, bias, lora_a, lora_b, scaling, p, seed)
-    from kernels.triton_backend import lora_linear_triton
+    from lora_kernels.triton_backend import lora_linear_triton
 
     cublas = chosen == "triton-cublas"
     return lora_linear_triton(x, weight, bias, lora_a, lora_b, scaling, p, seed, cublas=cublas)
@@ -108,6 +108,6 @@ def dropout_mask(
     chosen = _resolve_backend(backend, x)
     if chosen == "torch":
         return dropout_scale_mask(tuple(x.shape), dropout_p, seed, x.dtype, x.device)
-    from kernels.triton_backend import dropout_mask_triton
+    from lora_kernels.triton_backend import dropout_mask_triton
 
     return dropout_mask_triton(x, dropout_p, seed)

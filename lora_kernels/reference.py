@@ -21,7 +21,7 @@ def lora_linear_reference(
 
     Adapters are used in x's dtype, as ``lora_linear`` does. ``backend`` is accepted for
     signature parity and ignored; the dropout draws from torch's own RNG, so compare against a
-    fused backend with dropout only through an explicit mask (see ``kernels.dropout_mask``).
+    fused backend with dropout only through an explicit mask (see ``lora_kernels.dropout_mask``).
     """
     del backend
     base = F.linear(x, weight, bias)
