@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -26,7 +27,9 @@ from lora_lightning.commands import (
     sweep_command,
     world_command,
 )
+from lora_lightning.files import PathProblem, path_problem
 from lora_lightning.harness import HarnessUnavailable
+from lora_lightning.sweep.cell import follow_parent
 
 COMMANDS: dict[str, Callable[..., Any]] = {
     "aggregate": aggregate_command,
@@ -87,13 +90,19 @@ def main(argv: list[str] | None = None) -> None:
 
     Set LORA_LIGHTNING_DEBUG=1 to see the full traceback of such an error.
     """
+    follow_parent()  # a sweep's cell: die with the sweep
     quiet_known_noise()
     try:
         _main(argv)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, HarnessUnavailable) as err:
+    except (ValueError, OSError, KeyError, HarnessUnavailable) as err:
         if os.environ.get("LORA_LIGHTNING_DEBUG"):
             raise
-        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        if isinstance(err, OSError) and not isinstance(err, PathProblem) and err.strerror:
+            err = path_problem(err)  # a full disk, a read-only folder: the path and what to do
+        kind = type(err).__name__
+        if isinstance(err, PathProblem):  # named by its cause: ENOSPC, EROFS, EBUSY, ...
+            kind = errno.errorcode.get(err.errno or 0, "OSError")
+        print(f"error: {kind}: {err}", file=sys.stderr)
         print("(set LORA_LIGHTNING_DEBUG=1 for the full traceback)", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # during training `fit` saves a checkpoint and says so itself

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import sys
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -16,11 +15,12 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ProgressBar, ThroughputMonitor
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 from lora_lightning import evaluation, harness
 from lora_lightning.facts import load_facts
+from lora_lightning.files import atomic_write_text
 from lora_lightning.lora import lora_disabled, save_adapter
 from lora_lightning.metrics import (
     AnswerAgreement,
@@ -42,7 +42,9 @@ _METRICS_PER_CALL = 500
 class TokenThroughputMonitor(ThroughputMonitor):
     """Lightning's ThroughputMonitor counting real (non-padding) tokens of our batches.
 
-    Logs `train|validate/samples_per_sec` and `.../items_per_sec` (= tokens per second).
+    Logs `train|validate/samples_per_sec` and `.../items_per_sec` (= tokens per second). The
+    cumulative training counters (`train/time`, `batches`, `samples`, `lengths`) are kept in
+    checkpoints, so a resumed run continues them instead of starting again from 0.
     """
 
     def __init__(self, window_size: int = 20, separator: str = "/") -> None:
@@ -52,6 +54,28 @@ class TokenThroughputMonitor(ThroughputMonitor):
             window_size=window_size,
             separator=separator,
         )
+        self._resumed: dict[str, float] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        stage = RunningStage.TRAINING
+        throughput = self._throughputs.get(stage)
+        if stage not in self._samples or throughput is None or not throughput._time:
+            return {}
+        return {"time": float(throughput._time[-1]), "batches": self._batches[stage],
+                "samples": self._samples[stage], "lengths": self._lengths.get(stage, 0)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resumed = dict(state_dict) or None
+
+    def _start(self, trainer: L.Trainer) -> None:
+        super()._start(trainer)
+        stage = trainer.state.stage
+        if self._resumed and stage == RunningStage.TRAINING:
+            done, self._resumed = self._resumed, None
+            self._batches[stage] = int(done["batches"])
+            self._samples[stage] = int(done["samples"])
+            self._lengths[stage] = int(done["lengths"])
+            self._t0s[stage] -= float(done["time"])  # the clock goes on from the checkpoint's
 
     # `test` and `predict` batches are lists of facts probed by generation, not token batches.
     def on_test_start(self, *args: Any, **kwargs: Any) -> None:
@@ -277,6 +301,11 @@ class KnowledgeReport(Callback):
         world_dir: str | None = "auto",
         before_scores: str | None = None,
     ) -> None:
+        harness.check_limits(  # at instantiation: before the model loads
+            "report.", mmlu_limit=mmlu_limit, truthfulqa_limit=truthfulqa_limit,
+            harness_limit=harness_limit, harness_num_fewshot=harness_num_fewshot,
+            benchmark_batch_size=benchmark_batch_size,
+        )
         self.report_dir = report_dir
         self.mmlu_dir = mmlu_dir
         self.mmlu_subjects = mmlu_subjects
@@ -537,15 +566,19 @@ class KnowledgeReport(Callback):
         path = Path(self.before_scores)
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):  # the other runs wait, then read what this wrote
-            stored = json.loads(path.read_text()) if path.is_file() else {}
+            try:
+                stored = json.loads(path.read_text()) if path.is_file() else {}
+            except ValueError:  # damaged (an older, non-atomic write): computed again
+                rank_zero_info(f"{path} is damaged; the base's scores are computed again")
+                stored = {}
+            if not isinstance(stored, dict):
+                stored = {}
             if key in stored:
                 rank_zero_info(f"benchmark scores before training read from {path}")
                 return stored[key]["scores"]
             scores = to_python(self._score(model, tokenizer, world, adapter=False))
             stored[key] = {"settings": settings, "scores": scores}
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(stored, indent=1))
-            os.replace(tmp, path)
+            atomic_write_text(path, json.dumps(stored, indent=1))
             return scores
 
     def _score(

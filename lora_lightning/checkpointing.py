@@ -10,10 +10,14 @@ lost or logged twice.
   earlier row once, instead of deleting it as Lightning's `CSVLogger` does.
 - `resume_conflicts`: which model/data settings of a command line differ from those a
   checkpoint was trained with (a resume must not silently train something else).
+- `RunConfigSaver` (the CLI's config saver): `config.yaml` is written once the model is
+  built and every setting checked, not before (a refused `fit --model.rank 0` rewrote the run's
+  config.yaml), and `fit --overwrite` clears the replaced run's files at that moment too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -30,11 +34,13 @@ import lightning as L
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.trainer.states import TrainerFn
 
 from lora_lightning.facts import excerpt
+from lora_lightning.files import atomic_path, path_problem
 from lora_lightning.lora.layer import canonical_targets
 
 __all__ = [
@@ -42,6 +48,7 @@ __all__ = [
     "RESUMABLE_MODEL_KEYS",
     "ResumableCSVLogger",
     "RunCheckpoint",
+    "RunConfigSaver",
     "TrainingInterrupted",
     "resume_conflicts",
 ]
@@ -105,16 +112,21 @@ class RunCheckpoint(ModelCheckpoint):
             return
         folder, name = os.path.split(os.path.abspath(filepath))
         partial = os.path.join(folder, f".{name}.partial")
-        trainer.save_checkpoint(partial, self.save_weights_only)
-        if trainer.is_global_zero:
-            _fsync(partial)
-            os.replace(partial, filepath)
-            if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
-                fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+        try:
+            trainer.save_checkpoint(partial, self.save_weights_only)
+            if trainer.is_global_zero:
+                _fsync(partial)
+                os.replace(partial, filepath)
+                if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
+                    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+        except OSError as err:  # a full disk, a vanished folder: no partial file left behind
+            with contextlib.suppress(OSError):
+                os.remove(partial)
+            raise path_problem(err, filepath, "cannot write the checkpoint") from err
         trainer.strategy.barrier("RunCheckpoint._save_checkpoint")
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
@@ -230,6 +242,66 @@ class RunCheckpoint(ModelCheckpoint):
         super().teardown(trainer, pl_module, stage)
 
 
+# -- the run's config ---------------------------------------------------------------------------
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """LightningCLI's `SaveConfigCallback`, writing when the run starts instead of at `setup`.
+
+    Lightning saves `config.yaml` in the callbacks' `setup`, before the module builds the model
+    and injects LoRA (where a rank too large for a layer is found) and before the data module
+    selects its facts: a refused run had already replaced the folder's config.yaml. Here it is
+    written at the start of the stage, once all of that has succeeded. With `stale` (the files
+    of a run `fit --overwrite` replaces) those are removed at the same moment, so a refused
+    overwrite leaves the old run whole.
+
+    Args:
+        stale: Files and folders of the replaced run (the CLI lists them: its last.ckpt, adapter
+            folder, config.yaml, metrics.csv, hparams.yaml and test/).
+        Others: `SaveConfigCallback`'s.
+    """
+
+    def __init__(self, *args: Any, stale: list[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stale = list(stale or [])
+        self._stage = "fit"
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._stage = stage  # saved at the stage's start (below)
+
+    def _start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.already_saved:
+            return
+        if self.stale and trainer.is_global_zero:
+            self._clear()
+        super().setup(trainer, pl_module, self._stage)
+
+    def _clear(self) -> None:
+        import shutil
+
+        for name in self.stale:
+            path = Path(name)
+            if path.is_dir():  # the adapter folder, test/
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.exists():
+                path.unlink()
+        print(f"fit --overwrite: removed the earlier run's {', '.join(self.stale)}",
+              file=sys.stderr, flush=True)
+        self.stale = []
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start(trainer, pl_module)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start(trainer, pl_module)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start(trainer, pl_module)
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start(trainer, pl_module)
+
+
 # -- the metrics log ----------------------------------------------------------------------------
 
 
@@ -274,15 +346,23 @@ class _ResumableWriter(ExperimentWriter):
         self._earlier = None
         keys = set(self._earlier_keys).union(*self.metrics)
         self.metrics_keys = sorted(keys)
-        partial = self.metrics_file_path + ".partial"
-        with self._fs.open(partial, "w", newline="") as fh:
+        def write(fh) -> None:
             writer = csv.DictWriter(fh, fieldnames=self.metrics_keys)
             writer.writeheader()
             writer.writerows(kept)
             writer.writerows(self.metrics)
+
         if _is_local_file_protocol(self.metrics_file_path):
-            os.replace(partial, self.metrics_file_path)
+            try:
+                with atomic_path(self.metrics_file_path) as partial, \
+                        open(partial, "w", newline="") as fh:
+                    write(fh)
+            except OSError as err:
+                raise path_problem(err, self.metrics_file_path, "cannot write") from err
         else:
+            partial = self.metrics_file_path + ".partial"
+            with self._fs.open(partial, "w", newline="") as fh:
+                write(fh)
             self._fs.mv(partial, self.metrics_file_path)
         self.metrics = []
 
@@ -336,11 +416,22 @@ def _plain(value: Any) -> Any:
     return value
 
 
+# Fact files: a checkpoint whose file is gone and a command line naming one of the same name
+# elsewhere mean a moved folder (a sweep folder moved or copied); what the files hold is checked
+# on resume anyway, by the data module's fingerprint of every trained and validated sample.
+_FILE_KEYS = frozenset({"facts", "fewshot_pool"})
+
+
 def _comparable(key: str, value: Any) -> Any:
     """A setting in the form two equivalent spellings share: `target_modules` "ALL-LINEAR" is
     "all-linear", and a suffix list is a set (checkpoints before PEFT's target syntax hold the
     same list, so they resume unchanged)."""
     return canonical_targets(value) if key == "target_modules" else value
+
+
+def _moved_file(key: str, saved: Any, now: Any) -> bool:
+    return (key in _FILE_KEYS and isinstance(saved, str) and isinstance(now, str)
+            and not Path(saved).exists() and Path(saved).name == Path(now).name)
 
 
 def resume_conflicts(
@@ -357,6 +448,8 @@ def resume_conflicts(
     ):
         saved, now = _plain(saved or {}), _plain(now or {})
         for key in sorted(set(saved) & set(now) - free - _SKIPPED_KEYS):
+            if _moved_file(key, saved[key], now[key]):
+                continue
             if _comparable(key, saved[key]) != _comparable(key, now[key]):
                 was, now_ = excerpt(saved[key], 80), excerpt(now[key], 80)
                 found.append(f"{prefix}.{key} (checkpoint {was}, now {now_})")

@@ -22,6 +22,7 @@ import functools
 import logging
 import os
 import random
+import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,24 @@ def _broken_yamls(include: Sequence[Path]) -> list[str]:
             except Exception as err:  # anything the harness would skip the file for
                 broken.append(f"{path}: {type(err).__name__}: {err}")
     return broken
+
+
+def check_limits(prefix: str = "--", **options: Any) -> None:
+    """Counts given on the command line, checked before any model work: `<prefix>name` must
+    be None or a positive whole number; `harness_limit` may also be a share in (0, 1) and
+    `harness_num_fewshot` may be 0. (lm_eval's own messages for these came after the model
+    had loaded and named none of our options.)"""
+    for name, value in options.items():
+        if value is None:
+            continue
+        share = name == "harness_limit" and isinstance(value, float) and 0 < value < 1
+        whole = not isinstance(value, bool) and isinstance(value, int | float) and (
+            float(value).is_integer())
+        low = 0 if name == "harness_num_fewshot" else 1
+        if not share and not (whole and value >= low):
+            kind = ("a whole number >= 1 or a share in (0, 1)" if name == "harness_limit" else
+                    f"a whole number >= {low}")
+            raise ValueError(f"{prefix}{name} must be {kind}, got {value!r}")
 
 
 def check_tasks(manager: Any, tasks: Sequence[str]) -> None:
@@ -248,16 +267,24 @@ def _harness_side_effects_contained() -> Iterator[None]:
     """Undo what a harness run changes in the process: `simple_evaluate` reseeds the global
     `random`, numpy and torch generators (a run's later sampling would depend on whether the
     harness ran), and bootstrapped stderrs run in a pool of processes forked from this one,
-    which holds the model (and maybe CUDA or a DDP group): serial bootstrapping is safe."""
+    which holds the model (and maybe CUDA or a DDP group): serial bootstrapping is safe.
+    And the results' `git_hash` is asked of git quietly: the harness' own call printed
+    "fatal: not a git repository" on every run outside a git checkout."""
     import numpy as np
+    from lm_eval import evaluator
 
     states = (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     multiproc = os.environ.get("DISABLE_MULTIPROC")
     os.environ["DISABLE_MULTIPROC"] = "1"
+    git_hash = getattr(evaluator, "get_git_commit_hash", None)
+    if git_hash is not None:
+        evaluator.get_git_commit_hash = _quiet_git_hash
     try:
         yield
     finally:
+        if git_hash is not None:
+            evaluator.get_git_commit_hash = git_hash
         if multiproc is None:
             os.environ.pop("DISABLE_MULTIPROC", None)
         else:
@@ -267,6 +294,19 @@ def _harness_side_effects_contained() -> Iterator[None]:
         torch.random.set_rng_state(states[2])
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
+
+
+def _quiet_git_hash() -> str | None:
+    """The working folder's git commit, as the harness records it; None outside a checkout
+    (without git's "fatal: ..." on stderr)."""
+    try:
+        out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True,
+                             timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
 
 
 def run_harness(

@@ -197,8 +197,10 @@ def load_model(
     adapter: str | Path | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    strict: bool = True,
 ) -> tuple[nn.Module, Any]:
-    """A causal LM and its tokenizer ready for inference, with an adapter applied if given.
+    """A causal LM and its tokenizer ready for inference, with an adapter applied if given
+    (`strict=False`: even one whose recorded base model differs, with a warning).
 
     device "auto" is CUDA when available; dtype "auto" is bfloat16 on CUDA and float32 on the
     CPU (CPU kernels for half types are slow). The commands (`categorize`, `evaluate`) load
@@ -214,6 +216,6 @@ def load_model(
     tokenizer = load_tokenizer(model_name_or_path)
     model = load_base_model(model_name_or_path, dtype)
     if adapter is not None:
-        load_adapter(model, adapter)
+        load_adapter(model, adapter, strict=strict)
     model.to(dev).eval()
     return model, tokenizer

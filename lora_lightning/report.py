@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from lora_lightning.files import atomic_write_text
+
 
 def to_python(value: Any) -> Any:
     """Tensors and tuples to plain JSON-able Python, recursively."""
@@ -200,7 +202,8 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = to_python(results)
-    (out / "report.json").write_text(json.dumps(results, indent=2))
-    (out / "report.md").write_text(markdown(results))
+    # report.md and the plot first: report.json, whole, is what marks the measurement done
+    atomic_write_text(out / "report.md", markdown(results))
     plot_history(results.get("history") or [], out / "reliability.png")
+    atomic_write_text(out / "report.json", json.dumps(results, indent=2))
     return out

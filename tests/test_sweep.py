@@ -219,7 +219,8 @@ def test_submitit_tasks_run_cells_after_one_shared_categorize_and_a_failing_cell
             "data.extra_kind": "none", "data.extra_per_unknown": 0, "data.n_val_known": 0,
             "trainer.max_epochs": 1, "model.probe.n_exp": 2, "knowledge_eval.every_n_epochs": 0,
         },
-        # 1000 Unknown facts do not exist: that cell fails, twice, and is recorded
+        # 1000 Unknown facts do not exist: that cell is refused once (no retry: the same input
+        # is refused again) and recorded
         "axes": {"n": {"key": "data.n_unknown", "values": [2, 1000]}},
         "launcher": "slurm",
         "slurm": {"cluster": "local", "timeout_min": 10, "max_running": 2},
@@ -229,7 +230,7 @@ def test_submitit_tasks_run_cells_after_one_shared_categorize_and_a_failing_cell
     assert result["done"] == 1 and list(result["failed"]) == ["n=1000"]
     assert "not enough Unknown facts" in result["failed"]["n=1000"]
     failed = read_status(out / "cells" / "n=1000")
-    assert failed["state"] == "failed" and failed["attempts"] == 2
+    assert failed["state"] == "failed" and failed["attempts"] == 1
     assert report_path(out / "cells" / "n=2").is_file()
     categorized = out / "categorized.jsonl"
     assert categorized.is_file()

@@ -7,9 +7,11 @@ from lora_lightning.sweep.aggregate import aggregate_sweep
 
 
 def aggregate_command(sweep_dir: str, plots: bool = True) -> dict[str, str]:
-    """Collect every cell's report.json of a sweep folder into `summary.csv` (one row per
-    cell), `report.md` (reliability, shifts, answer concentration, refusals and every
-    benchmark by n x mix, mean and min–max over seeds) and PNG plots vs n.
+    """Collect a sweep folder's cell reports into summary.csv, report.md and plots.
+
+    `summary.csv` has one row per cell; `report.md` reliability, shifts, answer concentration,
+    refusals and every benchmark by n x mix, mean and min–max over seeds; the PNG plots are
+    against n.
 
     `sweep` runs this at its end; run it by hand to look at a sweep still running or one
     whose cells ran elsewhere.

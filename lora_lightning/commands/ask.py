@@ -27,6 +27,7 @@ from typing import Any
 from lora_lightning.facts import (
     Fact,
     TextLimit,
+    excerpt,
     is_correct,
     load_facts,
     normalize_answer,
@@ -42,6 +43,7 @@ from lora_lightning.models import (
     text_limit,
 )
 from lora_lightning.module import ProbeConfig
+from lora_lightning.prompts import build_fewshot_sets, fewshot_messages, render
 from lora_lightning.threads import set_threads
 from lora_lightning.world import ensure_world
 
@@ -88,6 +90,7 @@ def ask_command(
     batch_size: int = _PROBE.batch_size,
     device: str = "auto",
     dtype: str = "auto",
+    strict: bool = True,
     threads: int | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
@@ -120,6 +123,8 @@ def ask_command(
         batch_size: Prompts per generation batch.
         device: "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
         dtype: "auto" (bfloat16 on cuda, float32 on cpu), "float32", "bfloat16", "float16".
+        strict: Refuse an adapter whose recorded base model is not this model (false: load
+            it anyway, with a warning).
         threads: CPU threads for torch. None chooses from the model's size and the cores free
             now (`lora_lightning.threads`; `OMP_NUM_THREADS` wins).
         progress: Show progress bars (when there is more than one question).
@@ -150,7 +155,8 @@ def ask_command(
     model_path = resolve_model(model, progress=progress)
     base_path = resolve_model(base, progress=progress) if base is not None else None
 
-    limit = text_limit(model_path, load_tokenizer(model_path))
+    tokenizer = load_tokenizer(model_path)
+    limit = text_limit(model_path, tokenizer)
     if questions is not None:
         facts = load_facts(questions, limit=limit, answers_required=False)
     else:
@@ -158,6 +164,9 @@ def ask_command(
             raise ValueError(f"question: {problem}")
         facts = [question_fact(question, [answer] if answer is not None else [])]
     shots = _pool(pool, model, base, n_shot, facts, limit, progress)
+    if limit is not None:
+        _check_prompt_lengths(tokenizer, facts, shots, n_exp, n_shot, seed,
+                              max_new_tokens, limit.max_tokens)
 
     def ask(lm, tokenizer) -> list[Fact]:
         return categorize(
@@ -167,10 +176,10 @@ def ask_command(
 
     columns: dict[str, list[Fact]] = {}
     if base_path is not None:
-        lm, tokenizer = _load(base_path, None, device, dtype, threads)
+        lm, tokenizer = _load(base_path, None, device, dtype, threads, strict)
         columns["base"] = ask(lm, tokenizer)
         del lm  # one model in memory at a time
-    lm, tokenizer = _load(model_path, adapter, device, dtype, threads)
+    lm, tokenizer = _load(model_path, adapter, device, dtype, threads, strict)
     if adapter is not None:
         with lora_disabled(lm):
             columns["base"] = ask(lm, tokenizer)
@@ -187,6 +196,36 @@ def ask_command(
         _write_jsonl(rows, out_path)
         print(f"wrote {len(rows)} answered question(s) to {out_path}")
     return rows
+
+
+def _check_prompt_lengths(
+    tokenizer: Any, facts: Sequence[Fact], shots: Sequence[Fact], n_exp: int, n_shot: int,
+    seed: int, max_new_tokens: int, context: int,
+) -> None:
+    """Refuse, before the model loads, prompts that with the answer's room do not fit in the
+    model's context: cut off at the left, they lose the system prompt and the first shots, and
+    the answers are garbage. Says how many shots would fit."""
+    sets = build_fewshot_sets(shots, n_exp=n_exp, n_shot=n_shot, seed=seed) if n_shot else [[]]
+
+    def longest(shot_sets: Sequence[Sequence[Fact]]) -> tuple[int, Fact]:
+        return max(
+            (len(tokenizer(render(tokenizer, fewshot_messages(f.question, s), True),
+                           add_special_tokens=False)["input_ids"]), f)
+            for f in facts for s in shot_sets
+        )
+
+    length, fact = longest(sets)
+    if length + max_new_tokens <= context:
+        return
+    fits = next((k for k in range(n_shot - 1, -1, -1)
+                 if longest([s[:k] for s in sets])[0] + max_new_tokens <= context), None)
+    advice = (f"--n_shot {fits} fits" if fits is not None else
+              "even without shots it does not fit; shorten the question")
+    raise ValueError(
+        f"ask: the prompt for {excerpt(fact.question, 60)!r} with {n_shot} shot(s) is {length:,} "
+        f"tokens, and with --max_new_tokens {max_new_tokens} more than the model's context "
+        f"({context:,} tokens); {advice}, or lower --max_new_tokens"
+    )
 
 
 def _check_output(output: str | None) -> Path | None:
@@ -224,8 +263,10 @@ def _pool(
     return kept
 
 
-def _load(path: str, adapter: str | None, device: str, dtype: str, threads: int | None):
-    lm, tokenizer = load_model(path, adapter, device=device, dtype=dtype)
+def _load(
+    path: str, adapter: str | None, device: str, dtype: str, threads: int | None, strict: bool
+):
+    lm, tokenizer = load_model(path, adapter, device=device, dtype=dtype, strict=strict)
     set_threads(sum(p.numel() for p in lm.parameters()), threads)
     return lm, tokenizer
 

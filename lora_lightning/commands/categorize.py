@@ -35,6 +35,7 @@ def categorize_command(
     pool_size: int = DEFAULT_POOL_SIZE,
     device: str = "auto",
     dtype: str = "auto",
+    strict: bool = True,
     threads: int | None = None,
     progress: bool = True,
 ) -> dict[str, int]:
@@ -63,6 +64,8 @@ def categorize_command(
         pool_size: size of a pool carved out of `facts` when no pool is given.
         device: "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
         dtype: "auto" (bfloat16 on cuda, float32 on cpu), "float32", "bfloat16", "float16".
+        strict: Refuse an adapter whose recorded base model is not this model (false: load
+            it anyway, with a warning).
         threads: CPU threads for torch. None chooses from the model's size and the cores free
             now (`lora_lightning.threads`: one for a model under 10M parameters, whose
             matrices are too small to split; `OMP_NUM_THREADS` wins).
@@ -109,7 +112,7 @@ def categorize_command(
             "few-shot pool"
         )
 
-    lm, tokenizer = load_model(model_path, adapter, device=device, dtype=dtype)
+    lm, tokenizer = load_model(model_path, adapter, device=device, dtype=dtype, strict=strict)
     set_threads(sum(p.numel() for p in lm.parameters()), threads)
 
     partial = out_path.with_name(out_path.name + ".partial")

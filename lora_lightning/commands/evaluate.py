@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_lightning import evaluation, harness
+from lora_lightning.files import atomic_write_text
 from lora_lightning.models import load_model, resolve_model
 from lora_lightning.threads import set_threads
 
@@ -31,11 +32,13 @@ def evaluate_command(
     output: str | None = "evaluation.json",
     device: str = "auto",
     dtype: str = "auto",
+    strict: bool = True,
     threads: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Score a base model, with or without a LoRA adapter, on MMLU, TruthfulQA MC1/MC2 and
-    lm-evaluation-harness tasks.
+    """Score a model, with or without a LoRA adapter, on MMLU, TruthfulQA and harness tasks.
+
+    TruthfulQA as MC1 and MC2; harness tasks are lm-evaluation-harness' own.
 
     Args:
         model: Hugging Face model directory or hub name; None or "world" = the synthetic
@@ -68,6 +71,8 @@ def evaluate_command(
             writes nothing.
         device: "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
         dtype: "auto" (bfloat16 on cuda, float32 on cpu), "float32", "bfloat16", "float16".
+        strict: Refuse an adapter whose recorded base model is not this model (false: load
+            it anyway, with a warning).
         threads: CPU threads for torch. None chooses from the model's size and the cores free
             now (`lora_lightning.threads`; `OMP_NUM_THREADS` wins).
         progress: show progress bars.
@@ -76,6 +81,11 @@ def evaluate_command(
         ``{"mmlu": {...}, "truthfulqa": {...}, "harness": {task: {metric: value, "n": ...}},
         "model": ..., "adapter": ...}``.
     """
+    harness.check_limits(
+        "--", mmlu_limit=mmlu_limit, truthfulqa_limit=truthfulqa_limit,
+        harness_limit=harness_limit, harness_num_fewshot=harness_num_fewshot,
+        batch_size=batch_size,
+    )
     tasks = harness.parse_tasks(harness_tasks)
     if benchmarks is not None:
         chosen = list(benchmarks)
@@ -104,7 +114,7 @@ def evaluate_command(
         path.parent.mkdir(parents=True, exist_ok=True)  # fail now, not after the scoring
         print(f"results will be written to {path}")
     model_path = resolve_model(model, progress=progress)
-    lm, tokenizer = load_model(model_path, adapter, device=device, dtype=dtype)
+    lm, tokenizer = load_model(model_path, adapter, device=device, dtype=dtype, strict=strict)
     set_threads(sum(p.numel() for p in lm.parameters()), threads)
 
     results: dict[str, Any] = {"model": model_path, "adapter": adapter}
@@ -134,6 +144,6 @@ def evaluate_command(
                               if k != "n" and not k.endswith("_stderr"))
             print(f"harness {task}: {shown} over {scores.get('n', '?')} documents")
     if path is not None:
-        path.write_text(json.dumps(results, indent=2))
+        atomic_write_text(path, json.dumps(results, indent=2))
         print(f"results written to {path}")
     return results

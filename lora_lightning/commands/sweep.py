@@ -36,8 +36,10 @@ def sweep_command(
     retries: int | None = None,
     aggregate: bool = True,
 ) -> dict[str, Any]:
-    """Run every cell of a sweep file (`fit`, then `test`), skipping finished cells, resuming
-    interrupted ones from their last.ckpt and retrying failed ones; then aggregate.
+    """Run every unfinished cell of a sweep file (`fit`, then `test`); then aggregate.
+
+    Finished cells are skipped, interrupted ones resume from their last.ckpt, failed ones are
+    retried.
 
     The sweep file is a base fit config plus axes whose product is the grid (see
     `lora_lightning.sweep.spec` and configs/sweeps/). Each cell runs in its own folder,

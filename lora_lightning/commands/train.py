@@ -25,13 +25,18 @@ from lora_lightning.checkpointing import (
     RESUMABLE_MODEL_KEYS,
     ResumableCSVLogger,
     RunCheckpoint,
+    RunConfigSaver,
     resume_conflicts,
 )
 from lora_lightning.data import KnowledgeDataModule
+from lora_lightning.files import FolderLock, check_output_dir, is_rank_zero
 from lora_lightning.models import WORLD_MODEL, check_model_path
 from lora_lightning.module import LoRAKnowledgeModule, read_checkpoint
 
 RUN_DIR = "runs/default"
+# what marks a run folder as holding a run (relative to it; the checkpoint is looked up where
+# `checkpoint.dirpath` puts it, the adapter where `save_adapter.dirpath` does)
+RUN_FILES = ("config.yaml", "metrics.csv", "hparams.yaml", "test")
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "max_epochs": 60,
@@ -129,7 +134,20 @@ class KnowledgeCLI(LightningCLI):
         command line's here, silently (`--model.rank 4` resumed an r=8 run as r=8). We do not:
         `before_instantiate_classes` refuses a resume whose settings differ instead."""
 
+    def __init__(self, *args: Any, overwrite: bool = False, **kwargs: Any) -> None:
+        """LightningCLI's arguments, plus `overwrite` (`fit --overwrite`: replace the run the
+        folder holds). The subcommand runs inside this constructor, so the run folder is held
+        from the moment the settings are checked until the command ends, however it ends."""
+        self.overwrite = overwrite
+        self._lock: FolderLock | None = None
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            self.release()
+
     def before_instantiate_classes(self) -> None:
+        """Every setting and output path is checked here, before any model work or folder is
+        made; then the run folder is claimed for this process (one writer per run folder)."""
         cfg = self.config.get(str(self.subcommand), self.config)  # run=False: no subcommand
         model_name = cfg.get("model.model_name_or_path")
         if model_name not in (None, WORLD_MODEL):  # one line now, not a traceback later
@@ -140,6 +158,7 @@ class KnowledgeCLI(LightningCLI):
             cfg.ckpt_path = ckpt = str(self._last_checkpoint(cfg))
         if ckpt not in (None, "best", "hpc"):
             self._check_resume(ckpt, cfg)
+        run = run_folder(cfg.trainer)  # before `test` etc. get a logger version of their own
         for entry in _logger_entries(cfg.trainer.logger):
             init = getattr(entry, "init_args", None)
             if init is None:
@@ -154,6 +173,57 @@ class KnowledgeCLI(LightningCLI):
                 for key in ("name", "version"):
                     if getattr(init, key, None) == "":
                         setattr(init, key, None)
+        outputs = self._outputs(cfg, run)
+        for what, path in outputs.items():
+            check_output_dir(path, what)
+        # other DDP ranks start once rank 0 has checked (and may have begun to write)
+        first = is_rank_zero()
+        stale = self._existing_run(outputs, run) if self.subcommand == "fit" and first else []
+        if stale and ckpt is None and not self.overwrite:
+            raise FileExistsError(
+                f"fit: {run} already holds a run ({', '.join(stale)}); resume it with "
+                "--ckpt_path last, write the new run elsewhere (--trainer.default_root_dir), or "
+                "pass --overwrite to replace it"
+            )
+        self.save_config_kwargs = {**self.save_config_kwargs,
+                                   "stale": stale if self.overwrite and ckpt is None else []}
+        if run is not None and self.subcommand is not None and first:
+            self._lock = FolderLock(run).acquire()
+
+    @staticmethod
+    def _outputs(cfg, run: Path | None) -> dict[str, Path]:
+        """The folders this command writes into, by the setting that names them."""
+        outputs: dict[str, Path] = {}
+        if run is not None:
+            outputs["run folder"] = run
+        checkpoints = cfg.checkpoint.dirpath or (run / "checkpoints" if run else None)
+        adapter = cfg.save_adapter.dirpath or (run / "adapter" if run else None)
+        report = cfg.report.report_dir
+        for what, path in (("checkpoint.dirpath", checkpoints), ("save_adapter.dirpath", adapter),
+                           ("report.report_dir", report)):
+            if path is not None:
+                outputs[what] = Path(path)
+        return outputs
+
+    @staticmethod
+    def _existing_run(outputs: dict[str, Path], run: Path | None) -> list[str]:
+        """What of an earlier run the folders hold (empty: nothing to overwrite)."""
+        found = []
+        checkpoints = outputs.get("checkpoint.dirpath")
+        if checkpoints is not None and (checkpoints / "last.ckpt").is_file():
+            found.append(str(checkpoints / "last.ckpt"))
+        adapter = outputs.get("save_adapter.dirpath")
+        if adapter is not None and adapter.is_dir() and any(adapter.iterdir()):
+            found.append(str(adapter))
+        if run is not None:
+            found += [str(run / name) for name in RUN_FILES if (run / name).exists()]
+        return found
+
+    def release(self) -> None:
+        """Give the run folder back (at the end of the command, however it ended)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _check_resume(self, ckpt: str, cfg) -> None:
         """A readable checkpoint of ours, trained with the model and data settings given now.
@@ -278,14 +348,41 @@ def fit_summary(trainer, run_dir: str | Path | None = None) -> str:
     return "\n".join(lines)
 
 
+def overwrite_flag(argv: list[str]) -> tuple[list[str], bool]:
+    """`fit --overwrite` (or `--overwrite true|false`) taken out of the command line: a choice
+    of this invocation, so it is not part of the run's config (a saved config.yaml run again
+    must not replace the run it describes)."""
+    out, overwrite, i = [], False, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--overwrite" or arg.startswith("--overwrite="):
+            value = arg.partition("=")[2] if "=" in arg else None
+            if value is None and i + 1 < len(argv) and argv[i + 1].lower() in ("true", "false"):
+                value, i = argv[i + 1], i + 1
+            if (value or "true").lower() not in ("true", "false"):
+                raise ValueError(f"--overwrite takes true or false, got {value!r}")
+            overwrite = (value or "true").lower() == "true"
+        else:
+            out.append(arg)
+        i += 1
+    return out, overwrite
+
+
 def run_training_cli(args: list[str] | None = None, run: bool = True) -> KnowledgeCLI:
     """`fit|validate|test|predict`: the LightningCLI over the module and the data module."""
+    if args is None:  # Lightning reads sys.argv itself (and its DDP launcher re-runs it)
+        rest, overwrite = overwrite_flag(sys.argv[1:])
+        sys.argv[1:] = rest
+    else:
+        args, overwrite = overwrite_flag(list(args))
     return KnowledgeCLI(
         LoRAKnowledgeModule,
         KnowledgeDataModule,
+        save_config_callback=RunConfigSaver,
         trainer_defaults=TRAINER_DEFAULTS,
         seed_everything_default=42,
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,
+        overwrite=overwrite,
     )

@@ -280,7 +280,8 @@ def _check_identity(
     if problem is None:
         return
     if strict:
-        raise ValueError(f"{path}: {problem}; pass strict=False to load it anyway")
+        raise ValueError(f"{path}: {problem}; to load it anyway pass strict=False (on the "
+                         "command line: --strict false)")
     warnings.warn(f"{path}: {problem}; loading anyway (strict=False)", stacklevel=3)
 
 

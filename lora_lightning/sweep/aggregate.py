@@ -12,14 +12,23 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from lora_lightning.sweep.cell import CELL_CONFIG, CELL_INFO, read_status, report_path
-from lora_lightning.sweep.folder import RECORD, cell_dirs
+from lora_lightning.files import atomic_path, atomic_write_text
+from lora_lightning.sweep.cell import (
+    CELL_CONFIG,
+    CELL_INFO,
+    DamagedReport,
+    read_report,
+    read_status,
+    report_path,
+)
+from lora_lightning.sweep.folder import RECORD, cell_dirs, read_record
 from lora_lightning.sweep.grid import Grid
 from lora_lightning.sweep.paper import PAPER_BASE, paper_value
 
@@ -95,35 +104,57 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def _damaged(path: Path, reason: str) -> str:
+    line = f"aggregate: {path}: {reason}; the cell runs again on the sweep's next run"
+    print(line, file=sys.stderr, flush=True)
+    return line
+
+
 def collect(sweep_dir: str | Path) -> tuple[list[dict[str, Any]], list[str], dict[str, str]]:
     """Every cell of the folder as a row; the axis names; and each axis' role
-    ("n", "seed" or "group")."""
+    ("n", "seed" or "group").
+
+    A cell file that cannot be read is named in one line on stderr and the cell is left out
+    (its cell.json or cell.yaml) or counted as "damaged", to be run again (its report.json):
+    never aggregated as empty numbers, never a traceback.
+    """
     rows, axes, roles = [], [], {}
     for cell_dir in cell_dirs(Path(sweep_dir)):
-        info = json.loads((cell_dir / CELL_INFO).read_text())
-        config = yaml.safe_load((cell_dir / CELL_CONFIG).read_text()) or {}
+        try:
+            info = json.loads((cell_dir / CELL_INFO).read_text())
+            config = yaml.safe_load((cell_dir / CELL_CONFIG).read_text()) or {}
+            info["name"], info["axes"], info["labels"]  # noqa: B018 (every key is needed)
+        except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as err:
+            _damaged(cell_dir, f"unreadable {CELL_INFO} or {CELL_CONFIG} ({type(err).__name__})")
+            continue
         status = read_status(cell_dir)
         for axis, setting in info["axes"].items():
             if axis not in roles:
                 axes.append(axis)
                 roles[axis] = ("n" if N_KEY in setting else
                                "seed" if any(k in setting for k in SEED_KEYS) else "group")
+        try:
+            report = read_report(cell_dir)
+            damage = None
+        except DamagedReport as err:
+            report, damage = None, _damaged(report_path(cell_dir), str(err).split(": ", 1)[-1])
         data = config.get("data") or {}
+        state = "done" if report is not None else status.get("state", "pending")
         row: dict[str, Any] = {
             "cell": info["name"],
-            "state": "done" if report_path(cell_dir).is_file() else status.get("state", "pending"),
+            "state": "damaged" if damage else state,
             **info["labels"],
             "n_unknown": data.get("n_unknown"),
             "extra_kind": data.get("extra_kind"),
             "extra_per_unknown": data.get("extra_per_unknown"),
             "seed": config.get("seed_everything"),
         }
-        if report_path(cell_dir).is_file():
-            row.update(headline(json.loads(report_path(cell_dir).read_text())))
+        if report is not None:
+            row.update(headline(report))
         row.update({
             "fit_seconds": status.get("fit_seconds"), "test_seconds": status.get("test_seconds"),
             "attempts": status.get("attempts"),
-            "error": status.get("error") if row["state"] != "done" else None,
+            "error": damage or (status.get("error") if row["state"] != "done" else None),
         })
         rows.append(row)
     return rows, axes, roles
@@ -277,7 +308,7 @@ def write_summary(rows: list[dict[str, Any]], path: Path) -> Path:
     columns = list(dict.fromkeys(k for r in rows for k in r))
     tail = ["fit_seconds", "test_seconds", "attempts", "error"]
     columns = [c for c in columns if c not in tail] + tail
-    with open(path, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in rows:
@@ -290,7 +321,7 @@ def aggregate_sweep(sweep_dir: str | Path, plots: bool = True) -> dict[str, Path
     sweep_dir = Path(sweep_dir)
     if not (sweep_dir / RECORD).is_file():
         raise FileNotFoundError(f"aggregate: {sweep_dir} is not a sweep folder (no {RECORD})")
-    record = json.loads((sweep_dir / RECORD).read_text())
+    record = read_record(sweep_dir)
     paper = any((s.get("raw") or {}).get("paper_values") for s in record.get("sweeps", []))
     rows, axes, roles = collect(sweep_dir)
     if not rows:
@@ -304,6 +335,6 @@ def aggregate_sweep(sweep_dir: str | Path, plots: bool = True) -> dict[str, Path
         images = plot_all(grid, sweep_dir, paper)
         out.update({p.stem: p for p in images})
     report = sweep_dir / "report.md"
-    report.write_text(markdown(grid, record, sweep_dir, images, paper))
+    atomic_write_text(report, markdown(grid, record, sweep_dir, images, paper))
     out["report"] = report
     return out

@@ -2,12 +2,16 @@
 state in `<cell>/status.json` so that any process (a local worker, a SLURM task, a rerun after a
 crash) can pick the cell up where it stopped.
 
-- A cell whose `test/report/report.json` exists is finished and skipped.
+- A cell whose `test/report/report.json` is a whole report is finished and skipped; a damaged
+  one is set aside and the cell's `test` runs again.
 - A cell with `checkpoints/last.ckpt` and no finished `fit` resumes with `--ckpt_path last`.
 - A failed attempt is retried (`retries` times, default once). A retry after a failed *resumed*
   fit starts the fit afresh, since the checkpoint itself may be what failed (a file cut short
-  by a kill); a retry after a failed fresh fit resumes from the checkpoint it wrote.
+  by a kill); a retry after a failed fresh fit resumes from the checkpoint it wrote. Input
+  the CLI refuses (exit 2) is not retried: it would be refused again.
 - An interrupted cell (the sweep stopped, a SLURM preemption) is left resumable, not failed.
+- A cell's subprocesses die with the sweep (`follow_parent`), and a rerun waits until a dying
+  one has let go of the cell's run folder.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -26,15 +31,19 @@ from pathlib import Path
 from typing import Any
 
 import lora_lightning
+from lora_lightning.files import FolderLock, atomic_write_text
 
 __all__ = [
-    "CELL_CONFIG", "CELL_INFO", "STATUS_FILE", "cell_env", "read_status", "report_path",
-    "run_cell", "terminate_running", "write_status",
+    "CELL_CONFIG", "CELL_INFO", "PARENT_ENV", "STATUS_FILE", "DamagedReport", "cell_env",
+    "follow_parent", "is_done",
+    "read_report", "read_status", "report_path", "run_cell", "terminate_running",
+    "write_status",
 ]
 
 CELL_CONFIG = "cell.yaml"
 CELL_INFO = "cell.json"
 STATUS_FILE = "status.json"
+PARENT_ENV = "LORA_LIGHTNING_SWEEP_PID"
 PACKAGE_ROOT = Path(lora_lightning.__file__).resolve().parents[1]
 
 _RUNNING: set[subprocess.Popen] = set()
@@ -42,26 +51,62 @@ _RUNNING_LOCK = threading.Lock()
 
 
 def report_path(cell_dir: Path) -> Path:
-    """Where `test` writes the cell's report; its existence means the cell is finished."""
+    """Where `test` writes the cell's report; a whole one (`read_report`) means finished."""
     return Path(cell_dir) / "test" / "report" / "report.json"
+
+
+class DamagedReport(ValueError):
+    """A report.json that is not a whole report (cut short, emptied, edited)."""
+
+
+def read_report(cell_dir: Path) -> dict[str, Any] | None:
+    """The cell's report when it is whole, None when there is none.
+
+    Raises `DamagedReport`, naming the file, for one that does not parse or lacks what every
+    report has (the reliability of the trained facts and the knowledge shift): its mere
+    existence once marked a torn file done forever.
+    """
+    path = report_path(cell_dir)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise DamagedReport(f"{path}: unreadable ({err.strerror or err})") from err
+    try:
+        report = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DamagedReport(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from err
+    reliability = report.get("reliability") if isinstance(report, dict) else None
+    if not isinstance(reliability, dict) or not isinstance(
+        reliability.get("reliability"), int | float
+    ) or not isinstance(report.get("shift"), dict):
+        raise DamagedReport(f"{path}: not a whole report (no reliability or shift)")
+    return report
+
+
+def is_done(cell_dir: Path) -> bool:
+    """Whether the cell holds a whole report (a damaged one means: run its `test` again)."""
+    try:
+        return read_report(cell_dir) is not None
+    except DamagedReport:
+        return False
 
 
 def read_status(cell_dir: Path) -> dict[str, Any]:
     """The cell's recorded state ({} when it never ran)."""
     path = Path(cell_dir) / STATUS_FILE
     try:
-        return json.loads(path.read_text())
+        status = json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
+    return status if isinstance(status, dict) else {}
 
 
 def write_status(cell_dir: Path, **fields: Any) -> dict[str, Any]:
     """Merge `fields` into the cell's status, atomically (readers never see half a file)."""
     status = {**read_status(cell_dir), **fields, "updated": time.strftime("%Y-%m-%d %H:%M:%S")}
-    path = Path(cell_dir) / STATUS_FILE
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
-    tmp.write_text(json.dumps(status, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(Path(cell_dir) / STATUS_FILE, json.dumps(status, indent=1))
     return status
 
 
@@ -78,17 +123,43 @@ def cell_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     paths = [str(PACKAGE_ROOT), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     env["PYTHONUNBUFFERED"] = "1"
+    env[PARENT_ENV] = str(os.getpid())  # the subprocess dies with the sweep (`follow_parent`)
     env.update(extra or {})
     return env
 
 
-def terminate_running() -> None:
-    """Stop every cell subprocess this process started (the sweep is being interrupted)."""
+def terminate_running(kill: bool = False) -> None:
+    """Stop every cell subprocess this process started (the sweep is being interrupted): with
+    SIGTERM, on which `fit` saves a resumable checkpoint first, or at once with `kill`."""
     with _RUNNING_LOCK:
         procs = list(_RUNNING)
     for proc in procs:
         if proc.poll() is None:
-            proc.terminate()
+            if kill:
+                proc.kill()
+            else:
+                proc.terminate()
+
+
+def follow_parent() -> None:
+    """End this process when the sweep that started it dies, kill -9 included (Linux).
+
+    A cell's subprocess finds the sweep's pid in `PARENT_ENV` (set by `cell_env`) and asks the
+    kernel for SIGTERM when its parent dies (`PR_SET_PDEATHSIG`), on which `fit` saves a
+    resumable checkpoint and exits; left running, an orphaned fit went on writing the cell
+    while a rerun of the sweep started a second one there. The variable is consumed, so the
+    subprocess's own children (DDP ranks) are not tied to the sweep.
+    """
+    expected = os.environ.pop(PARENT_ENV, None)
+    if not expected or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if str(os.getppid()) != expected:  # the sweep died before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _run(
@@ -137,11 +208,19 @@ def _error_line(log: Path) -> str:
     return (lines[-1] if lines else "no output")[:1000]
 
 
+# How a cell subprocess ended, by exit code: 2 is our CLI's one-line refusal of its input (the
+# same input is refused again: no retry); 128 + SIGINT/SIGTERM is a stop that saved a
+# resumable checkpoint (an interruption, not a failure).
+BAD_INPUT = 2
+STOPPED = (128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM)
+
+
 def _attempt(
     cell_dir: Path, cwd: Path, env: dict[str, str], cpus: Sequence[int] | None,
     stop: threading.Event | None,
-) -> str | None:
-    """One try at fit (unless done) then test; None when the cell finished, else the error."""
+) -> tuple[str | None, str]:
+    """One try at fit (unless done) then test: (None, "done") when the cell finished, else
+    (the error, "interrupted" | "bad input" | "failed")."""
     python = [sys.executable, "-m", "lora_lightning"]
     config = str(cell_dir / CELL_CONFIG)
     if not read_status(cell_dir).get("fit_done"):
@@ -149,26 +228,52 @@ def _attempt(
         resume = last.is_file()
         write_status(cell_dir, phase="fit", resumed=resume)
         start = time.monotonic()
-        resume_args = ["--ckpt_path", "last"] if resume else []
-        rc = _run([*python, "fit", "--config", config, *resume_args],
+        # the cell folder is the sweep's: a fresh fit replaces what a failed one left there
+        how = ["--ckpt_path", "last"] if resume else ["--overwrite", "true"]
+        rc = _run([*python, "fit", "--config", config, *how],
                   cell_dir / "fit.log", cwd, env, cpus)
         if rc != 0:
+            error = f"fit exited with {rc}: {_error_line(cell_dir / 'fit.log')}"
+            if rc in STOPPED:
+                return error, "interrupted"
             if resume:  # next time start afresh: the checkpoint may be what failed
                 shutil.rmtree(cell_dir / "checkpoints", ignore_errors=True)
-            return f"fit exited with {rc}: {_error_line(cell_dir / 'fit.log')}"
+                return error, "failed"
+            return error, "bad input" if rc == BAD_INPUT else "failed"
         write_status(cell_dir, fit_done=True, fit_seconds=round(time.monotonic() - start, 1))
     if stop is not None and stop.is_set():
-        return "stopped before test"
+        return "stopped before test", "interrupted"
     write_status(cell_dir, phase="test")
     start = time.monotonic()
     rc = _run([*python, "test", "--config", config, "--ckpt_path", "last"],
               cell_dir / "test.log", cwd, env, cpus)
     if rc != 0:
-        return f"test exited with {rc}: {_error_line(cell_dir / 'test.log')}"
-    if not report_path(cell_dir).is_file():
-        return f"test wrote no {report_path(cell_dir)}"
+        error = f"test exited with {rc}: {_error_line(cell_dir / 'test.log')}"
+        return error, ("interrupted" if rc in STOPPED else
+                       "bad input" if rc == BAD_INPUT else "failed")
+    try:
+        if read_report(cell_dir) is None:
+            return f"test wrote no {report_path(cell_dir)}", "failed"
+    except DamagedReport as damaged:
+        return f"test wrote a damaged report: {damaged}", "failed"
     write_status(cell_dir, test_seconds=round(time.monotonic() - start, 1))
-    return None
+    return None, "done"
+
+
+def _wait_for_writer(cell_dir: Path, timeout: float = 600.0) -> None:
+    """Wait while a process of an earlier sweep still writes the cell's run folder (killed
+    with its sweep, it is saving a checkpoint before it exits), so no second writer starts."""
+    from filelock import FileLock, Timeout
+
+    path = cell_dir / FolderLock.LOCK_NAME
+    if not path.exists():
+        return
+    writer = FileLock(str(path))
+    try:
+        writer.acquire(timeout=timeout)
+    except Timeout:
+        return  # the run folder's own lock refuses the new fit, with a clear line
+    writer.release()
 
 
 def run_cell(
@@ -200,12 +305,18 @@ def run_cell(
     except Timeout:
         return {"state": "busy", "error": "another process is running this cell"}
     try:
-        if report_path(cell_dir).is_file():
-            status = read_status(cell_dir)
-            if status.get("state") != "done":
-                status = write_status(cell_dir, state="done", error=None)
-            return {**status, "skipped": True}
+        try:
+            if read_report(cell_dir) is not None:
+                status = read_status(cell_dir)
+                if status.get("state") != "done":
+                    status = write_status(cell_dir, state="done", error=None)
+                return {**status, "skipped": True}
+        except DamagedReport as damaged:  # set aside (kept for a look) and measured again
+            aside = report_path(cell_dir).with_suffix(".json.damaged")
+            os.replace(report_path(cell_dir), aside)
+            write_status(cell_dir, note=f"{damaged}; moved to {aside.name}, test runs again")
         subprocess_env = cell_env(env)
+        _wait_for_writer(cell_dir)
         for attempt in range(retries + 1):
             if stop is not None and stop.is_set():  # never start a subprocess after Ctrl-C
                 return write_status(cell_dir, state="interrupted")
@@ -216,14 +327,16 @@ def run_cell(
                          threads=(env or {}).get("OMP_NUM_THREADS"),
                          gpus=(env or {}).get("CUDA_VISIBLE_DEVICES"))
             try:
-                error = _attempt(cell_dir, cwd, subprocess_env, cpus, stop)
+                error, outcome = _attempt(cell_dir, cwd, subprocess_env, cpus, stop)
             except BaseException:
                 write_status(cell_dir, state="interrupted")
                 raise
             if error is None:
                 return write_status(cell_dir, state="done", error=None)
-            if stop is not None and stop.is_set():
+            if outcome == "interrupted" or (stop is not None and stop.is_set()):
                 return write_status(cell_dir, state="interrupted", error=error)
+            if outcome == "bad input":  # refused as given: trying again would be refused again
+                return write_status(cell_dir, state="failed", error=error)
             state = "failed" if attempt == retries else "retrying"
             write_status(cell_dir, state=state, error=error)
         return read_status(cell_dir)

@@ -10,6 +10,7 @@ already must hold the same config the sweep would write now.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -17,14 +18,27 @@ from typing import Any
 
 import yaml
 
+from lora_lightning.files import atomic_write_text
 from lora_lightning.sweep.cell import CELL_CONFIG, CELL_INFO
 from lora_lightning.sweep.spec import Cell, Sweep
 
-__all__ = ["RECORD", "CELLS_DIR", "cell_dirs", "claim_folder", "write_cell"]
+__all__ = ["RECORD", "CELLS_DIR", "cell_dirs", "claim_folder", "read_record", "write_cell"]
 
 RECORD = "sweep.json"
 CELLS_DIR = "cells"
 _MEASURED = ("base", "world", "overrides", "axes", "categorize")
+
+
+def read_record(sweep_dir: Path) -> dict[str, Any]:
+    """The folder's `sweep.json`, or a one-line error naming it when it cannot be read."""
+    path = Path(sweep_dir) / RECORD
+    try:
+        record = json.loads(path.read_text())
+        record["sweeps"][0]["fingerprint"]  # noqa: B018 (what every record has)
+    except (ValueError, KeyError, IndexError, TypeError) as err:
+        raise ValueError(f"{path} is damaged ({type(err).__name__}: {err}); restore it from "
+                         "sweep.yaml's sweep, or choose another --output") from err
+    return record
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -39,7 +53,7 @@ def claim_folder(sweep: Sweep, extend: bool = False) -> dict[str, Any]:
     entry = {"file": str(sweep.path), "fingerprint": fingerprint, "raw": sweep.raw,
              "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     if record_path.is_file():
-        record = json.loads(record_path.read_text())
+        record = read_record(out)
         known = [s["fingerprint"] for s in record["sweeps"]]
         if fingerprint in known:
             return record
@@ -60,9 +74,7 @@ def claim_folder(sweep: Sweep, extend: bool = False) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(sweep.path, out / "sweep.yaml")
         record = {"sweeps": [entry]}
-    tmp = record_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=str))
-    tmp.replace(record_path)
+    atomic_write_text(record_path, json.dumps(record, indent=1, default=str))
     return record
 
 
@@ -75,12 +87,40 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _rebased(config: dict[str, Any], sweep_dir: Path) -> dict[str, Any]:
+    """A cell's config with the paths inside the sweep folder it was written in (found from
+    `report.before_scores`, which every cell has there) moved to `sweep_dir`: a sweep folder
+    that was moved or copied holds the same cells, at new paths."""
+    scores = (config.get("report") or {}).get("before_scores")
+    if not isinstance(scores, str):
+        return config
+    old, new = str(Path(scores).parent), str(sweep_dir)
+
+    def move(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [move(v) for v in value]
+        if isinstance(value, str) and (value == old or value.startswith(old + os.sep)):
+            return new + value[len(old):]
+        return value
+
+    return move(config) if old != new else config
+
+
 def write_cell(sweep: Sweep, cell: Cell, cell_dir: Path, config_yaml: str) -> None:
-    """Write the cell's config and description, or check that those already there agree."""
+    """Write the cell's config and description, or check that those already there agree (in a
+    moved sweep folder, up to the folder's own paths, which are then written anew)."""
     path = cell_dir / CELL_CONFIG
-    if path.is_file() and path.read_text() != config_yaml:
-        old, new = _flat(yaml.safe_load(path.read_text())), _flat(yaml.safe_load(config_yaml))
+    try:
+        held = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except yaml.YAMLError:
+        held = None  # damaged: written again below
+    moved = False
+    if isinstance(held, dict) and path.read_text() != config_yaml:
+        old, new = _flat(_rebased(held, sweep.output)), _flat(yaml.safe_load(config_yaml))
         diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        moved = not diff  # the same cell in a sweep folder moved or copied elsewhere
         if diff:
             raise sweep.error(
                 f"axes (cell {cell.name})", f"{cell_dir} holds a run with other settings "
@@ -88,12 +128,14 @@ def write_cell(sweep: Sweep, cell: Cell, cell_dir: Path, config_yaml: str) -> No
                 "choose another --output"
             )
     cell_dir.mkdir(parents=True, exist_ok=True)
-    if not path.is_file():
-        path.write_text(config_yaml)
+    if not isinstance(held, dict) or moved:
+        atomic_write_text(path, config_yaml)
     info = {"name": cell.name, "labels": cell.labels, "axes": cell.axes,
             "sweep_file": str(sweep.path), "sweep_fingerprint": sweep.fingerprint()}
-    if not (cell_dir / CELL_INFO).is_file():
-        (cell_dir / CELL_INFO).write_text(json.dumps(info, indent=1, default=str))
+    try:
+        json.loads((cell_dir / CELL_INFO).read_text())["name"]  # noqa: B018
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or damaged
+        atomic_write_text(cell_dir / CELL_INFO, json.dumps(info, indent=1, default=str))
 
 
 def cell_dirs(sweep_dir: Path) -> list[Path]:

@@ -96,7 +96,8 @@ def run_local(
     progress: SweepProgress,
 ) -> dict[str, dict[str, Any]]:
     """Run `jobs` (cell name, cell folder) on the slots, one thread per slot; return each
-    cell's status. Ctrl-C stops the running cells (left resumable) and re-raises."""
+    cell's status. Ctrl-C stops the running cells, waits until each has saved and is marked
+    interrupted (resumable), says so, and re-raises."""
     todo: queue.Queue[tuple[str, Path]] = queue.Queue()
     for job in jobs:
         todo.put(job)
@@ -118,19 +119,44 @@ def run_local(
             if not stop.is_set():
                 progress.finished(name, status, time.monotonic() - start)
 
-    threads = [threading.Thread(target=worker, args=(slot,), daemon=True) for slot in slots]
-    for thread in threads:
-        thread.start()
+    # Each worker says when it is done through its own Event: after a Ctrl-C has interrupted a
+    # `Thread.join`, CPython 3.11's next join returns at once, and the sweep exited while its
+    # cells were still saving (status "running" forever). `Event.wait` can be waited on again.
+    finished = [threading.Event() for _ in slots]
+
+    def run(slot: Slot, done: threading.Event) -> None:
+        try:
+            worker(slot)
+        finally:
+            done.set()
+
+    for slot, done in zip(slots, finished, strict=True):
+        threading.Thread(target=run, args=(slot, done), daemon=True).start()
     try:
-        while any(t.is_alive() for t in threads):
-            for thread in threads:
-                thread.join(timeout=0.5)
+        _wait(finished)
     except KeyboardInterrupt:
         stop.set()
         terminate_running()
-        for thread in threads:
-            thread.join(timeout=60)
-        print("sweep interrupted: the running cells stop and resume from their last.ckpt "
-              "when the sweep is run again", flush=True)
+        print("sweep: stopping; the running cells save a resumable checkpoint first (Ctrl-C "
+              "again to stop them at once)", flush=True)
+        try:
+            _wait(finished)
+        except KeyboardInterrupt:
+            terminate_running(kill=True)
+            _wait(finished, timeout=30)
+        stopped = sorted(name for name, status in results.items()
+                         if status.get("state") == "interrupted")
+        print(f"sweep interrupted: {len(stopped)} cell(s) stopped and marked interrupted"
+              f"{' (' + ', '.join(stopped) + ')' if stopped else ''}; run the sweep again to "
+              "resume them from their last.ckpt", flush=True)
         raise
     return results
+
+
+def _wait(events: list[threading.Event], timeout: float | None = None) -> None:
+    """Until every event is set (or `timeout` seconds); a Ctrl-C interrupts it, as it should."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not all(e.is_set() for e in events):
+        if deadline is not None and time.monotonic() > deadline:
+            return
+        next(e for e in events if not e.is_set()).wait(0.5)

@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lora_lightning.sweep.cell import read_status, report_path
+from lora_lightning.files import atomic_write_text
+from lora_lightning.sweep.cell import is_done, read_status
 from lora_lightning.sweep.cellconfig import FitConfigParser, cell_loggers, has_run_logger
 from lora_lightning.sweep.folder import CELLS_DIR, claim_folder, write_cell
 from lora_lightning.sweep.progress import SweepProgress, duration
@@ -89,7 +90,7 @@ def describe(sweep: Sweep, cells: list[Cell], shared: dict[str, Any]) -> str:
     for i, cell in enumerate(cells, 1):
         shown = " ".join(f"{k}={v}" for k, v in cell.settings.items())
         state = ""
-        if report_path(_cell_dir(sweep, cell)).is_file():
+        if is_done(_cell_dir(sweep, cell)):
             state = "  [done]"
         elif read_status(_cell_dir(sweep, cell)).get("state"):
             state = f"  [{read_status(_cell_dir(sweep, cell))['state']}]"
@@ -121,7 +122,7 @@ def _write_index(sweep: Sweep, cells: list[Cell]) -> list[dict[str, Any]]:
             "cell": cell.name, "labels": cell.labels, "state": status.get("state", "pending"),
             "attempts": status.get("attempts", 0), "error": status.get("error"),
         })
-    (sweep.output / CELLS_INDEX).write_text(json.dumps(index, indent=1))
+    atomic_write_text(sweep.output / CELLS_INDEX, json.dumps(index, indent=1))
     return index
 
 
@@ -137,6 +138,7 @@ def run_sweep(
     if dry_run:
         shared = world_settings(sweep.world, dry_run=True) if sweep.world else {}
         check_configs(sweep, parser, shared)
+        _local_slots(sweep)
         print(describe(sweep, cells, shared), flush=True)
         return {"cells": [c.name for c in cells], "dry_run": True}
 
@@ -145,6 +147,7 @@ def run_sweep(
     # leaves nothing behind; then again with the world's or the categorised facts' real paths.
     placeholders = world_settings(sweep.world, dry_run=True) if sweep.world else {}
     config = check_configs(sweep, parser, placeholders)
+    slots = _local_slots(sweep)
     claim_folder(sweep, extend=extend)
     shared: dict[str, Any] = {}
     if sweep.world:
@@ -170,7 +173,7 @@ def run_sweep(
     # Longest first: a long cell started last keeps one worker busy while the others idle (the
     # bench-world grid lost 9 of its 54 minutes so, its n = 1000 cells coming last).
     pending = [(n, d) for n, d, _ in sorted(jobs, key=lambda job: -job[2])
-               if not report_path(d).is_file()]
+               if not is_done(d)]
     parallel = sweep.workers if sweep.launcher == "local" else sweep.slurm.get("max_running", 16)
     progress = SweepProgress(len(jobs), len(jobs) - len(pending), min(parallel, len(pending) or 1))
     progress.show(f"{len(pending)} to run ({sweep.launcher} launcher) in {sweep.output}")
@@ -180,14 +183,15 @@ def run_sweep(
 
         results = run_slurm(sweep, pending, cwd, sweep.retries, progress)
     elif pending:
-        from lora_lightning.sweep.local import local_slots, run_local
+        from lora_lightning.sweep.local import run_local
 
-        # Shares follow `workers`, not how many cells are left, so a cell gets the same cores
-        # and thread count (and so the same numbers) whether it runs first or alone on a rerun.
-        slots = local_slots(sweep.workers)
         if len(slots) > 1:
             print("sweep: " + "; ".join(s.describe() for s in slots), flush=True)
-        results = run_local(pending, slots, cwd, sweep.retries, progress)
+        try:
+            results = run_local(pending, slots, cwd, sweep.retries, progress)
+        except KeyboardInterrupt:
+            _write_index(sweep, cells)  # the stopped cells recorded as interrupted
+            raise
     else:
         results = {}
     index = _write_index(sweep, cells)
@@ -202,8 +206,22 @@ def run_sweep(
     if aggregate and done:
         from lora_lightning.sweep.aggregate import aggregate_sweep
 
-        summary["aggregate"] = {k: str(v) for k, v in aggregate_sweep(sweep.output).items()}
+        written = aggregate_sweep(sweep.output)
+        summary["aggregate"] = {k: str(v) for k, v in written.items()}
+        print(f"sweep: tables in {written['summary']} and {written['report']}", flush=True)
     return summary
+
+
+def _local_slots(sweep: Sweep) -> list[Any]:
+    """The local workers' shares (checked before any folder is made: `--workers 3` on two
+    cores is refused in the first second). Shares follow `workers`, not how many cells are
+    left, so a cell gets the same cores and thread count (and so the same numbers) whether it
+    runs first or alone on a rerun. None for SLURM."""
+    if sweep.launcher != "local":
+        return []
+    from lora_lightning.sweep.local import local_slots
+
+    return local_slots(sweep.workers)
 
 
 def _launch_once(sweep: Sweep) -> Any:

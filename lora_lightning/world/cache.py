@@ -18,6 +18,7 @@ from itertools import chain
 from pathlib import Path
 
 from lora_lightning.facts import save_facts
+from lora_lightning.files import check_output_dir, writable_home
 from lora_lightning.knowledge import categorize
 from lora_lightning.metrics.functional import answer_concentration, refusal_rate
 from lora_lightning.world.benchmarks import (
@@ -241,11 +242,13 @@ def ensure_world(
     from filelock import FileLock
 
     config = config or WorldConfig()
+    variable = "LORA_LIGHTNING_HOME" if home is None else "home"
     home = Path(home) if home is not None else default_home()
-    home.mkdir(parents=True, exist_ok=True)
+    check_output_dir(home, f"{variable}={home}:")
     root = home / f"world-{config.key()}"
-    if _verified(root, progress):
+    if _verified(root, progress):  # a read-only cache that holds the world is fine
         return WorldArtifacts.at(root, config)
+    writable_home(home, variable)  # one line naming the variable, not an OSError's traceback
     with FileLock(str(root) + ".lock"):
         if _verified(root, progress):  # another process built it while we waited
             return WorldArtifacts.at(root, config)

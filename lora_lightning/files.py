@@ -1,0 +1,242 @@
+"""Files a run or a sweep writes: whole or not at all, one writer per folder, and a problem with
+a path said in one line.
+
+- `atomic_write_text` / `atomic_path`: a report, status or summary file is written to a
+  temporary file in the same folder, fsynced and renamed over the old one, so a reader (or a
+  rerun after kill -9 or a full disk) sees the old file or the new one, never half of one, and
+  no temporary file is left behind when writing fails.
+- `FolderLock`: a folder with one writer. The lock is an OS file lock (`filelock`), which the
+  kernel drops when its holder dies, so a killed `fit` never leaves its run folder locked; a
+  second process is refused at once, in one line naming the folder and the holder.
+- `check_output_dir` / `writable_home`: an output path is checked before any model work, so a
+  file where a folder should be fails in the first second, not after the first epoch.
+- `PathProblem`: the one-line error for all of the above (an `OSError`, with the path).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "FolderBusy",
+    "FolderLock",
+    "PathProblem",
+    "atomic_path",
+    "atomic_write_text",
+    "check_output_dir",
+    "is_rank_zero",
+    "path_problem",
+    "writable_home",
+]
+
+# what to do about an OSError, by errno: said after the path in the one-line error
+_ADVICE = {
+    errno.ENOSPC: "free some space there or choose another folder",
+    errno.EDQUOT: "free some space there or choose another folder",
+    errno.EROFS: "it is on a read-only file system: choose a writable folder",
+    errno.EACCES: "you may not write there: choose a writable folder",
+    errno.EPERM: "you may not write there: choose a writable folder",
+    errno.EEXIST: "a file is in the way of a folder: move it or choose another path",
+    errno.ENOTDIR: "a file is in the way of a folder: move it or choose another path",
+    errno.EISDIR: "a folder is in the way of a file: move it or choose another path",
+}
+
+
+class PathProblem(OSError):
+    """An OSError whose message already says the path and what to do (`str()` is that line)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class FolderBusy(PathProblem):
+    """Another process writes this folder."""
+
+
+def path_problem(
+    err: OSError, path: str | os.PathLike | None = None, what: str = ""
+) -> PathProblem:
+    """`err` as one line: `<what> <path>: <the OS's reason>; <what to do>`."""
+    if isinstance(err, PathProblem):
+        return err
+    where = str(path if path is not None else (err.filename or "?"))
+    reason = err.strerror or str(err)
+    advice = _ADVICE.get(err.errno or 0, "")
+    line = f"{what + ' ' if what else ''}{where}: {reason}{'; ' + advice if advice else ''}"
+    problem = PathProblem(err.errno or errno.EIO, line)
+    problem.filename = where
+    return problem
+
+
+def _fsync_folder(folder: Path) -> None:
+    if hasattr(os, "O_DIRECTORY"):  # the rename itself durable
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; on leaving the block it is fsynced and
+    renamed over `path`. On an error (a full disk, a bug) it is removed and `path` untouched."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_folder(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` whole or not at all (see `atomic_path`)."""
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    except OSError as err:
+        raise path_problem(err, path, "cannot write") from err
+    return path
+
+
+def check_output_dir(path: str | os.PathLike, what: str) -> Path:
+    """`path` is a folder or can become one: refuse, in one line, a file in its place or on
+    its way (checked before any model work, so nothing is computed in vain)."""
+    path = Path(path)
+    for part in (path, *path.parents):
+        if part.exists() or part.is_symlink():
+            if not part.is_dir():
+                raise PathProblem(
+                    errno.ENOTDIR if part != path else errno.EEXIST,
+                    f"{what} {path}: {part} is a file, not a folder; move it or choose "
+                    "another path",
+                )
+            break
+    return path
+
+
+def writable_home(path: str | os.PathLike, variable: str) -> Path:
+    """A cache folder named by environment `variable`, made if needed and checked writable:
+    one line naming the variable and the path when it cannot be used."""
+    path = Path(path)
+    try:
+        check_output_dir(path, f"{variable}={path}:")
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        reason = err.strerror if isinstance(err, PathProblem) else (
+            f"{path}: {err.strerror or err}")
+        raise PathProblem(
+            err.errno or errno.EIO,
+            f"{variable}={path} cannot hold the cache ({reason}); set {variable} to a writable "
+            "folder",
+        ) from err
+    return path
+
+
+def is_rank_zero() -> bool:
+    """Whether this process is the first of a distributed job (or not distributed): the
+    variables torchrun, Lightning's launcher and SLURM set for the other ranks."""
+    for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"):
+        if os.environ.get(name, "0") not in ("", "0"):
+            return False
+    if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
+        return os.environ.get("SLURM_PROCID", "0") == "0"
+    return True
+
+
+class FolderLock:
+    """One writer for `folder`: `acquire()` or `FolderBusy` naming the holder.
+
+    The lock file is `<folder>/.writer.lock` and the holder (pid, host, command, start time)
+    is recorded beside it in `.writer.json`. A folder that `acquire` had to make is removed
+    again by `release` when nothing else was written into it (a command refused before it
+    wrote anything leaves nothing behind).
+    """
+
+    LOCK_NAME = ".writer.lock"
+    HOLDER_NAME = ".writer.json"
+
+    def __init__(self, folder: str | os.PathLike, what: str = "run folder") -> None:
+        self.folder = Path(folder)
+        self.what = what
+        self._lock: Any = None
+        self._made: list[Path] = []
+
+    def holder(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.folder / self.HOLDER_NAME).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def acquire(self) -> FolderLock:
+        from filelock import FileLock, Timeout
+
+        check_output_dir(self.folder, self.what)
+        missing = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(self.folder / self.LOCK_NAME))
+            lock.acquire(timeout=0)
+        except Timeout:
+            held = self.holder()
+            by = (f"process {held.get('pid')} on {held.get('host')} since {held.get('started')}"
+                  f" ({held.get('command')})" if held else "another process")
+            raise FolderBusy(
+                errno.EBUSY, f"{self.what} {self.folder} is being written by {by}; wait for it "
+                "to finish, or choose another folder",
+            ) from None
+        except OSError as err:
+            raise path_problem(err, self.folder, f"cannot use {self.what}") from err
+        self._lock = lock
+        self._made = list(reversed(missing))  # outermost first
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "command": " ".join(["python -m lora_lightning", *sys.argv[1:]])[:300]}
+        with contextlib.suppress(OSError):
+            atomic_write_text(self.folder / self.HOLDER_NAME, json.dumps(info))
+        return self
+
+    def release(self) -> None:
+        if self._lock is None:
+            return
+        with contextlib.suppress(OSError):
+            (self.folder / self.HOLDER_NAME).unlink()
+        left = {p.name for p in self.folder.iterdir()} if self.folder.is_dir() else set()
+        if self._made and left <= {self.LOCK_NAME}:
+            with contextlib.suppress(OSError):
+                (self.folder / self.LOCK_NAME).unlink()
+            for made in reversed(self._made):  # innermost first; stops at a non-empty one
+                try:
+                    made.rmdir()
+                except OSError:
+                    break
+        self._lock.release()
+        self._lock = None
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
