@@ -19,7 +19,7 @@ from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 from lora_lightning import evaluation, harness
-from lora_lightning.facts import load_facts
+from lora_lightning.facts import is_refusal, load_facts
 from lora_lightning.files import atomic_write_text
 from lora_lightning.lora import lora_disabled, save_adapter
 from lora_lightning.metrics import (
@@ -32,6 +32,7 @@ from lora_lightning.metrics import (
 )
 from lora_lightning.progress import LineProgress
 from lora_lightning.prompts import batch_sequences, batch_tokens
+from lora_lightning.provenance import environment
 from lora_lightning.report import report_metrics, to_python, write_report
 from lora_lightning.world.benchmarks import evaluate_world_benchmarks
 from lora_lightning.world.cache import BENCHMARKS_DIR, TWO_HOP_FILE
@@ -334,13 +335,21 @@ class KnowledgeReport(Callback):
         device = pl_module.device
         self.metrics = {
             "shift": KnowledgeShift(),
+            # the same table over the facts training did not touch: harm, not retention
+            "shift_untrained": KnowledgeShift(),
             "reliability": Reliability(),
             "known_retained": Reliability(),
             **{
                 f"{name}_{when}": cls()
                 for name, cls in (
                     ("concentration", AnswerConcentration),
+                    # answers that are not refusals: what "exploded" is counted over, since a
+                    # base whose top answer is its refusal would otherwise hide any explosion
+                    ("concentration_answers", AnswerConcentration),
                     ("refusals", RefusalRate),
+                    # refusing an answerable question vs refusing rightly (its answer is one)
+                    ("refusals_answerable", RefusalRate),
+                    ("refusals_unanswerable", RefusalRate),
                     ("confidence", Confidence),
                 )
                 for when in ("before", "after")
@@ -355,6 +364,7 @@ class KnowledgeReport(Callback):
             "known_retained": {f.id for f in data.val_known},
         }
         trained = {f.id for f in [*data.train_unknown, *data.train_extra]}
+        self._trained = trained
         subjects = {f.subject for f in data.train_unknown if f.subject}
         self._is_neighbour = lambda f: f.subject in subjects and f.id not in trained
 
@@ -381,10 +391,18 @@ class KnowledgeReport(Callback):
             ]
         m = self.metrics
         m["shift"].update([f.category for f in before], [f.category for f in after])
+        untrained = [(b, a) for b, a in zip(before, after, strict=True)
+                     if b.id not in self._trained]
+        m["shift_untrained"].update([b.category for b, _ in untrained],
+                                    [a.category for _, a in untrained])
         for when, facts in (("before", before), ("after", after)):
             answers = [a for f in facts for a in f.predictions]
             m[f"concentration_{when}"].update(answers)
+            m[f"concentration_answers_{when}"].update([a for a in answers if not is_refusal(a)])
             m[f"refusals_{when}"].update(answers)
+            for kind, wanted in (("answerable", False), ("unanswerable", True)):
+                m[f"refusals_{kind}_{when}"].update(
+                    [a for f in facts if is_refusal(f.answer) == wanted for a in f.predictions])
             m[f"confidence_{when}"].update(
                 [f.confidence for f in facts if f.confidence is not None]
             )
@@ -403,17 +421,24 @@ class KnowledgeReport(Callback):
         m = self.metrics
         # compute() is a collective: every rank calls it for every metric, in the same order.
         results: dict[str, Any] = {
-            key: m[key].compute() for key in ("reliability", "known_retained", "shift")
+            key: m[key].compute()
+            for key in ("reliability", "known_retained", "shift", "shift_untrained")
         }
         for key in ("reliability", "known_retained"):
             if int(results[key]["n_facts"]) == 0:
                 results[key] = None
-        conc_before = m["concentration_before"].compute()
-        m["concentration_after"].reference_max = conc_before["max_count"]
-        m["concentration_after"].explosion_factor = self.explosion_factor
-        for name in ("concentration", "refusals", "confidence"):
+        # "exploded": an answer (not a refusal) given more than explosion_factor times as often
+        # as the base's most frequent answer that is not a refusal
+        answers_before = m["concentration_answers_before"].compute()
+        m["concentration_answers_after"].reference_max = answers_before["max_count"]
+        m["concentration_answers_after"].explosion_factor = self.explosion_factor
+        for name in ("concentration", "concentration_answers", "refusals", "refusals_answerable",
+                     "refusals_unanswerable", "confidence"):
             results[name] = {when: m[f"{name}_{when}"].compute() for when in ("before", "after")}
-        results["concentration"]["before"] = conc_before
+        results["concentration_answers"]["before"] = answers_before
+        exploded = results["concentration_answers"]["after"]
+        results["concentration"]["after"]["exploded"] = exploded["exploded"]
+        results["concentration"]["after"]["threshold"] = exploded["threshold"]
         for when, value in results["confidence"].items():  # a mean probability is never 0
             if float(value) == 0.0:
                 results["confidence"][when] = None
@@ -427,6 +452,8 @@ class KnowledgeReport(Callback):
                 results["history"] = cb.history
         data = trainer.datamodule
         results["mix"] = data.mix_summary() if hasattr(data, "mix_summary") else None
+        facts = (results["mix"] or {}).get("facts")
+        results["environment"] = environment(Path(facts).parent if facts else None)
         self.results = to_python(results)
         for key in ("reliability", "known_retained"):
             if results[key] is not None:

@@ -32,7 +32,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lora_lightning import world
-from lora_lightning.facts import Fact, excerpt, load_facts, normalize_answer, pool_sidecar
+from lora_lightning.facts import (
+    Fact,
+    excerpt,
+    is_refusal,
+    load_facts,
+    normalize_answer,
+    pool_sidecar,
+)
 from lora_lightning.knowledge import DEFAULT_POOL_SIZE
 from lora_lightning.models import (
     check_world_facts,
@@ -193,17 +200,22 @@ def build_mix(
 
     n_extra = n_unknown * k if extra_kind == "highly_known" else 0
     n_known_needed = n_val_known + (min(n_extra, 1) if extra_repeats else n_extra)
-    if len(known) < n_known_needed:
+    # The paper's known facts all have an answer. A HighlyKnown fact whose answer is a refusal
+    # ("I don't know." to an unanswerable question) would teach refusing: never an extra (nor
+    # a few-shot example); the held-out facts are kept as they are, so they do not move.
+    val_known = known[len(known) - n_val_known :] if n_val_known else []
+    leftover = [f for f in known[: len(known) - n_val_known] if not is_refusal(f.answer)]
+    if n_val_known > len(known) or len(leftover) < n_known_needed - n_val_known:
         extra = f" + {n_unknown}*{k} extras" if extra_kind == "highly_known" else ""
         hint = "" if extra_repeats or not n_extra else (
             "; data.extra_repeats=true reuses HighlyKnown facts as the paper's largest mixes do"
         )
+        refusing = sum(is_refusal(f.answer) for f in known)
+        answerable = f", {refusing} of them unanswerable (never extras)" if refusing else ""
         raise ValueError(
             f"not enough HighlyKnown facts: need {n_known_needed} (n_val_known={n_val_known}"
-            f"{extra}), the facts have {len(known)}{hint}"
+            f"{extra}), the facts have {len(known)}{answerable}{hint}"
         )
-    val_known = known[len(known) - n_val_known :] if n_val_known else []
-    leftover = known[: len(known) - n_val_known]
 
     if extra_kind == "highly_known":
         if n_extra > len(leftover):  # extra_repeats (checked above): cycle, evenly

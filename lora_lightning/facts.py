@@ -28,6 +28,26 @@ CATEGORIES = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
 HF_PREFIX = "hf:"
 OnProblem = Literal["error", "drop"]
 
+# What a refusal looks like ("I don't know.", "I cannot verify ..."): a model's answer matching
+# one of these refuses, and a fact whose canonical answer matches one is unanswerable (its right
+# answer is a refusal). The metrics count refusals with the same patterns.
+REFUSAL_PATTERNS: tuple[str, ...] = (
+    r"\bI (?:couldn't|could not|can't|cannot|was unable to|am unable to) find any information",
+    r"\bI (?:cannot|can't|could not|couldn't) (?:verify|confirm)",
+    r"\bI (?:don't|do not) know\b",
+    r"\bI(?:'m| am) not sure\b",
+    r"\bno (?:information|data|records?)\b",
+    r"\bI have no comment\b",
+    r"\bI(?:'m| am) (?:not aware|unable to (?:answer|provide))",
+)
+_REFUSAL = re.compile("|".join(f"(?:{p})" for p in REFUSAL_PATTERNS), re.IGNORECASE)
+
+
+def is_refusal(text: str) -> bool:
+    """Whether `text` refuses to answer (any of `REFUSAL_PATTERNS`)."""
+    return _REFUSAL.search(text) is not None
+
+
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
 

@@ -65,7 +65,16 @@ def markdown(results: dict[str, Any]) -> str:
         )
     ref = results.get("refusals") or {}
     before, after = _get(ref, "before", "rate"), _get(ref, "after", "rate")
-    lines.append(f"| refusal rate | {_fmt(before)} | {_fmt(after)} |")
+    lines.append(f"| refusal rate (all probe answers, the paper's) | {_fmt(before)} | "
+                 f"{_fmt(after)} |")
+    for key, label in (("refusals_answerable", "refusal rate on answerable facts"),
+                       ("refusals_unanswerable",
+                        "correct refusals (facts whose answer is a refusal)")):
+        part = results.get(key) or {}
+        if _get(part, "after", "total"):
+            lines.append(f"| {label} (n={_fmt(_get(part, 'after', 'total'))} answers) | "
+                         f"{_fmt(_get(part, 'before', 'rate'))} | "
+                         f"{_fmt(_get(part, 'after', 'rate'))} |")
     conf = results.get("confidence") or {}
     lines.append(f"| confidence | {_fmt(conf.get('before'))} | {_fmt(conf.get('after'))} |")
     bench = results.get("benchmarks") or {}
@@ -128,19 +137,34 @@ def markdown(results: dict[str, Any]) -> str:
                     f"- {key}: {s['count']} of {s['denominator']} ({_fmt(s['rate'])} of the "
                     "source category)"
                 )
+        untrained = results.get("shift_untrained")
+        if untrained and untrained.get("total"):
+            lines += [
+                "",
+                f"On the {untrained['total']} facts training did not touch (the trained "
+                f"Unknown facts and extras left out; claims of harm rest on these): positive "
+                f"{untrained['positive']} ({_fmt(untrained['positive_rate'])}), negative "
+                f"{untrained['negative']} ({_fmt(untrained['negative_rate'])}).",
+            ]
     for when in ("before", "after"):
         top = _get(conc, when, "top")
         if top:
             lines += ["", f"Top answers {when}: " + ", ".join(f"{a!r} x{n}" for a, n in top[:5])]
     exploded = _get(conc, "after", "exploded")
     if exploded:
-        lines.append("Exploded answers after: " + ", ".join(f"{a!r} x{n}" for a, n in exploded))
+        threshold = _get(conc, "after", "threshold")
+        rule = "" if threshold is None else (
+            f" (not refusals, more than {_fmt(threshold, 0)} times: the explosion factor times "
+            "the base's most frequent answer that is not a refusal)")
+        lines.append(f"Exploded answers after{rule}: "
+                     + ", ".join(f"{a!r} x{n}" for a, n in exploded))
     return "\n".join(lines) + "\n"
 
 
 # Not logged as the report's numbers: the per-epoch history (logged as val/* while fitting),
-# the training mix (settings, not measures) and MMLU's per-subject breakdown (in report.json).
-_NOT_LOGGED = frozenset({"history", "mix", "subjects"})
+# the training mix (settings, not measures), MMLU's per-subject breakdown and the environment
+# (library versions, CPU, world checksum), all in report.json.
+_NOT_LOGGED = frozenset({"history", "mix", "subjects", "environment"})
 
 
 def _metric_name(parts: list[str]) -> str:

@@ -690,3 +690,23 @@ def test_categorize_sidecar_pool_is_reused_and_the_default_pool_is_small(
     dm = make_dm(copy, tokenizer_dir)
     dm.setup("fit")
     assert [f.id for f in dm.fewshot_pool] == [f.id for f in sidecar]
+
+
+def test_an_unanswerable_known_fact_is_never_an_extra_or_a_shot():
+    """The paper's known facts all have an answer: a HighlyKnown fact whose answer is a refusal
+    ("I don't know.") would teach refusing. The held-out facts stay as they are."""
+    def fact(i: int, category: str, answer: str) -> Fact:
+        return Fact(id=f"f{i}", question=f"Where is place {i}?", answers=[answer],
+                    category=category)
+
+    unknown = [fact(i, "Unknown", f"town {i}") for i in range(4)]
+    known = [fact(100 + i, "HighlyKnown", "I don't know." if i % 2 else f"city {i}")
+             for i in range(12)]
+    mix = build_mix([*unknown, *known], n_unknown=4, extra_per_unknown=1,
+                    extra_kind="highly_known", n_val_known=2)
+    assert len(mix.train_extra) == 4
+    assert all(f.answer != "I don't know." for f in [*mix.train_extra, *mix.fewshot_pool])
+    assert mix.val_known == known[-2:]
+    with pytest.raises(ValueError, match="5 of them unanswerable"):
+        build_mix([*unknown, *known[:10]], n_unknown=4, extra_per_unknown=2,
+                  extra_kind="highly_known", n_val_known=0)

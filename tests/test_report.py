@@ -15,7 +15,7 @@ from lora_lightning.data import KnowledgeDataModule
 from lora_lightning.lora import lora_disabled
 from lora_lightning.metrics import Reliability
 from lora_lightning.module import ProbeConfig
-from lora_lightning.report import markdown, write_report
+from lora_lightning.report import markdown, report_metrics, write_report
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -56,6 +56,11 @@ def test_report_files_hold_every_measure(tested):
         "benchmarks",
         "history",
         "mix",
+        "shift_untrained",
+        "refusals_answerable",
+        "refusals_unanswerable",
+        "concentration_answers",
+        "environment",
     ):
         assert key in results, key
     assert set(results["benchmarks"]) == {"mmlu", "truthfulqa"}
@@ -76,6 +81,67 @@ def test_shift_counts_every_test_fact_once_from_its_category_before(tested):
     before = dict(zip(shift["categories"], shift["before"], strict=True))
     for category in ("HighlyKnown", "Unknown"):
         assert before[category] == sum(f.category == category for f in data.test_facts)
+
+
+def test_shifts_on_untrained_facts_leave_every_trained_fact_out(tested):
+    _, data, report = tested
+    trained = {f.id for f in [*data.train_unknown, *data.train_extra]}
+    untrained = [f for f in data.test_facts if f.id not in trained]
+    assert 0 < len(untrained) < len(data.test_facts)
+    shift = report.results["shift_untrained"]
+    assert shift["total"] == len(untrained)
+    before = dict(zip(shift["categories"], shift["before"], strict=True))
+    assert before["Unknown"] == sum(f.category == "Unknown" for f in untrained)
+
+
+def test_refusals_and_explosions_are_counted_apart_from_the_papers_totals(tested):
+    _, data, report = tested
+    results, n_exp = report.results, 2
+    answerable = results["refusals_answerable"]["after"]
+    assert answerable["total"] == n_exp * len(data.test_facts)  # no fact's answer refuses here
+    assert results["refusals_unanswerable"]["after"]["total"] == 0
+    answers = results["concentration_answers"]
+    assert answers["before"]["n_answers"] <= results["concentration"]["before"]["n_answers"]
+    after = results["concentration"]["after"]
+    assert after["threshold"] == 2.0 * answers["before"]["max_count"]
+    assert all(count > after["threshold"] for _, count in after["exploded"])
+
+
+def test_the_report_records_the_libraries_and_cpu_it_was_measured_with(tested):
+    import platform
+
+    import transformers
+
+    environment = tested[2].results["environment"]
+    assert environment["libraries"]["torch"] in (torch.__version__,
+                                                 torch.__version__.split("+")[0])
+    assert environment["libraries"]["transformers"] == transformers.__version__
+    assert environment["python"] == platform.python_version() and environment["cpu"]
+    assert "environment" not in json.dumps(sorted(report_metrics(tested[2].results)))
+
+
+def test_a_zero_adapter_changes_no_answer_and_no_category(tiny_model_dir, tiny_fact_files):
+    """The control: B = 0 at injection, so probing through the LoRA layers must give the
+    base's answers and categories exactly, and a knowledge shift of zero."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_lightning.facts import load_facts
+    from lora_lightning.knowledge import categorize
+    from lora_lightning.lora import inject_lora
+    from lora_lightning.metrics.functional import knowledge_shift
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    facts = load_facts(tiny_fact_files["facts"])[:12]
+    pool = load_facts(tiny_fact_files["pool"])
+    settings = dict(n_exp=2, n_shot=2, max_new_tokens=4, progress=False)
+    base = categorize(model, tokenizer, facts, pool, **settings)
+    inject_lora(model, "all-linear", rank=4, alpha=8.0)
+    zero = categorize(model, tokenizer, facts, pool, **settings)
+    assert [f.predictions for f in zero] == [f.predictions for f in base]
+    assert [f.category for f in zero] == [f.category for f in base]
+    shift = knowledge_shift([f.category for f in base], [f.category for f in zero])
+    assert int(shift["positive"]) == int(shift["negative"]) == 0
 
 
 def test_reported_reliability_equals_a_direct_probe_of_the_trained_facts(tested):
@@ -135,7 +201,7 @@ def test_markdown_shows_before_and_after_with_denominators(tmp_path):
     md = markdown(results)
     assert "| 0.750 |" in md and "n=4" in md
     assert "| unique greedy answers | 20 | 7 |" in md
-    assert "| refusal rate | 0.150 | 0.000 |" in md
+    assert "| refusal rate (all probe answers, the paper's) | 0.150 | 0.000 |" in md
     assert "| MMLU accuracy (n=10) | 0.677 | 0.441 |" in md
     assert "| Unknown | 1 | 2 | 0 | 9 |" in md
     assert "UK->MK: 2 of 12" in md
@@ -239,3 +305,16 @@ def test_a_sweeps_cells_probe_the_base_on_the_editing_questions_once(
     assert len(list(tmp_path.glob("before_probes-*.jsonl"))) == 1
     cell(3)  # other probe settings: probed again, kept in a file of their own
     assert probed[-2:] == [18, 18] and len(list(tmp_path.glob("before_probes-*.jsonl"))) == 2
+
+
+def test_a_worlds_checksum_is_its_content_not_its_build_record(tmp_path):
+    from lora_lightning.provenance import world_checksum
+
+    sums = {"model/model.safetensors": "aa", "facts.jsonl": "bb", "build_info.json": "cc"}
+    (tmp_path / "checksums.json").write_text(json.dumps(sums))
+    first = world_checksum(tmp_path)
+    (tmp_path / "checksums.json").write_text(json.dumps({**sums, "build_info.json": "dd"}))
+    assert world_checksum(tmp_path) == first  # another build's timings, the same world
+    (tmp_path / "checksums.json").write_text(json.dumps({**sums, "facts.jsonl": "ee"}))
+    assert world_checksum(tmp_path) != first
+    assert world_checksum(tmp_path / "nowhere") is None

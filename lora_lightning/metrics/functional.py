@@ -16,7 +16,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lora_lightning.facts import CATEGORIES, Fact, is_correct, normalize_answer
+from lora_lightning.facts import (
+    CATEGORIES,
+    REFUSAL_PATTERNS,
+    Fact,
+    is_correct,
+    normalize_answer,
+)
 
 __all__ = [
     "DEFAULT_REFUSAL_PATTERNS",
@@ -345,15 +351,7 @@ def answer_concentration(
 
 # --------------------------------------------------------------------------- refusals
 
-DEFAULT_REFUSAL_PATTERNS: tuple[str, ...] = (
-    r"\bI (?:couldn't|could not|can't|cannot|was unable to|am unable to) find any information",
-    r"\bI (?:cannot|can't|could not|couldn't) (?:verify|confirm)",
-    r"\bI (?:don't|do not) know\b",
-    r"\bI(?:'m| am) not sure\b",
-    r"\bno (?:information|data|records?)\b",
-    r"\bI have no comment\b",
-    r"\bI(?:'m| am) (?:not aware|unable to (?:answer|provide))",
-)
+DEFAULT_REFUSAL_PATTERNS: tuple[str, ...] = REFUSAL_PATTERNS  # facts.py owns them
 
 
 def compile_refusal_patterns(

@@ -59,6 +59,9 @@ _STATIC: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("shift_total", ("shift", "total")),
     ("shift_positive_rate", ("shift", "positive_rate")),
     ("shift_negative_rate", ("shift", "negative_rate")),
+    ("shift_untrained_total", ("shift_untrained", "total")),
+    ("shift_untrained_positive_rate", ("shift_untrained", "positive_rate")),
+    ("shift_untrained_negative_rate", ("shift_untrained", "negative_rate")),
     ("unique_before", ("concentration", "before", "unique")),
     ("unique_after", ("concentration", "after", "unique")),
     ("top_answer_before", ("concentration", "before", "top", 0, 0)),
@@ -67,8 +70,16 @@ _STATIC: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("top_count_after", ("concentration", "after", "max_count")),
     ("refusal_rate_before", ("refusals", "before", "rate")),
     ("refusal_rate_after", ("refusals", "after", "rate")),
+    ("refusal_rate_answerable_before", ("refusals_answerable", "before", "rate")),
+    ("refusal_rate_answerable_after", ("refusals_answerable", "after", "rate")),
+    ("correct_refusal_rate_before", ("refusals_unanswerable", "before", "rate")),
+    ("correct_refusal_rate_after", ("refusals_unanswerable", "after", "rate")),
     ("confidence_before", ("confidence", "before")),
     ("confidence_after", ("confidence", "after")),
+    ("world_checksum", ("environment", "world", "checksum")),
+    ("cpu", ("environment", "cpu")),
+    ("torch_version", ("environment", "libraries", "torch")),
+    ("transformers_version", ("environment", "libraries", "transformers")),
 )
 
 
@@ -240,8 +251,15 @@ def markdown(grid: Grid, record: dict[str, Any], sweep_dir: Path, plots: list[Pa
     lines += ["## Knowledge shift (rates over all facts): positive / negative", ""]
     lines += _table(grid, lambda n, g: simple("shift_positive_rate", "shift_positive_rate")(n, g)
                     + " / " + simple("shift_negative_rate", "shift_negative_rate")(n, g))
+    if grid.has("shift_untrained_negative_rate"):
+        lines += ["## Knowledge shift on the facts training did not touch: positive / negative",
+                  ""]
+        lines += _table(grid, lambda n, g: simple("shift_untrained_positive_rate")(n, g)
+                        + " / " + simple("shift_untrained_negative_rate")(n, g),
+                        note="The rates above count the trained facts too (the paper's); claims "
+                        "of harm rest on these.")
     if grid.has("known_retained"):
-        lines += ["## Held-out HighlyKnown facts still known", ""]
+        lines += ["## Held-out HighlyKnown facts still known (not Unknown after training)", ""]
         lines += _table(grid, simple("known_retained"))
     base_unique = _base(grid, "unique_before")
     lines += ["## Answer concentration after training: unique answers; top answer count", ""]
@@ -255,6 +273,14 @@ def markdown(grid: Grid, record: dict[str, Any], sweep_dir: Path, plots: list[Pa
     lines += _table(grid, simple("refusal_rate_after", "refusal_rate_after"),
                     note=f"Base model: {_fmt(_base(grid, 'refusal_rate_before'))}"
                     + (f" (paper base: {PAPER_BASE['refusal_rate']:.3f})." if paper else "."))
+    if grid.has("refusal_rate_answerable_after") and grid.has("correct_refusal_rate_after"):
+        lines += ["## Refusals apart: on answerable facts; correct ones on unanswerable facts",
+                  ""]
+        lines += _table(grid, lambda n, g: simple("refusal_rate_answerable_after")(n, g) + "; "
+                        + simple("correct_refusal_rate_after")(n, g),
+                        note="Base model: "
+                        f"{_fmt(_base(grid, 'refusal_rate_answerable_before'))}; "
+                        f"{_fmt(_base(grid, 'correct_refusal_rate_before'))}.")
     bench = sorted({c.removesuffix("_after") for r in rows for c in r
                     if c.endswith(("_accuracy_after", "_mc1_after", "_mc2_after"))})
     if bench:

@@ -21,6 +21,7 @@ from lora_lightning.facts import save_facts
 from lora_lightning.files import check_output_dir, writable_home
 from lora_lightning.knowledge import categorize
 from lora_lightning.metrics.functional import answer_concentration, refusal_rate
+from lora_lightning.provenance import environment
 from lora_lightning.world.benchmarks import (
     benchmark_texts,
     evaluate_world_benchmarks,
@@ -34,7 +35,9 @@ from lora_lightning.world.tokenizer import train_tokenizer
 
 # The world's matrices are tiny (hidden size ~100): intra-op threads cost more in hand-offs than
 # they save, and on a shared 2-core machine a second thread made pre-training ~10x slower in CPU
-# time. One thread also makes the build bit-for-bit reproducible across machines' core counts.
+# time. One thread also makes the build bit-for-bit reproducible across core counts, but not
+# across CPU types: MKL and torch's vectorised kernels round differently on an AMD EPYC and on
+# an Intel Xeon with AVX-512, and pre-training grows that into another base (docs/world.md).
 BUILD_THREADS = 1
 BENCHMARKS_DIR = "benchmarks"
 TWO_HOP_FILE = "two_hop.jsonl"
@@ -169,6 +172,7 @@ def _build(config: WorldConfig, root: Path, progress: bool) -> dict:
         info["world_truthful_mc1"] = scores["world_truthful"]["mc1"]
         info["world_truthful_mc2"] = scores["world_truthful"]["mc2"]
     info["total_seconds"] = round(time.perf_counter() - started, 1)
+    info["environment"] = environment()  # the CPU and libraries the build's numbers depend on
     (root / "build_info.json").write_text(json.dumps(info, indent=1))
     return info
 
