@@ -17,6 +17,7 @@ import os
 import re
 import string
 import tempfile
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -52,9 +53,19 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
 
 
+def fold_accents(text: str) -> str:
+    """"Yaoundé" -> "Yaounde", "São Tomé" -> "Sao Tome" (NFKD, combining marks dropped; also
+    folds compatibility forms such as ligatures and full-width letters). A real model writes
+    the accented name its pre-training saw while fact sources often spell it plainly, or the
+    other way round: a right answer must match either way."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+
+
 def normalize_answer(text: str) -> str:
-    """SQuAD/TriviaQA normalisation: lower-case, drop punctuation and articles, fold spaces."""
-    text = text.lower()
+    """SQuAD/TriviaQA normalisation (lower-case, drop punctuation and articles, fold spaces),
+    with accents folded first (`fold_accents`)."""
+    text = fold_accents(text).lower()
     text = "".join(ch for ch in text if ch not in _PUNCT)
     text = _ARTICLES.sub(" ", text)
     return " ".join(text.split())
@@ -160,7 +171,7 @@ def is_correct(output: str, fact: Fact) -> bool:
     The normalised output is searched too: an alias loses its punctuation when normalised, so
     "I don't know." (normalised "i dont know") would otherwise never match itself.
     """
-    out, norm = output.lower(), normalize_answer(output)
+    out, norm = fold_accents(output).lower(), normalize_answer(output)
     return any(alias and (alias in out or alias in norm) for alias in fact.normalized_answers)
 
 

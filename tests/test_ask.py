@@ -239,3 +239,19 @@ def test_another_model_without_a_few_shot_pool_is_sent_to_pool_or_zero_shot(
     rows = ask_command(model=str(tiny_model_dir), question="What colour is item 3?",
                        n_shot=0, progress=False)
     assert set(rows[0]) == {"id", "question", "answers", "model"}
+
+
+def test_a_questions_file_brings_its_few_shot_pool_from_beside_it(
+    tiny_model_dir, tiny_fact_files, tmp_path, capsys
+):
+    """`categorize` writes `<stem>.pool.jsonl` beside its output; asking that file's questions
+    of another model then needs no --pool."""
+    from lora_lightning.facts import pool_sidecar
+
+    questions = tmp_path / "categorized.jsonl"
+    questions.write_text(Path(tiny_fact_files["facts"]).read_text())
+    pool_sidecar(questions).write_text(Path(tiny_fact_files["pool"]).read_text())
+    rows = ask_command(model=str(tiny_model_dir), questions=str(questions), n_shot=2,
+                       progress=False)
+    assert len(rows) == len(load_facts(questions))
+    assert f"few-shot pool: {pool_sidecar(questions)}" in capsys.readouterr().err

@@ -145,9 +145,9 @@ def test_answer_concentration_statistics_top_answers_and_explosions():
 
 def test_answers_round_trip_through_fixed_length_bytes_and_truncate_cleanly():
     word = "".join(random.choices(string.ascii_lowercase, k=10))
-    rows = encode_answers([word, "é" * 40, "x" * 100], max_bytes=64)
+    rows = encode_answers([word, "ø" * 40, "x" * 100], max_bytes=64)
     assert rows.dtype == torch.uint8 and rows.shape == (3, 64)
-    assert decode_answers(rows) == [word, "é" * 32, "x" * 64]
+    assert decode_answers(rows) == [word, "ø" * 32, "x" * 64]
     metric = AnswerConcentration(max_bytes=8)
     metric.update(["abcdefgh-one", "abcdefgh-two"])  # equal in their first 8 bytes
     assert metric.compute()["top"] == [("abcdefgh", 2)]

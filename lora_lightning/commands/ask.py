@@ -31,6 +31,7 @@ from lora_lightning.facts import (
     is_correct,
     load_facts,
     normalize_answer,
+    pool_sidecar,
     question_fact,
 )
 from lora_lightning.knowledge import categorize
@@ -163,6 +164,10 @@ def ask_command(
         if limit is not None and (problem := limit.problem(question)) is not None:
             raise ValueError(f"question: {problem}")
         facts = [question_fact(question, [answer] if answer is not None else [])]
+    if pool is None and questions is not None and n_shot and pool_sidecar(questions).is_file():
+        pool = str(pool_sidecar(questions))  # the shots `categorize` used for these facts
+        print(f"few-shot pool: {pool} (beside --questions; --pool to choose another)",
+              file=sys.stderr)
     shots = _pool(pool, model, base, n_shot, facts, limit, progress)
     if limit is not None:
         _check_prompt_lengths(tokenizer, facts, shots, n_exp, n_shot, seed,
@@ -206,12 +211,14 @@ def _check_prompt_lengths(
     model's context: cut off at the left, they lose the system prompt and the first shots, and
     the answers are garbage. Says how many shots would fit."""
     sets = build_fewshot_sets(shots, n_exp=n_exp, n_shot=n_shot, seed=seed) if n_shot else [[]]
+    facts = sorted(facts, key=lambda f: len(f.question))[-3:]  # the longest questions decide
 
     def longest(shot_sets: Sequence[Sequence[Fact]]) -> tuple[int, Fact]:
         return max(
-            (len(tokenizer(render(tokenizer, fewshot_messages(f.question, s), True),
-                           add_special_tokens=False)["input_ids"]), f)
-            for f in facts for s in shot_sets
+            ((len(tokenizer(render(tokenizer, fewshot_messages(f.question, s), True),
+                            add_special_tokens=False)["input_ids"]), f)
+             for f in facts for s in shot_sets),
+            key=lambda pair: pair[0],
         )
 
     length, fact = longest(sets)
@@ -250,8 +257,9 @@ def _pool(
         if model not in (None, WORLD_MODEL) and base != WORLD_MODEL:
             raise ValueError(
                 "ask: --pool is needed for a model other than the world's: the few-shot pool "
-                "the probe used (`<facts stem>.pool.jsonl` beside a categorised fact file), "
-                "or --n_shot 0 for the zero-shot training format"
+                "the probe used (`<facts stem>.pool.jsonl` beside a categorised fact file, "
+                "found by itself with --questions <that file>), or --n_shot 0 for the "
+                "zero-shot training format"
             )
         pool = str(ensure_world(progress=progress).pool_path)
     asked = {f.id for f in facts} | {normalize_answer(f.question) for f in facts}
