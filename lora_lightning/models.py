@@ -8,9 +8,12 @@ before anything is loaded.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,8 @@ __all__ = [
     "check_model_path",
     "check_world_facts",
     "context_length",
+    "gguf_folder",
+    "is_gguf",
     "load_base_model",
     "load_model",
     "load_tokenizer",
@@ -40,16 +45,27 @@ _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 _EXPECTED = (
     "expected a Hugging Face model folder (config.json, weights, tokenizer, as save_pretrained "
-    "writes it) or a hub id such as meta-llama/Llama-3.1-8B-Instruct"
+    "writes it), a .gguf file, or a hub id such as meta-llama/Llama-3.1-8B-Instruct"
 )
+GGUF_SUFFIX = ".gguf"
+GGUF_DIR = "gguf"  # under $LORA_LIGHTNING_HOME: one dequantized HF folder per GGUF file
 
 
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
+def is_gguf(name: str | None) -> bool:
+    """Whether a model name is a GGUF file (llama.cpp's format, e.g. a quantized checkpoint)."""
+    return isinstance(name, str) and name.lower().endswith(GGUF_SUFFIX)
+
+
 def _check_source(name: str, what: str, needs: tuple[str, ...], kind: str) -> None:
     path = Path(name).expanduser()
+    if is_gguf(name):
+        if not path.is_file():
+            raise FileNotFoundError(f"{what}: no GGUF file at {name!r}")
+        return
     if path.exists():
         if not path.is_dir():
             raise FileNotFoundError(f"{what}: {name!r} is a file; {_EXPECTED}")
@@ -73,14 +89,17 @@ def _check_source(name: str, what: str, needs: tuple[str, ...], kind: str) -> No
 
 def check_model_path(name: str, what: str = "model.model_name_or_path") -> None:
     """Refuse, in one line naming `name`, what cannot be a model: a missing folder, a folder
-    without config.json, a file, a string that is no hub id, or (offline) a hub id that is not
-    in the local Hugging Face cache."""
+    without config.json, a file that is no .gguf, a string that is no hub id, or (offline) a
+    hub id that is not in the local Hugging Face cache."""
     _check_source(name, what, ("config.json",), "model")
 
 
 def resolve_model(model_name_or_path: str | None, progress: bool = True) -> str:
     """A model path or hub id as given (checked by `check_model_path`); None or "world" is the
-    synthetic world's base model folder (built on first use)."""
+    synthetic world's base model folder (built on first use); a .gguf file is the HF folder it
+    is dequantized into once (`gguf_folder`)."""
+    if is_gguf(model_name_or_path):
+        return gguf_folder(model_name_or_path, progress=progress)
     if model_name_or_path is not None and model_name_or_path != WORLD_MODEL:
         check_model_path(model_name_or_path)
         return model_name_or_path
@@ -88,11 +107,124 @@ def resolve_model(model_name_or_path: str | None, progress: bool = True) -> str:
 
 
 def resolve_tokenizer(name_or_path: str | None, progress: bool = True) -> str:
-    """Where a tokenizer comes from: None or "world" is the world's base model folder, anything
-    else as given (a tokenizer-only folder is fine; `load_tokenizer` checks it)."""
+    """Where a tokenizer comes from: None or "world" is the world's base model folder, a .gguf
+    file its HF folder, anything else as given (a tokenizer-only folder is fine;
+    `load_tokenizer` checks it)."""
+    if is_gguf(name_or_path):
+        return gguf_folder(name_or_path, progress=progress)
     if name_or_path is not None and name_or_path != WORLD_MODEL:
         return name_or_path
     return str(world.ensure_world(progress=progress).model_dir)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _gguf_field(reader: Any, key: str) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        return None
+    if hasattr(field, "contents"):
+        return field.contents()
+    return bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
+
+
+def _check_gguf(path: Path) -> Any:
+    """The file's header, read without loading it: a Llama, with tensor types transformers can
+    dequantize (through the `gguf` package), or one line saying what is not."""
+    try:
+        import gguf
+        from gguf.quants import _type_traits
+    except ImportError as err:
+        raise ValueError(
+            f"{path}: loading a GGUF file needs the `gguf` package: pip install gguf (or "
+            "\"lora-lightning[real]\")"
+        ) from err
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (ValueError, OSError) as err:
+        raise ValueError(f"{path}: not a readable GGUF file ({_first_line(err)})") from err
+    arch = _gguf_field(reader, "general.architecture")
+    if arch != "llama":
+        raise ValueError(
+            f"{path}: a GGUF model of architecture {arch!r}; lora-lightning trains Llama "
+            "checkpoints (GGUF architecture 'llama', transformers' LlamaForCausalLM)"
+        )
+    plain = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16}
+    types = {t.tensor_type for t in reader.tensors}
+    unsupported = sorted(t.name for t in types if t not in plain and t not in _type_traits)
+    if unsupported:
+        raise ValueError(
+            f"{path}: tensors stored as {', '.join(unsupported)}, which the gguf package "
+            "transformers dequantizes with cannot read; convert the model with another "
+            f"quantization (e.g. Q8_0, Q4_K_M, F16) or load its original weights"
+        )
+    return reader
+
+
+def gguf_folder(path: str, progress: bool = True) -> str:
+    """The plain Hugging Face folder a GGUF file is dequantized into, made on first use.
+
+    transformers loads a GGUF file (`from_pretrained(folder, gguf_file=...)`) and dequantizes
+    it to float weights, which takes a while and refuses `save_pretrained` ("quantized with
+    gguf and is not serializable"). So the weights are copied once into a plain
+    `LlamaForCausalLM` and saved with the tokenizer under `$LORA_LIGHTNING_HOME/gguf/
+    <stem>-<sha256[:16]>/`, keyed by the file's checksum: later runs load that folder as any
+    model, and adapters record it as their base, which PEFT loads.
+    """
+    source = Path(path).expanduser()
+    if not source.is_file():
+        raise FileNotFoundError(f"model: no GGUF file at {path!r}")
+    digest = _sha256(source)
+    root = world.default_home() / GGUF_DIR / f"{source.stem}-{digest[:16]}"
+    done = root / "gguf_source.json"
+    if done.is_file():
+        return str(root)
+    _check_gguf(source)
+    from filelock import FileLock
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root) + ".lock"):
+        if done.is_file():  # another process made it while we waited
+            return str(root)
+        if progress:
+            print(f"dequantizing {source} into {root} (once)", flush=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+        try:
+            _dequantize(source, tmp)
+            (tmp / done.name).write_text(json.dumps(
+                {"gguf": str(source.resolve()), "sha256": digest}, indent=1))
+            if root.exists():  # an incomplete earlier attempt
+                shutil.rmtree(root)
+            os.replace(tmp, root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return str(root)
+
+
+def _dequantize(source: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            source.parent, gguf_file=source.name, dtype=torch.float32)
+    except (ValueError, NotImplementedError, KeyError, OSError) as err:
+        raise ValueError(f"{source}: transformers cannot load it: {_first_line(err)}") from err
+    settings = loaded.config.to_dict()
+    for key in ("quantization_config", "architectures", "model_type", "transformers_version"):
+        settings.pop(key, None)
+    plain = LlamaForCausalLM(LlamaConfig(**settings))
+    plain.load_state_dict(loaded.state_dict())
+    plain.generation_config = loaded.generation_config
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def _is_world_model(model_name_or_path: str | None, what: str) -> bool:
@@ -133,6 +265,8 @@ def _first_line(err: BaseException) -> str:
 
 def load_base_model(model_name_or_path: str, dtype: str = "auto") -> nn.Module:
     """`from_pretrained`, with one clear line for a path that holds no loadable checkpoint."""
+    if is_gguf(model_name_or_path):
+        model_name_or_path = gguf_folder(model_name_or_path)
     check_model_path(model_name_or_path)
     from transformers import AutoModelForCausalLM
 
@@ -152,6 +286,8 @@ def load_tokenizer(name_or_path: str, what: str = "tokenizer") -> Any:
     error)."""
     from transformers import AutoTokenizer
 
+    if is_gguf(name_or_path):
+        name_or_path = gguf_folder(name_or_path)
     _check_source(name_or_path, what, _TOKENIZER_FILES, "tokenizer")
     try:
         return AutoTokenizer.from_pretrained(name_or_path)
@@ -165,6 +301,8 @@ def context_length(model_name_or_path: str, tokenizer: Any = None) -> int | None
     """The most tokens the model takes: the smaller of its config's `max_position_embeddings`
     and the tokenizer's `model_max_length` (when set), or None when neither says."""
     limits = []
+    if is_gguf(model_name_or_path):
+        model_name_or_path = gguf_folder(model_name_or_path)
     config = Path(model_name_or_path).expanduser() / "config.json"
     if config.is_file():
         try:
