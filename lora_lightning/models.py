@@ -70,6 +70,12 @@ def _check_source(name: str, what: str, needs: tuple[str, ...], kind: str) -> No
         if not path.is_dir():
             raise FileNotFoundError(f"{what}: {name!r} is a file; {_EXPECTED}")
         if not any((path / f).is_file() for f in needs):
+            ggufs = sorted(p.name for p in path.glob(f"*{GGUF_SUFFIX}"))
+            if ggufs:
+                raise FileNotFoundError(
+                    f"{what}: {name!r} holds GGUF file(s) ({', '.join(ggufs[:3])}) but no "
+                    f"{' / '.join(needs)}; pass the .gguf file itself"
+                )
             raise FileNotFoundError(
                 f"{what}: {name!r} is a folder but holds no {kind} ({' / '.join(needs)} "
                 f"missing); {_EXPECTED}"

@@ -194,3 +194,11 @@ def test_fit_on_a_gguf_file_records_a_base_peft_loads(tiny_model_dir, tiny_fact_
 
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
     assert peft_model.peft_config["default"].r == 4
+
+
+def test_a_folder_holding_a_gguf_file_points_to_the_file(tiny_model_dir, tmp_path):
+    from lora_lightning.models import check_model_path
+
+    write_gguf(tiny_model_dir, tmp_path / "model.gguf")
+    with pytest.raises(FileNotFoundError, match="holds GGUF file.*model.gguf.*pass the .gguf"):
+        check_model_path(str(tmp_path))
