@@ -19,7 +19,7 @@ from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 from lora_lightning import evaluation, harness
-from lora_lightning.facts import is_refusal, load_facts
+from lora_lightning.facts import Fact, is_refusal, load_facts
 from lora_lightning.files import atomic_write_text
 from lora_lightning.lora import lora_disabled, save_adapter
 from lora_lightning.metrics import (
@@ -38,6 +38,8 @@ from lora_lightning.world.benchmarks import evaluate_world_benchmarks
 from lora_lightning.world.cache import BENCHMARKS_DIR, TWO_HOP_FILE
 
 _METRICS_PER_CALL = 500
+# per fact, its category and answers before and after training (beside report.json)
+FACTS_AFTER = "facts_after.jsonl"
 
 
 class TokenThroughputMonitor(ThroughputMonitor):
@@ -365,6 +367,12 @@ class KnowledgeReport(Callback):
         }
         trained = {f.id for f in [*data.train_unknown, *data.train_extra]}
         self._trained = trained
+        self._role = {
+            **{f.id: "held-out known" for f in data.val_known},
+            **{f.id: "trained extra" for f in data.train_extra},
+            **{f.id: "trained unknown" for f in data.train_unknown},
+        }
+        self._rows: list[dict[str, Any]] = []
         subjects = {f.subject for f in data.train_unknown if f.subject}
         self._is_neighbour = lambda f: f.subject in subjects and f.id not in trained
 
@@ -391,6 +399,8 @@ class KnowledgeReport(Callback):
             ]
         m = self.metrics
         m["shift"].update([f.category for f in before], [f.category for f in after])
+        for b, a in zip(before, after, strict=True):
+            self._rows.append(self._fact_row(b, a))
         untrained = [(b, a) for b, a in zip(before, after, strict=True)
                      if b.id not in self._trained]
         m["shift_untrained"].update([b.category for b, _ in untrained],
@@ -416,6 +426,32 @@ class KnowledgeReport(Callback):
                 base = pl_module.probe([b for b, _ in pairs])
             pairs = [(p, a) for p, (_, a) in zip(base, pairs, strict=True)]
         m["locality"].update([b.predictions for b, _ in pairs], [a.predictions for _, a in pairs])
+
+    def _fact_row(self, before: Fact, after: Fact) -> dict[str, Any]:
+        """One fact before and after training, as `facts_after.jsonl` keeps it: every shift
+        can be checked fact by fact, as `categorize` lets one check each category."""
+        return {
+            "id": before.id, "question": before.question, "answers": before.answers,
+            "relation": before.relation, "subject": before.subject,
+            "role": self._role.get(before.id, "untrained"),
+            "category_before": before.category, "category_after": after.category,
+            "p_greedy_before": before.p_greedy, "p_greedy_after": after.p_greedy,
+            "predictions_before": before.predictions, "predictions_after": after.predictions,
+        }
+
+    def _write_fact_rows(self, trainer: L.Trainer, out: Path) -> Path | None:
+        """Every rank's rows, in one file written by rank 0 (whole or not at all)."""
+        rows = self._rows
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = [row for part in gathered for row in part]
+        if not trainer.is_global_zero:
+            return None
+        rows = sorted(rows, key=lambda row: row["id"])
+        path = out / FACTS_AFTER
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        return path
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         m = self.metrics
@@ -458,9 +494,12 @@ class KnowledgeReport(Callback):
         for key in ("reliability", "known_retained"):
             if results[key] is not None:
                 pl_module.log(f"test/{key}", results[key]["reliability"], sync_dist=True)
+        root = trainer.log_dir or trainer.default_root_dir  # a collective under DDP
+        out = Path(self.report_dir) if self.report_dir else Path(root) / "report"
         if trainer.is_global_zero:
-            root = trainer.log_dir or trainer.default_root_dir
-            out = Path(self.report_dir) if self.report_dir else Path(root) / "report"
+            out.mkdir(parents=True, exist_ok=True)
+        self._write_fact_rows(trainer, out)  # before report.json, which marks the test done
+        if trainer.is_global_zero:
             self.report_path = write_report(self.results, out)
             rank_zero_info(f"report written to {self.report_path}")
             self._log_report(trainer)

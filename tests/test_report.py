@@ -74,6 +74,25 @@ def test_report_files_hold_every_measure(tested):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_test_writes_every_facts_answers_and_category_before_and_after(tested):
+    _, data, report = tested
+    rows = [json.loads(line) for line in
+            (report.report_path / "facts_after.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == sorted(f.id for f in data.test_facts)
+    by_id = {r["id"]: r for r in rows}
+    for fact in data.train_unknown:
+        assert by_id[fact.id]["role"] == "trained unknown"
+        assert by_id[fact.id]["category_before"] == "Unknown"
+    for fact in data.val_known:
+        assert by_id[fact.id]["role"] == "held-out known"
+    after = {r["category_after"] for r in rows}
+    assert after <= {"HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown"}
+    assert all(len(r["predictions_after"]) == 2 for r in rows)  # n_exp prompts each
+    shift = report.results["shift"]
+    moved = sum(r["category_before"] != r["category_after"] for r in rows)
+    assert moved == shift["total"] - sum(shift["counts"][i][i] for i in range(4))
+
+
 def test_shift_counts_every_test_fact_once_from_its_category_before(tested):
     _, data, report = tested
     shift = report.results["shift"]
