@@ -554,7 +554,7 @@ class KnowledgeReport(Callback):
                     with lora_disabled(pl_module.model):
                         probed = self._probe_base(trainer, pl_module, mine)
                 else:
-                    probed = pl_module.probe(mine)
+                    probed = pl_module.probe(mine, progress=len(mine) > 1)
                 metric = Reliability().to(pl_module.device)
                 metric.update([f.predictions for f in probed], mine)
                 result[when] = metric.compute()  # a collective: every rank calls it
@@ -569,7 +569,7 @@ class KnowledgeReport(Callback):
         and probe settings, under a file lock: the cells of a sweep that train the same facts
         (every mix at one n) probe each question once, not once per cell."""
         if self.before_scores is None or not facts:
-            return pl_module.probe(facts)
+            return pl_module.probe(facts, progress=len(facts) > 1)
         from filelock import FileLock
 
         settings = {
@@ -582,7 +582,7 @@ class KnowledgeReport(Callback):
         path = Path(self.before_scores).with_name(f"before_probes-{key}.jsonl")
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):
-            return pl_module.probe(facts, checkpoint=path)
+            return pl_module.probe(facts, checkpoint=path, progress=len(facts) > 1)
 
     def _benchmarks(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         world = self._world(trainer)
@@ -652,6 +652,9 @@ class KnowledgeReport(Callback):
     ) -> dict[str, Any]:
         """Every configured benchmark, with the adapter or without it (the base)."""
         out: dict[str, Any] = {}
+        # progress lines name the phase: a test scoring benchmarks before and after once sat
+        # silent for half an hour on a CPU
+        when = "(with adapter)" if adapter else "(base)"
         with (nullcontext() if adapter else lora_disabled(model)), torch.no_grad():
             if self.mmlu_dir:
                 out["mmlu"] = evaluation.evaluate_mmlu(
@@ -661,6 +664,7 @@ class KnowledgeReport(Callback):
                     subjects=self.mmlu_subjects,
                     limit=self.mmlu_limit,
                     batch_size=self.benchmark_batch_size,
+                    progress=f"MMLU {when}",
                 )
             if self.truthfulqa_path:
                 out["truthfulqa"] = evaluation.evaluate_truthfulqa(
@@ -669,11 +673,13 @@ class KnowledgeReport(Callback):
                     self.truthfulqa_path,
                     limit=self.truthfulqa_limit,
                     batch_size=self.benchmark_batch_size,
+                    progress=f"TruthfulQA {when}",
                 )
             if world is not None:
                 out.update(
                     evaluate_world_benchmarks(
-                        model, tokenizer, world / BENCHMARKS_DIR, self.benchmark_batch_size
+                        model, tokenizer, world / BENCHMARKS_DIR, self.benchmark_batch_size,
+                        progress=when,
                     )
                 )
             tasks = harness.parse_tasks(self.harness_tasks)
@@ -681,6 +687,6 @@ class KnowledgeReport(Callback):
                 out["harness"] = harness.evaluate_tasks(
                     model, tokenizer, tasks, self.harness_include, self.harness_limit,
                     self.harness_num_fewshot, self.benchmark_batch_size,
-                    name="with adapter" if adapter else "base (LoRA disabled)", progress=False,
+                    name="with adapter" if adapter else "base (LoRA disabled)", progress=True,
                 )
         return out

@@ -419,9 +419,11 @@ def loglikelihoods(
     tokenizer,
     requests: Sequence[tuple[str, str]],
     batch_size: int = 8,
-    progress: bool = False,
+    progress: bool | str = False,
 ) -> list[tuple[float, bool]]:
     """Summed log-probability of each (context, continuation) and whether it is the greedy one.
+
+    `progress`: show progress (a string: the phase to name in the progress lines).
 
     One forward pass per batch of distinct model inputs (longest first, as the harness does, so
     an out-of-memory batch shows at once); inputs longer than the model's
@@ -450,7 +452,8 @@ def loglikelihoods(
     batches = left_padded_batches(
         inputs, batch_size, pad_token_id(tokenizer), model_device(model), longest_first=True
     )
-    bar = progress_bar(len(inputs), "loglikelihood", enabled=progress)
+    desc = progress if isinstance(progress, str) else "loglikelihood"
+    bar = progress_bar(len(inputs), desc, enabled=bool(progress))
     with bar, evaluating(model, use_cache=False):
         for batch in batches:
             rows_of = [groups[inputs[i]] for i in batch.indices]
@@ -478,7 +481,7 @@ def evaluate_mmlu(
     limit: int | None = None,
     n_shot: int = 5,
     batch_size: int = 8,
-    progress: bool = False,
+    progress: bool | str = False,
 ) -> dict[str, Any]:
     """MMLU accuracy with the harness' 5-shot prompt and " A".." D" log-likelihood scoring.
 
@@ -523,7 +526,7 @@ def evaluate_truthfulqa(
     path: str | os.PathLike | None,
     limit: int | None = None,
     batch_size: int = 8,
-    progress: bool = False,
+    progress: bool | str = False,
     preamble: str = TRUTHFULQA_PREAMBLE,
 ) -> dict[str, Any]:
     """TruthfulQA MC1 and MC2 (0-shot with the harness' QA preamble), by log-likelihood.

@@ -235,11 +235,14 @@ class LoRAKnowledgeModule(L.LightningModule):
 
     # -- probing by generation -------------------------------------------------------------------
 
-    def probe(self, facts: Sequence[Fact], checkpoint: Path | None = None) -> list[Fact]:
+    def probe(
+        self, facts: Sequence[Fact], checkpoint: Path | None = None, progress: bool = False
+    ) -> list[Fact]:
         """Categorise `facts` with the current weights (adapter active): new Fact objects with
         `category`, `p_greedy` and per-prompt `predictions`. The tokenizer and the few-shot pool
         come from the attached data module. With `checkpoint` (a JSONL), facts found there are
-        read back instead of probed, and the others are added (`knowledge.categorize`)."""
+        read back instead of probed, and the others are added (`knowledge.categorize`).
+        `progress`: progress lines (for long probes outside the test loop's own bar)."""
         from lora_lightning.knowledge import categorize
 
         if not facts:
@@ -250,7 +253,7 @@ class LoRAKnowledgeModule(L.LightningModule):
             data.tokenizer,
             facts,
             data.fewshot_pool,
-            progress=False,
+            progress=progress,
             checkpoint=checkpoint,
             **asdict(self.probe_config),
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -261,6 +262,16 @@ def test_evaluate_truthfulqa_matches_independent_computation(model, tokenizer):
     assert result["mc1"] == pytest.approx(sum(mc1) / limit)
     assert result["mc2"] == pytest.approx(sum(mc2) / limit, rel=1e-3)
     assert 0.0 < result["mc2"] < 1.0
+
+
+@needs_data
+def test_a_long_scoring_phase_reports_its_progress_under_its_name(model, tokenizer, capsys):
+    """`test` scores benchmarks before and after training: each phase prints progress lines
+    (done/total, time, what is left) under its own name, in a log as in a terminal."""
+    evaluate_truthfulqa(model, tokenizer, DATA, limit=3, batch_size=4,
+                        progress="TruthfulQA (base)")
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("TruthfulQA")]
+    assert lines and re.match(r"TruthfulQA \(base\): (\d+)/\1 \(100%\) \d+s", lines[-1])
 
 
 @needs_data

@@ -185,15 +185,18 @@ def benchmark_texts(plan: WorldPlan) -> list[str]:
 
 
 def evaluate_world_benchmarks(
-    model, tokenizer, root: str | Path, batch_size: int = 16
+    model, tokenizer, root: str | Path, batch_size: int = 16, progress: str = ""
 ) -> dict[str, Any]:
-    """world-MC accuracy and world-truthful MC1/MC2 of `model` on a built world's benchmarks."""
+    """world-MC accuracy and world-truthful MC1/MC2 of `model` on a built world's benchmarks
+    (`progress`: a phase name, e.g. "(base)", to show progress lines under)."""
     root = Path(root)
     return {
         "world_mc": evaluate_mmlu(model, tokenizer, root / MC_DIR, n_shot=N_SHOT,
-                                  batch_size=batch_size),
+                                  batch_size=batch_size,
+                                  progress=progress and f"world-MC {progress}"),
         "world_truthful": evaluate_truthfulqa(
             model, tokenizer, root / TRUTHFUL_FILE, batch_size=batch_size,
             preamble=(root / TRUTHFUL_PREAMBLE_FILE).read_text(),
+            progress=progress and f"world-truthful {progress}",
         ),
     }
