@@ -341,6 +341,9 @@ class KnowledgeReport(Callback):
             "shift_untrained": KnowledgeShift(),
             "reliability": Reliability(),
             "known_retained": Reliability(),
+            # beside the paper's substring rule: aliases as whole words only
+            "reliability_strict": Reliability(strict=True),
+            "known_retained_strict": Reliability(strict=True),
             **{
                 f"{name}_{when}": cls()
                 for name, cls in (
@@ -419,6 +422,7 @@ class KnowledgeReport(Callback):
         for role, ids in self._roles.items():  # every rank updates, maybe with nothing
             chosen = [f for f in after if f.id in ids]
             m[role].update([f.predictions for f in chosen], chosen)
+            m[f"{role}_strict"].update([f.predictions for f in chosen], chosen)
         pairs = [(b, a) for b, a in zip(before, after, strict=True) if self._is_neighbour(b)]
         if any(len(b.predictions) != len(a.predictions) for b, a in pairs):
             # categorised with other probe settings: ask the base now, with this probe's prompts
@@ -458,9 +462,11 @@ class KnowledgeReport(Callback):
         # compute() is a collective: every rank calls it for every metric, in the same order.
         results: dict[str, Any] = {
             key: m[key].compute()
-            for key in ("reliability", "known_retained", "shift", "shift_untrained")
+            for key in ("reliability", "known_retained", "reliability_strict",
+                        "known_retained_strict", "shift", "shift_untrained")
         }
-        for key in ("reliability", "known_retained"):
+        for key in ("reliability", "known_retained", "reliability_strict",
+                    "known_retained_strict"):
             if int(results[key]["n_facts"]) == 0:
                 results[key] = None
         # "exploded": an answer (not a refusal) given more than explosion_factor times as often

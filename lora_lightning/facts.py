@@ -175,6 +175,19 @@ def is_correct(output: str, fact: Fact) -> bool:
     return any(alias and (alias in out or alias in norm) for alias in fact.normalized_answers)
 
 
+def _words(text: str) -> str:
+    """Accents folded, lower-cased, punctuation as spaces, articles dropped: the text as words."""
+    text = "".join(" " if ch in _PUNCT else ch for ch in fold_accents(text).lower())
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def is_correct_strict(output: str, fact: Fact) -> bool:
+    """A stricter criterion reported beside the paper's: some alias occurs in the output as
+    whole words ("Rabatel-El-Kabba" does not answer "Rabat"; "the city of Rabat." does)."""
+    out = f" {_words(output)} "
+    return any(alias and f" {alias} " in out for alias in map(_words, fact.answers))
+
+
 class FactFileError(ValueError):
     """A fact source that cannot be read as facts; the message names file, line/row and field."""
 

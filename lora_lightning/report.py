@@ -53,6 +53,10 @@ def markdown(results: dict[str, Any]) -> str:
         f"| held-out HighlyKnown retained (n={_fmt(ret.get('n_facts'))}) | 1 (HighlyKnown by "
         f"definition) | {_fmt(ret.get('reliability'))} |",
     ]
+    for key, label in (("reliability_strict", "reliability, whole-word matches only"),
+                       ("known_retained_strict", "held-out HighlyKnown retained, whole words")):
+        if results.get(key):
+            lines.append(f"| {label} | - | {_fmt(results[key].get('reliability'))} |")
     conc = results.get("concentration") or {}
     for key, label in (
         ("unique", "unique greedy answers"),

@@ -18,6 +18,7 @@ from lora_lightning.facts import (
     Fact,
     FactFileError,
     is_correct,
+    is_correct_strict,
     load_facts,
     normalize_answer,
     save_facts,
@@ -306,6 +307,22 @@ def test_normalize_answer_follows_squad_rules(text, normalized):
                                               ("It is Bogotá", "Bogota"), ("São Tomé", "Sao Tome")])
 def test_an_accented_answer_matches_its_plain_spelling_both_ways(output, gold):
     assert is_correct(output, Fact("x", "What is the capital?", [gold]))
+
+
+@pytest.mark.parametrize(("output", "gold", "paper", "strict"), [
+    ("Rabatel-El-Kabba", "Rabat", True, False),   # the paper's substring rule is lenient
+    ("The city of Rabat.", "Rabat", True, True),
+    ("Rabat-Salé", "Rabat", True, True),          # punctuation separates words
+    ("born in New York City, 1950", "New York City", True, True),
+    ("Yaoundé", "Yaounde", True, True),
+    ("I don't know.", "I don't know.", True, True),
+    ("lute", "flute", False, False),
+    ("a flute", "lute", True, False),
+])
+def test_the_strict_rule_counts_an_alias_only_as_whole_words(output, gold, paper, strict):
+    fact = Fact("x", "Which?", [gold])
+    assert is_correct(output, fact) is paper
+    assert is_correct_strict(output, fact) is strict
 
 
 def test_is_correct_accepts_any_alias_as_substring_of_the_output():

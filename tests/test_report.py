@@ -102,6 +102,14 @@ def test_shift_counts_every_test_fact_once_from_its_category_before(tested):
         assert before[category] == sum(f.category == category for f in data.test_facts)
 
 
+def test_reliability_by_whole_words_is_reported_beside_the_papers_rule(tested):
+    results = tested[2].results
+    for key in ("reliability", "known_retained"):
+        strict, paper = results[f"{key}_strict"], results[key]
+        assert strict["n_facts"] == paper["n_facts"]
+        assert strict["reliability"] <= paper["reliability"]  # whole words also contain it
+
+
 def test_shifts_on_untrained_facts_leave_every_trained_fact_out(tested):
     _, data, report = tested
     trained = {f.id for f in [*data.train_unknown, *data.train_extra]}

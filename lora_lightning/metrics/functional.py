@@ -21,6 +21,7 @@ from lora_lightning.facts import (
     REFUSAL_PATTERNS,
     Fact,
     is_correct,
+    is_correct_strict,
     normalize_answer,
 )
 
@@ -101,8 +102,9 @@ def alias_accuracy(answers: Sequence[str], targets: Sequence[Target]) -> Tensor:
 # --------------------------------------------------------------------------- reliability
 
 
-def prompt_accuracy(answers: Sequence[str], fact: Target) -> float:
-    """Share of one fact's per-prompt answers that are correct: SliCK's P_greedy.
+def prompt_accuracy(answers: Sequence[str], fact: Target, strict: bool = False) -> float:
+    """Share of one fact's per-prompt answers that are correct: SliCK's P_greedy (`strict`:
+    by whole-word matches, `is_correct_strict`, instead of the paper's substring rule).
 
     >>> prompt_accuracy(["Paris", "Lyon", "in Paris", "Nice"], ["Paris"])
     0.5
@@ -110,11 +112,12 @@ def prompt_accuracy(answers: Sequence[str], fact: Target) -> float:
     if isinstance(answers, str) or len(answers) == 0:
         raise ValueError(f"need a non-empty list of answers (one per prompt), got {answers!r}")
     fact = as_fact(fact)
-    return sum(is_correct(a, fact) for a in answers) / len(answers)
+    judge = is_correct_strict if strict else is_correct
+    return sum(judge(a, fact) for a in answers) / len(answers)
 
 
 def _reliability_update(
-    answers: Sequence[Sequence[str]], facts: Sequence[Target]
+    answers: Sequence[Sequence[str]], facts: Sequence[Target], strict: bool = False
 ) -> dict[str, float]:
     """Counts over facts: how many, answered by any / a majority / every prompt, share sum."""
     check_lengths("answers", answers, "facts", facts)
@@ -122,7 +125,7 @@ def _reliability_update(
               "share_sum": 0.0}
     for i, (per_prompt, target) in enumerate(zip(answers, facts, strict=True)):
         try:
-            share = prompt_accuracy(per_prompt, target)
+            share = prompt_accuracy(per_prompt, target, strict)
         except ValueError:
             raise ValueError(
                 f"answers[{i}] must be a non-empty list of answers (one per prompt), "

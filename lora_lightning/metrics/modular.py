@@ -127,8 +127,9 @@ class Reliability(Metric):
     full_state_update = False
     _COUNTS = ("n_facts", "any_correct", "majority_correct", "all_correct")
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, strict: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.strict = strict  # whole-word matches instead of the paper's substring rule
         for name in self._COUNTS:
             self.add_state(name, torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         # the per-fact share is a float sum: exact enough, and additive across ranks
@@ -136,7 +137,7 @@ class Reliability(Metric):
 
     def update(self, answers: Sequence[Sequence[str]], facts: Sequence[Target]) -> None:
         """`answers[i]` holds the answers of every prompt for `facts[i]`."""
-        counts = F._reliability_update(answers, facts)
+        counts = F._reliability_update(answers, facts, self.strict)
         # one tensor update per batch, not per fact: states may live on a GPU
         for name, value in counts.items():
             setattr(self, name, getattr(self, name) + value)

@@ -52,6 +52,8 @@ def _get(d: Any, *keys: Any) -> Any:
 _STATIC: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("reliability", ("reliability", "reliability")),
     ("reliability_n", ("reliability", "n_facts")),
+    ("reliability_strict", ("reliability_strict", "reliability")),
+    ("known_retained_strict", ("known_retained_strict", "reliability")),
     ("known_retained", ("known_retained", "reliability")),
     ("known_retained_n", ("known_retained", "n_facts")),
     ("shift_positive", ("shift", "positive")),
