@@ -22,6 +22,7 @@ from lora_lightning.commands import (
     categorize_command,
     evaluate_command,
     export_command,
+    facts_command,
     run_training_cli,
     sweep_argv,
     sweep_command,
@@ -37,6 +38,7 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "categorize": categorize_command,
     "evaluate": evaluate_command,
     "export": export_command,
+    "facts": facts_command,
     "sweep": sweep_command,
     "world": world_command,
 }

@@ -9,6 +9,7 @@ from lora_lightning.commands.ask import ask_argv, ask_command
 from lora_lightning.commands.categorize import categorize_command
 from lora_lightning.commands.evaluate import evaluate_command
 from lora_lightning.commands.export import export_command
+from lora_lightning.commands.facts import facts_command
 from lora_lightning.commands.sweep import sweep_argv, sweep_command
 from lora_lightning.commands.train import run_training_cli
 from lora_lightning.commands.world import world_command
@@ -20,6 +21,7 @@ __all__ = [
     "categorize_command",
     "evaluate_command",
     "export_command",
+    "facts_command",
     "run_training_cli",
     "sweep_argv",
     "sweep_command",

