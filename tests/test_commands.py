@@ -11,6 +11,7 @@ from lora_lightning.commands import (
     categorize_command,
     evaluate_command,
     export_command,
+    facts_command,
     sweep_command,
     world_command,
 )
@@ -26,6 +27,7 @@ def test_every_command_is_a_typed_function_in_the_table():
         "categorize": categorize_command,
         "evaluate": evaluate_command,
         "export": export_command,
+        "facts": facts_command,
         "sweep": sweep_command,
         "world": world_command,
     } == COMMANDS
