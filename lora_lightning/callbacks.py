@@ -443,16 +443,38 @@ class KnowledgeReport(Callback):
             "predictions_before": before.predictions, "predictions_after": after.predictions,
         }
 
-    def _write_fact_rows(self, trainer: L.Trainer, out: Path) -> Path | None:
-        """Every rank's rows, in one file written by rank 0 (whole or not at all)."""
+    def _gathered_rows(self, trainer: L.Trainer) -> list[dict[str, Any]]:
+        """Every rank's fact rows, on every rank (a collective under DDP), sorted by id."""
         rows = self._rows
         if trainer.world_size > 1 and torch.distributed.is_initialized():
             gathered: list[Any] = [None] * trainer.world_size
             torch.distributed.all_gather_object(gathered, rows)
             rows = [row for part in gathered for row in part]
-        if not trainer.is_global_zero:
+        return sorted(rows, key=lambda row: row["id"])
+
+    @staticmethod
+    def _by_relation(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]] | None:
+        """Reliability and held-out retention per relation (a fact counts when any prompt
+        answers it, as `Reliability` counts): with several relations, one of them can carry
+        a headline number alone. None with fewer than two relations."""
+        relations = sorted({r["relation"] for r in rows if r["relation"]})
+        if len(relations) < 2:
             return None
-        rows = sorted(rows, key=lambda row: row["id"])
+        out: dict[str, dict[str, Any]] = {}
+        for relation in relations:
+            mine = [r for r in rows if r["relation"] == relation]
+            entry: dict[str, Any] = {}
+            for role, key in (("trained unknown", "reliability"),
+                              ("held-out known", "known_retained")):
+                chosen = [r for r in mine if r["role"] == role]
+                entry[key] = (sum((r["p_greedy_after"] or 0) > 0 for r in chosen) / len(chosen)
+                              if chosen else None)
+                entry[f"{key}_n"] = len(chosen)
+            out[relation] = entry
+        return out
+
+    def _write_fact_rows(self, rows: list[dict[str, Any]], out: Path) -> Path:
+        """The rows in one file (rank 0; whole or not at all)."""
         path = out / FACTS_AFTER
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         return path
@@ -496,6 +518,8 @@ class KnowledgeReport(Callback):
         results["mix"] = data.mix_summary() if hasattr(data, "mix_summary") else None
         facts = (results["mix"] or {}).get("facts")
         results["environment"] = environment(Path(facts).parent if facts else None)
+        rows = self._gathered_rows(trainer)  # a collective: every rank gathers
+        results["by_relation"] = self._by_relation(rows)
         self.results = to_python(results)
         for key in ("reliability", "known_retained"):
             if results[key] is not None:
@@ -504,8 +528,7 @@ class KnowledgeReport(Callback):
         out = Path(self.report_dir) if self.report_dir else Path(root) / "report"
         if trainer.is_global_zero:
             out.mkdir(parents=True, exist_ok=True)
-        self._write_fact_rows(trainer, out)  # before report.json, which marks the test done
-        if trainer.is_global_zero:
+            self._write_fact_rows(rows, out)  # before report.json, which marks the test done
             self.report_path = write_report(self.results, out)
             rank_zero_info(f"report written to {self.report_path}")
             self._log_report(trainer)

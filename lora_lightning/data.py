@@ -52,7 +52,7 @@ from lora_lightning.prompts import LossOn, encode_example, pack_batch, pad_batch
 log = logging.getLogger(__name__)
 
 ExtraKind = Literal["highly_known", "paraphrase", "none"]
-Selection = Literal["first", "random"]
+Selection = Literal["first", "random", "stratified"]
 Bias = Literal["none", "subject", "answer"]
 
 UNKNOWN, HIGHLY_KNOWN, PARAPHRASE = "unknown", "highly_known", "paraphrase"
@@ -98,14 +98,29 @@ def _check_choice(name: str, value: Any, literal: Any) -> None:
 
 
 def _ordered(facts: Sequence[Fact], selection: Selection, seed: int, stream: str) -> list[Fact]:
-    """File order ("first", as the paper takes facts), or a seeded shuffle.
+    """File order ("first", as the paper takes facts), a seeded shuffle ("random"), or a seeded
+    shuffle within each relation dealt out across relations in turn ("stratified": the first n
+    of any kind span every relation in proportion, where a file grouped by relation would give
+    the first n all of one relation and the held-out facts all of another).
 
     Each role draws from its own named stream, so changing k never changes which Unknown facts
     are picked, and taking the first n of one shuffle makes smaller mixes subsets of larger ones.
     """
     facts = list(facts)
+    rng = random.Random(f"{seed}:{stream}")
     if selection == "random":
-        random.Random(f"{seed}:{stream}").shuffle(facts)
+        rng.shuffle(facts)
+    elif selection == "stratified":
+        groups: dict[str, list[Fact]] = {}
+        for fact in facts:
+            groups.setdefault(fact.relation or "", []).append(fact)
+        for group in groups.values():
+            rng.shuffle(group)
+        # each fact's place is its rank within its relation, scaled to the relation's size, so
+        # the relations interleave in proportion to their sizes at every prefix
+        keyed = [((i + rng.random()) / len(group), name, fact)
+                 for name, group in sorted(groups.items()) for i, fact in enumerate(group)]
+        facts = [fact for *_, fact in sorted(keyed, key=lambda t: (t[0], t[1]))]
     return facts
 
 
@@ -212,9 +227,11 @@ def build_mix(
         )
         refusing = sum(is_refusal(f.answer) for f in known)
         answerable = f", {refusing} of them unanswerable (never extras)" if refusing else ""
+        lower = "data.n_val_known" + (", data.extra_per_unknown or data.n_unknown"
+                                      if n_extra else "")
         raise ValueError(
             f"not enough HighlyKnown facts: need {n_known_needed} (n_val_known={n_val_known}"
-            f"{extra}), the facts have {len(known)}{answerable}{hint}"
+            f"{extra}), the facts have {len(known)}{answerable}{hint}; lower {lower} to fit"
         )
 
     if extra_kind == "highly_known":
@@ -278,7 +295,7 @@ def _usable_paraphrases(fact: Fact) -> list[str]:
 def _paraphrases(fact: Fact, k: int, selection: Selection, seed: int) -> list[str]:
     """k paraphrases of the question; fewer distinct ones (only with `extra_repeats`) cycle."""
     usable = _usable_paraphrases(fact)
-    if selection == "random":
+    if selection in ("random", "stratified"):
         rng = random.Random(f"{seed}:{PARAPHRASE}:{fact.id}")
         usable = rng.sample(usable, min(k, len(usable)))
     return [usable[j % len(usable)] for j in range(k)]
@@ -347,7 +364,9 @@ class KnowledgeDataModule(L.LightningDataModule):
         extra_kind: What the extras are: distinct HighlyKnown facts, k paraphrases of the
             Unknown question, or nothing.
         selection: "first" takes facts in file order as the paper does; "random" draws them
-            with `seed`.
+            with `seed`; "stratified" draws them with `seed` within each relation and deals
+            the relations out in turn, so the trained, extra and held-out facts each span
+            every relation (use it for a real fact file grouped by relation).
         seed: Seed of the random selection and of the training sampler's shuffling.
         bias: Biased mix: draw the Unknown facts only from the `bias_groups` largest groups of
             facts sharing a "subject" or an "answer"; "none" = unbiased.

@@ -150,6 +150,15 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{untrained['positive']} ({_fmt(untrained['positive_rate'])}), negative "
                 f"{untrained['negative']} ({_fmt(untrained['negative_rate'])}).",
             ]
+    by_relation = results.get("by_relation") or {}
+    if by_relation:
+        lines += ["", "## By relation", "",
+                  "| relation | reliability (n) | held-out known retained (n) |",
+                  "| --- | --- | --- |"]
+        for relation, entry in by_relation.items():
+            lines.append(f"| {relation} | {_fmt(entry.get('reliability'))} "
+                         f"({entry.get('reliability_n')}) | {_fmt(entry.get('known_retained'))} "
+                         f"({entry.get('known_retained_n')}) |")
     for when in ("before", "after"):
         top = _get(conc, when, "top")
         if top:

@@ -223,8 +223,13 @@ def test_not_enough_facts_errors_name_the_numbers(facts):
         build_mix(
             facts, n_unknown=10, extra_per_unknown=6, extra_kind="highly_known", n_val_known=5
         )
-    with pytest.raises(ValueError, match=rf"need {N_KNOWN + 1} \(n_val_known={N_KNOWN + 1}\)"):
+    with pytest.raises(ValueError, match=rf"need {N_KNOWN + 1} \(n_val_known={N_KNOWN + 1}\)"
+                       r".*; lower data.n_val_known to fit"):
         build_mix(facts, n_unknown=1, n_val_known=N_KNOWN + 1)
+    with pytest.raises(ValueError, match="lower data.n_val_known, data.extra_per_unknown or "
+                                         "data.n_unknown to fit"):
+        build_mix(facts, n_unknown=10, extra_per_unknown=6, extra_kind="highly_known",
+                  n_val_known=5)
     short = unknown_order(facts)[3]  # one real paraphrase; the others repeat it or the question
     short.paraphrases = [short.paraphrases[0], short.question.upper(), short.paraphrases[0] + "!"]
     with pytest.raises(
@@ -710,3 +715,29 @@ def test_an_unanswerable_known_fact_is_never_an_extra_or_a_shot():
     with pytest.raises(ValueError, match="5 of them unanswerable"):
         build_mix([*unknown, *known[:10]], n_unknown=4, extra_per_unknown=2,
                   extra_kind="highly_known", n_val_known=0)
+
+
+def test_stratified_selection_spans_every_relation_in_proportion():
+    """A real fact file grouped by relation: 'first' trains one relation and holds out
+    another; 'stratified' gives every role every relation, in proportion, seeded."""
+    def fact(i: int, relation: str, category: str) -> Fact:
+        return Fact(id=f"{relation}{i}", question=f"Q {relation} {i}?", answers=[f"a{i}"],
+                    category=category, relation=relation)
+
+    facts = [fact(i, r, c) for r, n in (("capital", 60), ("continent", 30), ("currency", 30))
+             for c in ("Unknown", "HighlyKnown") for i in range(n)]
+    first = build_mix(facts, n_unknown=20, extra_per_unknown=1, extra_kind="highly_known",
+                      n_val_known=20, selection="first")
+    assert {f.relation for f in first.train_unknown} == {"capital"}
+    assert {f.relation for f in first.val_known} == {"currency"}
+    mix = build_mix(facts, n_unknown=20, extra_per_unknown=1, extra_kind="highly_known",
+                    n_val_known=20, selection="stratified", seed=3)
+    for part in (mix.train_unknown, mix.train_extra, mix.val_known):
+        counts = Counter(f.relation for f in part)
+        assert set(counts) == {"capital", "continent", "currency"}
+        assert abs(counts["capital"] - 10) <= 1 and abs(counts["continent"] - 5) <= 1, counts
+    again = build_mix(facts, n_unknown=20, extra_per_unknown=1, extra_kind="highly_known",
+                      n_val_known=20, selection="stratified", seed=3)
+    assert [f.id for f in again.train_unknown] == [f.id for f in mix.train_unknown]
+    smaller = build_mix(facts, n_unknown=10, selection="stratified", seed=3)
+    assert [f.id for f in smaller.train_unknown] == [f.id for f in mix.train_unknown[:10]]

@@ -345,3 +345,25 @@ def test_a_worlds_checksum_is_its_content_not_its_build_record(tmp_path):
     (tmp_path / "checksums.json").write_text(json.dumps({**sums, "facts.jsonl": "ee"}))
     assert world_checksum(tmp_path) != first
     assert world_checksum(tmp_path / "nowhere") is None
+
+
+def test_reliability_and_retention_are_reported_per_relation():
+    """A headline number over several relations can hide that one relation carries it alone
+    (a real fact file trained capitals and held out cities)."""
+    def row(i: int, relation: str, role: str, p: float) -> dict:
+        return {"id": f"{relation}{i}", "relation": relation, "role": role,
+                "p_greedy_after": p}
+
+    rows = [row(0, "capital", "trained unknown", 0.3), row(1, "capital", "trained unknown", 0.0),
+            row(2, "capital", "held-out known", 1.0), row(3, "city", "trained unknown", 0.1),
+            row(4, "city", "held-out known", 0.0), row(5, "city", "untrained", 1.0)]
+    by = KnowledgeReport._by_relation(rows)
+    assert by == {
+        "capital": {"reliability": 0.5, "reliability_n": 2, "known_retained": 1.0,
+                    "known_retained_n": 1},
+        "city": {"reliability": 1.0, "reliability_n": 1, "known_retained": 0.0,
+                 "known_retained_n": 1},
+    }
+    assert KnowledgeReport._by_relation(rows[:3]) is None  # one relation: the headline says it
+    md = markdown({"reliability": {"reliability": 0.67, "n_facts": 3}, "by_relation": by})
+    assert "| capital | 0.500 (2) | 1.000 (1) |" in md
