@@ -21,6 +21,7 @@ import json
 import os
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -141,9 +142,9 @@ def writable_home(path: str | os.PathLike, variable: str) -> Path:
     try:
         check_output_dir(path, f"{variable}={path}:")
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=path)  # unique per caller
+        os.close(fd)
+        os.unlink(probe)
     except OSError as err:
         reason = err.strerror if isinstance(err, PathProblem) else (
             f"{path}: {err.strerror or err}")

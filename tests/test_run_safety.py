@@ -537,3 +537,27 @@ def test_ask_refuses_prompts_longer_than_the_context_and_says_what_fits(
         "ask", "--model", str(tiny_model_dir), "--pool", str(tiny_fact_files["pool"]),
         "--n_shot", "8", "--max_new_tokens", "400", "What colour is item 3?"])
     assert "more than the model's context (512 tokens)" in line and "--n_shot" in line
+
+
+def test_many_threads_checking_one_home_at_once_all_pass(tmp_path):
+    """The writability probe is unique per caller: two threads of one process once removed
+    each other's probe file (the world's concurrent build test failed on it, now and then)."""
+    import threading
+
+    from lora_lightning.files import writable_home
+
+    errors: list[BaseException] = []
+
+    def check() -> None:
+        try:
+            for _ in range(50):
+                writable_home(tmp_path / "home", "LORA_LIGHTNING_HOME")
+        except BaseException as err:  # noqa: BLE001 - collected for the assertion
+            errors.append(err)
+
+    threads = [threading.Thread(target=check) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and list((tmp_path / "home").iterdir()) == []
