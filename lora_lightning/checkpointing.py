@@ -40,7 +40,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.trainer.states import TrainerFn
 
 from lora_lightning.facts import excerpt
-from lora_lightning.files import atomic_path, path_problem
+from lora_lightning.files import atomic_path, fsync_file, fsync_folder, path_problem
 from lora_lightning.lora.layer import canonical_targets
 
 __all__ = [
@@ -63,14 +63,6 @@ class TrainingInterrupted(SystemExit):
     def __init__(self, signum: int) -> None:
         super().__init__(128 + signum)
         self.signum = signum
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -115,14 +107,9 @@ class RunCheckpoint(ModelCheckpoint):
         try:
             trainer.save_checkpoint(partial, self.save_weights_only)
             if trainer.is_global_zero:
-                _fsync(partial)
+                fsync_file(partial)
                 os.replace(partial, filepath)
-                if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
-                    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
+                fsync_folder(folder)  # the rename itself durable
         except OSError as err:  # a full disk, a vanished folder: no partial file left behind
             with contextlib.suppress(OSError):
                 os.remove(partial)

@@ -13,15 +13,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import string
-import tempfile
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
+
+from lora_lightning.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -597,15 +597,9 @@ def save_facts(facts: Iterable[Fact], path: str | Path) -> Path:
     """Write facts as our flat JSONL, atomically: a crash never leaves a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for fact in facts:
-                fh.write(json.dumps(fact_to_row(fact), ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        for fact in facts:
+            fh.write(json.dumps(fact_to_row(fact), ensure_ascii=False) + "\n")
     return path
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import socket
@@ -34,8 +35,11 @@ __all__ = [
     "atomic_path",
     "atomic_write_text",
     "check_output_dir",
+    "fsync_file",
+    "fsync_folder",
     "is_rank_zero",
     "path_problem",
+    "sha256_file",
     "writable_home",
 ]
 
@@ -78,8 +82,18 @@ def path_problem(
     return problem
 
 
-def _fsync_folder(folder: Path) -> None:
-    if hasattr(os, "O_DIRECTORY"):  # the rename itself durable
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a written file to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """Flush a folder's entries, so that a rename into it is durable (where the OS allows)."""
+    if hasattr(os, "O_DIRECTORY"):
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
@@ -87,25 +101,33 @@ def _fsync_folder(folder: Path) -> None:
             os.close(fd)
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path beside `path` to write to; on leaving the block it is fsynced and
-    renamed over `path`. On an error (a full disk, a bug) it is removed and `path` untouched."""
+    """A temporary path beside `path` to write to, unique to this caller (threads of one
+    process may write the same file); on leaving the block it is fsynced and renamed over
+    `path`. On an error (a full disk, a bug) it is removed and `path` is untouched."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    os.close(fd)
+    tmp = Path(name)
     try:
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync_folder(path.parent)
+    fsync_folder(path.parent)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

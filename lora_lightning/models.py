@@ -8,7 +8,6 @@ before anything is loaded.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -22,6 +21,7 @@ from torch import nn
 
 from lora_lightning import world
 from lora_lightning.facts import TextLimit, excerpt
+from lora_lightning.files import sha256_file
 from lora_lightning.lora import load_adapter
 
 __all__ = [
@@ -123,14 +123,6 @@ def resolve_tokenizer(name_or_path: str | None, progress: bool = True) -> str:
     return str(world.ensure_world(progress=progress).model_dir)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _gguf_field(reader: Any, key: str) -> Any:
     field = reader.fields.get(key)
     if field is None:
@@ -186,7 +178,7 @@ def gguf_folder(path: str, progress: bool = True) -> str:
     source = Path(path).expanduser()
     if not source.is_file():
         raise FileNotFoundError(f"model: no GGUF file at {path!r}")
-    digest = _sha256(source)
+    digest = sha256_file(source)
     root = world.default_home() / GGUF_DIR / f"{source.stem}-{digest[:16]}"
     done = root / "gguf_source.json"
     if done.is_file():

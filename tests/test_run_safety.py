@@ -16,6 +16,7 @@ from unittest import mock
 
 import pytest
 import yaml
+from test_hardening import one_error_line
 
 from lora_lightning.__main__ import main
 from lora_lightning.files import FolderBusy, FolderLock, atomic_write_text, check_output_dir
@@ -53,16 +54,6 @@ def wait_for(condition, what: str, proc: subprocess.Popen | None = None, log: Pa
 
 def error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("error:")]
-
-
-def one_error_line(capsys, argv: list[str]) -> str:
-    """Run a command in this process: exit 2, one `error:` line, no traceback."""
-    with mock.patch.object(sys, "argv", ["lora_lightning"]), pytest.raises(SystemExit) as out:
-        main(argv)
-    assert out.value.code == 2
-    err = capsys.readouterr().err
-    assert len(error_lines(err)) == 1 and "Traceback" not in err, err
-    return error_lines(err)[0]
 
 
 def processes_with(needle: str) -> list[int]:

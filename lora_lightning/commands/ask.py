@@ -17,9 +17,7 @@ What the columns are:
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ from lora_lightning.facts import (
     pool_sidecar,
     question_fact,
 )
+from lora_lightning.files import atomic_path
 from lora_lightning.knowledge import categorize
 from lora_lightning.lora import check_adapter_folder, lora_disabled
 from lora_lightning.models import (
@@ -336,12 +335,6 @@ def _table(facts: Sequence[Fact], rows: Sequence[dict[str, Any]], columns: list[
 
 def _write_jsonl(rows: Sequence[dict[str, Any]], path: Path) -> None:
     """Written whole or not at all: a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")

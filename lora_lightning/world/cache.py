@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -18,7 +17,7 @@ from itertools import chain
 from pathlib import Path
 
 from lora_lightning.facts import save_facts
-from lora_lightning.files import check_output_dir, writable_home
+from lora_lightning.files import check_output_dir, sha256_file, writable_home
 from lora_lightning.knowledge import categorize
 from lora_lightning.metrics.functional import answer_concentration, refusal_rate
 from lora_lightning.provenance import environment
@@ -181,18 +180,10 @@ def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.name != CHECKSUMS_FILE)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_checksums(root: Path) -> None:
     """Record a SHA-256 of every file of a finished build (written last: its presence means
     the build is complete)."""
-    sums = {str(p.relative_to(root)): _sha256(p) for p in _files(root)}
+    sums = {str(p.relative_to(root)): sha256_file(p) for p in _files(root)}
     (root / CHECKSUMS_FILE).write_text(json.dumps(sums, indent=1, sort_keys=True))
 
 
@@ -216,7 +207,7 @@ def _verified(root: Path, progress: bool) -> bool:
             path = root / name
             if not path.is_file():
                 problem = f"{name} is missing"
-            elif _sha256(path) != expected:
+            elif sha256_file(path) != expected:
                 problem = f"{name} differs from the file the build wrote"
             if problem:
                 break
