@@ -19,6 +19,7 @@ from lora_lightning.commands import (
     aggregate_command,
     ask_argv,
     ask_command,
+    capacity_command,
     categorize_command,
     evaluate_command,
     export_command,
@@ -35,6 +36,7 @@ from lora_lightning.sweep.cell import follow_parent
 COMMANDS: dict[str, Callable[..., Any]] = {
     "aggregate": aggregate_command,
     "ask": ask_command,
+    "capacity": capacity_command,
     "categorize": categorize_command,
     "evaluate": evaluate_command,
     "export": export_command,
@@ -121,7 +123,7 @@ def _main(argv: list[str] | None) -> None:
         from jsonargparse import auto_cli
 
         command = argv.pop(0)
-        if command == "sweep":  # `sweep --config FILE`: the sweep file is not jsonargparse's
+        if command in ("sweep", "capacity"):  # `--config FILE` is the sweep/capacity file
             argv = sweep_argv(argv)
         elif command == "ask":  # `ask "Where was X born?"`: the bare words are the question
             argv = ask_argv(argv)
@@ -129,7 +131,9 @@ def _main(argv: list[str] | None) -> None:
             COMMANDS[command], args=argv, as_positional=command in POSITIONAL,
             prog=f"python -m lora_lightning {command}",
         )
-        if command == "sweep" and isinstance(result, dict) and result.get("failed"):
+        if command in ("sweep", "capacity") and isinstance(result, dict) and result.get(
+            "failed"
+        ):
             # the other cells finished and are aggregated; a script or CI must still notice
             sys.exit(1)
         return

@@ -6,6 +6,7 @@ into a command line, so `--help`, config files and error messages come from one 
 
 from lora_lightning.commands.aggregate import aggregate_command
 from lora_lightning.commands.ask import ask_argv, ask_command
+from lora_lightning.commands.capacity import capacity_command
 from lora_lightning.commands.categorize import categorize_command
 from lora_lightning.commands.evaluate import evaluate_command
 from lora_lightning.commands.export import export_command
@@ -18,6 +19,7 @@ __all__ = [
     "aggregate_command",
     "ask_argv",
     "ask_command",
+    "capacity_command",
     "categorize_command",
     "evaluate_command",
     "export_command",

@@ -340,11 +340,18 @@ def fit_summary(trainer, run_dir: str | Path | None = None) -> str:
             lines.append(f"{label + ':':38s} {was:>8s} {after:8.4f}")
     config = run_dir / "config.yaml"
     if config.is_file():
-        lines += [
-            "next, the full measurement (knowledge shift, answer concentration, refusals; add",
-            "--report.mmlu_dir and --report.truthfulqa_path for MMLU/TruthfulQA before vs after):",
-            f"  python -m lora_lightning test --config {config} --ckpt_path last",
-        ]
+        report = next((cb for cb in trainer.callbacks if isinstance(cb, KnowledgeReport)), None)
+        if report is not None and (report.mmlu_dir or report.truthfulqa_path):
+            lines.append("next, the full measurement (knowledge shift, answer concentration, "
+                         "refusals, the benchmarks before vs after):")
+        else:
+            lines += [
+                "next, the full measurement (knowledge shift, answer concentration, refusals; "
+                "add",
+                "--report.mmlu_dir and --report.truthfulqa_path for MMLU/TruthfulQA before vs "
+                "after):",
+            ]
+        lines.append(f"  python -m lora_lightning test --config {config} --ckpt_path last")
     return "\n".join(lines)
 
 

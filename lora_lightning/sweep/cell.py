@@ -1,6 +1,7 @@
-"""Running one cell: `fit`, then `test`, each a `python -m lora_lightning` subprocess, with its
-state in `<cell>/status.json` so that any process (a local worker, a SLURM task, a rerun after a
-crash) can pick the cell up where it stopped.
+"""Running one cell: `fit`, then `test` (or `fit` alone, as its `cell.json` says), each a
+`python -m lora_lightning` subprocess, with its state in `<cell>/status.json` so that any
+process (a local worker, a SLURM task, a rerun after a crash) can pick the cell up where it
+stopped.
 
 - A cell whose `test/report/report.json` is a whole report is finished and skipped; a damaged
   one is set aside and the cell's `test` runs again.
@@ -35,6 +36,7 @@ from lora_lightning.files import FolderLock, atomic_write_text
 
 __all__ = [
     "CELL_CONFIG", "CELL_INFO", "PARENT_ENV", "STATUS_FILE", "DamagedReport", "cell_env",
+    "cell_stages",
     "follow_parent", "is_done",
     "read_report", "read_status", "report_path", "run_cell", "terminate_running",
     "write_status",
@@ -91,6 +93,16 @@ def is_done(cell_dir: Path) -> bool:
         return read_report(cell_dir) is not None
     except DamagedReport:
         return False
+
+
+def cell_stages(cell_dir: Path) -> tuple[str, ...]:
+    """What the cell runs, from its `cell.json`: `fit` then `test` (a sweep's cells), or `fit`
+    alone (a `capacity` probe, which needs only the reliability `fit` measures at its end)."""
+    try:
+        stages = json.loads((Path(cell_dir) / CELL_INFO).read_text()).get("stages")
+    except (OSError, ValueError, AttributeError):
+        stages = None
+    return tuple(stages) if isinstance(stages, list) and stages else ("fit", "test")
 
 
 def read_status(cell_dir: Path) -> dict[str, Any]:
@@ -241,6 +253,8 @@ def _attempt(
                 return error, "failed"
             return error, "bad input" if rc == BAD_INPUT else "failed"
         write_status(cell_dir, fit_done=True, fit_seconds=round(time.monotonic() - start, 1))
+    if "test" not in cell_stages(cell_dir):
+        return None, "done"
     if stop is not None and stop.is_set():
         return "stopped before test", "interrupted"
     write_status(cell_dir, phase="test")
@@ -305,6 +319,8 @@ def run_cell(
     except Timeout:
         return {"state": "busy", "error": "another process is running this cell"}
     try:
+        if "test" not in cell_stages(cell_dir) and read_status(cell_dir).get("fit_done"):
+            return {**write_status(cell_dir, state="done", error=None), "skipped": True}
         try:
             if read_report(cell_dir) is not None:
                 status = read_status(cell_dir)

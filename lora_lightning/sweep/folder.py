@@ -108,9 +108,14 @@ def _rebased(config: dict[str, Any], sweep_dir: Path) -> dict[str, Any]:
     return move(config) if old != new else config
 
 
-def write_cell(sweep: Sweep, cell: Cell, cell_dir: Path, config_yaml: str) -> None:
+def write_cell(
+    sweep: Sweep, cell: Cell, cell_dir: Path, config_yaml: str,
+    stages: list[str] | None = None,
+) -> None:
     """Write the cell's config and description, or check that those already there agree (in a
-    moved sweep folder, up to the folder's own paths, which are then written anew)."""
+    moved sweep folder, up to the folder's own paths, which are then written anew). `stages`
+    (e.g. `["fit"]`: a `capacity` probe) is recorded in `cell.json` for `run_cell`, and may
+    grow later (the probe's full `test`)."""
     path = cell_dir / CELL_CONFIG
     try:
         held = yaml.safe_load(path.read_text()) if path.is_file() else None
@@ -132,10 +137,17 @@ def write_cell(sweep: Sweep, cell: Cell, cell_dir: Path, config_yaml: str) -> No
         atomic_write_text(path, config_yaml)
     info = {"name": cell.name, "labels": cell.labels, "axes": cell.axes,
             "sweep_file": str(sweep.path), "sweep_fingerprint": sweep.fingerprint()}
+    if stages is not None:
+        info["stages"] = list(stages)
     try:
-        json.loads((cell_dir / CELL_INFO).read_text())["name"]  # noqa: B018
+        held_info = json.loads((cell_dir / CELL_INFO).read_text())
+        held_info["name"]  # noqa: B018
     except (OSError, ValueError, KeyError, TypeError):  # none yet, or damaged
         atomic_write_text(cell_dir / CELL_INFO, json.dumps(info, indent=1, default=str))
+        return
+    if stages is not None and held_info.get("stages") != list(stages):
+        held_info["stages"] = list(stages)
+        atomic_write_text(cell_dir / CELL_INFO, json.dumps(held_info, indent=1, default=str))
 
 
 def cell_dirs(sweep_dir: Path) -> list[Path]:

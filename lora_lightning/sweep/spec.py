@@ -29,7 +29,10 @@ from typing import Any
 
 import yaml
 
-__all__ = ["Axis", "Cell", "Sweep", "SweepFileError", "load_sweep", "SWEEP_CONTROLLED_KEYS"]
+__all__ = [
+    "Axis", "Cell", "Sweep", "SweepFileError", "load_sweep", "read_yaml_file", "sweep_from_raw",
+    "SWEEP_CONTROLLED_KEYS",
+]
 
 TOP_LEVEL_KEYS = (
     "base", "world", "output", "overrides", "axes", "launcher", "workers", "retries", "slurm",
@@ -207,15 +210,27 @@ def load_sweep(
     `base` is relative to the sweep file; `output` (default `sweeps/<file stem>`) to `cwd`.
     """
     path = Path(path)
-    cwd = Path.cwd() if cwd is None else cwd
+    return sweep_from_raw(path, read_yaml_file(path, "sweep file"), output, cwd)
+
+
+def read_yaml_file(path: Path, what: str) -> dict[str, Any]:
+    """A YAML mapping from `path`, or one line naming the file and what is wrong."""
     if not path.is_file():
-        raise FileNotFoundError(f"sweep file {path}: no such file")
+        raise FileNotFoundError(f"{what} {path}: no such file")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise SweepFileError(path, "(file)", f"not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
-        raise SweepFileError(path, "(file)", "a sweep file is a mapping with `axes` and more")
+        raise SweepFileError(path, "(file)", f"a {what} is a mapping of settings")
+    return raw
+
+
+def sweep_from_raw(
+    path: Path, raw: dict[str, Any], output: str | Path | None = None, cwd: Path | None = None
+) -> Sweep:
+    """`load_sweep` of a file already read (`capacity` builds its sweep so)."""
+    cwd = Path.cwd() if cwd is None else cwd
     for key in raw:
         if key not in TOP_LEVEL_KEYS:
             raise SweepFileError(path, str(key),

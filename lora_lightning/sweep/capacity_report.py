@@ -1,0 +1,289 @@
+"""A capacity folder into its answer: `capacity.csv` (one row per chain), `report.md` and plots.
+
+Bits per fact: a fact of relation R whose answers take K distinct values in the fact set
+carries log2(K) bits (what it takes to name its answer among those its relation allows); the
+bits an adapter holds at n\\* are the sum over the trained facts it learned (`test`'s
+per-fact rows). Bits per LoRA parameter divide that by the adapter's trainable parameters,
+counted from its saved tensors. Allen-Zhu & Li (2024, "Physics of Language Models: Part
+3.3") measure about 2 bits per parameter for fully trained language models; it is printed
+beside ours, never fitted to.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from lora_lightning.files import atomic_path, atomic_write_text
+from lora_lightning.sweep.aggregate import headline
+from lora_lightning.sweep.capacity import Capacity, probe_cell, search_state, wilson_interval
+from lora_lightning.sweep.cell import read_report, report_path
+from lora_lightning.sweep.runner import _cell_dir
+
+__all__ = ["PUBLISHED_BITS_PER_PARAMETER", "capacity_rows", "write_capacity_report"]
+
+PUBLISHED_BITS_PER_PARAMETER = 2.0  # Allen-Zhu & Li 2024, fully trained LMs
+# two-sided 95% Student t quantiles by degrees of freedom (for the slope's interval)
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def _t95(df: int) -> float:
+    usable = [d for d in _T95 if d <= df]
+    return _T95[max(usable)] if usable else float("inf")
+
+
+def adapter_parameters(cell_dir: Path) -> int | None:
+    """Trainable LoRA parameters of the adapter a probe saved (its tensors' sizes)."""
+    path = Path(cell_dir) / "adapter" / "adapter_model.safetensors"
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+            total += math.prod(f.get_slice(key).get_shape())
+    return total
+
+
+def relation_bits(facts_path: str | Path | None) -> dict[str | None, float]:
+    """log2 of the distinct answers each relation takes in the fact file."""
+    if not facts_path:
+        return {}
+    from lora_lightning.facts import load_facts
+
+    answers: dict[str | None, set[str]] = {}
+    for fact in load_facts(facts_path):
+        answers.setdefault(fact.relation, set()).add(fact.normalized_answers[0])
+    return {r: math.log2(len(a)) if len(a) > 1 else 0.0 for r, a in answers.items()}
+
+
+def learned_bits(cell_dir: Path, bits: dict[str | None, float]) -> tuple[int, float] | None:
+    """(facts learned, their bits) from a tested probe's per-fact rows."""
+    rows_path = report_path(cell_dir).parent / "facts_after.jsonl"
+    try:
+        rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line]
+    except (OSError, ValueError):
+        return None
+    learned = [r for r in rows if r.get("role") == "trained unknown"
+               and (r.get("p_greedy_after") or 0) > 0]
+    fallback = max(bits.values(), default=0.0) if len(bits) == 1 else 0.0
+    return len(learned), sum(bits.get(r.get("relation"), fallback) for r in learned)
+
+
+def capacity_rows(capacity: Capacity, facts_path: str | Path | None) -> list[dict[str, Any]]:
+    """One row per chain: its bracket with intervals, parameters, harm at n*, bits."""
+    bits = relation_bits(facts_path)
+    rows = []
+    for chain in capacity.chains():
+        state = search_state(capacity, chain)
+        n_lo, n_hi, probes = state["n_lo"], state["n_hi"], state["probes"]
+        row: dict[str, Any] = {"chain": chain.name, **chain.labels,
+                               "rank": chain.settings.get("model.rank"),
+                               "target_modules": chain.settings.get("model.target_modules"),
+                               "probes": len(probes), "error": state["error"],
+                               "n_star": n_lo, "n_hi": n_hi, "searching": state["next"]}
+        for end, n in (("lo", n_lo), ("hi", n_hi)):
+            probe = probes.get(n) if n else None
+            if probe is None or probe.reliability is None:
+                continue
+            low, high = wilson_interval(probe.learned, n, capacity.confidence)
+            row[f"reliability_{end}"] = probe.reliability
+            row[f"reliability_{end}_ci"] = f"[{low:.3f}, {high:.3f}]"
+            row[f"noisy_{end}"] = low < capacity.rule.threshold <= high
+        any_probe = next((p.cell_dir for p in probes.values()), None)
+        params = adapter_parameters(any_probe) if any_probe is not None else None
+        row["lora_parameters"] = params
+        lo_dir = _cell_dir(capacity.sweep, probe_cell(chain, n_lo)) if n_lo else None
+        report = None
+        if lo_dir is not None:
+            try:
+                report = read_report(lo_dir)
+            except ValueError:
+                report = None
+        if report:
+            shown = headline(report)
+            for key, value in shown.items():
+                if key.endswith(("_before", "_after")) and ("accuracy" in key or "mc" in key):
+                    row[key] = value
+            for key in ("known_retained", "shift_untrained_negative_rate", "locality"):
+                row[key] = shown.get(key)
+        learned = learned_bits(lo_dir, bits) if report and lo_dir is not None else None
+        if learned is not None and params:
+            row["facts_learned"], row["bits"] = learned[0], learned[1]
+            row["facts_per_1k_parameters"] = 1000 * learned[0] / params
+            row["bits_per_parameter"] = learned[1] / params
+        rows.append(row)
+    return rows
+
+
+def slope(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Least-squares slope of log n* on log parameters, with its 95% t interval."""
+    points = [(math.log10(r["lora_parameters"]), math.log10(r["n_star"])) for r in rows
+              if r.get("lora_parameters") and r.get("n_star")]
+    if len(points) < 2 or len({x for x, _ in points}) < 2:
+        return None
+    m = len(points)
+    mx, my = sum(x for x, _ in points) / m, sum(y for _, y in points) / m
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    b = sum((x - mx) * (y - my) for x, y in points) / sxx
+    a = my - b * mx
+    out = {"slope": b, "intercept": a, "points": m}
+    if m > 2:
+        resid = sum((y - a - b * x) ** 2 for x, y in points) / (m - 2)
+        half = _t95(m - 2) * math.sqrt(resid / sxx)
+        out["interval"] = (b - half, b + half)
+    return out
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e-2 and value else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _reliability(row: dict[str, Any], end: str) -> str:
+    value = row.get(f"reliability_{end}")
+    if value is None:
+        return "-"
+    return (f"{value:.3f} {row[f'reliability_{end}_ci']}"
+            + (" noisy" if row.get(f"noisy_{end}") else ""))
+
+
+def _markdown(capacity: Capacity, rows: list[dict[str, Any]], fit: dict[str, Any] | None) -> str:
+    rule = capacity.rule
+    lines = [
+        "# Capacity: how many new facts each adapter holds", "",
+        f"Capacity file `{capacity.sweep.path.name}`; n\\* = the largest n whose reliability "
+        f"(trained Unknown facts answered by at least one probe prompt) is >= {rule.threshold:g}."
+        f" Search: n from {rule.n_start}, x{rule.growth:g}, then bisection to "
+        f"{rule.precision:.0%}; [n\\*, n_hi] is the bracket it ended on. Intervals: Wilson, "
+        f"{capacity.confidence:.0%}; \"noisy\" marks an end whose interval holds the threshold.",
+        "",
+        "| variant | seed | LoRA params | n* | n_hi | reliability at n* | at n_hi | facts / 1k "
+        "params | bits / param | known retained | negative shift (untrained) | locality |",
+        "|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.get('variant')} | {r.get('seed')} | {_fmt(r.get('lora_parameters'))} | "
+            f"{_fmt(r.get('n_star'))} | {_fmt(r.get('n_hi'))} | {_reliability(r, 'lo')} | "
+            f"{_reliability(r, 'hi')} | "
+            f"{_fmt(r.get('facts_per_1k_parameters'))} | {_fmt(r.get('bits_per_parameter'))} | "
+            f"{_fmt(r.get('known_retained'))} | {_fmt(r.get('shift_untrained_negative_rate'))} | "
+            f"{_fmt(r.get('locality'))} |")
+    bench = sorted({k[: -len("_before")] for r in rows for k in r if k.endswith("_before")})
+    if bench:
+        lines += ["", "Benchmarks at n\\* (before -> after):", "",
+                  "| variant | seed | " + " | ".join(bench) + " |",
+                  "|---|---|" + "---|" * len(bench)]
+        for r in rows:
+            cells = [f"{_fmt(r.get(b + '_before'))} -> {_fmt(r.get(b + '_after'))}"
+                     for b in bench]
+            lines.append(f"| {r.get('variant')} | {r.get('seed')} | " + " | ".join(cells) + " |")
+    lines.append("")
+    if fit is not None:
+        text = f"log10 n\\* = {fit['intercept']:.2f} + {fit['slope']:.2f} log10 parameters"
+        if "interval" in fit:
+            text += (f" (95% t interval of the slope [{fit['interval'][0]:.2f}, "
+                     f"{fit['interval'][1]:.2f}], {fit['points']} chains)")
+        else:
+            text += f" ({fit['points']} chains: too few for an interval)"
+        lines.append(text + ".")
+    measured = [r["bits_per_parameter"] for r in rows if r.get("bits_per_parameter") is not None]
+    lines += ["", f"Bits per LoRA parameter: {', '.join(f'{b:.3g}' for b in measured) or '-'}; "
+              f"published for fully trained language models (Allen-Zhu & Li 2024): about "
+              f"{PUBLISHED_BITS_PER_PARAMETER:g}. A fact's bits: log2 of the distinct answers "
+              "its relation takes in the fact set, summed over the facts learned at n\\*."]
+    stopped = [r for r in rows if r.get("error")]
+    for r in stopped:
+        lines.append(f"- {r['chain']}: stopped by a failed probe: {r['error']}")
+    unfinished = [r for r in rows if r.get("searching") is not None and not r.get("error")]
+    for r in unfinished:
+        lines.append(f"- {r['chain']}: search not finished (next probe n={r['searching']})")
+    return "\n".join(lines) + "\n"
+
+
+def _plots(capacity: Capacity, rows: list[dict[str, Any]], fit: dict[str, Any] | None,
+           out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    shown = [r for r in rows if r.get("lora_parameters") and r.get("n_star")]
+    for r in shown:
+        hi = r.get("n_hi") or r["n_star"]
+        ax.errorbar([r["lora_parameters"]], [r["n_star"]], yerr=[[0], [hi - r["n_star"]]],
+                    fmt="o", capsize=3, label=f"{r.get('variant')} (seed {r.get('seed')})")
+    if fit is not None and shown:
+        xs = sorted(r["lora_parameters"] for r in shown)
+        ax.plot(xs, [10 ** (fit["intercept"] + fit["slope"] * math.log10(x)) for x in xs], "k--",
+                label=f"slope {fit['slope']:.2f}")
+    ax.set(xscale="log", yscale="log", xlabel="trainable LoRA parameters",
+           ylabel="n* (bar: up to n_hi)", title="Facts held at reliability >= "
+           f"{capacity.rule.threshold:g}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(out / "nstar_vs_parameters.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for chain in capacity.chains():
+        results = sorted(search_state(capacity, chain)["results"].items())
+        if results:
+            ax.plot([n for n, _ in results], [r for _, r in results], "o-", label=chain.name)
+    ax.axhline(capacity.rule.threshold, color="grey", ls=":")
+    ax.set(xscale="log", xlabel="n (Unknown facts trained)", ylabel="reliability",
+           title="Every probe")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    written.append(out / "reliability_vs_n.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    harm = [r for r in rows if r.get("known_retained") is not None]
+    if harm:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        labels = [f"{r.get('variant')}/{r.get('seed')}" for r in harm]
+        xs = range(len(harm))
+        ax.bar([x - 0.2 for x in xs], [r["known_retained"] for r in harm], 0.4,
+               label="held-out known facts retained")
+        ax.bar([x + 0.2 for x in xs], [r.get("shift_untrained_negative_rate") or 0 for r in harm],
+               0.4, label="negative shift, untrained facts")
+        ax.set_xticks(list(xs), labels, rotation=45, ha="right", fontsize=7)
+        ax.set(title="Harm at n*")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(out / "harm_at_nstar.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
+
+
+def write_capacity_report(capacity: Capacity, facts_path: str | Path | None) -> dict[str, Path]:
+    """capacity.csv, report.md and the plots, in the capacity folder."""
+    out = capacity.sweep.output
+    rows = capacity_rows(capacity, facts_path)
+    fit = slope(rows)
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with atomic_path(out / "capacity.csv") as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    atomic_write_text(out / "report.md", _markdown(capacity, rows, fit))
+    written = {"csv": out / "capacity.csv", "report": out / "report.md"}
+    for path in _plots(capacity, rows, fit, out):
+        written[path.stem] = path
+    return written

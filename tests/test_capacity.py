@@ -1,0 +1,202 @@
+"""`capacity`: the adaptive search for n* (the most new facts an adapter learns at reliability
+>= tau), its noise bounds, the capacity file's checks, and the run: rounds of probes that a
+rerun continues without repeating one, the full test at both ends of each bracket, the table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lora_lightning.commands.capacity import capacity_command
+from lora_lightning.sweep.capacity import SearchRule, load_capacity, wilson_interval
+from lora_lightning.sweep.cell import read_status, report_path
+from lora_lightning.sweep.spec import SweepFileError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def search(rule: SearchRule, reliability) -> tuple[list[int], tuple[int, int | None]]:
+    """Run the search against a reliability function of n; the probes in order."""
+    results: dict[int, float] = {}
+    order = []
+    while (n := rule.next_n(results)) is not None:
+        assert n not in results, f"probe n={n} repeated"
+        order.append(n)
+        results[n] = reliability(n)
+        assert len(order) < 100
+    return order, rule.bracket(results)
+
+
+# ------------------------------------------------------------------------------ the search
+
+
+@pytest.mark.parametrize("capacity", [1, 7, 137, 999])
+def test_the_search_grows_then_bisects_to_the_stated_precision(capacity):
+    rule = SearchRule(threshold=0.95, n_start=10, growth=2.0, precision=0.1)
+    order, (n_lo, n_hi) = search(rule, lambda n: 1.0 if n <= capacity else 0.9)
+    assert n_lo <= capacity < n_hi
+    assert n_hi - n_lo <= 1 or n_hi <= n_lo * 1.1
+    assert order[0] == 10
+    assert len(order) <= 2 * (len(bin(max(capacity, 10) // 10)) + 4)  # geometric, not linear
+
+
+def test_every_probe_passing_stops_at_n_max_with_an_open_bracket():
+    rule = SearchRule(threshold=0.95, n_start=10, n_max=100, growth=3.0)
+    order, bracket = search(rule, lambda n: 1.0)
+    assert order == [10, 30, 90, 100] and bracket == (100, None)
+
+
+def test_a_probe_passes_at_the_threshold_and_fails_just_below_it():
+    rule = SearchRule(threshold=0.95)
+    assert rule.passes(0.95) and not rule.passes(0.949)
+    assert rule.bracket({10: 0.95, 20: 0.94}) == (10, 20)
+
+
+def test_a_non_monotone_result_brackets_below_the_first_failure():
+    """Reliability is noisy: a pass above a failure does not move n* past the failure."""
+    rule = SearchRule(threshold=0.95, precision=0.1)
+    assert rule.bracket({10: 1.0, 20: 0.9, 40: 1.0}) == (10, 20)
+    assert rule.next_n({10: 1.0, 20: 0.9, 40: 1.0}) == 14
+
+
+def test_the_next_probe_depends_only_on_the_probes_so_far():
+    """What a rerun relies on: the same probes on disk give the same next probe."""
+    rule = SearchRule(threshold=0.95, n_start=10)
+    probes = {10: 1.0, 20: 1.0, 40: 0.5, 28: 1.0}
+    shuffled = dict(reversed(list(probes.items())))
+    assert rule.next_n(probes) == rule.next_n(shuffled) == 33
+
+
+def test_wilson_intervals_match_the_textbook_values():
+    low, high = wilson_interval(50, 100)
+    assert low == pytest.approx(0.4038, abs=1e-3) and high == pytest.approx(0.5962, abs=1e-3)
+    low, high = wilson_interval(20, 20)  # all learned: an interval, not a point
+    assert low == pytest.approx(0.8389, abs=1e-3) and high == 1.0
+    assert wilson_interval(95, 100)[0] < 0.95 < wilson_interval(95, 100)[1]
+
+
+# ------------------------------------------------------------------------- the file
+
+
+def write(path: Path, body: dict) -> Path:
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    return path
+
+
+GOOD = {"world": "small", "variants": {"r1": {"model.rank": 1}, "r4": {"model.rank": 4}}}
+
+
+def test_a_capacity_file_is_a_sweep_of_variants_by_seeds(tmp_path):
+    capacity = load_capacity(write(tmp_path / "cap.yaml", {**GOOD, "seeds": [1, 2]}),
+                             cwd=tmp_path)
+    assert [c.name for c in capacity.chains()] == [
+        "variant=r1__seed=1", "variant=r1__seed=2", "variant=r4__seed=1", "variant=r4__seed=2"]
+    assert capacity.sweep.overrides == {"data.extra_kind": "none", "data.extra_per_unknown": 0}
+    assert capacity.sweep.output == tmp_path / "capacity" / "cap"
+    assert capacity.rule == SearchRule()
+
+
+@pytest.mark.parametrize(("body", "key"), [
+    ({**GOOD, "axes": {"n": [1]}}, "axes"),
+    ({"world": "small"}, "variants"),
+    ({**GOOD, "variants": {"r1": {"data.n_unknown": 5}}}, "variants.r1.data.n_unknown"),
+    ({**GOOD, "variants": {"r1": {"data.extra_kind": "none"}}}, "variants.r1.data.extra_kind"),
+    ({**GOOD, "variants": {"r1": {"report.report_dir": "x"}}}, "variants.r1"),
+    ({**GOOD, "search": {"threshold": 1.5}}, "search.threshold"),
+    ({**GOOD, "search": {"n_start": 2.5}}, "search.n_start"),
+    ({**GOOD, "search": {"tau": 0.9}}, "search.tau"),
+    ({**GOOD, "seeds": []}, "seeds"),
+])
+def test_a_bad_capacity_file_fails_naming_the_file_and_the_key(body, key, tmp_path):
+    path = write(tmp_path / "bad.yaml", body)
+    with pytest.raises(SweepFileError) as err:
+        load_capacity(path)
+    assert err.value.key == key and str(path) in str(err.value)
+
+
+def test_the_shipped_capacity_files_dry_run(capsys):
+    for name in ("world", "llama31_8b"):
+        result = capacity_command(str(ROOT / "configs" / "capacity" / f"{name}.yaml"),
+                                  output=f"/tmp/never-made-{name}", dry_run=True)
+        assert result["dry_run"] and result["chains"]
+        shown = capsys.readouterr().out
+        assert "next probe n=" in shown and not Path(f"/tmp/never-made-{name}").exists()
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+@pytest.fixture(scope="module")
+def searched(small_world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("capacity")
+    body = {
+        "overrides": {
+            "model.model_name_or_path": str(small_world.model_dir),
+            "data.facts": str(small_world.facts_path),
+            "data.fewshot_pool": str(small_world.pool_path),
+            "trainer.max_epochs": 3, "data.n_val_known": 2, "data.batch_size": 2,
+            "model.probe.n_exp": 2, "knowledge_eval.every_n_epochs": 0,
+        },
+        "variants": {"r1": {"model.rank": 1}, "r8": {"model.rank": 8}},
+        "search": {"threshold": 0.75, "n_start": 2, "n_max": 8, "growth": 2, "precision": 0.5},
+        "workers": min(2, len(__import__("os").sched_getaffinity(0))),
+    }
+    path = write(root / "cap.yaml", body)
+    start = time.monotonic()
+    result = capacity_command(str(path), output=str(root / "out"))
+    return {"file": path, "out": root / "out", "result": result,
+            "seconds": time.monotonic() - start}
+
+
+@pytest.mark.slow
+def test_every_chain_ends_on_a_bracket_tested_at_both_ends(searched):
+    out = searched["out"]
+    state = {s["chain"]: s for s in json.loads((out / "capacity.json").read_text())}
+    assert set(state) == {"variant=r1__seed=42", "variant=r8__seed=42"}
+    rule = SearchRule(threshold=0.75, n_start=2, n_max=8, growth=2, precision=0.5)
+    for chain, s in state.items():
+        probes = {int(n): r for n, r in s["probes"].items()}
+        assert s["next"] is None and s["error"] is None
+        assert (s["n_lo"], s["n_hi"]) == rule.bracket(probes)
+        for n in (s["n_lo"], s["n_hi"]):
+            if n:
+                cell = out / "cells" / f"{chain}__n={n}"
+                report = json.loads(report_path(cell).read_text())
+                assert report["reliability"]["n_facts"] == n
+                assert report["reliability"]["reliability"] == pytest.approx(probes[n], abs=1e-6)
+        for n in probes:
+            config = yaml.safe_load((out / "cells" / f"{chain}__n={n}" / "cell.yaml").read_text())
+            assert config["data"]["n_unknown"] == n
+    rows = list(csv.DictReader((out / "capacity.csv").read_text().splitlines()))
+    assert {r["variant"] for r in rows} == {"r1", "r8"}
+    params = {r["variant"]: int(r["lora_parameters"]) for r in rows}
+    assert params["r8"] == 8 * params["r1"]  # A (r x in) and B (out x r) grow with r
+    for name in ("report.md", "nstar_vs_parameters.png", "reliability_vs_n.png"):
+        assert (out / name).is_file(), name
+    assert "Allen-Zhu & Li" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_rerun_continues_the_search_without_repeating_a_probe(searched):
+    out = searched["out"]
+    chain = "variant=r8__seed=42"
+    state = {s["chain"]: s for s in json.loads((out / "capacity.json").read_text())}[chain]
+    probes = [out / "cells" / f"{chain}__n={n}" for n in state["probes"]]
+    newest = max(probes, key=lambda cell: (cell / "cell.yaml").stat().st_mtime_ns)
+    last = int(newest.name.rsplit("=", 1)[1])
+    shutil.rmtree(newest)  # as if the search was killed before its last probe ended
+    before = {d.name: read_status(d) for d in (out / "cells").iterdir()}
+    result = capacity_command(str(searched["file"]), output=str(out))
+    assert result["rounds"] == 1
+    after = {d.name: read_status(d) for d in (out / "cells").iterdir()}
+    assert set(after) == set(before) | {f"{chain}__n={last}"}
+    for name, status in before.items():
+        assert after[name]["attempts"] == status["attempts"], name  # not run again
+    again = {s["chain"]: s for s in json.loads((out / "capacity.json").read_text())}[chain]
+    assert again["probes"].keys() == state["probes"].keys()
