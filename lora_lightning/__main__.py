@@ -1,7 +1,7 @@
 """`python -m lora_lightning <command>`: a table from command name to the function that runs it.
 
 `fit`, `validate`, `test` and `predict` are Lightning's own subcommands (the LightningCLI of
-`commands.train`); every other command is a typed function that jsonargparse exposes.
+`lora_lightning.cli`); every other command is a typed function that jsonargparse exposes.
 """
 
 from __future__ import annotations

@@ -100,3 +100,21 @@ def test_the_cycle_check_finds_a_cycle_hidden_in_a_function(tmp_path):
     (pkg / "a.py").write_text("def f():\n    from cyclic.b import g\n")
     (pkg / "b.py").write_text("from cyclic import a\n\ndef g():\n    pass\n")
     assert _find_cycle(_module_graph(tmp_path, "cyclic")) == ["cyclic.a", "cyclic.b", "cyclic.a"]
+
+
+def test_the_library_never_imports_the_command_layer():
+    """Data flows one way: the commands use the library (sweep and capacity machinery
+    included), never the reverse; only `__main__` dispatches to them."""
+    import ast
+
+    package = ROOT / "lora_lightning"
+    offenders = []
+    for path in sorted(package.rglob("*.py")):
+        if path.parent.name == "commands" or path.name == "__main__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.relative_to(ROOT)}: {name}" for name in names
+                          if name.startswith("lora_lightning.commands")]
+    assert not offenders

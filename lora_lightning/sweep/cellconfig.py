@@ -90,7 +90,7 @@ class FitConfigParser:
     """
 
     def __init__(self) -> None:
-        from lora_lightning.commands.train import TRAINER_DEFAULTS, KnowledgeCLI
+        from lora_lightning.cli import TRAINER_DEFAULTS, KnowledgeCLI
         from lora_lightning.data import KnowledgeDataModule
         from lora_lightning.module import LoRAKnowledgeModule
 
@@ -99,7 +99,7 @@ class FitConfigParser:
                 raise _Parsed(self)
 
         try:
-            # the same classes and defaults as commands.train.run_training_cli
+            # the same classes and defaults as cli.run_training_cli
             _ParseOnly(
                 LoRAKnowledgeModule, KnowledgeDataModule, trainer_defaults=TRAINER_DEFAULTS,
                 seed_everything_default=42, args=["fit"],

@@ -47,10 +47,10 @@ def world_settings(scale: str, dry_run: bool = False) -> dict[str, str]:
 def categorize_args(sweep: Sweep, model: str | None) -> list[str]:
     """`categorize` arguments from the sweep file's `categorize:` section; the model defaults
     to the cells' base model and the output is the sweep folder's `categorized.jsonl`."""
-    from lora_lightning.commands.categorize import categorize_command
+    from lora_lightning.knowledge import categorize_file
 
     section = dict(sweep.categorize or {})
-    known = set(inspect.signature(categorize_command).parameters) - {"output"}
+    known = set(inspect.signature(categorize_file).parameters) - {"output"}
     for key in section:
         if key not in known:
             raise sweep.error(f"categorize.{key}", "not an argument of `categorize` "
