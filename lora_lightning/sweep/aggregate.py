@@ -283,6 +283,16 @@ def markdown(grid: Grid, record: dict[str, Any], sweep_dir: Path, plots: list[Pa
                         note="Base model: "
                         f"{_fmt(_base(grid, 'refusal_rate_answerable_before'))}; "
                         f"{_fmt(_base(grid, 'correct_refusal_rate_before'))}.")
+    if grid.has("confidence_after"):
+        pairs = [(r.get("confidence_before"), r.get("confidence_after")) for r in rows]
+        pairs = [(b, a) for b, a in pairs if isinstance(b, float) and isinstance(a, float)]
+        falls = sum(a < b for b, a in pairs)
+        lines += ["## Confidence after training (mean token probability of the probe's answers)",
+                  ""]
+        lines += _table(grid, simple("confidence_after"),
+                        note=f"Base model: {_fmt(_base(grid, 'confidence_before'))}. It falls "
+                        f"in {falls} of {len(pairs)} cells"
+                        + ("; the paper reports it rising after training." if paper else "."))
     bench = sorted({c.removesuffix("_after") for r in rows for c in r
                     if c.endswith(("_accuracy_after", "_mc1_after", "_mc2_after"))})
     if bench:
