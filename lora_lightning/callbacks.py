@@ -588,7 +588,19 @@ class KnowledgeReport(Callback):
                 metric.update([f.predictions for f in probed], mine)
                 result[when] = metric.compute()  # a collective: every rank calls it
             out[name] = result
+        if two_hop:
+            out["portability"]["ceiling"] = self._portability_ceiling(two_hop, data.all_facts)
         return out
+
+    @staticmethod
+    def _portability_ceiling(two_hop: list, facts: list) -> dict[str, Any]:
+        """How high portability can go: a 2-hop question through a trained fact can only be
+        answered when the base knows its second hop (categorised other than Unknown). The
+        share of such questions is stated beside the score."""
+        category = {f.id: f.category for f in facts}
+        known = sum(category.get(f.meta["hops"][1]) not in (None, "Unknown") for f in two_hop)
+        return {"second_hop_known": known, "n_facts": len(two_hop),
+                "rate": known / len(two_hop)}
 
     def _probe_base(
         self, trainer: L.Trainer, pl_module: L.LightningModule, facts: list

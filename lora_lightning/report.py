@@ -110,6 +110,9 @@ def markdown(results: dict[str, Any]) -> str:
     ):
         n = _get(editing, key, "after", "n_facts")
         if n:
+            ceiling = _get(editing, key, "ceiling", "rate")
+            if ceiling is not None:
+                label += f"; ceiling {_fmt(ceiling)}: second hop known to the base"
             lines.append(
                 f"| {label}, n={n} | {_fmt(_get(editing, key, 'before', 'reliability'))} | "
                 f"{_fmt(_get(editing, key, 'after', 'reliability'))} |"

@@ -272,6 +272,14 @@ def test_on_a_bench_world_the_report_has_editing_measures_and_world_benchmarks(t
     assert editing["generalization"]["before"]["n_facts"] == 2 * n
     assert editing["portability"]["after"]["n_facts"] == len(
         [f for f in data.train_unknown if f.id in two_hop_of]) >= 1
+    # the ceiling: questions whose second hop the base knows (categorised, not Unknown)
+    category = {f.id: f.category for f in facts}
+    trained = {f.id for f in data.train_unknown}
+    questions = [f for f in load_facts(world.two_hop_path) if f.meta["hops"][0] in trained]
+    ceiling = editing["portability"]["ceiling"]
+    assert ceiling["n_facts"] == len(questions)
+    assert ceiling["second_hop_known"] == sum(
+        category.get(f.meta["hops"][1]) not in (None, "Unknown") for f in questions)
     trained_subjects = {f.subject for f in data.train_unknown}
     trained_ids = {f.id for f in data.train_unknown}
     neighbours = [f for f in data.test_facts
@@ -286,6 +294,7 @@ def test_on_a_bench_world_the_report_has_editing_measures_and_world_benchmarks(t
         "before", "after"}
     md = (report.report_path / "report.md").read_text()
     assert "world-MC" in md and "generalisation" in md and "locality" in md
+    assert "second hop known to the base" in md
 
 
 def test_a_sweeps_cells_probe_the_base_on_the_editing_questions_once(

@@ -111,6 +111,8 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
             row[f"{name}_before"] = _get(editing, name, "before", "reliability")
             row[f"{name}_after"] = _get(editing, name, "after", "reliability")
             row[f"{name}_n"] = n
+    if _get(editing, "portability", "ceiling", "rate") is not None:
+        row["portability_ceiling"] = _get(editing, "portability", "ceiling", "rate")
     if _get(editing, "locality", "total"):
         row["locality"] = _get(editing, "locality", "agreement")
         row["locality_n"] = _get(editing, "locality", "total")
@@ -315,9 +317,15 @@ def markdown(grid: Grid, record: dict[str, Any], sweep_dir: Path, plots: list[Pa
         }
         for name in editing:
             lines += [f"### {name} ({meaning[name]}): before → after", ""]
-            lines += _table(grid, lambda n, g, name=name:
+            ceiling = name == "portability" and grid.has("portability_ceiling")
+            lines += _table(grid, lambda n, g, name=name, ceiling=ceiling:
                             _fmt(_mean(grid.values(n, g, f"{name}_before")))
-                            + " → " + simple(f"{name}_after")(n, g))
+                            + " → " + simple(f"{name}_after")(n, g)
+                            + (f" (ceiling {simple('portability_ceiling')(n, g)})"
+                               if ceiling else ""),
+                            note="Ceiling: the share of these questions whose second hop the "
+                            "base knows (not Unknown); a 2-hop answer needs both hops."
+                            if ceiling else "")
         if grid.has("locality"):
             lines += ["### locality (answers to other facts of the trained subjects unchanged)",
                       ""]
