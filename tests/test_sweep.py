@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from lora_lightning.commands.sweep import sweep_argv, sweep_command
-from lora_lightning.sweep.aggregate import aggregate_sweep
+from lora_lightning.sweep.aggregate import aggregate_sweep, mcnemar_exact
 from lora_lightning.sweep.cell import read_status, report_path
 from lora_lightning.sweep.folder import claim_folder
 from lora_lightning.sweep.local import local_slots
@@ -479,6 +479,35 @@ def test_aggregate_writes_the_papers_tables_with_seed_spread_and_the_papers_valu
     for name in ("reliability_vs_n", "harm_vs_n", "shifts_vs_n"):
         assert out[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"![{name}]({name}.png)" in md
+
+
+def test_the_exact_mcnemar_test_matches_the_binomial_tail():
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(0, 5) == pytest.approx(2 / 32)  # 5 discordant facts, all one way
+    assert mcnemar_exact(9, 1) == pytest.approx(2 * 11 / 1024)
+    assert mcnemar_exact(3, 3) == 1.0
+
+
+def test_mixes_that_trained_the_same_facts_are_compared_fact_by_fact(tmp_path):
+    """Reliability 0.9 against 0.6 on the same 10 facts: McNemar on the 3 facts only the
+    reference learned (p = 0.25, not significant); a cell of other facts is not paired."""
+    root = fake_sweep(tmp_path)
+    learned = {"+0": [True] * 9 + [False], "+10HK": [True] * 6 + [False] * 4}
+    for label, flags in learned.items():
+        for seed in (1, 2):
+            ids = [f"u{i}" for i in range(10)] if seed == 1 else [f"v{i}" for i in range(10)]
+            if label == "+10HK" and seed == 2:
+                ids = [f"w{i}" for i in range(10)]  # not the same facts: no pair
+            rows = [{"id": i, "role": "trained unknown", "p_greedy_after": 0.5 if ok else 0.0}
+                    for i, ok in zip(ids, flags, strict=True)]
+            path = report_path(tmp_path / "cells" / f"n=10__mix={label}__seed={seed}")
+            (path.parent / "facts_after.jsonl").write_text(
+                "".join(json.dumps(r) + "\n" for r in rows))
+    aggregate_sweep(root, plots=False)
+    md = (tmp_path / "report.md").read_text()
+    paired = md.split("## Paired comparisons of reliability against +0")[1].split("\n## ")[0]
+    assert "| 10 | 1 | +10HK | 10 | 3 | 0 | 0.25 |" in paired
+    assert "| 10 | 2 |" not in paired
 
 
 def test_aggregate_on_the_command_line_takes_the_folder_by_position(tmp_path):

@@ -28,11 +28,11 @@ from lora_lightning.sweep.cell import (
     read_status,
     report_path,
 )
-from lora_lightning.sweep.folder import RECORD, cell_dirs, read_record
+from lora_lightning.sweep.folder import CELLS_DIR, RECORD, cell_dirs, read_record
 from lora_lightning.sweep.grid import Grid
 from lora_lightning.sweep.paper import PAPER_BASE, paper_value
 
-__all__ = ["aggregate_sweep", "collect", "headline"]
+__all__ = ["aggregate_sweep", "collect", "headline", "mcnemar_exact", "paired_comparisons"]
 
 SEED_KEYS = ("seed_everything", "data.seed")
 N_KEY = "data.n_unknown"
@@ -330,6 +330,7 @@ def markdown(grid: Grid, record: dict[str, Any], sweep_dir: Path, plots: list[Pa
             lines += ["### locality (answers to other facts of the trained subjects unchanged)",
                       ""]
             lines += _table(grid, simple("locality"))
+    lines += paired_comparisons(grid, sweep_dir)
     if failed:
         lines += ["## Failed cells", ""]
         lines += [f"- {r['cell']} ({r['attempts']} attempts): {r['error']}" for r in failed]
@@ -337,6 +338,64 @@ def markdown(grid: Grid, record: dict[str, Any], sweep_dir: Path, plots: list[Pa
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     return "\n".join(lines)
+
+
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value: of the facts two cells disagree on, is the split
+    between "learned only in A" and "learned only in B" plausible for a fair coin?"""
+    m = only_a + only_b
+    if m == 0:
+        return 1.0
+    tail = sum(math.comb(m, i) for i in range(min(only_a, only_b) + 1)) / 2**m
+    return min(1.0, 2 * tail)
+
+
+def _learned(cell_dir: Path) -> dict[str, bool] | None:
+    """Per trained Unknown fact of a cell, whether `test` found it learned (any prompt right,
+    as reliability counts), from its `facts_after.jsonl`; None when the cell has none."""
+    path = report_path(cell_dir).parent / "facts_after.jsonl"
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return None
+    return {r["id"]: (r.get("p_greedy_after") or 0) > 0 for r in rows
+            if r.get("role") == "trained unknown"}
+
+
+def paired_comparisons(grid: Grid, sweep_dir: Path) -> list[str]:
+    """Reliability of each mix against the first, cell by cell where both trained the same
+    Unknown facts (same n and seed): an exact McNemar test on the facts learned in one and not
+    the other. A difference of reliabilities is called significant only by this test."""
+    if len(grid.groups) < 2:
+        return []
+    reference = grid.groups[0]
+    table = []
+    for n in grid.ns:
+        for ref_row in [r for r in grid.cells(n, reference) if r["state"] == "done"]:
+            ref = _learned(Path(sweep_dir) / CELLS_DIR / ref_row["cell"])
+            if not ref:
+                continue
+            for group in grid.groups[1:]:
+                for row in [r for r in grid.cells(n, group)
+                            if r["state"] == "done" and r.get("seed") == ref_row.get("seed")]:
+                    other = _learned(Path(sweep_dir) / CELLS_DIR / row["cell"])
+                    if other is None or set(other) != set(ref):
+                        continue
+                    only_ref = sum(ref[i] and not other[i] for i in ref)
+                    only_other = sum(other[i] and not ref[i] for i in ref)
+                    p = mcnemar_exact(only_ref, only_other)
+                    table.append(f"| {n} | {row.get('seed')} | {group} | {len(ref)} | "
+                                 f"{only_ref} | {only_other} | {p:.3g}"
+                                 f"{' *' if p < 0.05 else ''} |")
+    if not table:
+        return []
+    return [f"## Paired comparisons of reliability against {reference} (exact McNemar test)", "",
+            f"Cells of one n and seed train the same Unknown facts. For each pair: the facts "
+            f"learned only with {reference}, and only with the other mix. p: two-sided exact "
+            "McNemar; * marks p < 0.05, with no correction for the number of comparisons. "
+            "A difference is called significant in our results only by this test.", "",
+            f"| n | seed | mix | facts | only {reference} | only mix | p |",
+            "|---|---|---|---|---|---|---|", *table, ""]
 
 
 def _mean(values: list[float]) -> float | None:
