@@ -85,3 +85,25 @@ def test_rows_sharing_a_prefix_are_batched_around_it():
     assert batches[1].prefix_len == 4  # [1, 2, 9, 9] + the rest; one token left outside
     lone = next(left_padded_batches([[1, 2, 3]], batch_size=1, pad_id=0, share_prefix=2))
     assert lone.prefix_len == 2  # the last token stays outside the cached prefix
+
+
+def test_evaluating_hands_the_output_layer_a_contiguous_input_and_then_lets_go(tiny_model_dir):
+    """With `logits_to_keep=1` the head gets a strided slice; with a frozen weight torch then
+    copies the whole weight per row (150x slower on SmolLM2's head). Inside `evaluating` the
+    head sees a contiguous input, and nothing of it is left on the model afterwards."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).requires_grad_(False)
+    seen = []
+    head = model.get_output_embeddings()
+    probe = head.register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
+    ids = torch.randint(0, model.config.vocab_size, (3, 7))
+    with evaluating(model):
+        inside = model(input_ids=ids, logits_to_keep=1).logits
+    model.eval()
+    with torch.no_grad():
+        outside = model(input_ids=ids, logits_to_keep=1).logits
+    probe.remove()
+    assert seen == [True, False]  # the strided slice reaches the head outside the block
+    torch.testing.assert_close(inside, outside)
+    assert not head._forward_pre_hooks
