@@ -121,7 +121,7 @@ def test_a_bad_capacity_file_fails_naming_the_file_and_the_key(body, key, tmp_pa
 
 
 def test_the_shipped_capacity_files_dry_run(capsys):
-    for name in ("world", "llama31_8b"):
+    for name in ("world", "llama31_8b", "smollm2_135m"):
         result = capacity_command(str(ROOT / "configs" / "capacity" / f"{name}.yaml"),
                                   output=f"/tmp/never-made-{name}", dry_run=True)
         assert result["dry_run"] and result["chains"]
