@@ -367,10 +367,11 @@ def categorize_file(
     threads: int | None = None,
     progress: bool = True,
 ) -> dict[str, int]:
-    """Categorise facts (SliCK) for a model and write them, with the per-prompt answers
-    (`python -m lora_lightning categorize`; a sweep or capacity search runs it once for all
-    its runs). Models, the world and threads are imported here, not at the top: the world
-    imports this module to categorise its own facts.
+    """Categorise facts (SliCK) for a model and write them, with the per-prompt answers.
+
+    `python -m lora_lightning categorize` is this function; a sweep or capacity search runs it
+    once for all its runs. Models, the world and threads are imported here, not at the top:
+    the world imports this module to categorise its own facts.
 
     Args:
         model: Hugging Face model directory or hub name; None or "world" = the synthetic world's

@@ -17,8 +17,10 @@ def capacity_command(
     retries: int | None = None,
     aggregate: bool = True,
 ) -> dict[str, Any]:
-    """Find, for each adapter variant and seed, n*: the largest number of Unknown facts it
-    learns with reliability at least the threshold (search.threshold, default 0.95).
+    """Find n* per adapter variant: the most new facts it learns at reliability >= tau.
+
+    n* is the largest number of Unknown facts a variant (and seed) learns with reliability at
+    least the threshold tau (search.threshold, default 0.95).
 
     The capacity file is a sweep file (base config, world or categorize, overrides, launcher,
     workers, slurm) with `variants` (labels to settings), `mix` (default +0), `seeds` and
