@@ -177,6 +177,10 @@ def test_every_chain_ends_on_a_bracket_tested_at_both_ends(searched):
     assert {r["variant"] for r in rows} == {"r1", "r8"}
     params = {r["variant"]: int(r["lora_parameters"]) for r in rows}
     assert params["r8"] == 8 * params["r1"]  # A (r x in) and B (out x r) grow with r
+    for r in rows:  # bits: each learned fact's log2(answers its relation takes) > 0
+        assert int(r["facts_learned"]) >= 1 and float(r["bits"]) > 0
+        assert float(r["bits_per_parameter"]) == pytest.approx(
+            float(r["bits"]) / int(r["lora_parameters"]))
     for name in ("report.md", "nstar_vs_parameters.png", "reliability_vs_n.png"):
         assert (out / name).is_file(), name
     assert "Allen-Zhu & Li" in (out / "report.md").read_text()
