@@ -151,8 +151,15 @@ def run_capacity(capacity: Capacity, dry_run: bool = False,
         if not jobs:
             break
         rounds += 1
-        _run_jobs(capacity, jobs, slots, f"capacity round {rounds}: probing "
-                  + "; ".join(notes))
+        results = _run_jobs(capacity, jobs, slots, f"capacity round {rounds}: probing "
+                            + "; ".join(notes))
+        if not any(r.get("state") in ("done", "failed") for r in results.values()):
+            # every probe busy (another process runs it) or interrupted: asking again at once
+            # would spin; a rerun picks the searches up where they are
+            states = sorted({str(r.get("state")) for r in results.values()})
+            print(f"capacity: no probe of round {rounds} finished ({', '.join(states)}); "
+                  "run the command again to continue", flush=True)
+            break
 
     jobs = []
     for chain in chains:
