@@ -164,6 +164,8 @@ def run_capacity(capacity: Capacity, dry_run: bool = False,
     jobs = []
     for chain in chains:
         state = search_state(capacity, chain)
+        if state["next"] is not None or state["error"]:
+            continue  # still searching (a rerun goes on), or stopped by a failed probe
         for n in (state["n_lo"], state["n_hi"]):
             if n and n in state["probes"] and state["probes"][n].error is None:
                 cell = probe_cell(chain, n)
