@@ -3,9 +3,10 @@ adapter holds, per adapter variant (rank, target modules), and what it breaks by
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Literal
 
-from lora_lightning.sweep.capacity import load_capacity, with_workers
+from lora_lightning.sweep.capacity import load_capacity
 
 
 def capacity_command(
@@ -43,14 +44,8 @@ def capacity_command(
         The chains, the rounds of probes run and the files written.
     """
     capacity = load_capacity(config_file, output=output)
-    if workers is not None:
-        if workers < 1:
-            raise ValueError(f"capacity --workers must be >= 1, got {workers}")
-        capacity = with_workers(capacity, workers=workers)
-    if launcher is not None:
-        capacity = with_workers(capacity, launcher=launcher)
-    if retries is not None:
-        capacity = with_workers(capacity, retries=max(0, retries))
+    capacity = replace(capacity, sweep=capacity.sweep.with_run_settings(
+        "capacity", workers, launcher, retries))
     from lora_lightning.sweep.capacity_runner import run_capacity
 
     return run_capacity(capacity, dry_run=dry_run, aggregate=aggregate)

@@ -3,7 +3,6 @@ cell `fit` then `test`, locally or on SLURM, then `aggregate`."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any, Literal
 
 from lora_lightning.sweep import load_sweep
@@ -60,15 +59,8 @@ def sweep_command(
     Returns:
         Counts of the cells, the failed ones with their errors, and the files written.
     """
-    sweep = load_sweep(config_file, output=output)
-    if workers is not None:
-        if workers < 1:
-            raise ValueError(f"sweep --workers must be >= 1, got {workers}")
-        sweep = replace(sweep, workers=workers)
-    if launcher is not None:
-        sweep = replace(sweep, launcher=launcher)
-    if retries is not None:
-        sweep = replace(sweep, retries=max(0, retries))
+    sweep = load_sweep(config_file, output=output).with_run_settings(
+        "sweep", workers, launcher, retries)
     from lora_lightning.sweep.runner import run_sweep
 
     return run_sweep(sweep, dry_run=dry_run, extend=extend, aggregate=aggregate)

@@ -32,7 +32,10 @@ from lora_lightning.sweep.folder import CELLS_DIR, RECORD, cell_dirs, read_recor
 from lora_lightning.sweep.grid import Grid
 from lora_lightning.sweep.paper import PAPER_BASE, paper_value
 
-__all__ = ["aggregate_sweep", "collect", "headline", "mcnemar_exact", "paired_comparisons"]
+__all__ = [
+    "aggregate_sweep", "collect", "headline", "mcnemar_exact", "paired_comparisons",
+    "trained_rows",
+]
 
 SEED_KEYS = ("seed_everything", "data.seed")
 N_KEY = "data.n_unknown"
@@ -350,16 +353,22 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def _learned(cell_dir: Path) -> dict[str, bool] | None:
-    """Per trained Unknown fact of a cell, whether `test` found it learned (any prompt right,
-    as reliability counts), from its `facts_after.jsonl`; None when the cell has none."""
+def trained_rows(cell_dir: Path) -> list[dict[str, Any]] | None:
+    """A tested cell's per-fact rows (`facts_after.jsonl`) of its trained Unknown facts, each
+    with `learned`: any prompt right after training, as reliability counts. None when the
+    cell has no such file."""
     path = report_path(cell_dir).parent / "facts_after.jsonl"
     try:
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     except (OSError, ValueError):
         return None
-    return {r["id"]: (r.get("p_greedy_after") or 0) > 0 for r in rows
-            if r.get("role") == "trained unknown"}
+    return [{**r, "learned": (r.get("p_greedy_after") or 0) > 0} for r in rows
+            if r.get("role") == "trained unknown"]
+
+
+def _learned(cell_dir: Path) -> dict[str, bool] | None:
+    rows = trained_rows(cell_dir)
+    return None if rows is None else {r["id"]: r["learned"] for r in rows}
 
 
 def paired_comparisons(grid: Grid, sweep_dir: Path) -> list[str]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -294,11 +294,6 @@ def search_state(capacity: Capacity, chain: Cell) -> dict[str, Any]:
 def tested(cell_dir: Path) -> bool:
     """Whether a probe has had its full `test` (a whole report)."""
     return "test" in cell_stages(cell_dir) and is_done(cell_dir)
-
-
-def with_workers(capacity: Capacity, **changes: Any) -> Capacity:
-    """The capacity with sweep settings (workers, launcher, retries) changed."""
-    return replace(capacity, sweep=replace(capacity.sweep, **changes))
 
 
 def dump_state(capacity: Capacity) -> list[dict[str, Any]]:

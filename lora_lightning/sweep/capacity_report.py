@@ -12,15 +12,14 @@ beside ours, never fitted to.
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from lora_lightning.files import atomic_path, atomic_write_text
-from lora_lightning.sweep.aggregate import headline
+from lora_lightning.sweep.aggregate import headline, trained_rows
 from lora_lightning.sweep.capacity import Capacity, probe_cell, search_state, wilson_interval
-from lora_lightning.sweep.cell import read_report, report_path
+from lora_lightning.sweep.cell import read_report
 from lora_lightning.sweep.runner import _cell_dir
 
 __all__ = ["PUBLISHED_BITS_PER_PARAMETER", "capacity_rows", "write_capacity_report"]
@@ -64,13 +63,10 @@ def relation_bits(facts_path: str | Path | None) -> dict[str | None, float]:
 
 def learned_bits(cell_dir: Path, bits: dict[str | None, float]) -> tuple[int, float] | None:
     """(facts learned, their bits) from a tested probe's per-fact rows."""
-    rows_path = report_path(cell_dir).parent / "facts_after.jsonl"
-    try:
-        rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line]
-    except (OSError, ValueError):
+    rows = trained_rows(cell_dir)
+    if rows is None:
         return None
-    learned = [r for r in rows if r.get("role") == "trained unknown"
-               and (r.get("p_greedy_after") or 0) > 0]
+    learned = [r for r in rows if r["learned"]]
     fallback = max(bits.values(), default=0.0) if len(bits) == 1 else 0.0
     return len(learned), sum(bits.get(r.get("relation"), fallback) for r in learned)
 

@@ -23,7 +23,7 @@ import hashlib
 import itertools
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +105,20 @@ class Sweep:
     slurm: dict[str, Any] = field(default_factory=dict)
     categorize: dict[str, Any] | None = None
     paper_values: bool = False
+
+    def with_run_settings(self, command: str, workers: int | None = None,
+                          launcher: str | None = None, retries: int | None = None) -> Sweep:
+        """The sweep with the command line's workers, launcher and retries (None: the file's)."""
+        changes: dict[str, Any] = {}
+        if workers is not None:
+            if workers < 1:
+                raise ValueError(f"{command} --workers must be >= 1, got {workers}")
+            changes["workers"] = workers
+        if launcher is not None:
+            changes["launcher"] = launcher
+        if retries is not None:
+            changes["retries"] = max(0, retries)
+        return replace(self, **changes)
 
     def error(self, key: str, problem: str) -> SweepFileError:
         return SweepFileError(self.path, key, problem)
