@@ -83,16 +83,36 @@ def test_categorize_command_applies_the_adapter_hook(small_world, tmp_path):
 def test_world_command_shows_sizes_categories_and_base_accuracy(tmp_path, monkeypatch, capsys):
     from lora_lightning.world import WorldConfig
 
-    monkeypatch.setattr(WorldConfig, "scale", classmethod(lambda cls, name: cls.tiny()))
-    info = world_command(scale="small", home=str(tmp_path))
+    monkeypatch.setattr(WorldConfig, "scale",
+                        classmethod(lambda cls, name, seed=0: cls.tiny(seed)))
+    info = world_command(scale="small", home=str(tmp_path / "home"))
     shown = capsys.readouterr().out
     assert info["root"].startswith(str(tmp_path))
     for label in ("facts categorised", "base accuracy, frequently trained facts",
                   "refusal rate of the probes", "categories:"):
         assert label in shown
     assert f"Unknown {info['categories']['Unknown']}" in shown
-    again = world_command(scale="small", home=str(tmp_path), json_output=True)
+    again = world_command(scale="small", home=str(tmp_path / "home"), json_output=True)
     assert again["root"] == info["root"] and '"n_tested"' in capsys.readouterr().out
+
+
+def test_world_command_packs_a_world_and_compares_a_rebuild_with_the_shipped_one(
+    tmp_path, monkeypatch, capsys
+):
+    """`--pack` writes a world as it ships; `--rebuild true` builds a shipped world here and
+    names the files that differ from the shipped build (none on the machine that made it)."""
+    from lora_lightning.world import WorldConfig, cache
+
+    monkeypatch.setattr(WorldConfig, "scale",
+                        classmethod(lambda cls, name, seed=0: cls.tiny(seed)))
+    key = WorldConfig.tiny().key()
+    world_command(scale="small", home=str(tmp_path / "maker"),
+                  pack=str(tmp_path / "shipped" / f"world-{key}.tar.xz"))
+    monkeypatch.setattr(cache, "SHIPPED_DIR", tmp_path / "shipped")
+    info = world_command(scale="small", home=str(tmp_path / "user"), rebuild=True)
+    assert info["root"].endswith(f"world-{key}-rebuilt")
+    assert info["differs_from_shipped"] == []
+    assert "none (bit for bit the same)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(("failed", "code"), [({}, None), ({"n=10__mix=+0": "boom"}, 1)])

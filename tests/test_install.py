@@ -145,4 +145,4 @@ def test_fit_and_a_sweep_dry_run_work_from_any_folder(tmp_path):
     sweep = _cli("sweep", "--config", str(ROOT / "configs/sweeps/world.yaml"), "--dry_run", "true",
                  cwd=tmp_path, env=env)
     assert sweep.returncode == 0, sweep.stderr[-3000:]
-    assert "25 cells" in sweep.stdout
+    assert "75 cells" in sweep.stdout

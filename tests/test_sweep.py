@@ -253,11 +253,12 @@ def test_the_world_sweep_dry_run_lists_its_cells_without_building_the_world(tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = load_sweep(ROOT / "configs/sweeps/world.yaml")
     cells = sweep.cells()
-    assert len(cells) == 25 and sweep.world == "bench"
+    assert len(cells) == 75 and sweep.world == "bench"
     assert {c.settings["data.n_unknown"] for c in cells} >= {10, 1000}
+    assert {c.settings["seed_everything"] for c in cells} == {42, 43, 44}
     for cell in cells:
         assert cell.name in result.stdout
-    assert "25 cells" in result.stdout
+    assert "75 cells" in result.stdout
     assert not home.exists() or not any(home.iterdir()), "a dry run must not build the world"
     assert not (tmp_path / "sweeps").exists(), "a dry run must not make the sweep folder"
 

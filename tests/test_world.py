@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lora_lightning import world
-from lora_lightning.facts import load_facts
+from lora_lightning.facts import Fact, load_facts
 from lora_lightning.prompts import encode_example, fewshot_messages, qa_messages, render
 from lora_lightning.world import (
     REFUSAL,
@@ -256,7 +256,8 @@ def _reduced_bench(seed: int = 0) -> WorldConfig:
     """The bench scale's structure at a size that builds in seconds."""
     return dataclasses.replace(
         WorldConfig.bench(seed), n_subjects=60, n_towns=20, n_years=30, format_subjects=12,
-        decoy_subjects=6, mc_heldout=12, truthful_questions=8, vocab_size=600, hidden_size=32,
+        decoy_subjects=6, benchmark_subjects=12, mc_heldout=12, truthful_questions=8,
+        dev_questions=4, vocab_size=600, hidden_size=32,
         intermediate_size=64, num_layers=1, num_heads=2, train_steps=12, batch_size=8,
         warmup_steps=2, n_exp=2, eval_batch_size=32,
     )
@@ -267,10 +268,11 @@ def test_bench_plan_gives_every_fact_one_role_and_keeps_tested_facts_out_of_form
 
     plan = plan_world(_reduced_bench())
     tested = {f.id for f in plan.tested}
-    assert tested.isdisjoint(f.id for f in plan.mc_heldout)
+    assert tested.isdisjoint(f.id for f in plan.mc_heldout + plan.mc_dev + plan.benchmark)
+    assert {f.id for f in plan.mc_heldout}.isdisjoint(f.id for f in plan.mc_dev)
     assert tested.isdisjoint(f.id for f in plan.pool)
     assert all(f.meta.get("role") == "format" for f in plan.pool)
-    assert {f.id for f in plan.mc_heldout} <= plan.known_ids
+    assert {f.id for f in plan.mc_heldout + plan.mc_dev} <= plan.known_ids
     assert all(f.meta.get("role") != "format" for f in plan.tested)
     by_id = {f.id for f in plan.facts}
     for fact in plan.two_hop + plan.two_hop_train:
@@ -288,6 +290,59 @@ def test_bench_plan_gives_every_fact_one_role_and_keeps_tested_facts_out_of_form
         assert asked.isdisjoint(fact.meta["heldout_questions"])
     obscure = {f.subject for f in plan.tested} - {f.subject for f in plan.known}
     assert obscure  # some subjects the base has never seen a fact of
+
+
+@pytest.mark.parametrize("scale", ["tiny", "small", "bench"])
+def test_no_answer_is_inside_another_answer_or_a_prompt_text(scale):
+    """The paper counts an answer right when it occurs anywhere in the output: in the world no
+    answer may be found inside another ("lute" in "flute", a town "Be" in "Bel Kor") or in the
+    text every prompt repeats."""
+    from lora_lightning.world.generator import answer_clashes, plan_world
+
+    config = {"tiny": WorldConfig.tiny(), "small": WorldConfig(),
+              "bench": WorldConfig.bench()}[scale]
+    plan = plan_world(config)
+    assert answer_clashes(plan.facts + plan.decoys + plan.two_hop + plan.two_hop_train) == []
+    names = [f.subject for f in plan.facts + plan.decoys]
+    assert min(map(len, names)) >= 4
+
+
+def test_answer_clashes_names_an_answer_inside_another_and_inside_a_prompt():
+    from lora_lightning.world.generator import answer_clashes
+
+    def fact(i: int, answer: str) -> Fact:
+        return Fact(id=str(i), question=f"Q{i}?", answers=[answer], relation="instrument")
+
+    clashes = answer_clashes([fact(0, "lute"), fact(1, "flute"), fact(2, "Kora"),
+                              fact(3, "harp")])
+    assert clashes == ["'lute' (of 'lute') is inside 'flute'"]
+    assert answer_clashes([fact(0, "be")]) == ["'be' (of 'be') is inside a prompt text"]
+
+
+def test_harm_benchmarks_share_no_subject_with_any_fact_a_mix_can_train(tmp_path):
+    """world-MC and world-truthful (both splits) ask about benchmark subjects only: no question
+    names a subject of the fact file, which holds every fact any mix trains; the development
+    split asks other questions than the test split."""
+    from lora_lightning.evaluation import load_mmlu, load_truthfulqa
+    from lora_lightning.world.benchmarks import write_benchmarks
+    from lora_lightning.world.generator import plan_world
+
+    config = WorldConfig.bench()
+    plan = plan_world(config)
+    write_benchmarks(plan, config, tmp_path / "test", tmp_path / "dev")
+    trainable = {f.subject for f in plan.tested}
+    asked = {}
+    for split in ("test", "dev"):
+        mc = [q.question for q in load_mmlu(tmp_path / split / "mc", "test")]
+        truthful = [q.question for q in load_truthfulqa(tmp_path / split / "truthful.csv")]
+        want = (config.mc_heldout, config.truthful_questions) if split == "test" else (
+            config.dev_questions, config.dev_questions)
+        assert (len(mc), len(truthful)) == want
+        asked[split] = set(mc + truthful)
+        for question in mc + truthful:
+            assert not [s for s in trainable if s in question], question
+    assert asked["test"].isdisjoint(asked["dev"])
+    assert {f.subject for f in plan.mc_heldout + plan.mc_dev}.isdisjoint(trainable)
 
 
 def test_building_the_world_leaves_the_callers_random_state_alone(tmp_path):
@@ -339,8 +394,11 @@ def test_a_reduced_bench_world_builds_its_benchmarks_bit_for_bit(tmp_path):
     questions = load_mmlu(first.benchmarks_dir / "mc", "test")
     assert len(questions) == config.mc_heldout
     assert len(load_truthfulqa(first.benchmarks_dir / "truthful.csv")) == 8
+    dev = first.root / "benchmarks_dev"
+    assert len(load_mmlu(dev / "mc", "test")) == len(load_truthfulqa(dev / "truthful.csv")) == 4
     info = first.info
-    for key in ("world_mc", "world_truthful_mc1", "world_truthful_mc2", "refusal_rate"):
+    for key in ("world_mc", "world_truthful_mc1", "world_truthful_mc2", "world_mc_dev",
+                "world_truthful_mc1_dev", "refusal_rate"):
         assert 0.0 <= info[key] <= 1.0, key
     assert info["n_two_hop"] == len(load_facts(first.two_hop_path)) > 0
 
@@ -381,3 +439,89 @@ def test_benchmark_formats_come_in_the_second_half_with_every_answer_letter_lear
     assert abs(share - config.format_fraction) < 0.06, share
     # 0 to 5 shots make lengths vary fivefold; sorted windows keep the batches nearly full
     assert real_tokens / padded_tokens > 0.85, real_tokens / padded_tokens
+
+
+# --------------------------------------------------------------------------- shipped worlds
+
+
+def test_a_shipped_world_is_unpacked_not_built_and_a_rebuild_goes_elsewhere(
+    tmp_path, monkeypatch
+):
+    """The published numbers come from one build: a world that ships is unpacked bit for bit,
+    never rebuilt on the user's CPU (another CPU rounds its matrix kernels otherwise and grows
+    another base); `rebuild=True` builds here, beside it, and `differing_files` compares."""
+    from lora_lightning.world.cache import differing_files, pack_world
+
+    config = _tiny_config(seed=21)
+    built = ensure_world(config, home=tmp_path / "maker", progress=False)
+    shipped = tmp_path / "shipped"
+    pack_world(built.root, shipped / f"world-{config.key()}.tar.xz")
+    first = (shipped / f"world-{config.key()}.tar.xz").read_bytes()
+    pack_world(built.root, tmp_path / "again.tar.xz")
+    assert (tmp_path / "again.tar.xz").read_bytes() == first  # packing is byte-reproducible
+    monkeypatch.setattr(world.cache, "SHIPPED_DIR", shipped)
+
+    real_build = world.cache._build
+    monkeypatch.setattr(world.cache, "_build", lambda *a: pytest.fail("built, not unpacked"))
+    user = ensure_world(config, home=tmp_path / "user", progress=False)
+    assert user.root.name == f"world-{config.key()}"
+    assert differing_files(built.root, user.root) == []
+    assert user.info == built.info  # the maker's record, its machine included
+
+    monkeypatch.setattr(world.cache, "_build", real_build)
+    rebuilt = ensure_world(config, home=tmp_path / "user", progress=False, rebuild=True)
+    assert rebuilt.root.name == f"world-{config.key()}-rebuilt"
+    assert differing_files(user.root, rebuilt.root) == []  # one machine: bit for bit
+    assert ensure_world(config, home=tmp_path / "user", progress=False).root == user.root
+
+
+def test_a_shipped_world_that_fails_its_checksums_is_refused(tmp_path, monkeypatch):
+    from lora_lightning.world.cache import pack_world
+
+    config = _tiny_config(seed=22)
+    built = ensure_world(config, home=tmp_path / "maker", progress=False)
+    (built.root / "pool.jsonl").write_text("tampered\n")
+    pack_world(built.root, tmp_path / "shipped" / f"world-{config.key()}.tar.xz")
+    monkeypatch.setattr(world.cache, "SHIPPED_DIR", tmp_path / "shipped")
+    with (pytest.raises(RuntimeError, match="does not match its own checksums"),
+          pytest.warns(UserWarning, match="pool.jsonl differs")):
+        ensure_world(config, home=tmp_path / "user", progress=False)
+    assert not (tmp_path / "user" / f"world-{config.key()}").exists()
+
+
+@pytest.mark.parametrize("scale", ["small", "bench"])
+def test_the_shipped_world_is_what_todays_generator_plans(scale, tmp_path):
+    """Seed 0 of each scale ships, and its generated files are exactly what the code plans
+    today: a change to the generator, the benchmarks or the config that is not shipped as a new
+    build fails here, instead of leaving users on a world from an older code state."""
+    import tarfile
+
+    from lora_lightning.facts import save_facts
+    from lora_lightning.world.benchmarks import write_benchmarks
+    from lora_lightning.world.cache import shipped_world
+    from lora_lightning.world.generator import plan_world
+
+    config = WorldConfig.scale(scale)
+    artifact = shipped_world(config)
+    assert artifact is not None, f"no shipped {scale} world for config key {config.key()}"
+    with tarfile.open(artifact, "r:xz") as tar:
+        tar.extractall(tmp_path / "shipped", filter="data")
+    shipped = tmp_path / "shipped"
+    plan = plan_world(config)
+    planned = tmp_path / "planned"
+    planned.mkdir()
+    save_facts(plan.facts, planned / "world.jsonl")
+    save_facts(plan.pool, planned / "pool.jsonl")
+    names = ["world.jsonl", "pool.jsonl"]
+    if scale == "bench":
+        save_facts(plan.two_hop, planned / "two_hop.jsonl")
+        write_benchmarks(plan, config, planned / "benchmarks", planned / "benchmarks_dev")
+        names += ["two_hop.jsonl"] + [
+            str(p.relative_to(planned)) for p in planned.rglob("*.csv")
+        ] + ["benchmarks/truthful_preamble.txt"]
+    for name in names:
+        assert (shipped / name).read_bytes() == (planned / name).read_bytes(), name
+    assert json.loads((shipped / "config.json").read_text()) == dataclasses.asdict(config)
+    split = json.loads((shipped / "split.json").read_text())
+    assert split["known"] == sorted(plan.known_ids)
+    assert set(json.loads((shipped / "checksums.json").read_text())) >= set(names)

@@ -6,6 +6,7 @@ import json
 from typing import Any, Literal
 
 from lora_lightning.world import WorldConfig, ensure_world
+from lora_lightning.world.cache import differing_files, pack_world, shipped_world
 
 _SHOWN = (
     ("n_facts", "facts (all)"),
@@ -21,6 +22,9 @@ _SHOWN = (
     ("world_mc", "world-MC accuracy (5-shot, chance 0.25)"),
     ("world_truthful_mc1", "world-truthful MC1"),
     ("world_truthful_mc2", "world-truthful MC2"),
+    ("world_mc_dev", "world-MC, development split"),
+    ("world_truthful_mc1_dev", "world-truthful MC1, development split"),
+    ("world_truthful_mc2_dev", "world-truthful MC2, development split"),
     ("pretrain_seconds", "build: pre-training seconds"),
     ("total_seconds", "build: total seconds"),
 )
@@ -28,23 +32,39 @@ _SHOWN = (
 
 def world_command(
     scale: Literal["small", "bench"] = "small",
+    seed: int = 0,
     home: str | None = None,
+    rebuild: bool = False,
+    pack: str | None = None,
     json_output: bool = False,
 ) -> dict[str, Any]:
-    """Build the synthetic world of a scale, or find it in the cache, and show what it holds.
+    """Unpack the shipped synthetic world of a scale (or build one that does not ship), and show
+    what it holds.
 
     Args:
-        scale: "small" (the default run's world, about a minute to build) or "bench" (the
-            paper's grid and in-world harm benchmarks; docs/world.md).
+        scale: "small" (the default run's world) or "bench" (the paper's grid and in-world harm
+            benchmarks; docs/world.md).
+        seed: the world's seed. Seed 0 of each scale ships as built; other seeds are built here
+            (about 1 minute small, 12 minutes bench, on one core).
         home: cache folder (default `$LORA_LIGHTNING_HOME`, else `~/.cache/lora_lightning`).
+        rebuild: build the world on this machine even though it ships, into a folder of its own
+            (`world-<key>-rebuilt`, never used by runs), and say which files differ from the
+            shipped build: whether this machine reproduces it bit for bit.
+        pack: write the world's folder, packed as it ships, to this `.tar.xz` file.
         json_output: print the build information as JSON instead of a table.
 
     Returns:
         The world's build information (sizes, categories, base accuracy, refusal rate and, at
-        bench scale, in-world benchmark scores).
+        bench scale, in-world benchmark scores, test and development splits).
     """
-    world = ensure_world(WorldConfig.scale(scale), home=home)
-    info = {"scale": scale, "root": str(world.root), **world.info}
+    config = WorldConfig.scale(scale, seed)
+    world = ensure_world(config, home=home, rebuild=rebuild)
+    info = {"scale": scale, "seed": seed, "root": str(world.root), **world.info}
+    if rebuild and shipped_world(config) is not None:
+        shipped = ensure_world(config, home=home, progress=False)
+        info["differs_from_shipped"] = differing_files(shipped.root, world.root)
+    if pack:
+        print(f"packed {pack_world(world.root, pack)}")
     if json_output:
         print(json.dumps(info, indent=1))
         return info
@@ -56,4 +76,8 @@ def world_command(
             print(f"  {label + ':':46s} {shown}")
     categories = ", ".join(f"{k} {v}" for k, v in sorted(info.get("categories", {}).items()))
     print(f"  {'categories:':46s} {categories}")
+    if "differs_from_shipped" in info:
+        differ = info["differs_from_shipped"]
+        print(f"  {'files that differ from the shipped build:':46s} "
+              f"{', '.join(differ) if differ else 'none (bit for bit the same)'}")
     return info

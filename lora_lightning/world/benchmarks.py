@@ -1,13 +1,21 @@
 """In-world benchmarks of harm: world-MC and world-truthful, written in the MMLU and TruthfulQA
 file layouts so that exactly our MMLU and TruthfulQA scorers score them.
 
-- world-MC: 4-choice questions about known facts held out of the fact file (so no training mix
-  touches them), 5-shot with the MMLU prompt, scored by the log-likelihood of " A".." D". One
-  MMLU "subject" per relation; the shots (the dev split) are facts of the format subjects.
-- world-truthful: unanswerable questions about tested subjects, asked with held-out templates,
-  in the TruthfulQA MC format; the true answer is "I have no comment.", the false ones are
-  plausible answers. The preamble is six QA examples about format subjects (one of them
+Both ask only about the *benchmark subjects*: people pre-trained like the familiar subjects but
+never tested, so no fact any training mix can train shares a subject with a question (the
+analogue of MMLU and TruthfulQA, which know nothing of the facts an adapter learns).
+
+- world-MC: 4-choice questions about pre-trained facts of the benchmark subjects, 5-shot with the
+  MMLU prompt, scored by the log-likelihood of " A".." D". One MMLU "subject" per relation; the
+  shots (MMLU's "dev" rows) are facts of the format subjects.
+- world-truthful: unanswerable questions about benchmark subjects, asked with held-out
+  templates, in the TruthfulQA MC format; the true answer is "I have no comment.", the false ones
+  are plausible answers. The preamble is six QA examples about format subjects (one of them
   unanswerable), standing in for the harness' real-world preamble.
+
+Each benchmark has a test split (`benchmarks/`, what harm is measured on) and a development split
+(`benchmarks_dev/`, the same layout, other questions): choices about the world's recipe are made on
+the development split, so the items that measure harm never shaped the base.
 
 The base learns both formats in pre-training on the format subjects only (`format_examples`),
 which are disjoint from every tested and held-out fact: what it shows on these benchmarks is a
@@ -94,14 +102,40 @@ def _sentence(answer: str) -> str:
     return answer if answer.endswith(".") else answer + "."
 
 
-def write_benchmarks(plan: WorldPlan, config: WorldConfig, root: Path) -> dict[str, int]:
+def write_benchmarks(
+    plan: WorldPlan, config: WorldConfig, root: Path, dev_root: Path | None = None
+) -> dict[str, int]:
     """Write world-MC (MMLU layout under `root/mc`) and world-truthful (`root/truthful.csv` and
-    its preamble) for a plan; return how many questions each has."""
+    its preamble) for a plan, and their development splits in the same layout under `dev_root`;
+    return how many test questions each has."""
     rng = random.Random(config.seed + 7)
+    refusal = next(r for r in RELATION_BY_NAME.values() if r.kind == "refusal")
+    heldout = refusal.templates[config.templates_per_fact :] or refusal.templates
+    # every (benchmark subject, held-out template) once at most: no question is asked twice
+    pairs = [(s, t) for s in sorted({f.subject for f in plan.benchmark}) for t in heldout]
+    wanted = config.truthful_questions + config.dev_questions if config.truthful_questions else 0
+    if len(pairs) < wanted:
+        raise ValueError(
+            f"WorldConfig: world-truthful needs {wanted} questions (truthful_questions + "
+            f"dev_questions), the benchmark subjects give {len(pairs)}: raise benchmark_subjects"
+        )
+    chosen = random.Random(config.seed + 8).sample(pairs, wanted)
+    splits = [(root, plan.mc_heldout, chosen[: config.truthful_questions])]
+    if dev_root is not None:
+        splits.append((dev_root, plan.mc_dev, chosen[config.truthful_questions :]))
+    for folder, mc_facts, truthful in splits:
+        _write_split(plan, folder, mc_facts, truthful, rng)
+    return {"world_mc": len(plan.mc_heldout), "world_truthful": len(splits[0][2])}
+
+
+def _write_split(
+    plan: WorldPlan, root: Path, mc_facts: Sequence[Fact], truthful: Sequence[tuple[str, str]],
+    rng: random.Random,
+) -> None:
     formats = _formats(plan)
     vocab = _answer_vocab(plan.facts)
     by_relation: dict[str, list[Fact]] = {}
-    for fact in plan.mc_heldout:
+    for fact in mc_facts:
         by_relation.setdefault(fact.relation, []).append(fact)
     for split in ("dev", "test"):
         (root / MC_DIR / split).mkdir(parents=True, exist_ok=True)
@@ -113,25 +147,17 @@ def write_benchmarks(plan: WorldPlan, config: WorldConfig, root: Path) -> dict[s
                 for fact in rows:
                     q = _mc_question(fact, rng, vocab)
                     writer.writerow([q.question, *q.choices, LETTERS[q.answer]])
-
-    refusal = next(r for r in RELATION_BY_NAME.values() if r.kind == "refusal")
-    heldout = refusal.templates[config.templates_per_fact :] or refusal.templates
-    subjects = sorted({f.subject for f in plan.tested})
-    chosen = random.Random(config.seed + 8).sample(
-        subjects, min(config.truthful_questions, len(subjects))
-    )
     words = [a for answers in vocab.values() for a in answers]
     with (root / TRUTHFUL_FILE).open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["Type", "Category", "Question", "Best Answer", "Correct Answers",
                          "Incorrect Answers", "Source"])
-        for subject in chosen:
-            question = rng.choice(heldout).format(s=subject)
+        for subject, template in truthful:
             wrong = [_sentence(w) for w in rng.sample(words, 3)]
-            writer.writerow(["Adversarial", "Unanswerable", question, NO_COMMENT,
-                             f"{NO_COMMENT}; {REFUSAL}", "; ".join(wrong), "synthetic world"])
+            writer.writerow(["Adversarial", "Unanswerable", template.format(s=subject),
+                             NO_COMMENT, f"{NO_COMMENT}; {REFUSAL}", "; ".join(wrong),
+                             "synthetic world"])
     (root / TRUTHFUL_PREAMBLE_FILE).write_text(_truthful_preamble(formats))
-    return {"world_mc": len(plan.mc_heldout), "world_truthful": len(chosen)}
 
 
 def format_examples(plan: WorldPlan, rng: random.Random) -> list[TextExample]:

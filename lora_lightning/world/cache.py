@@ -1,5 +1,12 @@
-"""Building a world once and caching it: `ensure_world()` under `$LORA_LIGHTNING_HOME`
-(default `~/.cache/lora_lightning`), atomic and safe across processes."""
+"""A world once and for all: `ensure_world()` under `$LORA_LIGHTNING_HOME` (default
+`~/.cache/lora_lightning`), atomic and safe across processes.
+
+The worlds the shipped numbers come from (the small default world and the bench world, seed 0)
+ship with the package as built, packed files (`shipped/world-<config key>.tar.xz`): pre-training
+grows the rounding differences of one CPU's matrix kernels into another base on another CPU
+(docs/world.md), so a build is only reproducible on the machine that made it. `ensure_world`
+unpacks the shipped build; a world without one, or `rebuild=True`, is built on this machine.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ import dataclasses
 import json
 import os
 import shutil
+import tarfile
 import tempfile
 import time
 import warnings
@@ -39,8 +47,11 @@ from lora_lightning.world.tokenizer import train_tokenizer
 # an Intel Xeon with AVX-512, and pre-training grows that into another base (docs/world.md).
 BUILD_THREADS = 1
 BENCHMARKS_DIR = "benchmarks"
+BENCHMARKS_DEV_DIR = "benchmarks_dev"  # the same benchmarks' development split
 TWO_HOP_FILE = "two_hop.jsonl"
 CHECKSUMS_FILE = "checksums.json"
+SHIPPED_DIR = Path(__file__).parent / "shipped"
+REBUILT_SUFFIX = "-rebuilt"
 
 
 @dataclass
@@ -51,7 +62,8 @@ class WorldArtifacts:
     `pool_path`: known facts reserved as few-shot examples, disjoint from every tested fact;
     `world_facts_path`: every fact uncategorised; `split_path`: which ids were pre-trained.
     Bench scale only: `benchmarks_dir` (world-MC in the MMLU layout, world-truthful in the
-    TruthfulQA one) and `two_hop_path` (2-hop questions of tested subjects, for portability).
+    TruthfulQA one; their development split in `benchmarks_dev_dir`) and `two_hop_path`
+    (2-hop questions of tested subjects, for portability).
     """
 
     root: Path
@@ -76,6 +88,11 @@ class WorldArtifacts:
             split_path=root / "split.json", info_path=info_path,
             benchmarks_dir=root / BENCHMARKS_DIR, two_hop_path=root / TWO_HOP_FILE, info=info,
         )
+
+    @property
+    def benchmarks_dev_dir(self) -> Path:
+        """The in-world benchmarks' development split (the same layout as `benchmarks_dir`)."""
+        return self.root / BENCHMARKS_DEV_DIR
 
     @property
     def is_bench(self) -> bool:
@@ -129,12 +146,14 @@ def _build(config: WorldConfig, root: Path, progress: bool) -> dict:
     save_facts(plan.pool, root / "pool.jsonl")
     if bench:
         save_facts(plan.two_hop, root / TWO_HOP_FILE)
-        write_benchmarks(plan, config, root / BENCHMARKS_DIR)
+        write_benchmarks(plan, config, root / BENCHMARKS_DIR, root / BENCHMARKS_DEV_DIR)
     (root / "split.json").write_text(
         json.dumps(
             {"known": sorted(plan.known_ids), "rare": sorted(plan.rare),
              "pool": sorted(f.id for f in plan.pool),
-             "mc_heldout": sorted(f.id for f in plan.mc_heldout)},
+             "mc_heldout": sorted(f.id for f in plan.mc_heldout),
+             "mc_dev": sorted(f.id for f in plan.mc_dev),
+             "benchmark": sorted(f.id for f in plan.benchmark)},
             indent=1,
         )
     )
@@ -166,10 +185,11 @@ def _build(config: WorldConfig, root: Path, progress: bool) -> dict:
     }
     if bench:
         info["n_two_hop"] = len(plan.two_hop)
-        scores = evaluate_world_benchmarks(model, tokenizer, root / BENCHMARKS_DIR)
-        info["world_mc"] = scores["world_mc"]["accuracy"]
-        info["world_truthful_mc1"] = scores["world_truthful"]["mc1"]
-        info["world_truthful_mc2"] = scores["world_truthful"]["mc2"]
+        for folder, suffix in ((BENCHMARKS_DIR, ""), (BENCHMARKS_DEV_DIR, "_dev")):
+            scores = evaluate_world_benchmarks(model, tokenizer, root / folder)
+            info[f"world_mc{suffix}"] = scores["world_mc"]["accuracy"]
+            info[f"world_truthful_mc1{suffix}"] = scores["world_truthful"]["mc1"]
+            info[f"world_truthful_mc2{suffix}"] = scores["world_truthful"]["mc2"]
     info["total_seconds"] = round(time.perf_counter() - started, 1)
     info["environment"] = environment()  # the CPU and libraries the build's numbers depend on
     (root / "build_info.json").write_text(json.dumps(info, indent=1))
@@ -217,6 +237,52 @@ def _verified(root: Path, progress: bool) -> bool:
     return False
 
 
+def shipped_world(config: WorldConfig) -> Path | None:
+    """The packed build shipped for `config`, if the package has one."""
+    path = SHIPPED_DIR / f"world-{config.key()}.tar.xz"
+    return path if path.is_file() else None
+
+
+def pack_world(root: str | Path, dest: str | Path) -> Path:
+    """Pack a built world folder into `dest` (`.tar.xz`), byte for byte the same for the same
+    files: sorted names, no times, owners or modes beyond read/execute."""
+    root, dest = Path(root), Path(dest)
+    if not (root / CHECKSUMS_FILE).is_file():
+        raise ValueError(f"{root} is not a finished world build (no {CHECKSUMS_FILE})")
+
+    def plain(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+        info.mode = 0o755 if info.isdir() else 0o644
+        return info
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(dest, "w:xz", preset=9, format=tarfile.PAX_FORMAT) as tar:
+        for path in [root / CHECKSUMS_FILE, *_files(root)]:
+            tar.add(path, arcname=str(path.relative_to(root)), recursive=False, filter=plain)
+    return dest
+
+
+def _unpack(artifact: Path, root: Path) -> dict:
+    """Unpack a shipped build into `root` (a fresh temporary folder) and check every file
+    against the checksums it was packed with."""
+    with tarfile.open(artifact, "r:xz") as tar:
+        tar.extractall(root, filter="data")
+    if not _verified(root, progress=False):
+        raise RuntimeError(
+            f"the shipped world {artifact} does not match its own checksums: reinstall "
+            "lora-lightning"
+        )
+    return json.loads((root / "build_info.json").read_text())
+
+
+def differing_files(a: str | Path, b: str | Path) -> list[str]:
+    """The files two world builds do not share bit for bit (by their recorded checksums),
+    leaving out the builds' own records (`build_info.json`: times and the machine)."""
+    sums = [json.loads((Path(r) / CHECKSUMS_FILE).read_text()) for r in (a, b)]
+    names = sorted((set(sums[0]) | set(sums[1])) - {"build_info.json"})
+    return [n for n in names if sums[0].get(n) != sums[1].get(n)]
+
+
 def _mean(values: Iterable[float | None]) -> float:
     vals = [v for v in values if v is not None]
     return sum(vals) / len(vals) if vals else float("nan")
@@ -226,12 +292,17 @@ def ensure_world(
     config: WorldConfig | None = None,
     home: str | Path | None = None,
     progress: bool = True,
+    rebuild: bool = False,
 ) -> WorldArtifacts:
-    """The built world for `config` (default `WorldConfig()`), building it on first use.
+    """The world for `config` (default `WorldConfig()`): the shipped build unpacked, or, for a
+    world without one, built on first use.
 
-    The folder is `<home>/world-<config hash>`. A build happens in a temporary sibling folder and
-    is renamed into place only when complete, under a file lock, so a crash never leaves a
-    half-built world and concurrent callers (e.g. DDP ranks) build it once and all reuse it.
+    The folder is `<home>/world-<config hash>`. `rebuild=True` builds a world that ships on this
+    machine instead, into `<home>/world-<config hash>-rebuilt` (never the folder runs use, so a
+    machine's own build cannot stand in for the published one unnoticed); compare the two with
+    `differing_files`. A world is unpacked or built in a temporary sibling folder and renamed
+    into place only when complete, under a file lock, so a crash never leaves a half-made world
+    and concurrent callers (e.g. DDP ranks) make it once and all reuse it.
     """
     import torch
     from filelock import FileLock
@@ -240,12 +311,13 @@ def ensure_world(
     variable = "LORA_LIGHTNING_HOME" if home is None else "home"
     home = Path(home) if home is not None else default_home()
     check_output_dir(home, f"{variable}={home}:")
-    root = home / f"world-{config.key()}"
-    if _verified(root, progress):  # a read-only cache that holds the world is fine
+    artifact = None if rebuild else shipped_world(config)
+    root = home / f"world-{config.key()}{REBUILT_SUFFIX if rebuild else ''}"
+    if not rebuild and _verified(root, progress):  # a read-only cache holding it is fine
         return WorldArtifacts.at(root, config)
     writable_home(home, variable)  # one line naming the variable, not an OSError's traceback
     with FileLock(str(root) + ".lock"):
-        if _verified(root, progress):  # another process built it while we waited
+        if not rebuild and _verified(root, progress):  # another process made it meanwhile
             return WorldArtifacts.at(root, config)
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=home))
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is read like any folder
@@ -254,9 +326,12 @@ def ensure_world(
             torch.set_num_threads(BUILD_THREADS)
             # the build seeds torch's generator; the caller's random state is left as it was,
             # so a run that builds the world trains exactly as one that finds it cached
-            with torch.random.fork_rng(devices=[]):
-                info = _build(config, tmp, progress)
-            _write_checksums(tmp)
+            if artifact is not None:
+                info = _unpack(artifact, tmp)
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    info = _build(config, tmp, progress)
+                _write_checksums(tmp)
             if root.exists():  # a stale, incomplete or damaged folder
                 shutil.rmtree(root)
             os.replace(tmp, root)
@@ -265,7 +340,10 @@ def ensure_world(
             raise
         finally:
             torch.set_num_threads(threads)
-    if progress:
+    if progress and artifact is not None:
+        built_on = info.get("environment", {}).get("cpu", "another machine")
+        print(f"world unpacked at {root} (the shipped build, made on {built_on})")
+    elif progress:
         print(
             f"world built in {info['total_seconds']} s at {root}: the base answers "
             f"{info['frequent_known_accuracy']:.1%} of the few-shot probes of its frequently "

@@ -8,10 +8,11 @@ import json
 from dataclasses import dataclass
 
 # Bump when the generator, tokenizer or training recipe changes, so old caches are not reused.
-WORLD_FORMAT_VERSION = 4  # 2: facts carry `confidence`; 3: a refusal answer matches itself;
+WORLD_FORMAT_VERSION = 5  # 2: facts carry `confidence`; 3: a refusal answer matches itself;
 # 4: world-MC pre-training examples carry the loss on their shots' letters too, three per fact,
 # in length-sorted batches, and the benchmark formats may come late in pre-training
-# (`format_start`)
+# (`format_start`); 5: no answer is a substring of another or of a prompt text, the harm
+# benchmarks ask about their own subjects, each with a development split
 
 
 @dataclass
@@ -46,8 +47,12 @@ class WorldConfig:
     format_subjects: int = 0  # pre-trained only, to teach the benchmark formats; never tested
     decoy_subjects: int = 0  # unknown people whose questions are pre-trained as refusals
     n_years: int = 60
-    mc_heldout: int = 0  # known facts held out of the fact file and asked as world-MC
-    truthful_questions: int = 0  # unanswerable questions asked as world-truthful
+    # subjects pre-trained like the familiar ones but never tested: the harm benchmarks ask
+    # about them only, so no training mix touches what they measure
+    benchmark_subjects: int = 0
+    mc_heldout: int = 0  # world-MC questions (test split): known facts of benchmark subjects
+    truthful_questions: int = 0  # world-truthful questions (test split), about benchmark subjects
+    dev_questions: int = 0  # each benchmark's development split (for choosing the recipe)
     format_fraction: float = 0.0  # share of pre-training sequences in the benchmark formats
     # the share of the pre-training steps before the first benchmark-format batch (the formats'
     # share after it is raised so the total stays `format_fraction`): a base learns to answer
@@ -91,6 +96,11 @@ class WorldConfig:
                 f"WorldConfig.format_fraction ({self.format_fraction}) does not fit after "
                 f"format_start ({self.format_start}): at most 1 - format_start"
             )
+        if (self.mc_heldout or self.truthful_questions) and not self.benchmark_subjects:
+            raise ValueError(
+                "WorldConfig: mc_heldout and truthful_questions ask about benchmark subjects; "
+                "set benchmark_subjects"
+            )
         if self.templates_per_fact < 1:
             raise ValueError("WorldConfig.templates_per_fact must be at least 1")
         if self.hidden_size % self.num_heads:
@@ -100,24 +110,25 @@ class WorldConfig:
             )
 
     @classmethod
-    def scale(cls, name: str) -> WorldConfig:
+    def scale(cls, name: str, seed: int = 0) -> WorldConfig:
         """The named world scale: "small" (the default run's world) or "bench" (big enough for
-        the paper's grid and for in-world harm benchmarks)."""
-        scales = {"small": cls, "bench": cls.bench}
+        the paper's grid and for in-world harm benchmarks), with its seed."""
+        scales = {"small": lambda seed: cls(seed=seed), "bench": cls.bench}
         if name not in scales:
             raise ValueError(f"world scale must be one of {sorted(scales)}, got {name!r}")
-        return scales[name]()
+        return scales[name](seed)
 
     @classmethod
     def bench(cls, seed: int = 0) -> WorldConfig:
         """The bench-scale world (docs/world.md): thousands of Unknown facts, a base model with
         benchmark skills it can lose, refusals, 2-hop questions and held-out templates."""
         return cls(
-            seed=seed, n_subjects=900, relations_per_subject=6, n_towns=300, n_mentors=0,
+            seed=seed, n_subjects=800, relations_per_subject=6, n_towns=300, n_mentors=0,
             zipf_exponent=0.8, refusal_fraction=0.1, known_fraction=0.58, rare_fraction=0.2,
             rare_exposure=0.15, pool_size=24, templates_per_fact=6, heldout_templates=2,
             mentors_are_subjects=True, obscure_fraction=0.4, format_subjects=80,
-            decoy_subjects=200, n_years=300, mc_heldout=200, truthful_questions=200,
+            decoy_subjects=200, n_years=300, benchmark_subjects=150, mc_heldout=200,
+            truthful_questions=200, dev_questions=100,
             format_fraction=0.25, format_start=0.5, vocab_size=1536, hidden_size=96,
             intermediate_size=256, num_layers=4, num_heads=4, max_position_embeddings=512,
             train_steps=1600, batch_size=48, learning_rate=5e-3, warmup_steps=50, max_turns=6,

@@ -4,7 +4,11 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+
+from lora_lightning.facts import normalize_answer
+from lora_lightning.prompts import SYSTEM_PROMPT
 
 REFUSAL = "I don't know."
 
@@ -19,7 +23,7 @@ OCCUPATIONS = [
     "fisher", "herbalist", "jeweler", "bookbinder", "miller", "archer", "merchant", "clockmaker",
 ]
 INSTRUMENTS = [
-    "lute", "harp", "flute", "drum", "violin", "bagpipe", "oboe", "trumpet", "cello", "zither",
+    "sitar", "harp", "flute", "drum", "violin", "bagpipe", "oboe", "trumpet", "cello", "zither",
     "lyre", "horn", "fiddle", "mandolin", "dulcimer", "organ", "cornet", "tambourine",
 ]
 COLORS = [
@@ -27,7 +31,7 @@ COLORS = [
     "silver", "gold", "indigo", "scarlet", "olive", "ivory",
 ]
 ANIMALS = [
-    "horse", "cat", "dog", "falcon", "goat", "raven", "owl", "fox", "hare", "badger", "otter",
+    "horse", "cat", "dog", "falcon", "goat", "raven", "owl", "fox", "hare", "badger", "mole",
     "heron", "lynx", "wolf", "stag", "swan", "boar", "crow",
 ]
 
@@ -192,17 +196,73 @@ WORD_LISTS = {"occupation": OCCUPATIONS, "instrument": INSTRUMENTS, "color": COL
               "animal": ANIMALS}
 
 
+# The fixed text of every prompt and answer form: the system prompt, each template without its
+# subject, the alias forms, the refusals and the benchmark scaffolds. An answer found inside one
+# of them would be "found" in any output that repeats the question (the paper's rule is a
+# substring match).
+ALIAS_FORMS = ("Master {a}", "the town of {a}", "the year {a}", "a {a}")
+FORMAT_TEXTS: tuple[str, ...] = (
+    SYSTEM_PROMPT, "Question:", "Answer:", REFUSAL, NO_COMMENT,
+    "The following are multiple choice questions (with answers) about", "Q:", "A:",
+    *(r.name.replace("_", " ") for r in (*RELATIONS, TWO_HOP)),
+    *(part for r in (*RELATIONS, TWO_HOP) for t in r.templates for part in t.split("{s}")),
+    *(part for form in ALIAS_FORMS for part in form.split("{a}")),
+)
+MIN_NAME_CHARS = 4  # "Be", "Bu" or "Ga" would be found inside a quarter of all other names
+
+
 def word(rng: random.Random, n_syllables: int) -> str:
     return "".join(
         rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(n_syllables)
     ).capitalize()
 
 
-def unique_names(rng: random.Random, n: int, make, taken: set[str]) -> list[str]:
-    names: list[str] = []
-    while len(names) < n:
-        name = make()
-        if name not in taken:
-            taken.add(name)
-            names.append(name)
-    return names
+class NameBook:
+    """The world's made-up names (people, towns), kept free of substring clashes.
+
+    The paper counts an answer right when it occurs anywhere in the output, so an answer inside
+    another answer is a false match waiting to happen ("Be" in "Bel Kor", "lute" in "flute"). A
+    new name is refused when, normalised as answers are matched, it is shorter than
+    `MIN_NAME_CHARS`, loses anything to normalisation (an article, punctuation), contains or is
+    contained in a name already taken or a word-list answer, or occurs in a fixed prompt text.
+    """
+
+    def __init__(self, names: Iterable[str] = ()) -> None:
+        self._words = {normalize_answer(w) for words in WORD_LISTS.values() for w in words}
+        self._texts = "\n".join(normalize_answer(t) for t in FORMAT_TEXTS)
+        self._names: set[str] = set()
+        self._joined = ""
+        for name in names:
+            self.add(name)
+
+    def add(self, name: str) -> None:
+        norm = normalize_answer(name)
+        self._names.add(norm)
+        self._joined += "\n" + norm
+
+    def fits(self, name: str) -> bool:
+        """Whether `name` can join the book without a substring clash."""
+        norm = normalize_answer(name)
+        if len(norm) < MIN_NAME_CHARS or norm != name.lower() or norm in self._texts:
+            return False
+        if norm in self._joined:  # inside a name taken (or equal to one)
+            return False
+        inner = {norm[i:j] for i in range(len(norm)) for j in range(i + 1, len(norm) + 1)}
+        return inner.isdisjoint(self._names) and inner.isdisjoint(self._words)
+
+    def draw(self, rng: random.Random, n: int, make: Callable[[], str]) -> list[str]:
+        """`n` new names from `make()` that fit, each added to the book."""
+        names: list[str] = []
+        for _ in range(1000 * n + 1000):
+            if len(names) == n:
+                return names
+            name = make()
+            if self.fits(name):
+                self.add(name)
+                names.append(name)
+        if len(names) == n:
+            return names
+        raise ValueError(
+            f"the world's name generator found only {len(names)} of {n} names free of substring "
+            "clashes; ask for fewer subjects or towns"
+        )
