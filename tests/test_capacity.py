@@ -204,3 +204,34 @@ def test_a_rerun_continues_the_search_without_repeating_a_probe(searched):
         assert after[name]["attempts"] == status["attempts"], name  # not run again
     again = {s["chain"]: s for s in json.loads((out / "capacity.json").read_text())}[chain]
     assert again["probes"].keys() == state["probes"].keys()
+
+
+@pytest.mark.slow
+def test_a_search_on_the_slurm_launcher_runs_its_probes_as_submitit_tasks(small_world, tmp_path):
+    """The SLURM path end to end, with submitit's local executor standing in for the cluster:
+    every probe is a task of a job array, and the search ends on a bracket tested at both
+    ends, as on the local launcher."""
+    body = {
+        "overrides": {
+            "model.model_name_or_path": str(small_world.model_dir),
+            "data.facts": str(small_world.facts_path),
+            "data.fewshot_pool": str(small_world.pool_path),
+            "trainer.max_epochs": 3, "data.n_val_known": 2, "data.batch_size": 2,
+            "model.probe.n_exp": 2, "knowledge_eval.every_n_epochs": 0,
+        },
+        "variants": {"r8": {"model.rank": 8}},
+        "search": {"threshold": 0.75, "n_start": 2, "n_max": 4, "growth": 2, "precision": 0.5},
+        "launcher": "slurm",
+        "slurm": {"cluster": "local", "timeout_min": 10, "max_running": 1},
+    }
+    result = capacity_command(str(write(tmp_path / "cap.yaml", body)), output=str(tmp_path / "out"))
+    out = tmp_path / "out"
+    state = json.loads((out / "capacity.json").read_text())[0]
+    assert state["next"] is None and state["error"] is None, state
+    assert result["rounds"] >= 1
+    assert any((out / "slurm").iterdir()), "submitit keeps its task logs in <capacity>/slurm"
+    rows = list(csv.DictReader((out / "capacity.csv").read_text().splitlines()))
+    assert [r["variant"] for r in rows] == ["r8"]
+    for n in (state["n_lo"], state["n_hi"]):
+        if n:
+            assert report_path(out / "cells" / f"variant=r8__seed=42__n={n}").is_file()

@@ -525,3 +525,21 @@ def test_the_shipped_world_is_what_todays_generator_plans(scale, tmp_path):
     split = json.loads((shipped / "split.json").read_text())
     assert split["known"] == sorted(plan.known_ids)
     assert set(json.loads((shipped / "checksums.json").read_text())) >= set(names)
+
+
+@pytest.mark.slow
+def test_the_shipped_bench_base_scores_what_its_build_recorded(tmp_path):
+    """On any machine, the unpacked bench world's base scores its in-world benchmarks as the
+    build recorded (scoring is log-likelihood of fixed choices: another CPU's rounding may move
+    a near-tie, so one question in a hundred is allowed)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_lightning.world.benchmarks import evaluate_world_benchmarks
+
+    built = ensure_world(WorldConfig.bench(), home=tmp_path, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(built.model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(built.model_dir)
+    scores = evaluate_world_benchmarks(model, tokenizer, built.benchmarks_dir)
+    assert scores["world_mc"]["accuracy"] == pytest.approx(built.info["world_mc"], abs=0.01)
+    assert scores["world_truthful"]["mc1"] == pytest.approx(
+        built.info["world_truthful_mc1"], abs=0.01)
