@@ -194,10 +194,9 @@ class WorldPlan:
     few-shot examples; `tested` what is categorised into the fact file; `benchmark` the facts of
     the benchmark subjects (never tested, so no mix can train them), whose pre-trained facts
     world-MC asks (`mc_heldout`: its test split, `mc_dev`: its development split); `two_hop`
-    the 2-hop questions of tested subjects
-    (portability probes, never trained) and `two_hop_train` those of the format subjects
-    (pre-trained, so the base knows the question's form); `decoys` questions about people the
-    world does not know, pre-trained with a refusal.
+    the 2-hop questions of tested subjects (portability probes, never trained) and
+    `two_hop_train` those of the format subjects (pre-trained, so the base knows the question's
+    form); `decoys` questions about people the world does not know, pre-trained with a refusal.
     """
 
     facts: list[Fact]
@@ -298,6 +297,9 @@ def answer_clashes(facts: Iterable[Fact]) -> list[str]:
     return clashes
 
 
+RELATION_KIND = {r.name: r.kind for r in RELATIONS}
+
+
 def world_names(facts: Iterable[Fact]) -> set[str]:
     """Every made-up name of a world: its subjects and its town and person answers."""
     names = set()
@@ -306,9 +308,6 @@ def world_names(facts: Iterable[Fact]) -> set[str]:
         if RELATION_KIND.get(fact.relation) in ("town", "person"):
             names.add(fact.answer)
     return names
-
-
-RELATION_KIND = {r.name: r.kind for r in RELATIONS}
 
 
 def two_hop_facts(facts: Sequence[Fact], config: WorldConfig) -> list[Fact]:
