@@ -486,6 +486,9 @@ def test_aggregate_writes_the_papers_tables_with_seed_spread_and_the_papers_valu
     assert "### world_mc_accuracy" in md and "0.700 → 0.615 (0.610–0.620)" in md
     assert "### mmlu_accuracy" in md and "(paper base: 0.677)" in md
     assert "### world_truthful_mc1" in md and "### world_truthful_mc2" in md
+    truthful = md.split("### world_truthful_mc1")[1].split("###")[0]
+    assert "not used for claims" in truthful  # its base depends on the build (docs/world.md)
+    assert "not used for claims" not in md.split("### world_mc_accuracy")[1].split("###")[0]
     assert "### generalization" in md and "### portability" in md and "### locality" in md
     assert "- n=3000__mix=+10HK__seed=2 (2 attempts): fit exited with 1: OOM" in md
     for name in ("reliability_vs_n", "harm_vs_n", "shifts_vs_n"):

@@ -38,8 +38,7 @@ def world_command(
     pack: str | None = None,
     json_output: bool = False,
 ) -> dict[str, Any]:
-    """Unpack the shipped synthetic world of a scale (or build one that does not ship), and show
-    what it holds.
+    """Show a synthetic world: the shipped build unpacked, or built here if it does not ship.
 
     Args:
         scale: "small" (the default run's world) or "bench" (the paper's grid and in-world harm

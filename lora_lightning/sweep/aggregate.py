@@ -38,6 +38,12 @@ __all__ = [
 ]
 
 SEED_KEYS = ("seed_everything", "data.seed")
+# What a benchmark's table must say beside its numbers (docs/world.md, "How much a benchmark's
+# base score depends on the build").
+BENCHMARK_NOTES = {
+    "world_truthful": " Its base score ranges 0.61-0.94 over three builds of the bench recipe "
+    "(docs/world.md): a fragile by-product of pre-training, shown but not used for claims.",
+}
 N_KEY = "data.n_unknown"
 
 
@@ -310,7 +316,8 @@ def markdown(grid: Grid, record: dict[str, Any], sweep_dir: Path, plots: list[Pa
                 grid, lambda n, g, name=name: _fmt(_mean(grid.values(n, g, f"{name}_before")))
                 + " → " + simple(f"{name}_after", f"{name}_after")(n, g),
                 note=f"Base model: {_fmt(before)}"
-                + (f" (paper base: {paper_base})." if paper_base is not None else "."))
+                + (f" (paper base: {paper_base})." if paper_base is not None else ".")
+                + next((v for k, v in BENCHMARK_NOTES.items() if name.startswith(k)), ""))
     editing = [c for c in ("generalization", "portability") if grid.has(f"{c}_after")]
     if editing or grid.has("locality"):
         lines += ["## Knowledge-editing measures", ""]
