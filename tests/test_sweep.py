@@ -591,3 +591,23 @@ def test_the_longest_cells_are_launched_first(small_world, tmp_path, monkeypatch
         "n=8__seed=1__mix=+2HK", "n=4__seed=1__mix=+2HK", "n=8__seed=1__mix=+0",
         "n=2__seed=1__mix=+2HK", "n=4__seed=1__mix=+0", "n=2__seed=1__mix=+0",
     ]
+
+
+def test_seeds_with_equal_scores_plot_without_negative_error_bars(tmp_path):
+    """Three seeds scoring 0.1 average to 0.10000000000000002, a hair above their max: the
+    min-max bars must still be drawn (matplotlib refuses a negative bar)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lora_lightning.sweep.grid import Grid
+    from lora_lightning.sweep.plots import _lines
+
+    rows = [{"state": "done", "n_unknown": 10, "mix": "+0", "seed": s, "world_mc": 0.1}
+            for s in (42, 43, 44)]
+    grid = Grid(rows, ["mix", "seed"], {"mix": "group", "seed": "seed"})
+    assert grid.stats(10, "+0", "world_mc")[0] > 0.1  # the rounding this is about
+    fig, ax = plt.subplots()
+    _lines(ax, grid, "world_mc")
+    plt.close(fig)

@@ -30,8 +30,9 @@ def _lines(ax: Any, grid: Grid, column: str, label_prefix: str = "") -> None:
             if stats is not None:
                 xs.append(n)
                 means.append(stats[0])
-                lows.append(stats[0] - stats[1])
-                highs.append(stats[2] - stats[0])
+                # the mean of equal seeds can round a hair past their min or max
+                lows.append(max(0.0, stats[0] - stats[1]))
+                highs.append(max(0.0, stats[2] - stats[0]))
         if xs:
             ax.errorbar(xs, means, yerr=[lows, highs], marker="o", capsize=3,
                         label=f"{label_prefix}{group}")
