@@ -494,18 +494,15 @@ def test_the_shipped_world_is_what_todays_generator_plans(scale, tmp_path):
     """Seed 0 of each scale ships, and its generated files are exactly what the code plans
     today: a change to the generator, the benchmarks or the config that is not shipped as a new
     build fails here, instead of leaving users on a world from an older code state."""
-    import tarfile
-
     from lora_lightning.facts import save_facts
     from lora_lightning.world.benchmarks import write_benchmarks
-    from lora_lightning.world.cache import shipped_world
+    from lora_lightning.world.cache import extract_world, shipped_world
     from lora_lightning.world.generator import plan_world
 
     config = WorldConfig.scale(scale)
     artifact = shipped_world(config)
     assert artifact is not None, f"no shipped {scale} world for config key {config.key()}"
-    with tarfile.open(artifact, "r:xz") as tar:
-        tar.extractall(tmp_path / "shipped", filter="data")
+    extract_world(artifact, tmp_path / "shipped")
     shipped = tmp_path / "shipped"
     plan = plan_world(config)
     planned = tmp_path / "planned"

@@ -262,11 +262,22 @@ def pack_world(root: str | Path, dest: str | Path) -> Path:
     return dest
 
 
+def extract_world(artifact: str | Path, root: str | Path) -> None:
+    """Extract a packed world into `root`, refusing links and paths outside it (the "data"
+    filter of Python 3.11.4+; our own packs hold plain files only)."""
+    with tarfile.open(artifact, "r:xz") as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(root, filter="data")
+        else:  # pragma: no cover - Python 3.11.0-3.11.3
+            members = [m for m in tar.getmembers() if m.isfile() and ".." not in m.name
+                       and not m.name.startswith("/")]
+            tar.extractall(root, members=members)
+
+
 def _unpack(artifact: Path, root: Path) -> dict:
     """Unpack a shipped build into `root` (a fresh temporary folder) and check every file
     against the checksums it was packed with."""
-    with tarfile.open(artifact, "r:xz") as tar:
-        tar.extractall(root, filter="data")
+    extract_world(artifact, root)
     if not _verified(root, progress=False):
         raise RuntimeError(
             f"the shipped world {artifact} does not match its own checksums: reinstall "
