@@ -319,6 +319,24 @@ def test_answer_clashes_names_an_answer_inside_another_and_inside_a_prompt():
     assert answer_clashes([fact(0, "be")]) == ["'be' (of 'be') is inside a prompt text"]
 
 
+def test_the_name_book_refuses_every_kind_of_substring_clash():
+    from lora_lightning.world.vocabulary import NameBook
+
+    book = NameBook(["Kormar"])
+    refused = {
+        "Be": "shorter than 4 letters",
+        "Ivor": "inside the colour 'ivory'",
+        "Thornai": "holds the instrument 'horn'",
+        "Kor": "inside a name taken",
+        "Kormarholm": "holds a name taken",
+        "Born": "inside a template ('was born in')",
+        "The Sarai": "loses its article when normalised",
+    }
+    for name, why in refused.items():
+        assert not book.fits(name), why
+    assert book.fits("Sarai Belo")
+
+
 def test_harm_benchmarks_share_no_subject_with_any_fact_a_mix_can_train(tmp_path):
     """world-MC and world-truthful (both splits) ask about benchmark subjects only: no question
     names a subject of the fact file, which holds every fact any mix trains; the development

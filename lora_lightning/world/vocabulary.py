@@ -224,12 +224,14 @@ class NameBook:
     another answer is a false match waiting to happen ("Be" in "Bel Kor", "lute" in "flute"). A
     new name is refused when, normalised as answers are matched, it is shorter than
     `MIN_NAME_CHARS`, loses anything to normalisation (an article, punctuation), contains or is
-    contained in a name already taken or a word-list answer, or occurs in a fixed prompt text.
+    contained in a name already taken or a word-list answer ("Ivor" and "ivory"), or occurs in a
+    fixed prompt text.
     """
 
     def __init__(self, names: Iterable[str] = ()) -> None:
         self._words = {normalize_answer(w) for words in WORD_LISTS.values() for w in words}
-        self._texts = "\n".join(normalize_answer(t) for t in FORMAT_TEXTS)
+        # the fixed texts and the word answers: a name may not occur inside either
+        self._texts = "\n".join([*map(normalize_answer, FORMAT_TEXTS), *sorted(self._words)])
         self._names: set[str] = set()
         self._joined = ""
         for name in names:
