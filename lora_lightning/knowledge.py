@@ -375,7 +375,7 @@ def categorize_file(
 
     Args:
         model: Hugging Face model directory or hub name; None or "world" = the synthetic world's
-            base (built on first use).
+            base (unpacked on first use).
         facts: fact file (JSONL of our own or the knowledge-packing shape); None = the world's
             categorised facts (only with the world model).
         output: where to write the categorised facts (JSONL). Progress is checkpointed to

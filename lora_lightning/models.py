@@ -1,7 +1,7 @@
 """Loading models: which checkpoint a name means, and loading it for training or inference.
 
 Every command and the LightningModule resolve a model name here, so "no model given" or
-`"world"` means the same thing everywhere: the synthetic world's base, built on first use. A
+`"world"` means the same thing everywhere: the synthetic world's base, unpacked on first use. A
 name that is neither a model folder nor a plausible hub id fails here, in one line naming it,
 before anything is loaded.
 """
@@ -132,7 +132,7 @@ def check_model_path(name: str, what: str = "model.model_name_or_path") -> None:
 
 def resolve_model(model_name_or_path: str | None, progress: bool = True) -> str:
     """A model path or hub id as given (checked by `check_model_path`); None or "world" is the
-    synthetic world's base model folder (built on first use); a .gguf file is the HF folder it
+    synthetic world's base model folder (unpacked on first use); a .gguf file is the HF folder it
     is dequantized into once (`gguf_folder`)."""
     if is_gguf(model_name_or_path):
         return gguf_folder(model_name_or_path, progress=progress)

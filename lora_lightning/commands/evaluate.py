@@ -42,7 +42,7 @@ def evaluate_command(
 
     Args:
         model: Hugging Face model directory or hub name; None or "world" = the synthetic
-            world's base model (built on first use).
+            world's base model (unpacked on first use).
         adapter: LoRA adapter directory (ours or PEFT's) applied before scoring.
         data_dir: folder holding `mmlu/` and `truthfulqa/TruthfulQA.csv` (the ../shared/data
             layout); None = Hugging Face datasets (needs `datasets` and the network).

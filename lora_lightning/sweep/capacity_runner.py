@@ -60,7 +60,7 @@ def describe_capacity(capacity: Capacity, shared: dict[str, Any]) -> str:
     ]
     common = {**sweep.overrides, **shared}
     if sweep.world:
-        lines.append(f"world: {sweep.world} (built on first use, not by a dry run)")
+        lines.append(f"world: {sweep.world} (unpacked or built on first use, not by a dry run)")
     if common:
         lines.append("every probe: " + " ".join(f"{k}={v}" for k, v in common.items()))
     width = max(len(c.name) for c in chains)

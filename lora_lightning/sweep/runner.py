@@ -81,7 +81,7 @@ def describe(sweep: Sweep, cells: list[Cell], shared: dict[str, Any]) -> str:
     ]
     common = {**sweep.overrides, **shared}
     if sweep.world:
-        lines.append(f"world: {sweep.world} (built on first use, not by a dry run)")
+        lines.append(f"world: {sweep.world} (unpacked or built on first use, not by a dry run)")
     if sweep.categorize is not None:
         lines.append("categorize: once, into the sweep folder, before the first cell")
     if common:
