@@ -44,7 +44,7 @@ def world_command(
         scale: "small" (the default run's world) or "bench" (the paper's grid and in-world harm
             benchmarks; docs/world.md).
         seed: the world's seed. Seed 0 of each scale ships as built; other seeds are built here
-            (about 1 minute small, 12 minutes bench, on one core).
+            (small: 23 s, bench: about 13 minutes, on one core).
         home: cache folder (default `$LORA_LIGHTNING_HOME`, else `~/.cache/lora_lightning`).
         rebuild: build the world on this machine even though it ships, into a folder of its own
             (`world-<key>-rebuilt`, never used by runs), and say which files differ from the
