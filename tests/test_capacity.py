@@ -132,17 +132,22 @@ def test_the_shipped_capacity_files_dry_run(capsys):
 # ------------------------------------------------------------------------------ the run
 
 
+def _small_world_probes(small_world) -> dict:
+    """Overrides that make every probe a seconds-long fit on the test-sized world."""
+    return {
+        "model.model_name_or_path": str(small_world.model_dir),
+        "data.facts": str(small_world.facts_path),
+        "data.fewshot_pool": str(small_world.pool_path),
+        "trainer.max_epochs": 3, "data.n_val_known": 2, "data.batch_size": 2,
+        "model.probe.n_exp": 2, "knowledge_eval.every_n_epochs": 0,
+    }
+
+
 @pytest.fixture(scope="module")
 def searched(small_world, tmp_path_factory):
     root = tmp_path_factory.mktemp("capacity")
     body = {
-        "overrides": {
-            "model.model_name_or_path": str(small_world.model_dir),
-            "data.facts": str(small_world.facts_path),
-            "data.fewshot_pool": str(small_world.pool_path),
-            "trainer.max_epochs": 3, "data.n_val_known": 2, "data.batch_size": 2,
-            "model.probe.n_exp": 2, "knowledge_eval.every_n_epochs": 0,
-        },
+        "overrides": _small_world_probes(small_world),
         "variants": {"r1": {"model.rank": 1}, "r8": {"model.rank": 8}},
         "search": {"threshold": 0.75, "n_start": 2, "n_max": 8, "growth": 2, "precision": 0.5},
         "workers": min(2, len(__import__("os").sched_getaffinity(0))),
@@ -212,13 +217,7 @@ def test_a_search_on_the_slurm_launcher_runs_its_probes_as_submitit_tasks(small_
     every probe is a task of a job array, and the search ends on a bracket tested at both
     ends, as on the local launcher."""
     body = {
-        "overrides": {
-            "model.model_name_or_path": str(small_world.model_dir),
-            "data.facts": str(small_world.facts_path),
-            "data.fewshot_pool": str(small_world.pool_path),
-            "trainer.max_epochs": 3, "data.n_val_known": 2, "data.batch_size": 2,
-            "model.probe.n_exp": 2, "knowledge_eval.every_n_epochs": 0,
-        },
+        "overrides": _small_world_probes(small_world),
         "variants": {"r8": {"model.rank": 8}},
         "search": {"threshold": 0.75, "n_start": 2, "n_max": 4, "growth": 2, "precision": 0.5},
         "launcher": "slurm",

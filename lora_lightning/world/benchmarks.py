@@ -123,17 +123,16 @@ def write_benchmarks(
     splits = [(root, plan.mc_heldout, chosen[: config.truthful_questions])]
     if dev_root is not None:
         splits.append((dev_root, plan.mc_dev, chosen[config.truthful_questions :]))
+    formats, vocab = _formats(plan), _answer_vocab(plan.facts)
     for folder, mc_facts, truthful in splits:
-        _write_split(plan, folder, mc_facts, truthful, rng)
+        _write_split(folder, formats, vocab, mc_facts, truthful, rng)
     return {"world_mc": len(plan.mc_heldout), "world_truthful": len(splits[0][2])}
 
 
 def _write_split(
-    plan: WorldPlan, root: Path, mc_facts: Sequence[Fact], truthful: Sequence[tuple[str, str]],
-    rng: random.Random,
+    root: Path, formats: Sequence[Fact], vocab: dict[str, list[str]], mc_facts: Sequence[Fact],
+    truthful: Sequence[tuple[str, str]], rng: random.Random,
 ) -> None:
-    formats = _formats(plan)
-    vocab = _answer_vocab(plan.facts)
     by_relation: dict[str, list[Fact]] = {}
     for fact in mc_facts:
         by_relation.setdefault(fact.relation, []).append(fact)

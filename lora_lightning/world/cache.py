@@ -36,7 +36,7 @@ from lora_lightning.world.benchmarks import (
     write_benchmarks,
 )
 from lora_lightning.world.config import WorldConfig
-from lora_lightning.world.generator import plan_world, world_texts
+from lora_lightning.world.generator import WorldPlan, plan_world, world_texts
 from lora_lightning.world.model import build_model, pretrain
 from lora_lightning.world.tokenizer import train_tokenizer
 
@@ -113,6 +113,28 @@ def default_home() -> Path:
     return Path(os.environ.get("LORA_LIGHTNING_HOME", Path.home() / ".cache" / "lora_lightning"))
 
 
+def write_plan(plan: WorldPlan, config: WorldConfig, root: Path) -> None:
+    """Write the files a build takes from its plan alone, no model involved: every fact, the
+    pool, the split and the config; at bench scale also the 2-hop questions and both benchmark
+    splits (a test compares them with the shipped worlds)."""
+    save_facts(plan.facts, root / "world.jsonl")
+    save_facts(plan.pool, root / "pool.jsonl")
+    if config.format_subjects:
+        save_facts(plan.two_hop, root / TWO_HOP_FILE)
+        write_benchmarks(plan, config, root / BENCHMARKS_DIR, root / BENCHMARKS_DEV_DIR)
+    (root / "split.json").write_text(
+        json.dumps(
+            {"known": sorted(plan.known_ids), "rare": sorted(plan.rare),
+             "pool": sorted(f.id for f in plan.pool),
+             "mc_heldout": sorted(f.id for f in plan.mc_heldout),
+             "mc_dev": sorted(f.id for f in plan.mc_dev),
+             "benchmark": sorted(f.id for f in plan.benchmark)},
+            indent=1,
+        )
+    )
+    (root / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
+
+
 def _build(config: WorldConfig, root: Path, progress: bool) -> dict:
     """Build every artefact of the world into `root` (a fresh temporary folder)."""
     import torch
@@ -141,23 +163,8 @@ def _build(config: WorldConfig, root: Path, progress: bool) -> dict:
             model, tokenizer, plan.tested, plan.pool, n_exp=config.n_exp, n_shot=config.n_shot,
             batch_size=config.eval_batch_size, seed=config.seed, progress=progress,
         )
-    save_facts(plan.facts, root / "world.jsonl")
     save_facts(categorised, root / "facts.jsonl")
-    save_facts(plan.pool, root / "pool.jsonl")
-    if bench:
-        save_facts(plan.two_hop, root / TWO_HOP_FILE)
-        write_benchmarks(plan, config, root / BENCHMARKS_DIR, root / BENCHMARKS_DEV_DIR)
-    (root / "split.json").write_text(
-        json.dumps(
-            {"known": sorted(plan.known_ids), "rare": sorted(plan.rare),
-             "pool": sorted(f.id for f in plan.pool),
-             "mc_heldout": sorted(f.id for f in plan.mc_heldout),
-             "mc_dev": sorted(f.id for f in plan.mc_dev),
-             "benchmark": sorted(f.id for f in plan.benchmark)},
-            indent=1,
-        )
-    )
-    (root / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
+    write_plan(plan, config, root)
 
     known_tested = [f for f in categorised if f.id in plan.known_ids]
     frequent = [f for f in known_tested if f.id not in plan.rare]
