@@ -496,6 +496,23 @@ def test_aggregate_writes_the_papers_tables_with_seed_spread_and_the_papers_valu
         assert f"![{name}]({name}.png)" in md
 
 
+def test_the_reports_columns_follow_the_order_of_the_sweep_file(tmp_path):
+    root = fake_sweep(tmp_path)
+    record = json.loads((root / "sweep.json").read_text())
+    record["sweeps"][0]["raw"]["axes"] = {
+        "n": {"key": "data.n_unknown", "values": [10, 3000]},
+        "mix": {"+10HK": {"data.extra_kind": "highly_known", "data.extra_per_unknown": 10},
+                "+0": {"data.extra_kind": "none", "data.extra_per_unknown": 0}},
+        "seed": {"keys": ["seed_everything", "data.seed"], "values": [2, 1]}}
+    (root / "sweep.json").write_text(json.dumps(record))
+    out = aggregate_sweep(root, plots=False)
+    assert "| n \\ mix | +10HK | +0 |" in (root / "report.md").read_text()
+    with open(out["summary"]) as f:
+        cells = [r["cell"] for r in csv.DictReader(f)]
+    assert cells[:3] == ["n=10__mix=+10HK__seed=2", "n=10__mix=+10HK__seed=1",
+                         "n=10__mix=+0__seed=2"]
+
+
 def test_the_exact_mcnemar_test_matches_the_binomial_tail():
     assert mcnemar_exact(0, 0) == 1.0
     assert mcnemar_exact(0, 5) == pytest.approx(2 / 32)  # 5 discordant facts, all one way

@@ -31,6 +31,7 @@ from lora_lightning.sweep.cell import (
 from lora_lightning.sweep.folder import CELLS_DIR, RECORD, cell_dirs, read_record
 from lora_lightning.sweep.grid import Grid
 from lora_lightning.sweep.paper import PAPER_BASE, paper_value
+from lora_lightning.sweep.spec import axis_labels
 
 __all__ = [
     "aggregate_sweep", "collect", "headline", "mcnemar_exact", "paired_comparisons",
@@ -269,8 +270,8 @@ def markdown(grid: Grid, record: dict[str, Any], sweep_dir: Path, plots: list[Pa
                   ""]
         lines += _table(grid, lambda n, g: simple("shift_untrained_positive_rate")(n, g)
                         + " / " + simple("shift_untrained_negative_rate")(n, g),
-                        note="The rates above count the trained facts too (the paper's); claims "
-                        "of harm rest on these.")
+                        note="The previous table's rates count the trained facts too (the "
+                        "paper's definition); claims of harm rest on this one.")
     if grid.has("known_retained"):
         lines += ["## Held-out HighlyKnown facts still known (not Unknown after training)", ""]
         lines += _table(grid, simple("known_retained"))
@@ -437,6 +438,25 @@ def write_summary(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def in_sweep_file_order(rows: list[dict[str, Any]], axes: list[str],
+                        record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows ordered by each axis' values as the sweep file(s) list them, so the report's
+    columns read as the file does; a label no file lists goes after the listed ones."""
+    order: dict[str, list[str]] = {}
+    for sweep in record.get("sweeps", []):
+        raw = sweep.get("raw") or {}
+        for axis, labels in axis_labels(sweep.get("file", ""), raw.get("axes")).items():
+            order.setdefault(axis, [])
+            order[axis] += [label for label in labels if label not in order[axis]]
+
+    def key(row: dict[str, Any]) -> tuple[int, ...]:
+        known = [order.get(axis, []) for axis in axes]
+        return tuple(labels.index(str(row.get(axis))) if str(row.get(axis)) in labels
+                     else len(labels) for axis, labels in zip(axes, known, strict=True))
+
+    return sorted(rows, key=key)
+
+
 def aggregate_sweep(sweep_dir: str | Path, plots: bool = True) -> dict[str, Path]:
     """Write summary.csv, report.md and the plots of a sweep folder; return their paths."""
     sweep_dir = Path(sweep_dir)
@@ -447,6 +467,7 @@ def aggregate_sweep(sweep_dir: str | Path, plots: bool = True) -> dict[str, Path
     rows, axes, roles = collect(sweep_dir)
     if not rows:
         raise FileNotFoundError(f"aggregate: {sweep_dir} has no cells yet")
+    rows = in_sweep_file_order(rows, axes, record)
     grid = Grid(rows, axes, roles)
     out = {"summary": write_summary(rows, sweep_dir / "summary.csv")}
     images: list[Path] = []

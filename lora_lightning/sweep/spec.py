@@ -30,8 +30,8 @@ from typing import Any
 import yaml
 
 __all__ = [
-    "Axis", "Cell", "Sweep", "SweepFileError", "load_sweep", "read_yaml_file", "sweep_from_raw",
-    "SWEEP_CONTROLLED_KEYS",
+    "Axis", "Cell", "Sweep", "SweepFileError", "axis_labels", "load_sweep", "read_yaml_file",
+    "sweep_from_raw", "SWEEP_CONTROLLED_KEYS",
 ]
 
 TOP_LEVEL_KEYS = (
@@ -214,6 +214,18 @@ def _parse_axis(path: Path, name: Any, spec: Any) -> Axis:
     if len(set(safe)) != len(safe):
         raise SweepFileError(path, where, f"two values have the same folder label: {labels}")
     return Axis(name=name, labels=labels, settings=settings)
+
+
+def axis_labels(path: str | Path, raw_axes: Any) -> dict[str, tuple[str, ...]]:
+    """Each axis' labels in the order the sweep file gives them (a report's columns follow
+    the file: +0, +1HK, +10HK as written, not as sorted); axes that do not parse are left out."""
+    labels = {}
+    for name, spec in (raw_axes.items() if isinstance(raw_axes, dict) else ()):
+        try:
+            labels[name] = _parse_axis(Path(path), name, spec).labels
+        except SweepFileError:
+            continue
+    return labels
 
 
 def load_sweep(
