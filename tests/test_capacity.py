@@ -212,6 +212,43 @@ def test_a_rerun_continues_the_search_without_repeating_a_probe(searched):
 
 
 @pytest.mark.slow
+def test_probes_trained_otherwise_are_refused_not_read_as_this_files_answer(searched):
+    """min_steps is a search setting, yet it changes how a probe trains: a file that asks
+    for more steps must not take the probes on disk as its own."""
+    body = yaml.safe_load(searched["file"].read_text())
+    body["search"]["min_steps"] = 40
+    other = write(searched["file"].with_name("more_steps.yaml"), body)
+    before = {d.name: read_status(d) for d in (searched["out"] / "cells").iterdir()}
+    with pytest.raises(SweepFileError) as err:
+        capacity_command(str(other), output=str(searched["out"]))
+    assert "holds a run with other settings (trainer.max_epochs)" in str(err.value)
+    after = {d.name: read_status(d) for d in (searched["out"] / "cells").iterdir()}
+    assert after == before  # nothing ran
+
+
+@pytest.mark.slow
+def test_a_seed_added_to_a_finished_run_reuses_its_probes_with_extend(searched):
+    out = searched["out"]
+    body = yaml.safe_load(searched["file"].read_text())
+    body["variants"] = {"r8": body["variants"]["r8"]}
+    body["seeds"] = [42, 7]
+    more = write(searched["file"].with_name("two_seeds.yaml"), body)
+    with pytest.raises(SweepFileError, match="--extend true"):
+        capacity_command(str(more), output=str(out))
+    before = {d.name: read_status(d) for d in (out / "cells").iterdir()}
+    capacity_command(str(more), output=str(out), extend=True)
+    after = {d.name: read_status(d) for d in (out / "cells").iterdir()}
+    for name, status in before.items():
+        assert after[name]["attempts"] == status["attempts"], name  # not run again
+    assert any(name.startswith("variant=r8__seed=7__") for name in set(after) - set(before))
+    state = {s["chain"]: s for s in json.loads((out / "capacity.json").read_text())}
+    assert set(state) == {"variant=r8__seed=42", "variant=r8__seed=7"}
+    assert all(s["next"] is None and s["error"] is None for s in state.values())
+    rows = list(csv.DictReader((out / "capacity.csv").read_text().splitlines()))
+    assert sorted(r["seed"] for r in rows) == ["42", "7"]
+
+
+@pytest.mark.slow
 def test_a_search_on_the_slurm_launcher_runs_its_probes_as_submitit_tasks(small_world, tmp_path):
     """The SLURM path end to end, with submitit's local executor standing in for the cluster:
     every probe is a task of a job array, and the search ends on a bracket tested at both

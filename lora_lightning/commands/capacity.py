@@ -17,6 +17,7 @@ def capacity_command(
     launcher: Literal["local", "slurm"] | None = None,
     retries: int | None = None,
     aggregate: bool = True,
+    extend: bool = False,
 ) -> dict[str, Any]:
     """Find n* per adapter variant: the most new facts it learns at reliability >= tau.
 
@@ -39,6 +40,9 @@ def capacity_command(
         launcher: "local" or "slurm" (default: the file's `launcher:`, else local).
         retries: Times a failed probe is tried again (default: the file's, else 1).
         aggregate: Write capacity.csv, report.md and the plots at the end.
+        extend: Let a capacity folder made from another capacity file take this one's
+            chains too (add a seed or a variant to a finished run: its probes are reused,
+            and refused, naming the keys, where their settings are not this file's).
 
     Returns:
         The chains, the rounds of probes run and the files written.
@@ -48,4 +52,4 @@ def capacity_command(
         "capacity", workers, launcher, retries))
     from lora_lightning.sweep.capacity_runner import run_capacity
 
-    return run_capacity(capacity, dry_run=dry_run, aggregate=aggregate)
+    return run_capacity(capacity, dry_run=dry_run, aggregate=aggregate, extend=extend)

@@ -24,7 +24,7 @@ from lora_lightning.sweep.capacity import (
     write_state,
 )
 from lora_lightning.sweep.cellconfig import FitConfigParser
-from lora_lightning.sweep.folder import claim_folder, write_cell
+from lora_lightning.sweep.folder import check_cell, claim_folder, write_cell
 from lora_lightning.sweep.progress import SweepProgress, duration
 from lora_lightning.sweep.runner import (
     CHECKPOINT_EVERY_EPOCH,
@@ -93,9 +93,11 @@ def _run_jobs(capacity: Capacity, jobs: list[tuple[str, Path, int]], slots: list
     return run_local(pending, slots, cwd, sweep.retries, progress)
 
 
-def run_capacity(capacity: Capacity, dry_run: bool = False,
-                 aggregate: bool = True) -> dict[str, Any]:
-    """Search every chain to its bracket, test both ends, write the tables."""
+def run_capacity(capacity: Capacity, dry_run: bool = False, aggregate: bool = True,
+                 extend: bool = False) -> dict[str, Any]:
+    """Search every chain to its bracket, test both ends, write the tables. `extend` lets a
+    folder made from another capacity file (e.g. with fewer seeds or variants) take this
+    one's chains; a probe already there is reused only if its settings are this file's."""
     sweep = capacity.sweep
     parser = FitConfigParser()
     placeholders = world_settings(sweep.world, dry_run=True) if sweep.world else {}
@@ -107,7 +109,7 @@ def run_capacity(capacity: Capacity, dry_run: bool = False,
         return {"chains": [c.name for c in capacity.chains()], "dry_run": True}
 
     start = time.monotonic()
-    claim_folder(sweep)
+    claim_folder(sweep, extend=extend)
     shared: dict[str, Any] = {}
     if sweep.world:
         shared = world_settings(sweep.world)
@@ -121,7 +123,7 @@ def run_capacity(capacity: Capacity, dry_run: bool = False,
                                   or capacity.rule.n_max > available):
         capacity = dc_replace(capacity, rule=dc_replace(capacity.rule, n_max=available))
 
-    def prepare(cell: Any, stages: list[str]) -> tuple[str, Path, int]:
+    def probe_config(cell: Any) -> tuple[Path, Any]:
         cell_dir = _cell_dir(sweep, cell)
         settings = {**CHECKPOINT_EVERY_EPOCH, **sweep.overrides, **shared, **cell.settings,
                     **_own_settings(sweep, cell, cell_dir, base_logger)}
@@ -133,10 +135,22 @@ def run_capacity(capacity: Capacity, dry_run: bool = False,
                 config = parser.parse(sweep.base, settings)
         except ValueError as exc:
             raise sweep.error(f"variants (probe {cell.name})", str(exc)) from exc
+        return cell_dir, config
+
+    def prepare(cell: Any, stages: list[str]) -> tuple[str, Path, int]:
+        cell_dir, config = probe_config(cell)
         write_cell(sweep, cell, cell_dir, parser.dump(config), stages=stages)
         return cell.name, cell_dir, training_size(config)
 
     chains = capacity.chains()
+    # A probe on disk counts only if it is the probe this file asks for: a search setting
+    # that changes training (min_steps) or a variant whose settings changed since is refused
+    # here, naming the keys, instead of being read as this file's answer.
+    for chain in chains:
+        for n in search_state(capacity, chain)["probes"]:
+            cell = probe_cell(chain, n)
+            cell_dir, config = probe_config(cell)
+            check_cell(sweep, cell, cell_dir, parser.dump(config))
     rounds = 0
     while True:
         jobs, notes = [], []

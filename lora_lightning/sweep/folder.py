@@ -22,7 +22,9 @@ from lora_lightning.files import atomic_write_text
 from lora_lightning.sweep.cell import CELL_CONFIG, CELL_INFO
 from lora_lightning.sweep.spec import Cell, Sweep
 
-__all__ = ["RECORD", "CELLS_DIR", "cell_dirs", "claim_folder", "read_record", "write_cell"]
+__all__ = [
+    "RECORD", "CELLS_DIR", "cell_dirs", "check_cell", "claim_folder", "read_record", "write_cell",
+]
 
 RECORD = "sweep.json"
 CELLS_DIR = "cells"
@@ -108,6 +110,30 @@ def _rebased(config: dict[str, Any], sweep_dir: Path) -> dict[str, Any]:
     return move(config) if old != new else config
 
 
+def check_cell(sweep: Sweep, cell: Cell, cell_dir: Path, config_yaml: str) -> bool:
+    """Refuse a cell folder that holds a run with other settings than `config_yaml` (one line
+    naming the keys that differ). True when nothing is held yet, or the same run is held in a
+    sweep folder moved or copied elsewhere: its config is then to be written anew."""
+    path = cell_dir / CELL_CONFIG
+    try:
+        held = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except yaml.YAMLError:
+        held = None  # damaged: written again
+    if not isinstance(held, dict):
+        return True
+    if path.read_text() == config_yaml:
+        return False
+    old, new = _flat(_rebased(held, sweep.output)), _flat(yaml.safe_load(config_yaml))
+    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if diff:
+        raise sweep.error(
+            f"axes (cell {cell.name})", f"{cell_dir} holds a run with other settings "
+            f"({', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''}); move it away or "
+            "choose another --output"
+        )
+    return True
+
+
 def write_cell(
     sweep: Sweep, cell: Cell, cell_dir: Path, config_yaml: str,
     stages: list[str] | None = None,
@@ -116,25 +142,10 @@ def write_cell(
     moved sweep folder, up to the folder's own paths, which are then written anew). `stages`
     (e.g. `["fit"]`: a `capacity` probe) is recorded in `cell.json` for `run_cell`, and may
     grow later (the probe's full `test`)."""
-    path = cell_dir / CELL_CONFIG
-    try:
-        held = yaml.safe_load(path.read_text()) if path.is_file() else None
-    except yaml.YAMLError:
-        held = None  # damaged: written again below
-    moved = False
-    if isinstance(held, dict) and path.read_text() != config_yaml:
-        old, new = _flat(_rebased(held, sweep.output)), _flat(yaml.safe_load(config_yaml))
-        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-        moved = not diff  # the same cell in a sweep folder moved or copied elsewhere
-        if diff:
-            raise sweep.error(
-                f"axes (cell {cell.name})", f"{cell_dir} holds a run with other settings "
-                f"({', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''}); move it away or "
-                "choose another --output"
-            )
+    rewrite = check_cell(sweep, cell, cell_dir, config_yaml)
     cell_dir.mkdir(parents=True, exist_ok=True)
-    if not isinstance(held, dict) or moved:
-        atomic_write_text(path, config_yaml)
+    if rewrite:
+        atomic_write_text(cell_dir / CELL_CONFIG, config_yaml)
     info = {"name": cell.name, "labels": cell.labels, "axes": cell.axes,
             "sweep_file": str(sweep.path), "sweep_fingerprint": sweep.fingerprint()}
     if stages is not None:
