@@ -449,8 +449,9 @@ def in_sweep_file_order(rows: list[dict[str, Any]], axes: list[str],
             order.setdefault(axis, [])
             order[axis] += [label for label in labels if label not in order[axis]]
 
+    known = [order.get(axis, []) for axis in axes]
+
     def key(row: dict[str, Any]) -> tuple[int, ...]:
-        known = [order.get(axis, []) for axis in axes]
         return tuple(labels.index(str(row.get(axis))) if str(row.get(axis)) in labels
                      else len(labels) for axis, labels in zip(axes, known, strict=True))
 

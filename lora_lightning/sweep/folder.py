@@ -115,13 +115,14 @@ def check_cell(sweep: Sweep, cell: Cell, cell_dir: Path, config_yaml: str) -> bo
     naming the keys that differ). True when nothing is held yet, or the same run is held in a
     sweep folder moved or copied elsewhere: its config is then to be written anew."""
     path = cell_dir / CELL_CONFIG
+    text = path.read_text() if path.is_file() else None
     try:
-        held = yaml.safe_load(path.read_text()) if path.is_file() else None
+        held = yaml.safe_load(text) if text is not None else None
     except yaml.YAMLError:
         held = None  # damaged: written again
     if not isinstance(held, dict):
         return True
-    if path.read_text() == config_yaml:
+    if text == config_yaml:
         return False
     old, new = _flat(_rebased(held, sweep.output)), _flat(yaml.safe_load(config_yaml))
     diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
