@@ -195,10 +195,17 @@ class KnowledgeEvalCallback(Callback):
     the metrics reduce across ranks. The per-epoch history is kept for the report's plot.
 
     Args:
-        every_n_epochs: Probe every this many epochs (0 = only after the last epoch).
+        every_n_epochs: Probe every this many epochs (0 = only after the last epoch; None =
+            never while fitting, for runs whose `test` measures the same facts anyway, as a
+            sweep's cells do: the probe after the last epoch re-asks every trained fact under
+            every few-shot prompt, a fifth of a 1,000-fact cell's fit on the bench world).
     """
 
-    def __init__(self, every_n_epochs: int = 1) -> None:
+    def __init__(self, every_n_epochs: int | None = 1) -> None:
+        if every_n_epochs is not None and every_n_epochs < 0:
+            raise ValueError(
+                f"knowledge_eval.every_n_epochs must be >= 0 or null, got {every_n_epochs}"
+            )
         self.every_n_epochs = every_n_epochs
         self.history: list[dict[str, float]] = []
 
@@ -207,6 +214,8 @@ class KnowledgeEvalCallback(Callback):
             return False
         if trainer.state.fn != TrainerFn.FITTING:  # a `validate` run: always probe
             return True
+        if self.every_n_epochs is None:
+            return False
         epoch = trainer.current_epoch + 1
         last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
         return last or (self.every_n_epochs > 0 and epoch % self.every_n_epochs == 0)

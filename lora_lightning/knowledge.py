@@ -32,7 +32,7 @@ from lora_lightning.inference import (
 )
 from lora_lightning.metrics.functional import prompt_accuracy
 from lora_lightning.progress import progress_bar
-from lora_lightning.prompts import build_fewshot_sets, extract_answer, fewshot_messages, render
+from lora_lightning.prompts import FewShotPrompts, build_fewshot_sets, extract_answer
 
 
 @dataclass
@@ -256,6 +256,7 @@ def categorize(
             "the pool must be disjoint from the facts being categorised"
         )
     shot_sets = build_fewshot_sets(pool, n_exp=n_exp, n_shot=n_shot, seed=seed)
+    renderers = [FewShotPrompts(tokenizer, shots) for shots in shot_sets]
 
     done: dict[str, Fact] = {}
     if checkpoint is not None:
@@ -277,11 +278,7 @@ def categorize(
     with bar, _append_or_nothing(checkpoint) as sink:
         for start in range(0, len(todo), chunk):
             part = todo[start : start + chunk]
-            prompts = [
-                render(tokenizer, fewshot_messages(f.question, shots), add_generation_prompt=True)
-                for f in part
-                for shots in shot_sets
-            ]
+            prompts = [prompt(f.question) for f in part for prompt in renderers]
             greedy = generate_answers(
                 model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
                 seed=seed,

@@ -107,3 +107,41 @@ def test_evaluating_hands_the_output_layer_a_contiguous_input_and_then_lets_go(t
     assert seen == [True, False]  # the strided slice reaches the head outside the block
     torch.testing.assert_close(inside, outside)
     assert not head._forward_pre_hooks
+
+
+@pytest.mark.parametrize("inference", [False, True], ids=["grad-mode", "inference-mode"])
+def test_the_in_place_kv_cache_holds_what_transformers_own_cache_holds(inference):
+    """The generation cache writes each step into spare room instead of concatenating; through
+    appends past its reserve, rows repeated for a shared prefix, rows dropped as they end and a
+    crop, it holds the same keys and values as transformers' `DynamicLayer`."""
+    from transformers.cache_utils import DynamicLayer
+
+    from lora_lightning.inference import _append_layer
+
+    gen = torch.Generator().manual_seed(0)
+
+    def states(batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.randn(batch, 2, length, 3, generator=gen),
+                torch.randn(batch, 2, length, 3, generator=gen))
+
+    ours, theirs = _append_layer()(), DynamicLayer()
+    with torch.inference_mode(inference):
+        steps = [("update", states(1, 5)), ("repeat", 4), ("update", states(4, 3))]
+        steps += [("update", states(4, 1)) for _ in range(20)]  # past the reserve
+        steps += [("select", torch.tensor([0, 2, 3])), ("update", states(3, 1)),
+                  ("crop", -2), ("update", states(3, 2)), ("select", torch.tensor([1])),
+                  ("update", states(1, 1))]
+        for op, arg in steps:
+            for layer in (ours, theirs):
+                if op == "update":
+                    out = layer.update(*arg)
+                elif op == "repeat":
+                    layer.batch_repeat_interleave(arg)
+                elif op == "select":
+                    layer.batch_select_indices(arg)
+                else:
+                    layer.crop(arg)
+            assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+            assert ours.get_seq_length() == theirs.get_seq_length()
+            if op == "update":
+                assert torch.equal(out[0], theirs.keys)

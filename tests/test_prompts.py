@@ -19,6 +19,7 @@ from lora_lightning.facts import Fact
 from lora_lightning.prompts import (
     IGNORE_INDEX,
     SYSTEM_PROMPT,
+    FewShotPrompts,
     batch_sequences,
     batch_tokens,
     build_fewshot_sets,
@@ -136,6 +137,33 @@ def test_fewshot_prompt_renders_shots_in_order_then_the_open_question(tokenizer,
         expected += f"<|assistant|>\nAnswer: {shot.answer}<|end|>\n"
     expected += f"<|user|>\nQuestion: {question}<|end|>\n<|assistant|>\n"
     assert text == expected
+
+
+def test_fewshot_prompts_render_what_the_chat_template_renders(tokenizer, rng):
+    shots = [Fact(f"s{i}", words(rng, 4) + "?", [words(rng, 2)]) for i in range(4)]
+    prompts = FewShotPrompts(tokenizer, shots)
+    questions = [words(rng, rng.randint(1, 8)) + rng.choice("?.!'\"{}%") for _ in range(20)]
+    questions += ["  padded question?  ", "{{ m['role'] }}?", "", "Question: twice?"]
+    for question in questions:
+        assert prompts(question) == render(
+            tokenizer, fewshot_messages(question, shots), add_generation_prompt=True
+        ), question
+
+
+def test_fewshot_prompts_fall_back_when_the_template_rewrites_content(rng):
+    shots = [Fact(f"s{i}", words(rng, 4) + "?", [words(rng, 2)]) for i in range(4)]
+    for template in (
+        CHAT_TEMPLATE.replace("{{ m['content'] }}", "{{ m['content'] | upper }}"),
+        CHAT_TEMPLATE.replace("{{ m['content'] }}", "{{ m['content'] | tojson }}"),
+        CHAT_TEMPLATE.replace("{{ m['content'] }}", "{{ m['content'] | replace('e', 'E') }}"),
+    ):
+        tokenizer = make_tokenizer()
+        tokenizer.chat_template = template
+        prompts = FewShotPrompts(tokenizer, shots)
+        for question in ["where is 'it'?", words(rng, 5) + "?", 'say "e"?']:
+            assert prompts(question) == render(
+                tokenizer, fewshot_messages(question, shots), add_generation_prompt=True
+            ), (template, question)
 
 
 def test_fewshot_sets_are_seeded_distinct_and_need_enough_pool(rng):

@@ -329,6 +329,33 @@ def test_knowledge_probe_runs_every_n_epochs_and_after_the_last(
     assert "val/reliability" in trainer.callback_metrics
 
 
+def test_knowledge_probe_can_be_left_to_test_and_leaves_the_weights_as_they_were(
+    tiny_model_dir, tiny_fact_files, tmp_path
+):
+    """`every_n_epochs=None` (a sweep cell, whose `test` re-probes every fact) skips the probe
+    after the last epoch; the adapter it trains is the one a probing run trains, bit for bit."""
+    from lora_lightning.callbacks import KnowledgeEvalCallback
+    from lora_lightning.lora.layer import lora_state_dict
+    from lora_lightning.module import ProbeConfig
+
+    weights, metrics = [], []
+    for every in (0, None):
+        L.seed_everything(0)
+        module = make_module(tiny_model_dir, probe=ProbeConfig(n_exp=1, max_new_tokens=4))
+        probe = KnowledgeEvalCallback(every_n_epochs=every)
+        trainer = make_trainer(tmp_path / str(every), epochs=2)
+        trainer.callbacks.append(probe)
+        trainer.fit(module, datamodule=make_data(tiny_model_dir, tiny_fact_files, n_unknown=2))
+        weights.append(lora_state_dict(module.model))
+        metrics.append(set(trainer.callback_metrics))
+        assert len(probe.history) == (1 if every == 0 else 0)
+    assert "val/reliability" in metrics[0] and "val/reliability" not in metrics[1]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    with pytest.raises(ValueError, match="every_n_epochs must be >= 0 or null, got -1"):
+        KnowledgeEvalCallback(every_n_epochs=-1)
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("loss_on", ["answer", "all"])
 def test_training_loss_equals_the_full_causal_lm_loss_on_the_padded_batch(

@@ -215,13 +215,30 @@ def _plots(capacity: Capacity, rows: list[dict[str, Any]], fit: dict[str, Any] |
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # one colour per variant, one marker (and line style) per seed, so seeds of a variant sit
+    # side by side instead of cycling through ten colours
+    variants = list(dict.fromkeys(str(r.get("variant")) for r in rows))
+    seeds = list(dict.fromkeys(str(r.get("seed")) for r in rows))
+    cmap = plt.get_cmap("tab10" if len(variants) <= 10 else "tab20")
+    colour = {v: cmap(i % cmap.N) for i, v in enumerate(variants)}
+    marker = {s: "osD^v<>"[i % 7] for i, s in enumerate(seeds)}
+    style = {s: ["-", "--", ":", "-."][i % 4] for i, s in enumerate(seeds)}
+
     written = []
     fig, ax = plt.subplots(figsize=(6, 4.5))
     shown = [r for r in rows if r.get("lora_parameters") and r.get("n_star")]
+    labelled: set[str] = set()
     for r in shown:
         hi = r.get("n_hi") or r["n_star"]
-        ax.errorbar([r["lora_parameters"]], [r["n_star"]], yerr=[[0], [hi - r["n_star"]]],
-                    fmt="o", capsize=3, label=f"{r.get('variant')} (seed {r.get('seed')})")
+        variant, seed = str(r.get("variant")), str(r.get("seed"))
+        x = r["lora_parameters"] * 1.04 ** seeds.index(seed)  # seeds side by side
+        ax.errorbar([x], [r["n_star"]], yerr=[[0], [hi - r["n_star"]]], fmt=marker[seed],
+                    color=colour[variant], capsize=3,
+                    label=None if variant in labelled else variant)
+        labelled.add(variant)
+    if len(seeds) > 1:
+        for seed in seeds:
+            ax.plot([], [], marker[seed], color="grey", label=f"seed {seed}")
     if fit is not None and shown:
         xs = sorted(r["lora_parameters"] for r in shown)
         ax.plot(xs, [10 ** (fit["intercept"] + fit["slope"] * math.log10(x)) for x in xs], "k--",
@@ -238,8 +255,11 @@ def _plots(capacity: Capacity, rows: list[dict[str, Any]], fit: dict[str, Any] |
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for chain in capacity.chains():
         results = sorted(search_state(capacity, chain)["results"].items())
+        variant, seed = str(chain.labels.get("variant")), str(chain.labels.get("seed"))
         if results:
-            ax.plot([n for n, _ in results], [r for _, r in results], "o-", label=chain.name)
+            ax.plot([n for n, _ in results], [r for _, r in results],
+                    marker=marker.get(seed, "o"), ls=style.get(seed, "-"),
+                    color=colour.get(variant), label=chain.name)
     ax.axhline(capacity.rule.threshold, color="grey", ls=":")
     ax.set(xscale="log", xlabel="n (Unknown facts trained)", ylabel="reliability",
            title="Every probe")
