@@ -552,3 +552,14 @@ def test_many_threads_checking_one_home_at_once_all_pass(tmp_path):
     for thread in threads:
         thread.join()
     assert errors == [] and list((tmp_path / "home").iterdir()) == []
+
+
+@pytest.mark.parametrize("value", [None, ""], ids=["unset", "empty"])
+def test_an_unset_or_empty_home_is_the_user_cache_not_the_current_folder(monkeypatch, value):
+    from lora_lightning.world.cache import default_home
+
+    if value is None:
+        monkeypatch.delenv("LORA_LIGHTNING_HOME", raising=False)
+    else:
+        monkeypatch.setenv("LORA_LIGHTNING_HOME", value)
+    assert default_home() == Path.home() / ".cache" / "lora_lightning"
