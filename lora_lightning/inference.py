@@ -248,6 +248,11 @@ def _append_layer() -> type:
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
             old, new = self.get_seq_length(), key_states.shape[-2]
+            if key_states.requires_grad or old and (key_states.dtype != self.keys.dtype
+                                                    or key_states.shape[0] != self.keys.shape[0]):
+                # in-place writes would break autograd or cast silently; concatenating keeps
+                # `DynamicLayer`'s own behaviour (type promotion, its error on a batch mismatch)
+                return super().update(key_states, value_states, *args, **kwargs)
             if not (self._buffered() and self._kbuf.shape[0] == key_states.shape[0]
                     and old + new <= self._kbuf.shape[2]):
                 kbuf, vbuf = self._fresh(key_states, key_states.shape[0], old + new)

@@ -54,8 +54,9 @@ class FewShotPrompts:
     That equals the template's own output when the template copies the content verbatim, which
     is checked once by rendering, in full, a question holding every printable ASCII character
     and some others: a template that escapes, rewrites or reads the content (`tojson`, `upper`,
-    HTML escaping) fails the check and every prompt is rendered in full. Questions with leading
-    or trailing whitespace, which templates may trim, are always rendered in full.
+    HTML escaping) fails the check and every prompt is rendered in full. Empty questions and
+    questions with leading or trailing whitespace, which templates may trim, are always
+    rendered in full.
     """
 
     _MARKER = "LoraLightningQuestionMarker"
@@ -73,7 +74,7 @@ class FewShotPrompts:
         return render(self.tokenizer, fewshot_messages(question, self.shots), True)
 
     def __call__(self, question: str) -> str:
-        if self._parts is None or question != question.strip():
+        if self._parts is None or not question or question != question.strip():
             return self._full(question)
         return self._parts[0] + question + self._parts[1]
 

@@ -112,6 +112,10 @@ def test_a_capacity_file_is_a_sweep_of_variants_by_seeds(tmp_path):
     ({**GOOD, "search": {"n_start": 2.5}}, "search.n_start"),
     ({**GOOD, "search": {"tau": 0.9}}, "search.tau"),
     ({**GOOD, "seeds": []}, "seeds"),
+    ({**GOOD, "overrides": {"knowledge_eval.every_n_epochs": None}},
+     "overrides.knowledge_eval.every_n_epochs"),
+    ({**GOOD, "variants": {"r1": {"knowledge_eval.every_n_epochs": None}}},
+     "variants.r1.knowledge_eval.every_n_epochs"),
 ])
 def test_a_bad_capacity_file_fails_naming_the_file_and_the_key(body, key, tmp_path):
     path = write(tmp_path / "bad.yaml", body)

@@ -132,9 +132,10 @@ def test_the_in_place_kv_cache_holds_what_transformers_own_cache_holds(inference
                   ("crop", -2), ("update", states(3, 2)), ("select", torch.tensor([1])),
                   ("update", states(1, 1))]
         for op, arg in steps:
+            returned = []
             for layer in (ours, theirs):
                 if op == "update":
-                    out = layer.update(*arg)
+                    returned.append(layer.update(*arg))
                 elif op == "repeat":
                     layer.batch_repeat_interleave(arg)
                 elif op == "select":
@@ -143,5 +144,32 @@ def test_the_in_place_kv_cache_holds_what_transformers_own_cache_holds(inference
                     layer.crop(arg)
             assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
             assert ours.get_seq_length() == theirs.get_seq_length()
-            if op == "update":
-                assert torch.equal(out[0], theirs.keys)
+            if returned:  # what attention reads this step
+                (our_k, our_v), (their_k, their_v) = returned
+                assert torch.equal(our_k, their_k) and torch.equal(our_v, their_v)
+
+
+def test_the_in_place_kv_cache_behaves_as_transformers_where_writing_in_place_cannot():
+    """States that need a gradient, another dtype or another batch size go through
+    `DynamicLayer`'s own concatenation: promoted, differentiable, or refused as it refuses."""
+    from transformers.cache_utils import DynamicLayer
+
+    from lora_lightning.inference import _append_layer
+
+    ours, theirs = _append_layer()(), DynamicLayer()
+    for layer in (ours, theirs):
+        layer.update(torch.ones(2, 1, 3, 2), torch.ones(2, 1, 3, 2))
+    wide = torch.full((2, 1, 1, 2), 0.1, dtype=torch.float64)
+    assert ours.update(wide, wide)[0].dtype == theirs.update(wide, wide)[0].dtype == torch.float64
+    with pytest.raises(RuntimeError):
+        theirs.update(torch.ones(3, 1, 1, 2, dtype=torch.float64),
+                      torch.ones(3, 1, 1, 2, dtype=torch.float64))
+    with pytest.raises(RuntimeError):
+        ours.update(torch.ones(3, 1, 1, 2, dtype=torch.float64),
+                    torch.ones(3, 1, 1, 2, dtype=torch.float64))
+    grad = _append_layer()()
+    x = torch.ones(1, 1, 2, 2, requires_grad=True)
+    for _ in range(3):
+        keys, values = grad.update(x * 2, x * 3)
+    (keys.sum() + values.sum()).backward()
+    assert torch.equal(x.grad, torch.full_like(x, 15.0))  # 3 steps x (2 + 3)

@@ -139,18 +139,47 @@ def test_fewshot_prompt_renders_shots_in_order_then_the_open_question(tokenizer,
     assert text == expected
 
 
-def test_fewshot_prompts_render_what_the_chat_template_renders(tokenizer, rng):
+def count_renders(tokenizer, monkeypatch) -> list[int]:
+    """A counter of the chat template's renders."""
+    calls = [0]
+    original = tokenizer.apply_chat_template
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "apply_chat_template", counted)
+    return calls
+
+
+def test_fewshot_prompts_render_what_the_chat_template_renders(tokenizer, rng, monkeypatch):
     shots = [Fact(f"s{i}", words(rng, 4) + "?", [words(rng, 2)]) for i in range(4)]
+    plain = [words(rng, rng.randint(1, 8)) + rng.choice("?.!'\"{}%") for _ in range(20)]
+    plain += ["{{ m['role'] }}?", "Question: twice?"]
+    outer = ["  padded question?  ", "", "trailing newline?\n"]
+    expected = {q: render(tokenizer, fewshot_messages(q, shots), add_generation_prompt=True)
+                for q in plain + outer}
+    renders = count_renders(tokenizer, monkeypatch)
     prompts = FewShotPrompts(tokenizer, shots)
-    questions = [words(rng, rng.randint(1, 8)) + rng.choice("?.!'\"{}%") for _ in range(20)]
-    questions += ["  padded question?  ", "{{ m['role'] }}?", "", "Question: twice?"]
-    for question in questions:
+    for question in plain + outer:
+        assert prompts(question) == expected[question], question
+    # two renders set the template up; then only the questions it may trim are rendered
+    assert renders[0] == 2 + len(outer)
+
+
+def test_fewshot_prompts_trim_like_a_trimming_template(rng):
+    shots = [Fact(f"s{i}", words(rng, 4) + "?", [words(rng, 2)]) for i in range(4)]
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE.replace("{{ m['content'] }}",
+                                                    "{{ m['content'] | trim }}")
+    prompts = FewShotPrompts(tokenizer, shots)
+    for question in ["", " lead?", "trail? ", "plain?"]:
         assert prompts(question) == render(
             tokenizer, fewshot_messages(question, shots), add_generation_prompt=True
-        ), question
+        ), repr(question)
 
 
-def test_fewshot_prompts_fall_back_when_the_template_rewrites_content(rng):
+def test_fewshot_prompts_fall_back_when_the_template_rewrites_content(rng, monkeypatch):
     shots = [Fact(f"s{i}", words(rng, 4) + "?", [words(rng, 2)]) for i in range(4)]
     for template in (
         CHAT_TEMPLATE.replace("{{ m['content'] }}", "{{ m['content'] | upper }}"),
@@ -159,11 +188,13 @@ def test_fewshot_prompts_fall_back_when_the_template_rewrites_content(rng):
     ):
         tokenizer = make_tokenizer()
         tokenizer.chat_template = template
+        questions = ["where is 'it'?", words(rng, 5) + "?", 'say "e"?']
+        expected = [render(tokenizer, fewshot_messages(q, shots), add_generation_prompt=True)
+                    for q in questions]
         prompts = FewShotPrompts(tokenizer, shots)
-        for question in ["where is 'it'?", words(rng, 5) + "?", 'say "e"?']:
-            assert prompts(question) == render(
-                tokenizer, fewshot_messages(question, shots), add_generation_prompt=True
-            ), (template, question)
+        renders = count_renders(tokenizer, monkeypatch)
+        assert [prompts(q) for q in questions] == expected, template
+        assert renders[0] == len(questions)  # every prompt rendered in full
 
 
 def test_fewshot_sets_are_seeded_distinct_and_need_enough_pool(rng):

@@ -554,7 +554,7 @@ def test_many_threads_checking_one_home_at_once_all_pass(tmp_path):
     assert errors == [] and list((tmp_path / "home").iterdir()) == []
 
 
-@pytest.mark.parametrize("value", [None, ""], ids=["unset", "empty"])
+@pytest.mark.parametrize("value", [None, "", "  "], ids=["unset", "empty", "blank"])
 def test_an_unset_or_empty_home_is_the_user_cache_not_the_current_folder(monkeypatch, value):
     from lora_lightning.world.cache import default_home
 

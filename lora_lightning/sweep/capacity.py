@@ -44,6 +44,10 @@ __all__ = [
 N_KEY = "data.n_unknown"
 SEED_KEYS = ["seed_everything", "data.seed"]
 OWN_KEYS = ("variants", "mix", "seeds", "search")
+# A probe's reliability is the one `fit` measures after its last epoch.
+PROBE_KEY = "knowledge_eval.every_n_epochs"
+NO_PROBE = ("null turns off the probe after the last epoch, which gives each probe its "
+            "reliability; use 0 (only after the last epoch)")
 DEFAULT_MIX = {"data.extra_kind": "none", "data.extra_per_unknown": 0}
 SEARCH_DEFAULTS: dict[str, Any] = {
     "threshold": 0.95, "n_start": 10, "n_max": None, "growth": 2.0, "precision": 0.1,
@@ -182,6 +186,8 @@ def load_capacity(path: str | Path, output: str | Path | None = None,
             clash = sorted(set(keys) & set(mix))
             if clash:
                 raise SweepFileError(path, f"{where}.{clash[0]}", "also set by `mix`")
+        if PROBE_KEY in keys and keys[PROBE_KEY] is None:
+            raise SweepFileError(path, f"{where}.{PROBE_KEY}", NO_PROBE)
     sweep_raw = {**raw, "overrides": {**overrides, **mix},
                  "axes": {"variant": variants, "seed": {"keys": SEED_KEYS, "values": seeds}}}
     default_output = Path(raw.get("output") or f"capacity/{path.stem}")

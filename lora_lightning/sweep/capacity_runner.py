@@ -16,6 +16,8 @@ from typing import Any
 
 from lora_lightning.sweep.capacity import (
     N_KEY,
+    NO_PROBE,
+    PROBE_KEY,
     Capacity,
     epochs_for,
     probe_cell,
@@ -129,6 +131,8 @@ def run_capacity(capacity: Capacity, dry_run: bool = False, aggregate: bool = Tr
                     **_own_settings(sweep, cell, cell_dir, base_logger)}
         try:
             config = parser.parse(sweep.base, settings)
+            if config.knowledge_eval.every_n_epochs is None:  # set so by the base config
+                raise ValueError(f"{PROBE_KEY}: {NO_PROBE}")
             epochs = epochs_for(config, capacity.min_steps)
             if epochs is not None:
                 settings["trainer.max_epochs"] = epochs

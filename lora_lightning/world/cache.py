@@ -109,10 +109,11 @@ class WorldArtifacts:
 
 
 def default_home() -> Path:
-    """`$LORA_LIGHTNING_HOME`, else (unset or empty) `~/.cache/lora_lightning`. An empty value
-    is unset, as shells write it, not the current folder: worlds unpacked there land in a
-    repository's root."""
-    return Path(os.environ.get("LORA_LIGHTNING_HOME") or Path.home() / ".cache" / "lora_lightning")
+    """`$LORA_LIGHTNING_HOME`, else (unset, empty or blank) `~/.cache/lora_lightning`. An empty
+    value is unset, as shells write it, not the current folder: worlds unpacked there land in
+    a repository's root."""
+    home = os.environ.get("LORA_LIGHTNING_HOME", "").strip()
+    return Path(home) if home else Path.home() / ".cache" / "lora_lightning"
 
 
 def write_plan(plan: WorldPlan, config: WorldConfig, root: Path) -> None:
