@@ -259,7 +259,7 @@ def _append_layer() -> type:
                 if old:
                     kbuf[:, :, :old] = self.keys
                     vbuf[:, :, :old] = self.values
-                self._adopt(kbuf, vbuf, old)
+                self._kbuf, self._vbuf = kbuf, vbuf
             self._kbuf[:, :, old : old + new] = key_states
             self._vbuf[:, :, old : old + new] = value_states
             self._adopt(self._kbuf, self._vbuf, old + new)
