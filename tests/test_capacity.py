@@ -196,6 +196,25 @@ def test_every_chain_ends_on_a_bracket_tested_at_both_ends(searched):
 
 
 @pytest.mark.slow
+def test_harm_at_nstar_is_the_share_of_untrained_known_facts_lost(searched):
+    """Over every untrained fact, Unknown ones included, a negative-shift rate grows with n
+    alone (each probe takes n Unknown facts, which cannot move down, out of the denominator);
+    the capacity table compares variants at different n*, so it counts the facts the base knew."""
+    out = searched["out"]
+    for r in csv.DictReader((out / "capacity.csv").read_text().splitlines()):
+        cell = out / "cells" / f"{r['chain']}__n={r['n_star']}"
+        shift = json.loads(report_path(cell).read_text())["shift_untrained"]
+        before = dict(zip(shift["categories"], shift["before"], strict=True))
+        known = before["HighlyKnown"] + before["MaybeKnown"]
+        assert known > 0
+        assert float(r["shift_untrained_negative_rate_of_eligible"]) == pytest.approx(
+            shift["negative"] / known)
+        assert float(r["shift_untrained_negative_rate"]) == pytest.approx(
+            shift["negative"] / shift["total"])
+    assert "untrained known facts lost" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
 def test_a_rerun_continues_the_search_without_repeating_a_probe(searched):
     out = searched["out"]
     chain = "variant=r8__seed=42"

@@ -74,6 +74,7 @@ _STATIC: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("shift_untrained_total", ("shift_untrained", "total")),
     ("shift_untrained_positive_rate", ("shift_untrained", "positive_rate")),
     ("shift_untrained_negative_rate", ("shift_untrained", "negative_rate")),
+    ("shift_untrained_negative_rate_of_eligible", ("shift_untrained", "negative_rate_of_eligible")),
     ("unique_before", ("concentration", "before", "unique")),
     ("unique_after", ("concentration", "after", "unique")),
     ("top_answer_before", ("concentration", "before", "top", 0, 0)),

@@ -106,7 +106,8 @@ def capacity_rows(capacity: Capacity, facts_path: str | Path | None) -> list[dic
             for key, value in shown.items():
                 if key.endswith(("_before", "_after")) and ("accuracy" in key or "mc" in key):
                     row[key] = value
-            for key in ("known_retained", "shift_untrained_negative_rate", "locality"):
+            for key in ("known_retained", "shift_untrained_negative_rate_of_eligible",
+                        "shift_untrained_negative_rate", "locality"):
                 row[key] = shown.get(key)
         learned = learned_bits(lo_dir, bits) if report and lo_dir is not None else None
         if learned is not None and params:
@@ -164,8 +165,15 @@ def _markdown(capacity: Capacity, rows: list[dict[str, Any]], fit: dict[str, Any
         f"{rule.precision:.0%}; [n\\*, n_hi] is the bracket it ended on. Intervals: Wilson, "
         f"{capacity.confidence:.0%}; \"noisy\" marks an end whose interval holds the threshold.",
         "",
+        "Harm at n\\*: *known retained* is the share of the held-out HighlyKnown facts still "
+        "known; *untrained known facts lost* is the share of the facts training did not touch "
+        "and the base knew (HighlyKnown or MaybeKnown) that moved down a category. (Over every "
+        "untrained fact, Unknown ones included, as `shift_untrained_negative_rate` in "
+        "capacity.csv, the rate would grow with n alone: each probe trains n of the Unknown "
+        "facts, which cannot move down, out of the denominator.)",
+        "",
         "| variant | seed | LoRA params | n* | n_hi | reliability at n* | at n_hi | facts / 1k "
-        "params | bits / param | known retained | negative shift (untrained) | locality |",
+        "params | bits / param | known retained | untrained known facts lost | locality |",
         "|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -174,7 +182,8 @@ def _markdown(capacity: Capacity, rows: list[dict[str, Any]], fit: dict[str, Any
             f"{_fmt(r.get('n_star'))} | {_fmt(r.get('n_hi'))} | {_reliability(r, 'lo')} | "
             f"{_reliability(r, 'hi')} | "
             f"{_fmt(r.get('facts_per_1k_parameters'))} | {_fmt(r.get('bits_per_parameter'))} | "
-            f"{_fmt(r.get('known_retained'))} | {_fmt(r.get('shift_untrained_negative_rate'))} | "
+            f"{_fmt(r.get('known_retained'))} | "
+            f"{_fmt(r.get('shift_untrained_negative_rate_of_eligible'))} | "
             f"{_fmt(r.get('locality'))} |")
     bench = sorted({k[: -len("_before")] for r in rows for k in r if k.endswith("_before")})
     if bench:
@@ -214,6 +223,7 @@ def _plots(capacity: Capacity, rows: list[dict[str, Any]], fit: dict[str, Any] |
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     # one colour per variant, one marker (and line style) per seed, so seeds of a variant sit
     # side by side instead of cycling through ten colours
@@ -263,6 +273,11 @@ def _plots(capacity: Capacity, rows: list[dict[str, Any]], fit: dict[str, Any] |
     ax.axhline(capacity.rule.threshold, color="grey", ls=":")
     ax.set(xscale="log", xlabel="n (Unknown facts trained)", ylabel="reliability",
            title="Every probe")
+    # plain numbers at 1, 2, 5 x 10^k: the default labels every minor tick in 10^x notation,
+    # overlapping when the probes span less than a decade or two
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.legend(fontsize=6)
     fig.tight_layout()
     written.append(out / "reliability_vs_n.png")
@@ -276,8 +291,9 @@ def _plots(capacity: Capacity, rows: list[dict[str, Any]], fit: dict[str, Any] |
         xs = range(len(harm))
         ax.bar([x - 0.2 for x in xs], [r["known_retained"] for r in harm], 0.4,
                label="held-out known facts retained")
-        ax.bar([x + 0.2 for x in xs], [r.get("shift_untrained_negative_rate") or 0 for r in harm],
-               0.4, label="negative shift, untrained facts")
+        ax.bar([x + 0.2 for x in xs],
+               [r.get("shift_untrained_negative_rate_of_eligible") or 0 for r in harm],
+               0.4, label="untrained known facts lost")
         ax.set_xticks(list(xs), labels, rotation=45, ha="right", fontsize=7)
         ax.set(title="Harm at n*")
         ax.legend(fontsize=7)
