@@ -407,6 +407,10 @@ def fake_report(reliability: float, n: int, kind: str, k: int, seed: int) -> dic
         "known_retained": {"reliability": 0.9, "n_facts": 50},
         "shift": {"positive": 3, "negative": 1, "total": 100, "positive_rate": 0.03,
                   "negative_rate": 0.01 * seed},
+        # every untrained fact vs the untrained facts the base knew (HK + MK)
+        "shift_untrained": {"positive": 2, "negative": seed, "total": 90,
+                            "positive_rate": 0.02, "negative_rate": seed / 90,
+                            "negative_rate_of_eligible": seed / 10},
         "concentration": both({"unique": 400, "max_count": 20, "top": [["Paris", 20]]},
                               {"unique": 300 + seed, "max_count": 50, "top": [["Rome", 50]],
                                "exploded": []}),
@@ -483,6 +487,10 @@ def test_aggregate_writes_the_papers_tables_with_seed_spread_and_the_papers_valu
         in reliability
     # the failed seed is left out of the mean; the paper's 0.48 stands beside ours
     assert "| 3000 | 0.850 (0.800–0.900) [paper 0.980] | 0.400 [paper 0.480] |" in reliability
+    lost = md.split("## Untrained facts the base knew that training lost")[1].split("\n## ")[0]
+    assert "Claims of harm rest on this table" in lost
+    assert "| 3000 | 0.150 (0.100–0.200) | 0.100 |" in lost  # over HK + MK, not all facts
+    assert "Claims of harm" not in md.split("## Knowledge shift on the facts")[1].split("\n## ")[0]
     assert "### world_mc_accuracy" in md and "0.700 → 0.615 (0.610–0.620)" in md
     assert "### mmlu_accuracy" in md and "(paper base: 0.677)" in md
     assert "### world_truthful_mc1" in md and "### world_truthful_mc2" in md

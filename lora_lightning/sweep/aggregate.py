@@ -272,7 +272,17 @@ def markdown(grid: Grid, record: dict[str, Any], sweep_dir: Path, plots: list[Pa
         lines += _table(grid, lambda n, g: simple("shift_untrained_positive_rate")(n, g)
                         + " / " + simple("shift_untrained_negative_rate")(n, g),
                         note="The previous table's rates count the trained facts too (the "
-                        "paper's definition); claims of harm rest on this one.")
+                        "paper's definition). These count every untrained fact, Unknown ones "
+                        "included.")
+    if grid.has("shift_untrained_negative_rate_of_eligible"):
+        lines += ["## Untrained facts the base knew that training lost (HighlyKnown or "
+                  "MaybeKnown before, a category lower after)", ""]
+        lines += _table(grid, simple("shift_untrained_negative_rate_of_eligible"),
+                        note="Claims of harm rest on this table. The previous one's denominator "
+                        "also holds the untrained Unknown facts, which cannot move down, and "
+                        "its mix of known and Unknown facts changes with n and the mix (a +HK "
+                        "mix trains HighlyKnown facts, leaving fewer known facts untrained): "
+                        "its rates differ between cells for that reason alone.")
     if grid.has("known_retained"):
         lines += ["## Held-out HighlyKnown facts still known (not Unknown after training)", ""]
         lines += _table(grid, simple("known_retained"))

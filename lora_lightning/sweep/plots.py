@@ -14,6 +14,7 @@ __all__ = ["plot_all"]
 
 HARM = (
     ("known_retained", None, "held-out HighlyKnown facts still known"),
+    ("shift_untrained_negative_rate_of_eligible", None, "untrained known facts lost"),
     ("world_mc_accuracy_after", "world_mc_accuracy_before", "world-MC accuracy"),
     ("mmlu_accuracy_after", "mmlu_accuracy_before", "MMLU accuracy"),
     ("world_truthful_mc1_after", "world_truthful_mc1_before", "world-truthful MC1"),
