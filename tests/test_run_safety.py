@@ -35,11 +35,14 @@ def cli(*args: str, cwd: Path, timeout: int = 300, **extra: str) -> subprocess.C
                           env=env(**extra), capture_output=True, text=True, timeout=timeout)
 
 
-def start(*args: str, cwd: Path, log: Path, **extra: str) -> subprocess.Popen:
-    """A command in the background, in a session of its own (as a terminal runs it)."""
+def start(*args: str, cwd: Path, log: Path, sigint_ignored: bool = False,
+          **extra: str) -> subprocess.Popen:
+    """A command in the background, in a session of its own (as a terminal runs it); with
+    `sigint_ignored`, as a script's `command &` starts it: SIGINT ignored."""
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
     return subprocess.Popen([sys.executable, "-m", "lora_lightning", *args], cwd=cwd,
                             env=env(**extra), stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=ignore)
 
 
 def wait_for(condition, what: str, proc: subprocess.Popen | None = None, log: Path | None = None,
@@ -277,17 +280,18 @@ def one_cell_sweep(root: Path, world, epochs: int) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["ctrl-c", "kill -9"])
+@pytest.mark.parametrize("how", ["ctrl-c", "ctrl-c, started by a script with &", "kill -9"])
 def test_a_stopped_sweep_leaves_no_cell_running_and_a_rerun_finishes_it(
     how, small_world, tmp_path
 ):
     sweep_file = one_cell_sweep(tmp_path, small_world, epochs=8)
     cell = tmp_path / "sweeps" / "one" / "cells" / "n=4"
     log = tmp_path / "sweep.log"
-    sweep = start("sweep", "--config", str(sweep_file), "--workers", "1", cwd=tmp_path, log=log)
+    sweep = start("sweep", "--config", str(sweep_file), "--workers", "1", cwd=tmp_path, log=log,
+                  sigint_ignored="script" in how)
     wait_for(lambda: (cell / "checkpoints" / "last.ckpt").is_file(), "a checkpoint", sweep, log)
     assert processes_with(str(cell / "cell.yaml")), "the cell's fit should be running"
-    if how == "ctrl-c":  # a terminal sends SIGINT to the whole foreground group
+    if how.startswith("ctrl-c"):  # a terminal sends SIGINT to the whole foreground group
         os.killpg(sweep.pid, signal.SIGINT)
         assert sweep.wait(timeout=120) != 0
         assert read_status(cell)["state"] == "interrupted"

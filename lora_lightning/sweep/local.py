@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -98,6 +99,7 @@ def run_local(
     """Run `jobs` (cell name, cell folder) on the slots, one thread per slot; return each
     cell's status. Ctrl-C stops the running cells, waits until each has saved and is marked
     interrupted (resumable), says so, and re-raises."""
+    _stop_on_sigint()
     todo: queue.Queue[tuple[str, Path]] = queue.Queue()
     for job in jobs:
         todo.put(job)
@@ -151,6 +153,16 @@ def run_local(
               "resume them from their last.ckpt", flush=True)
         raise
     return results
+
+
+def _stop_on_sigint() -> None:
+    """Take SIGINT even where it was inherited ignored. A shell without job control starts
+    background commands (`sweep ... &` in a script) with SIGINT ignored, and Python keeps it
+    so; the cells' `fit` installs its own handler and stops on it, so a SIGINT to the group
+    stopped the running cell while the sweep, deaf to it, started the next one and exited 0."""
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _wait(events: list[threading.Event], timeout: float | None = None) -> None:
