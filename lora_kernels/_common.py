@@ -6,6 +6,7 @@ Kept free of Triton so that CPU users never import it.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, ClassVar, cast
 
 import torch
 
@@ -90,16 +91,25 @@ def draw_dropout_seed() -> int:
 # A backend's fused forward on 2-D x: (x2, weight, bias, A, B, scaling, p, seed) -> (y, S, *extra)
 # where ``extra`` are small tensors its backward also needs (the torch backend's bit-packed mask).
 FusedForward = Callable[..., tuple[torch.Tensor, ...]]
+# A backend's autograd backward: (ctx, dy) -> one gradient (or None) per forward argument.
+Backward = Callable[..., tuple[torch.Tensor | None, ...]]
+
+
+class FusedFunction(torch.autograd.Function):
+    """A backend's autograd.Function (made by `fused_function`), which also carries the
+    backend's bare fused forward for `run_fused` to call when no gradient is wanted."""
+
+    fused_forward: ClassVar[FusedForward]
 
 
 def forward_and_save(
-    ctx,
+    ctx: Any,
     fused_forward: FusedForward,
-    x,
-    weight,
-    bias,
-    lora_a,
-    lora_b,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
     scaling: float,
     dropout_p: float,
     seed: int,
@@ -116,28 +126,45 @@ def forward_and_save(
 
 
 def fused_function(
-    name: str, fused_forward: FusedForward, backward: Callable[..., tuple]
-) -> type[torch.autograd.Function]:
+    name: str, fused_forward: FusedForward, backward: Backward
+) -> type[FusedFunction]:
     """A backend's autograd.Function: the forward runs `fused_forward` through
     `forward_and_save`, the backward is `backward(ctx, dy)`. Backends differ only in those two,
     so this one definition serves them all; `run_fused` takes `fused_forward` from it."""
 
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        scaling: float,
+        dropout_p: float,
+        seed: int,
+    ) -> torch.Tensor:
         return forward_and_save(
             ctx, fused_forward, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed
         )
 
-    members = {"forward": forward, "backward": backward, "fused_forward": fused_forward}
-    return type(name, (torch.autograd.Function,), {k: staticmethod(v) for k, v in members.items()})
+    members: dict[str, Callable[..., Any]] = {
+        "forward": forward,
+        "backward": backward,
+        "fused_forward": fused_forward,
+    }
+    # type() and not a class statement: torch names the grad_fn after the class
+    # (`_LoRALinearTorchBackward`), and type() returns a bare `type` to the checker
+    function = type(name, (FusedFunction,), {k: staticmethod(v) for k, v in members.items()})
+    return cast(type[FusedFunction], function)
 
 
 def run_fused(
-    function: type[torch.autograd.Function],
-    x,
-    weight,
-    bias,
-    lora_a,
-    lora_b,
+    function: type[FusedFunction],
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
     scaling: float,
     dropout_p: float,
     seed: int,

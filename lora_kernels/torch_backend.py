@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import torch
 
@@ -238,7 +239,7 @@ def _forward(
     return (y, s) if packed is None else (y, s, packed)
 
 
-def _backward(ctx, dy):
+def _backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     """dS and dB as one thin GEMM each over dy, the big dx GEMM, then per row block (in L2)
     the block's masked LoRA term of dx, (dS A) * mask, added onto dx and dA += dS^T (x *
     mask): x and the mask are read once, and neither the mask nor drop(x) is ever
@@ -252,7 +253,7 @@ def _backward(ctx, dy):
     grad_x = dy2 @ weight if need_x else None
     grad_a = None
     if dropout_p == 0.0:
-        if need_x:
+        if grad_x is not None:
             grad_x.addmm_(d_s_t.t(), lora_a)
         if need_a:
             grad_a = d_s_t @ x2
@@ -286,11 +287,11 @@ def _masked_backward(
     blocks = _row_blocks(x2)
     rows = blocks[0][1] - blocks[0][0]
     work = x2.new_empty(_padded(rows * k))
-    lora_term = x2.new_empty(rows, k) if grad_x is not None else None
+    lora_term = x2.new_empty(rows, k) if grad_x is not None else None  # both or neither
     for start, stop in blocks:
         d_s_block = d_s_t[:, start:stop]
         scale = _block_scale(index, table, start, stop, k, work)
-        if grad_x is not None:
+        if grad_x is not None and lora_term is not None:
             term = torch.mm(d_s_block.t(), lora_a, out=lora_term[: stop - start])
             grad_x[start:stop].addcmul_(term, scale)
         if grad_a is not None:

@@ -26,12 +26,20 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
-from lora_kernels._common import dropout_keep_factor, dropout_threshold, fused_function, run_fused
+from lora_kernels._common import (
+    Backward,
+    dropout_keep_factor,
+    dropout_threshold,
+    fused_function,
+    run_fused,
+)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -48,6 +56,10 @@ _UPCAST_DOT = tl.constexpr(INTERPRET)
 # __dict__ as `Config(**d)`, which an unknown key breaks.
 _FALLBACKS: list[triton.Config] = []
 _LARGE_RANK = 128  # a padded rank from which fp32 calls take the fallback configs
+# An autotuner's `early_config_prune`: (configs, named_args, **kwargs) -> the configs to time.
+Prune = Callable[..., list[triton.Config]]
+# A backward's (dx, dA, dB) for 2-D dy, each None where its input needs no gradient.
+Gradients = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 
 
 def _gemm_configs(
@@ -184,7 +196,11 @@ def stream_shared_memory_bytes(config: triton.Config, block_r: int, element_size
 
 
 def _candidates(
-    configs: list[triton.Config], size, element_size: int, block_r: int, limit: int
+    configs: list[triton.Config],
+    size: Callable[[triton.Config], int],
+    element_size: int,
+    block_r: int,
+    limit: int,
 ) -> list[triton.Config]:
     """The configs the autotuner should time: those whose `size` (a lower bound of their
     shared memory) fits in `limit`, the small fallback always among them; the fallback alone
@@ -204,7 +220,7 @@ def _candidates(
     return fitting or [min(configs, key=size)]
 
 
-def _pruning_inputs(named_args, kwargs) -> tuple[int, int, int]:
+def _pruning_inputs(named_args: dict[str, Any], kwargs: dict[str, Any]) -> tuple[int, int, int]:
     """(padded rank, element size, shared memory limit) of an autotuned call."""
     block_r = int(kwargs.get("BLOCK_R", named_args.get("BLOCK_R", 16)))
     tensor = next(v for v in named_args.values() if isinstance(v, torch.Tensor))
@@ -214,11 +230,13 @@ def _pruning_inputs(named_args, kwargs) -> tuple[int, int, int]:
 def prune_configs(
     reduce_name: str, out_name: str | None = None, resident: str | None = None,
     lora_first: bool = False,
-):  # fmt: skip
+) -> Prune:  # fmt: skip
     """An `early_config_prune` for the autotuner: the `_candidates` of a GEMM or thin kernel
     (arguments as `shared_memory_bytes`')."""
 
-    def prune(configs, named_args, **kwargs):
+    def prune(
+        configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any
+    ) -> list[triton.Config]:
         block_r, element_size, limit = _pruning_inputs(named_args, kwargs)
 
         def size(config: triton.Config) -> int:
@@ -230,7 +248,9 @@ def prune_configs(
     return prune
 
 
-def prune_stream_configs(configs, named_args, **kwargs):
+def prune_stream_configs(
+    configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any
+) -> list[triton.Config]:
     """The `early_config_prune` of ``_masked_grads``: its `_candidates`."""
     block_r, element_size, limit = _pruning_inputs(named_args, kwargs)
 
@@ -240,8 +260,12 @@ def prune_stream_configs(configs, named_args, **kwargs):
     return _candidates(configs, size, element_size, block_r, limit)
 
 
+# The kernels' arguments stay unannotated, hence their `type: ignore[no-untyped-def]`: Triton
+# reads a kernel's annotations (`tl.constexpr`, and a type such as `int` changes how an argument
+# is specialised and compiled), and what they receive (pointers, tl.tensor blocks) has no Python
+# type a checker knows.
 @triton.jit
-def _grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
+def _grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):  # type: ignore[no-untyped-def]
     """Grouped ordering of output tiles, so consecutive programs share operand tiles in L2."""
     width = GROUP_M * num_n
     group = pid // width
@@ -253,7 +277,7 @@ def _grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(ptr, rows, cols, stride_r, stride_c, n_rows, n_cols):
+def _load_tile(ptr, rows, cols, stride_r, stride_c, n_rows, n_cols):  # type: ignore[no-untyped-def]
     """ptr[rows, cols] with zeros outside [n_rows, n_cols]: how every operand tile is read, so
     partial edge tiles contribute nothing to a dot product."""
     return tl.load(
@@ -264,7 +288,7 @@ def _load_tile(ptr, rows, cols, stride_r, stride_c, n_rows, n_cols):
 
 
 @triton.jit
-def _mma(a, b, acc, PRECISION: tl.constexpr):
+def _mma(a, b, acc, PRECISION: tl.constexpr):  # type: ignore[no-untyped-def]
     """acc + a @ b with fp32 accumulation (``tl.dot``), interpreter-safe for bf16."""
     if _UPCAST_DOT:
         a = a.to(tl.float32)
@@ -273,7 +297,7 @@ def _mma(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _keep(seed, rows, col0, K, threshold, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+def _keep(seed, rows, col0, K, threshold, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):  # type: ignore[no-untyped-def]
     """Dropout keep decisions for x[rows, col0 : col0 + BLOCK_COLS] (col0 a multiple of 8).
 
     One philox call (``randint4x``: 4 x 32 bits) serves 8 consecutive columns as 16-bit
@@ -297,7 +321,7 @@ def _keep(seed, rows, col0, K, threshold, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: 
     prune_configs_by={"early_config_prune": prune_configs("BLOCK_K", resident="x")},
 )
 @triton.jit
-def _lora_s_kernel(
+def _lora_s_kernel(  # type: ignore[no-untyped-def]
     x_ptr, a_ptr, s_ptr,
     M, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
@@ -330,7 +354,7 @@ def _lora_s_kernel(
     prune_configs_by={"early_config_prune": prune_configs("BLOCK_K", "BLOCK_N")},
 )
 @triton.jit
-def _fwd_kernel(
+def _fwd_kernel(  # type: ignore[no-untyped-def]
     x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr,
     M, N, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr,
@@ -367,7 +391,7 @@ def _fwd_kernel(
     prune_configs_by={"early_config_prune": prune_configs("BLOCK_N", resident="s")},
 )
 @triton.jit
-def _dy_pass_kernel(
+def _dy_pass_kernel(  # type: ignore[no-untyped-def]
     dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr,
     M, N, R, M_BUCKET,
     stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr,
@@ -406,7 +430,7 @@ def _dy_pass_kernel(
     prune_configs_by={"early_config_prune": prune_configs("BLOCK_N", "BLOCK_K", lora_first=True)},
 )
 @triton.jit
-def _dx_kernel(
+def _dx_kernel(  # type: ignore[no-untyped-def]
     dy_ptr, w_ptr, ds_ptr, a_ptr, x_ptr, dx_ptr, da_ptr,
     M, N, K, R, M_BUCKET,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_dsm, stride_dsr,
@@ -464,7 +488,7 @@ def _dx_kernel(
     prune_configs_by={"early_config_prune": prune_stream_configs},
 )
 @triton.jit
-def _masked_grads_kernel(
+def _masked_grads_kernel(  # type: ignore[no-untyped-def]
     ds_ptr, a_ptr, x_ptr, dx_ptr, da_ptr,
     M, K, R, M_BUCKET,
     stride_dsm, stride_dsr, stride_ar, stride_ak, stride_xm, stride_xk,
@@ -554,7 +578,9 @@ def _check(x: torch.Tensor, *other_sizes: int) -> None:
         )
 
 
-def _lora_s(x2, lora_a, scaling, dropout_p, seed) -> torch.Tensor:
+def _lora_s(
+    x2: torch.Tensor, lora_a: torch.Tensor, scaling: float, dropout_p: float, seed: int
+) -> torch.Tensor:
     """S' = s drop(x) A^T [M, r] (``_lora_s``), the first kernel of both Triton forwards."""
     m, k = x2.shape
     r = lora_a.shape[0]
@@ -569,7 +595,16 @@ def _lora_s(x2, lora_a, scaling, dropout_p, seed) -> torch.Tensor:
     return s
 
 
-def _forward(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
+def _forward(
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     m, k = x2.shape
     n, r = weight.shape[0], lora_a.shape[0]
     s = _lora_s(x2, lora_a, scaling, dropout_p, seed)
@@ -587,8 +622,19 @@ def _forward(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
 
 
 def _backward(
-    dy2, x2, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need_dx, need_da, need_db
-):
+    dy2: torch.Tensor,
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    s: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+    need_dx: bool,
+    need_da: bool,
+    need_db: bool,
+) -> Gradients:
     """dS and dB in one pass over dy (``_dy_pass``; dB is always computed there), then the dx
     GEMM with the LoRA term and dA (``_dx``)."""
     del need_db
@@ -606,7 +652,8 @@ def _backward(
         scaling,
         PRECISION=precision, BLOCK_R=block_r,
     )  # fmt: skip
-    dx = d_a = None
+    dx: torch.Tensor | None = None
+    d_a: torch.Tensor | None = None
     if need_dx or need_da:
         dx = torch.empty((m, k), device=x2.device, dtype=x2.dtype) if need_dx else d_s
         d_a = torch.zeros((r, k), device=x2.device, dtype=torch.float32)
@@ -636,7 +683,16 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _forward_cublas(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
+def _forward_cublas(
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """y = x W^T (+ b) in cuBLAS, then y += S' B^T; S' = s drop(x) A^T from ``_lora_s``."""
     s = _lora_s(x2, lora_a, scaling, dropout_p, seed)
     y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
@@ -645,8 +701,19 @@ def _forward_cublas(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
 
 
 def _backward_cublas(
-    dy2, x2, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need_dx, need_da, need_db
-):
+    dy2: torch.Tensor,
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    s: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+    need_dx: bool,
+    need_da: bool,
+    need_db: bool,
+) -> Gradients:
     """dS, dB, dx = dy W in cuBLAS; with dropout, one ``_masked_grads`` sweep adds the masked
     LoRA term into dx and computes dA (without, two more cuBLAS calls do)."""
     m, k = x2.shape
@@ -659,7 +726,7 @@ def _backward_cublas(
     dx = dy2 @ weight if need_dx else None
     d_a = None
     if dropout_p == 0.0:
-        if need_dx:
+        if dx is not None:
             dx.addmm_(d_s, lora_a)
         if need_da:
             d_a = d_s.t() @ x2
@@ -667,7 +734,7 @@ def _backward_cublas(
         d_a = torch.zeros((r, k), device=x2.device, dtype=torch.float32)
         sms = _sm_count(x2.device)
 
-        def grid(meta):
+        def grid(meta: dict[str, Any]) -> tuple[int, int]:
             # two programs per SM: enough warps in flight for a bandwidth-bound sweep
             strips, tiles = triton.cdiv(k, meta["BLOCK_K"]), triton.cdiv(m, meta["BLOCK_M"])
             return strips, max(1, min(tiles, triton.cdiv(2 * sms, strips)))
@@ -676,7 +743,7 @@ def _backward_cublas(
             d_s, lora_a, x2, dx if need_dx else d_s, d_a,
             m, k, r, _m_bucket(m),
             d_s.stride(0), d_s.stride(1), lora_a.stride(0), lora_a.stride(1),
-            x2.stride(0), x2.stride(1), *(dx.stride() if need_dx else (0, 0)),
+            x2.stride(0), x2.stride(1), *(dx.stride() if dx is not None else (0, 0)),
             d_a.stride(0), d_a.stride(1),
             dropout_threshold(dropout_p), seed, dropout_keep_factor(dropout_p),
             NEED_DX=need_dx, NEED_DA=need_da, PRECISION=_precision(x2.dtype),
@@ -687,20 +754,20 @@ def _backward_cublas(
     return dx, d_a, d_b
 
 
-def _autograd_backward(backward):
+def _autograd_backward(backward: Callable[..., Gradients]) -> Backward:
     """The autograd backward (ctx, dy) of a Triton Function around `backward` (the fused
     kernels' or the cuBLAS one's): x's gradient in x's shape, the adapters' in their dtypes."""
 
-    def run(ctx, dy):
+    def run(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x2, weight, lora_a, lora_b, s = ctx.saved_tensors
         need_dx, _, _, need_da, need_db = ctx.needs_input_grad[:5]
         dx, d_a, d_b = backward(
             _addressable(dy.reshape(-1, dy.shape[-1])), x2, weight, lora_a, lora_b, s,
             ctx.scaling, ctx.dropout_p, ctx.seed, need_dx, need_da, need_db,
         )  # fmt: skip
-        grad_x = dx.view(ctx.x_shape) if need_dx else None
-        grad_a = d_a.to(lora_a.dtype) if need_da else None
-        grad_b = d_b.to(lora_b.dtype) if need_db else None
+        grad_x = dx.view(ctx.x_shape) if need_dx and dx is not None else None
+        grad_a = d_a.to(lora_a.dtype) if need_da and d_a is not None else None
+        grad_b = d_b.to(lora_b.dtype) if need_db and d_b is not None else None
         return grad_x, None, None, grad_a, grad_b, None, None, None
 
     return run
@@ -733,7 +800,7 @@ def lora_linear_triton(
 
 
 @triton.jit
-def _mask_kernel(
+def _mask_kernel(  # type: ignore[no-untyped-def]
     out_ptr, M, K, threshold, seed, inv_keep, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr
 ):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)

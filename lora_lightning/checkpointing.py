@@ -41,7 +41,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from lora_lightning.facts import excerpt
 from lora_lightning.files import atomic_path, fsync_file, fsync_folder, path_problem
-from lora_lightning.lora.layer import canonical_targets
+from lora_lightning.lora.targets import canonical_targets
 
 __all__ = [
     "RESUMABLE_DATA_KEYS",

@@ -1,6 +1,6 @@
 """`python -m lora_lightning fit|validate|test|predict`: a LightningCLI over
 `LoRAKnowledgeModule` and `KnowledgeDataModule` whose defaults are the embedded default run
-(configs/default.yaml is the same thing written out).
+(`DEFAULT_RUN`; configs/default.yaml is the same thing written out by `--print_config`).
 
 It lives below `commands/` because the sweep and capacity machinery parse cell configs with
 its parser (`sweep.cellconfig`); `commands.train` is the command's name for it."""
@@ -18,7 +18,6 @@ from lightning.pytorch.cli import LightningCLI
 
 from lora_lightning.callbacks import (
     KnowledgeEvalCallback,
-    KnowledgeReport,
     LineProgressBar,
     SaveAdapter,
     TokenThroughputMonitor,
@@ -33,6 +32,7 @@ from lora_lightning.checkpointing import (
 )
 from lora_lightning.data import KnowledgeDataModule
 from lora_lightning.files import FolderLock, check_output_dir, is_rank_zero
+from lora_lightning.knowledge_report import KnowledgeReport
 from lora_lightning.models import WORLD_MODEL, check_model_path
 from lora_lightning.module import LoRAKnowledgeModule, read_checkpoint
 
@@ -50,6 +50,16 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     # One fixed folder per run, so `fit --ckpt_path last` finds the run's last.ckpt; a resumed
     # run extends its metrics.csv instead of starting it over.
     "logger": lazy_instance(ResumableCSVLogger, save_dir=RUN_DIR, name="", version=""),
+}
+# The embedded default run's own choices over the module's defaults, which are the paper's and
+# teach the world's tiny base nothing in 10 epochs (docs/world.md#the-embedded-default-run).
+DEFAULT_RUN: dict[str, Any] = {
+    "model.rank": 32,
+    "model.alpha": 32.0,
+    "model.lr": 2e-3,
+    "model.target_modules": "all-linear",
+    "data.batch_size": 8,
+    "knowledge_eval.every_n_epochs": 5,
 }
 # Loggers whose `version` is a folder of their own: "" means none, the run folder itself.
 FOLDER_LOGGERS = ("ResumableCSVLogger", "CSVLogger", "TensorBoardLogger")
@@ -110,27 +120,7 @@ class KnowledgeCLI(LightningCLI):
         parser.add_lightning_class_args(KnowledgeEvalCallback, "knowledge_eval")
         parser.add_lightning_class_args(SaveAdapter, "save_adapter")
         parser.add_lightning_class_args(KnowledgeReport, "report")
-        # The embedded default run. The module's own defaults are the paper's (rank 1, alpha 2,
-        # lr 1e-3, 10 epochs), which teach the synthetic world's 172k-parameter base nothing in
-        # 10 epochs (measured reliability 0.02); configs/paper/ sets the paper's values. Here
-        # the run must learn what it is taught (issue 9: reliability >= 0.95 at n = 50, the
-        # paper's 1.00) in well under three minutes on 2 cores. Measured at n = 50, seed 42:
-        # rank 8 on gate/up/down with lr 5e-3 and 20 epochs stopped at 0.82-0.92 whatever one
-        # knob changed (40 epochs, lr 1e-2, rank 16, no dropout, batches of 4, gradient
-        # clipping, alpha 8; a wider, deeper or longer pre-trained base did no better);
-        # rank 32 on every linear layer, lr 2e-3, 60 epochs gave 0.96 (seeds 42 and 1) in 37 s.
-        # The update's scale is unchanged (rsLoRA: alpha / sqrt(rank) = 5.66 as before).
-        # Batches of 8 (13 steps an epoch instead of 7) and a probe every 5 epochs.
-        parser.set_defaults(
-            {
-                "model.rank": 32,
-                "model.alpha": 32.0,
-                "model.lr": 2e-3,
-                "model.target_modules": "all-linear",
-                "data.batch_size": 8,
-                "knowledge_eval.every_n_epochs": 5,
-            }
-        )
+        parser.set_defaults(DEFAULT_RUN)
 
     def _parse_ckpt_path(self) -> None:
         """Lightning's LightningCLI copies a checkpoint's model hyper-parameters over the

@@ -1,29 +1,23 @@
-"""The training mix: new (Unknown) facts plus known facts or paraphrases, as in the paper.
+"""The training mix as Lightning data: `KnowledgeDataModule` loads the facts and the tokenizer,
+builds the mix (`lora_lightning.mix`), encodes it as zero-shot chat conversations and serves the
+batches, DDP-safe and resumable mid-epoch.
 
-`build_mix` decides which facts go where (a pure function of the facts and the settings, so every
-DDP rank builds the same mix from the seed); `KnowledgeDataModule` loads the facts and the
-tokenizer, encodes the mix as zero-shot chat conversations and serves the batches.
-
-Train = n Unknown facts, each with its canonical answer, plus k extra samples per Unknown fact:
-distinct HighlyKnown facts, or k paraphrases of that Unknown question. Validation = the trained
-Unknown facts (reliability) plus held-out HighlyKnown facts (forgetting), each item tagged with
-its `kind` code (an index into `VAL_KINDS`) so the model can log the two losses apart. Test =
-every categorised fact outside the few-shot pool, as batches of `Fact`s, for re-categorisation
+Train = the mix's Unknown facts and their extras. Validation = the trained Unknown facts
+(reliability) plus held-out HighlyKnown facts (forgetting), each item tagged with its `kind`
+code (an index into `VAL_KINDS`) so the model can log the two losses apart. Test = every
+categorised fact outside the few-shot pool, as batches of `Fact`s, for re-categorisation
 (knowledge shift).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import random
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import lightning as L
 import torch
@@ -32,15 +26,19 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lora_lightning import world
-from lora_lightning.facts import (
-    Fact,
-    excerpt,
-    is_refusal,
-    load_facts,
-    normalize_answer,
-    pool_sidecar,
+from lora_lightning.facts import Fact, excerpt, load_facts, pool_sidecar
+from lora_lightning.mix import (
+    HIGHLY_KNOWN,
+    PARAPHRASE,
+    UNKNOWN,
+    Bias,
+    ExtraKind,
+    Mix,
+    Selection,
+    build_mix,
+    check_choice,
+    check_extras,
 )
-from lora_lightning.knowledge import DEFAULT_POOL_SIZE
 from lora_lightning.models import (
     check_world_facts,
     load_tokenizer,
@@ -49,256 +47,12 @@ from lora_lightning.models import (
 )
 from lora_lightning.prompts import LossOn, encode_example, pack_batch, pad_batch
 
+__all__ = ["VAL_KINDS", "EncodedFacts", "KnowledgeDataModule", "ResumableDataLoader"]
+
 log = logging.getLogger(__name__)
 
-ExtraKind = Literal["highly_known", "paraphrase", "none"]
-Selection = Literal["first", "random", "stratified"]
-Bias = Literal["none", "subject", "answer"]
-
-UNKNOWN, HIGHLY_KNOWN, PARAPHRASE = "unknown", "highly_known", "paraphrase"
 # A validation batch's `kind` is a LongTensor of indices into this tuple.
 VAL_KINDS = (UNKNOWN, HIGHLY_KNOWN)
-
-
-@dataclass
-class Mix:
-    """Which facts a run trains and validates on.
-
-    `train_extra` holds the k-per-Unknown extras: HighlyKnown facts, or paraphrase facts whose
-    question is a paraphrase and whose id is `<unknown id>/para<j>`.
-    """
-
-    train_unknown: list[Fact]
-    train_extra: list[Fact]
-    extra_kind: ExtraKind
-    val_known: list[Fact]
-    fewshot_pool: list[Fact] = field(default_factory=list)
-
-    def train_items(self) -> list[tuple[Fact, str]]:
-        extra = PARAPHRASE if self.extra_kind == "paraphrase" else HIGHLY_KNOWN
-        return [(f, UNKNOWN) for f in self.train_unknown] + [(f, extra) for f in self.train_extra]
-
-    def val_items(self) -> list[tuple[Fact, str]]:
-        return [(f, UNKNOWN) for f in self.train_unknown] + [
-            (f, HIGHLY_KNOWN) for f in self.val_known
-        ]
-
-    def fingerprint(self) -> str:
-        """A digest of every trained and validated sample, to refuse resuming on another mix."""
-        payload = [
-            [(kind, f.id, f.question, f.answer) for f, kind in self.train_items()],
-            [(kind, f.id) for f, kind in self.val_items()],
-        ]
-        return hashlib.sha1(json.dumps(payload).encode()).hexdigest()
-
-
-def _check_choice(name: str, value: Any, literal: Any) -> None:
-    if value not in get_args(literal):
-        raise ValueError(f"{name} must be one of {get_args(literal)}, got {value!r}")
-
-
-def _ordered(facts: Sequence[Fact], selection: Selection, seed: int, stream: str) -> list[Fact]:
-    """File order ("first", as the paper takes facts), a seeded shuffle ("random"), or a seeded
-    shuffle within each relation dealt out across relations in turn ("stratified": the first n
-    of any kind span every relation in proportion, where a file grouped by relation would give
-    the first n all of one relation and the held-out facts all of another).
-
-    Each role draws from its own named stream, so changing k never changes which Unknown facts
-    are picked, and taking the first n of one shuffle makes smaller mixes subsets of larger ones.
-    """
-    facts = list(facts)
-    rng = random.Random(f"{seed}:{stream}")
-    if selection == "random":
-        rng.shuffle(facts)
-    elif selection == "stratified":
-        groups: dict[str, list[Fact]] = {}
-        for fact in facts:
-            groups.setdefault(fact.relation or "", []).append(fact)
-        for group in groups.values():
-            rng.shuffle(group)
-        # each fact's place is its rank within its relation, scaled to the relation's size, so
-        # the relations interleave in proportion to their sizes at every prefix
-        keyed = [((i + rng.random()) / len(group), name, fact)
-                 for name, group in sorted(groups.items()) for i, fact in enumerate(group)]
-        facts = [fact for *_, fact in sorted(keyed, key=lambda t: (t[0], t[1]))]
-    return facts
-
-
-def _ids(facts: Sequence[Fact], limit: int = 5) -> str:
-    shown = ", ".join(f.id if len(f.id) <= 40 else excerpt(f.id, 40) for f in facts[:limit])
-    return shown + (", ..." if len(facts) > limit else "")
-
-
-def _biased(
-    unknown: list[Fact], n_unknown: int, bias: Bias, bias_groups: int
-) -> list[Fact]:
-    """Restrict the Unknown facts to the `bias_groups` largest groups by subject or answer.
-
-    This is the paper's biased mix (many facts about few entities, or with few answers): with
-    `bias="answer", bias_groups=1` every trained fact shares one answer. Groups are ranked by
-    size, ties by first appearance in the (possibly shuffled) order.
-    """
-    if bias == "none":
-        return unknown
-
-    def key(fact: Fact) -> str | None:
-        return fact.subject if bias == "subject" else normalize_answer(fact.answer)
-
-    sizes = Counter(k for f in unknown if (k := key(f)) is not None)
-    if not sizes:
-        raise ValueError(f"bias={bias!r} needs a {bias} on the Unknown facts; none has one")
-    first_seen = {k: i for i, k in reversed(list(enumerate(key(f) for f in unknown)))}
-    ranked = sorted(sizes, key=lambda k: (-sizes[k], first_seen[k]))
-    chosen = set(ranked[:bias_groups])
-    kept = [f for f in unknown if key(f) in chosen]
-    if len(kept) < n_unknown:
-        raise ValueError(
-            f"bias={bias!r} with bias_groups={bias_groups}: the {len(chosen)} largest {bias} "
-            f"groups hold {len(kept)} Unknown facts, fewer than n_unknown={n_unknown} "
-            f"(largest group sizes: {[sizes[k] for k in ranked[:5]]})"
-        )
-    return kept
-
-
-def build_mix(
-    facts: Sequence[Fact],
-    *,
-    n_unknown: int,
-    extra_per_unknown: int = 0,
-    extra_kind: ExtraKind = "none",
-    selection: Selection = "first",
-    seed: int = 42,
-    bias: Bias = "none",
-    bias_groups: int = 1,
-    n_val_known: int = 0,
-    fewshot_pool: Sequence[Fact] | None = None,
-    extra_repeats: bool = False,
-) -> Mix:
-    """Choose the training mix and the validation facts from categorised facts.
-
-    HighlyKnown facts are ordered once (file order or seeded shuffle): the extras are the first
-    n*k, the validation facts the last `n_val_known`, so the forgetting set does not move when k
-    or n change. Few-shot pool: `fewshot_pool` minus any fact used in the mix or validation, or,
-    when None, the HighlyKnown facts left over.
-
-    With `extra_repeats`, a mix that needs more distinct extras than there are (n*k HighlyKnown
-    facts, or k paraphrases of each Unknown fact) cycles through the ones there are, each used
-    as evenly as possible, instead of failing. The paper's largest mixes need it: 3,000 Unknown
-    + 10 HighlyKnown each is 30,000 extras against 2,732 HighlyKnown facts.
-    """
-    _check_choice("extra_kind", extra_kind, ExtraKind)
-    _check_choice("selection", selection, Selection)
-    _check_choice("bias", bias, Bias)
-    if extra_kind == "none" and extra_per_unknown:
-        raise ValueError(
-            f"extra_per_unknown={extra_per_unknown} needs extra_kind 'highly_known' or "
-            "'paraphrase' (extra_kind is 'none')"
-        )
-    k = extra_per_unknown if extra_kind != "none" else 0
-    uncategorised = [f for f in facts if f.category is None]
-    if uncategorised:
-        raise ValueError(
-            f"the mix needs categorised facts: {len(uncategorised)} of {len(facts)} have no "
-            f"category (ids {_ids(uncategorised)}); run `python -m lora_lightning categorize`"
-        )
-    unknown = _ordered([f for f in facts if f.category == "Unknown"], selection, seed, UNKNOWN)
-    known = _ordered([f for f in facts if f.category == "HighlyKnown"], selection, seed,
-                     HIGHLY_KNOWN)
-
-    candidates = _biased(unknown, n_unknown, bias, bias_groups)
-    if len(candidates) < n_unknown:
-        raise ValueError(
-            f"not enough Unknown facts: n_unknown={n_unknown} requested, the facts have "
-            f"{len(unknown)} Unknown (categories: {dict(Counter(f.category for f in facts))})"
-        )
-    train_unknown = candidates[:n_unknown]
-
-    n_extra = n_unknown * k if extra_kind == "highly_known" else 0
-    n_known_needed = n_val_known + (min(n_extra, 1) if extra_repeats else n_extra)
-    # The paper's known facts all have an answer. A HighlyKnown fact whose answer is a refusal
-    # ("I don't know." to an unanswerable question) would teach refusing: never an extra (nor
-    # a few-shot example); the held-out facts are kept as they are, so they do not move.
-    val_known = known[len(known) - n_val_known :] if n_val_known else []
-    leftover = [f for f in known[: len(known) - n_val_known] if not is_refusal(f.answer)]
-    if n_val_known > len(known) or len(leftover) < n_known_needed - n_val_known:
-        extra = f" + {n_unknown}*{k} extras" if extra_kind == "highly_known" else ""
-        hint = "" if extra_repeats or not n_extra else (
-            "; data.extra_repeats=true reuses HighlyKnown facts as the paper's largest mixes do"
-        )
-        refusing = sum(is_refusal(f.answer) for f in known)
-        answerable = f", {refusing} of them unanswerable (never extras)" if refusing else ""
-        lower = "data.n_val_known" + (", data.extra_per_unknown or data.n_unknown"
-                                      if n_extra else "")
-        raise ValueError(
-            f"not enough HighlyKnown facts: need {n_known_needed} (n_val_known={n_val_known}"
-            f"{extra}), the facts have {len(known)}{answerable}{hint}; lower {lower} to fit"
-        )
-
-    if extra_kind == "highly_known":
-        if n_extra > len(leftover):  # extra_repeats (checked above): cycle, evenly
-            train_extra = [leftover[i % len(leftover)] for i in range(n_extra)]
-            log.warning(
-                "%d HighlyKnown extras from %d distinct facts: each is repeated up to %d times",
-                n_extra, len(leftover), -(-n_extra // len(leftover)),
-            )
-            leftover = []
-        else:
-            train_extra, leftover = leftover[:n_extra], leftover[n_extra:]
-    elif extra_kind == "paraphrase" and k:
-        least = 1 if extra_repeats else k
-        short = [f for f in train_unknown if len(_usable_paraphrases(f)) < least]
-        if short:
-            hint = "" if extra_repeats else "; data.extra_repeats=true reuses paraphrases"
-            raise ValueError(
-                f"extra_per_unknown={k} paraphrases requested, but {len(short)} of the "
-                f"{n_unknown} Unknown facts have fewer distinct ones (e.g. {short[0].id} has "
-                f"{len(_usable_paraphrases(short[0]))}; ids {_ids(short)}){hint}"
-            )
-        train_extra = [
-            replace(
-                fact, id=f"{fact.id}/para{j}", question=question, paraphrases=[], predictions=[],
-                meta={**fact.meta, "paraphrase_of": fact.id},
-            )
-            for fact in train_unknown
-            for j, question in enumerate(_paraphrases(fact, k, selection, seed))
-        ]
-    else:
-        train_extra = []
-
-    if fewshot_pool is None:
-        # A seeded sample of the unused HighlyKnown facts: known answers make good shots, and a
-        # small pool leaves every other fact in the test set's knowledge-shift measure.
-        pool = _ordered(leftover, "random", seed, "pool")[:DEFAULT_POOL_SIZE]
-    else:
-        used = {normalize_answer(q) for f in [*train_unknown, *train_extra, *val_known]
-                for q in (f.question, *f.paraphrases)}
-        pool = [f for f in fewshot_pool if normalize_answer(f.question) not in used]
-        if len(pool) < len(fewshot_pool):
-            log.warning(
-                "dropped %d few-shot pool facts whose question is in the mix or validation",
-                len(fewshot_pool) - len(pool),
-            )
-    return Mix(train_unknown, train_extra, extra_kind, val_known, list(pool))
-
-
-def _usable_paraphrases(fact: Fact) -> list[str]:
-    """Paraphrases that differ from the question and from each other (after normalising)."""
-    seen = {normalize_answer(fact.question)}
-    usable = []
-    for text in fact.paraphrases:
-        if (key := normalize_answer(text)) not in seen:
-            seen.add(key)
-            usable.append(text)
-    return usable
-
-
-def _paraphrases(fact: Fact, k: int, selection: Selection, seed: int) -> list[str]:
-    """k paraphrases of the question; fewer distinct ones (only with `extra_repeats`) cycle."""
-    usable = _usable_paraphrases(fact)
-    if selection in ("random", "stratified"):
-        rng = random.Random(f"{seed}:{PARAPHRASE}:{fact.id}")
-        usable = rng.sample(usable, min(k, len(usable)))
-    return [usable[j % len(usable)] for j in range(k)]
 
 
 class EncodedFacts(Dataset):
@@ -416,7 +170,7 @@ class KnowledgeDataModule(L.LightningDataModule):
         for name, value, literal in [("extra_kind", extra_kind, ExtraKind),
                                      ("selection", selection, Selection), ("bias", bias, Bias),
                                      ("loss_on", loss_on, LossOn)]:
-            _check_choice(name, value, literal)
+            check_choice(name, value, literal)
         for name, value, low in [("n_unknown", n_unknown, 1),
                                  ("extra_per_unknown", extra_per_unknown, 0),
                                  ("bias_groups", bias_groups, 1), ("n_val_known", n_val_known, 0),
@@ -425,11 +179,7 @@ class KnowledgeDataModule(L.LightningDataModule):
                                  ("num_workers", num_workers, 0)]:
             if value < low:
                 raise ValueError(f"{name} must be >= {low}, got {value}")
-        if extra_kind == "none" and extra_per_unknown:
-            raise ValueError(
-                f"extra_per_unknown={extra_per_unknown} needs extra_kind 'highly_known' or "
-                "'paraphrase' (extra_kind is 'none')"
-            )
+        check_extras(extra_kind, extra_per_unknown)
         self.save_hyperparameters()
         # The init args `facts`, `tokenizer` and `fewshot_pool` name sources; after setup() the
         # attributes of those names hold the loaded objects.

@@ -13,6 +13,9 @@ are comparable with it, while reading a local copy of the data (no network at ru
 Scoring is batched: requests are de-duplicated by model input (the four " A".." D" answers of an
 MMLU question share one forward pass), sorted by length, left-padded with explicit position ids,
 and only the last positions' logits are materialised (`logits_to_keep`).
+
+`score_benchmarks` runs every benchmark a `BenchmarkSettings` configures (lm-evaluation-harness
+tasks included): the `evaluate` command and the `test` report both score through it.
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ from __future__ import annotations
 import csv
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lora_lightning import harness
 from lora_lightning.inference import (
     PaddedBatch,
     evaluating,
@@ -39,6 +43,7 @@ from lora_lightning.progress import progress_bar
 __all__ = [
     "LETTERS",
     "TRUTHFULQA_PREAMBLE",
+    "BenchmarkSettings",
     "MMLUQuestion",
     "TruthfulQAQuestion",
     "encode_pair",
@@ -50,6 +55,7 @@ __all__ = [
     "mmlu_context",
     "mmlu_dev_shots",
     "mmlu_subjects",
+    "score_benchmarks",
     "truthfulqa_context",
 ]
 
@@ -563,3 +569,109 @@ def evaluate_truthfulqa(
         false = [ll(c) for c in q.incorrect_answers]
         mc2.append(math.exp(_logsumexp(true) - _logsumexp(true + false)))
     return {"mc1": sum(mc1) / len(mc1), "mc2": sum(mc2) / len(mc2), "n": len(questions)}
+
+
+# --------------------------------------------------------------------------- all configured
+
+
+@dataclass(frozen=True)
+class BenchmarkSettings:
+    """Which external benchmarks to score and how: what the `evaluate` command's flags and the
+    `test` report's `--report.*` keys both configure, so that both score the same way.
+
+    `benchmarks` picks from "mmlu" and "truthfulqa" (None: those whose data is given); a chosen
+    one whose data path is None is loaded from Hugging Face. Limits count per MMLU subject, over
+    TruthfulQA questions and per harness task (a float below 1: that share of each task);
+    `harness_num_fewshot` None keeps each harness task's own shots. `batch_size` is the number of
+    distinct model inputs per forward pass.
+    """
+
+    benchmarks: Sequence[str] | None = None
+    mmlu_dir: str | None = None
+    mmlu_subjects: Sequence[str] | None = None
+    mmlu_limit: int | None = None
+    n_shot: int = 5
+    truthfulqa_path: str | None = None
+    truthfulqa_limit: int | None = None
+    harness_tasks: Sequence[str] | str | None = None
+    harness_include: Sequence[str] | str | None = None
+    harness_limit: int | float | None = None
+    harness_num_fewshot: int | None = None
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        unknown = set(self.benchmarks or ()) - {"mmlu", "truthfulqa"}
+        if unknown:
+            raise ValueError(f"benchmarks: unknown {sorted(unknown)}; choose from mmlu, truthfulqa")
+
+    @property
+    def chosen(self) -> list[str]:
+        """The log-likelihood benchmarks to run, "mmlu" and/or "truthfulqa", in that order."""
+        if self.benchmarks is not None:
+            return list(self.benchmarks)
+        return [name for name, data in (("mmlu", self.mmlu_dir),
+                                         ("truthfulqa", self.truthfulqa_path)) if data]
+
+    @property
+    def tasks(self) -> list[str]:
+        """The harness tasks, parsed ("hellaswag,arc_easy" -> two)."""
+        return harness.parse_tasks(self.harness_tasks)
+
+    def check_tasks(self) -> None:
+        """A missing lm_eval or a misspelt harness task fails here: call it before the model
+        loads, not after an hour of scoring."""
+        if self.tasks:
+            harness.check_tasks(harness.task_manager(self.harness_include), self.tasks)
+
+
+def score_benchmarks(
+    model: Any,
+    tokenizer: Any,
+    settings: BenchmarkSettings,
+    *,
+    name: str | None = None,
+    progress: bool | str = True,
+    more: Callable[[], dict[str, Any]] | None = None,
+    on_scored: Callable[[str, Any], None] | None = None,
+) -> dict[str, Any]:
+    """Every benchmark `settings` configures, on `model` as it is now: what `evaluate` prints
+    and writes and what the `test` report scores before and after.
+
+    Returns ``{"mmlu": ..., "truthfulqa": ..., "harness": {task: {metric: value, "n": ...}}}``
+    with the configured ones only. `name` is the model's name in the harness' results;
+    `progress` shows progress (a string: the phase to name in each benchmark's progress lines,
+    e.g. "(base)"). `more` scores further benchmarks after TruthfulQA, its keys joining the
+    result (the synthetic world's, which are built on this module's scorers and so cannot be
+    imported here). `on_scored(key, result)` is called as each result comes: a full MMLU takes
+    an hour, and the `evaluate` command shows each score when it has it.
+    """
+    def shown(benchmark: str) -> bool | str:
+        return f"{benchmark} {progress}" if isinstance(progress, str) else progress
+
+    out: dict[str, Any] = {}
+
+    def scored(results: dict[str, Any]) -> None:
+        for key, result in results.items():
+            out[key] = result
+            if on_scored is not None:
+                on_scored(key, result)
+
+    s = settings
+    if "mmlu" in s.chosen:
+        scored({"mmlu": evaluate_mmlu(
+            model, tokenizer, s.mmlu_dir, subjects=s.mmlu_subjects, limit=s.mmlu_limit,
+            n_shot=s.n_shot, batch_size=s.batch_size, progress=shown("MMLU"),
+        )})
+    if "truthfulqa" in s.chosen:
+        scored({"truthfulqa": evaluate_truthfulqa(
+            model, tokenizer, s.truthfulqa_path, limit=s.truthfulqa_limit,
+            batch_size=s.batch_size, progress=shown("TruthfulQA"),
+        )})
+    if more is not None:
+        scored(more())
+    if s.tasks:
+        scored({"harness": harness.evaluate_tasks(
+            model, tokenizer, s.tasks, s.harness_include, s.harness_limit, s.harness_num_fewshot,
+            s.batch_size, name=name, progress=bool(progress),
+        )})
+    return out

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 CATEGORIES = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
 HF_PREFIX = "hf:"
+# facts carved out of a fact file that comes without a few-shot pool (`pool_sidecar` keeps them)
+DEFAULT_POOL_SIZE = 32
 OnProblem = Literal["error", "drop"]
 
 # What a refusal looks like ("I don't know.", "I cannot verify ..."): a model's answer matching
@@ -470,10 +472,10 @@ def _rows(source: str | Path) -> tuple[str, Iterable[tuple[int, dict[str, Any]]]
     """Dispatch on the source: `hf:name[:split]`, a save_to_disk folder, Parquet, else JSONL."""
     text = str(source)
     if text.startswith(HF_PREFIX):
-        name, _, split = text[len(HF_PREFIX) :].partition(":")
+        name, _, hub_split = text[len(HF_PREFIX) :].partition(":")
         if not name:
             raise ValueError(f"{text!r}: expected {HF_PREFIX}<dataset name>[:<split>]")
-        return text, _iter_hub(name, split or None)
+        return text, _iter_hub(name, hub_split or None)
     path = Path(text)
     split = None
     if not path.exists() and ":" in path.name:  # folder:split of a DatasetDict

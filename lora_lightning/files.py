@@ -10,6 +10,7 @@ a path said in one line.
   second process is refused at once, in one line naming the folder and the holder.
 - `check_output_dir` / `writable_home`: an output path is checked before any model work, so a
   file where a folder should be fails in the first second, not after the first epoch.
+- `default_home`: the cache folder (worlds, dequantized GGUF models), `$LORA_LIGHTNING_HOME`.
 - `PathProblem`: the one-line error for all of the above (an `OSError`, with the path).
 """
 
@@ -155,6 +156,14 @@ def check_output_dir(path: str | os.PathLike, what: str) -> Path:
                 )
             break
     return path
+
+
+def default_home() -> Path:
+    """`$LORA_LIGHTNING_HOME`, else (unset, empty or blank) `~/.cache/lora_lightning`. An empty
+    value is unset, as shells write it, not the current folder: worlds unpacked there land in
+    a repository's root."""
+    home = os.environ.get("LORA_LIGHTNING_HOME", "").strip()
+    return Path(home) if home else Path.home() / ".cache" / "lora_lightning"
 
 
 def writable_home(path: str | os.PathLike, variable: str) -> Path:

@@ -19,9 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_lightning import world
 from lora_lightning.facts import TextLimit, excerpt
-from lora_lightning.files import sha256_file
+from lora_lightning.files import default_home, sha256_file
 from lora_lightning.lora import load_adapter
 
 __all__ = [
@@ -38,6 +37,7 @@ __all__ = [
     "resolve_model",
     "resolve_tokenizer",
     "text_limit",
+    "world_model_dir",
 ]
 
 WORLD_MODEL = "world"
@@ -130,6 +130,14 @@ def check_model_path(name: str, what: str = "model.model_name_or_path") -> None:
     _check_source(name, what, ("config.json",), "model")
 
 
+def world_model_dir(progress: bool = True) -> Path:
+    """The synthetic world's base model folder (unpacked on first use). The world package is
+    imported here, not at the top: loading any other model needs none of its builder."""
+    from lora_lightning.world.cache import ensure_world
+
+    return ensure_world(progress=progress).model_dir
+
+
 def resolve_model(model_name_or_path: str | None, progress: bool = True) -> str:
     """A model path or hub id as given (checked by `check_model_path`); None or "world" is the
     synthetic world's base model folder (unpacked on first use); a .gguf file is the HF folder it
@@ -139,7 +147,7 @@ def resolve_model(model_name_or_path: str | None, progress: bool = True) -> str:
     if model_name_or_path is not None and model_name_or_path != WORLD_MODEL:
         check_model_path(model_name_or_path)
         return package_file(model_name_or_path)
-    return str(world.ensure_world(progress=progress).model_dir)
+    return str(world_model_dir(progress))
 
 
 def resolve_tokenizer(name_or_path: str | None, progress: bool = True) -> str:
@@ -150,7 +158,7 @@ def resolve_tokenizer(name_or_path: str | None, progress: bool = True) -> str:
         return gguf_folder(name_or_path, progress=progress)
     if name_or_path is not None and name_or_path != WORLD_MODEL:
         return package_file(name_or_path, "tokenizer")
-    return str(world.ensure_world(progress=progress).model_dir)
+    return str(world_model_dir(progress))
 
 
 def _gguf_field(reader: Any, key: str) -> Any:
@@ -209,7 +217,7 @@ def gguf_folder(path: str, progress: bool = True) -> str:
     if not source.is_file():
         raise FileNotFoundError(f"model: no GGUF file at {path!r}")
     digest = sha256_file(source)
-    root = world.default_home() / GGUF_DIR / f"{source.stem}-{digest[:16]}"
+    root = default_home() / GGUF_DIR / f"{source.stem}-{digest[:16]}"
     done = root / "gguf_source.json"
     if done.is_file():
         return str(root)
@@ -260,10 +268,10 @@ def _is_world_model(model_name_or_path: str | None, what: str) -> bool:
         return True
     check_model_path(model_name_or_path, what)  # a path that is no model: the first thing to say
     path = Path(model_name_or_path).expanduser().resolve()
-    home = world.default_home().expanduser().resolve()
+    home = default_home().expanduser().resolve()
     # Only a folder inside the world cache can be the world's base: compare it with the built
     # world's (cheap once built) without building a world for every other model.
-    return home in path.parents and path == world.ensure_world(progress=False).model_dir.resolve()
+    return home in path.parents and path == world_model_dir(progress=False).resolve()
 
 
 def check_world_facts(

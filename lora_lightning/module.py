@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,8 +18,9 @@ from torchmetrics import MeanMetric
 
 from lora_lightning.attention import use_packed_attention
 from lora_lightning.facts import Fact
+from lora_lightning.knowledge import ProbeConfig, categorize
 from lora_lightning.lora import count_parameters, inject_lora
-from lora_lightning.lora.layer import check_target_spec
+from lora_lightning.lora.targets import check_target_spec
 from lora_lightning.models import check_world_facts, load_base_model, resolve_model
 from lora_lightning.prompts import IGNORE_INDEX, batch_sequences
 from lora_lightning.threads import set_threads
@@ -30,24 +31,12 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 PAPER_TARGETS = ("gate_proj", "up_proj", "down_proj")
 
 
-@dataclass(frozen=True)
-class ProbeConfig:
-    """How the model is asked about facts: SliCK's few-shot greedy probe (docs/science.md).
-
-    The same settings (and seed, hence the same few-shot sets) must be used before and after
-    training for categories to be comparable.
-    """
-
-    n_exp: int = 10
-    n_shot: int = 4
-    max_new_tokens: int = 32
-    batch_size: int = 64
-    seed: int = 0
-
-
-# Checkpoints keep the hyper-parameters, this dataclass among them; Lightning loads them with
-# torch's weights-only unpickler, which must be told the class is plain data.
-torch.serialization.add_safe_globals([ProbeConfig])
+# Checkpoints keep the hyper-parameters, the probe's settings among them; Lightning loads them
+# with torch's weights-only unpickler, which must be told the class is plain data (also under
+# the name checkpoints written before it moved to `knowledge` carry).
+torch.serialization.add_safe_globals(
+    [ProbeConfig, (ProbeConfig, "lora_lightning.module.ProbeConfig")]
+)
 
 
 class LoRAKnowledgeModule(L.LightningModule):
@@ -243,8 +232,6 @@ class LoRAKnowledgeModule(L.LightningModule):
         come from the attached data module. With `checkpoint` (a JSONL), facts found there are
         read back instead of probed, and the others are added (`knowledge.categorize`).
         `progress`: progress lines (for long probes outside the test loop's own bar)."""
-        from lora_lightning.knowledge import categorize
-
         if not facts:
             return []
         data = self.trainer.datamodule

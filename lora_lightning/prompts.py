@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from lora_lightning.facts import Fact, excerpt
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 SYSTEM_PROMPT = "Answer the following question."
 IGNORE_INDEX = -100
@@ -62,7 +65,7 @@ class FewShotPrompts:
     _MARKER = "LoraLightningQuestionMarker"
     _CHECK = "".join(chr(c) for c in range(33, 127)) + " tab\tline\nend é ü ß 中 … ?"
 
-    def __init__(self, tokenizer, shots: Sequence[Fact]) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, shots: Sequence[Fact]) -> None:
         self.tokenizer = tokenizer
         self.shots = list(shots)
         parts = self._full(self._MARKER).split(self._MARKER)
@@ -80,16 +83,21 @@ class FewShotPrompts:
 
 
 def build_fewshot_sets(
-    pool: Sequence[Fact], n_exp: int = 10, n_shot: int = 4, seed: int = 0
+    pool: Sequence[Fact], n_exp: int, n_shot: int, seed: int
 ) -> list[list[Fact]]:
-    """`n_exp` sets of `n_shot` distinct pool facts; the same seed always gives the same sets."""
+    """`n_exp` sets of `n_shot` distinct pool facts; the same seed always gives the same sets.
+    No defaults: the probe's live in `knowledge.ProbeConfig`."""
     if len(pool) < n_shot:
         raise ValueError(f"few-shot pool has {len(pool)} facts, fewer than n_shot={n_shot}")
     rng = random.Random(seed)
     return [rng.sample(list(pool), n_shot) for _ in range(n_exp)]
 
 
-def render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+def render(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, str]],
+    add_generation_prompt: bool,
+) -> str:
     """Render messages as text with the tokenizer's chat template."""
     return tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=add_generation_prompt
@@ -105,7 +113,7 @@ def extract_answer(generated: str) -> str:
 
 
 def encode_example(
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     question: str,
     answer: str,
     max_length: int,

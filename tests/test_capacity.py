@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from lora_lightning.commands.capacity import capacity_command
-from lora_lightning.sweep.capacity import SearchRule, load_capacity, wilson_interval
+from lora_lightning.sweep.capacity.search import SearchRule, load_capacity, wilson_interval
 from lora_lightning.sweep.cell import read_status, report_path
 from lora_lightning.sweep.spec import SweepFileError
 

@@ -35,7 +35,7 @@ def test_every_command_is_a_typed_function_in_the_table():
     } == COMMANDS
     for name, function in COMMANDS.items():
         # categorize's function is the library's (the sweep checks its arguments against it)
-        home = "knowledge" if name == "categorize" else f"commands.{name}"
+        home = "categorize" if name == "categorize" else f"commands.{name}"
         assert function.__module__ == f"lora_lightning.{home}"
         assert function.__doc__ and "Args:" in function.__doc__
 

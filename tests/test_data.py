@@ -15,8 +15,9 @@ import torch
 from test_prompts import make_tokenizer
 from torch.utils.data import DistributedSampler
 
-from lora_lightning.data import DEFAULT_POOL_SIZE, VAL_KINDS, KnowledgeDataModule, build_mix
-from lora_lightning.facts import Fact, load_facts, save_facts
+from lora_lightning.data import VAL_KINDS, KnowledgeDataModule
+from lora_lightning.facts import DEFAULT_POOL_SIZE, Fact, load_facts, save_facts
+from lora_lightning.mix import build_mix, mix_size
 
 N_UNKNOWN, N_KNOWN, N_MAYBE, N_PARA = 40, 60, 7, 4
 # Unknown answers: groups of 9, 6 and 4 facts sharing an answer, the rest unique.
@@ -150,6 +151,14 @@ def test_mix_has_exactly_the_requested_composition(facts, n, k, kind, selection)
         assert len({f.question for f in mix.train_extra}) == n * k
     summary_train = Counter(kind for _, kind in mix.train_items())
     assert summary_train["unknown"] == n and sum(summary_train.values()) == n * (1 + k)
+
+
+@pytest.mark.parametrize(("n", "k", "kind"), SETTINGS)
+def test_mix_size_counts_the_samples_the_mix_trains_on(facts, n, k, kind):
+    """What a sweep orders its cells by and a capacity probe counts its steps from, without
+    building the mix."""
+    mix = build_mix(facts, n_unknown=n, extra_per_unknown=k, extra_kind=kind, n_val_known=5)
+    assert mix_size(n, k, kind) == len(mix.train_items())
 
 
 def test_random_selection_is_a_function_of_the_seed(facts):
@@ -603,9 +612,15 @@ def test_without_a_fact_file_the_synthetic_world_supplies_facts_pool_and_tokeniz
         pool_path=save_facts(known[:6], tmp_path / "pool.jsonl"),
     )
     calls = []
-    monkeypatch.setattr(
-        "lora_lightning.world.ensure_world", lambda progress=True: calls.append(1) or world
-    )
+
+    def ensure_world(progress: bool = True) -> SimpleNamespace:
+        calls.append(1)
+        return world
+
+    # the package's name (the DataModule's) and the cache module's (the tokenizer's, through
+    # `models.world_model_dir`)
+    monkeypatch.setattr("lora_lightning.world.ensure_world", ensure_world)
+    monkeypatch.setattr("lora_lightning.world.cache.ensure_world", ensure_world)
     dm = KnowledgeDataModule(n_unknown=4, n_val_known=3)
     dm.prepare_data()
     dm.setup("fit")

@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lora_lightning.evaluation import (
     TRUTHFULQA_PREAMBLE,
+    BenchmarkSettings,
     MMLUQuestion,
     encode_pair,
     evaluate_mmlu,
@@ -352,3 +353,77 @@ def test_inputs_longer_than_the_model_lose_their_left_end():
     assert short_ll == pytest.approx(_by_hand(small, tok, short, " Yes"), rel=1e-4)
     with pytest.raises(ValueError, match="exceeds the model's 24 positions"):
         loglikelihoods(small, tok, [("Q:", " " + "word " * 40)])
+
+
+# --------------------------------------------------------------------------- one entry point
+
+
+def test_evaluate_and_the_test_report_both_score_through_score_benchmarks(monkeypatch):
+    """One function runs every configured benchmark: `evaluate` once, the `test` report before
+    (the base) and after, each with the settings its own flags name."""
+    from types import SimpleNamespace
+
+    from lora_lightning import evaluation
+    from lora_lightning.commands import evaluate as command
+    from lora_lightning.knowledge_report import KnowledgeReport
+
+    calls: list[tuple[BenchmarkSettings, dict]] = []
+
+    def score(model, tokenizer, settings, **options):
+        calls.append((settings, options))
+        return {"mmlu": {"accuracy": 0.5, "n": 2, "n_shot": settings.n_shot}}
+
+    monkeypatch.setattr(evaluation, "score_benchmarks", score)
+    monkeypatch.setattr(command, "resolve_model", lambda model, progress: "base")
+    monkeypatch.setattr(command, "load_model", lambda *a, **k: (torch.nn.Linear(2, 2), None))
+    monkeypatch.setattr(command, "set_threads", lambda *a: 1)
+    out = command.evaluate_command(data_dir="data", benchmarks=["mmlu"], mmlu_limit=2, n_shot=1,
+                                   batch_size=3, output=None)
+    assert out == {"model": "base", "adapter": None,
+                   "mmlu": {"accuracy": 0.5, "n": 2, "n_shot": 1}}
+    assert calls.pop() == (
+        BenchmarkSettings(benchmarks=["mmlu"], mmlu_dir="data", mmlu_limit=2, n_shot=1,
+                          truthfulqa_path="data", batch_size=3),
+        {"name": "base", "progress": True, "on_scored": command._print_score},
+    )
+
+    report = KnowledgeReport(mmlu_dir="mmlu", mmlu_limit=2, benchmark_batch_size=3,
+                             world_dir=None)
+    trainer = SimpleNamespace(is_global_zero=True, datamodule=SimpleNamespace(tokenizer=None))
+    bench = report._benchmarks(trainer, SimpleNamespace(model=torch.nn.Linear(2, 2)))
+    assert bench == {"mmlu": {"before": out["mmlu"] | {"n_shot": 5},
+                              "after": out["mmlu"] | {"n_shot": 5}}}
+    settings = BenchmarkSettings(mmlu_dir="mmlu", mmlu_limit=2, batch_size=3)
+    assert [(s, o["progress"], o["name"]) for s, o in calls] == [
+        (settings, "(base)", "base (LoRA disabled)"),
+        (settings, "(with adapter)", "with adapter"),
+    ]
+
+
+def test_the_benchmark_flags_default_to_the_benchmark_settings_defaults():
+    """`evaluate`'s flags and the report's `--report.*` keys are read from their signatures
+    (jsonargparse), so their defaults are written there: they must stay the settings' own."""
+    import dataclasses
+    import inspect
+
+    from lora_lightning.commands.evaluate import evaluate_command
+    from lora_lightning.knowledge_report import KnowledgeReport
+
+    defaults = {f.name: f.default for f in dataclasses.fields(BenchmarkSettings)}
+    for function, renamed, not_there in (
+        (evaluate_command, {}, set()),
+        (KnowledgeReport.__init__, {"benchmark_batch_size": "batch_size"},
+         {"benchmarks", "n_shot"}),  # the report: those with data given, 5-shot
+    ):
+        parameters = inspect.signature(function).parameters
+        shared = {renamed.get(n, n): p.default for n, p in parameters.items()
+                  if renamed.get(n, n) in defaults}
+        assert set(shared) == set(defaults) - not_there
+        assert shared == {name: defaults[name] for name in shared}, function.__qualname__
+
+
+def test_benchmark_settings_refuse_an_unknown_benchmark_and_choose_those_with_data():
+    with pytest.raises(ValueError, match=r"unknown \['hellaswag'\]; choose from mmlu"):
+        BenchmarkSettings(benchmarks=["mmlu", "hellaswag"])
+    assert BenchmarkSettings(truthfulqa_path="tqa.csv").chosen == ["truthfulqa"]
+    assert BenchmarkSettings(benchmarks=[], mmlu_dir="mmlu").chosen == []

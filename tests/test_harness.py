@@ -185,7 +185,7 @@ def test_task_lists_are_taken_as_the_command_line_writes_them():
 
 def test_a_missing_lm_eval_says_how_to_install_it(monkeypatch, tiny, tmp_path, capsys):
     from lora_lightning.__main__ import main
-    from lora_lightning.callbacks import KnowledgeReport
+    from lora_lightning.knowledge_report import KnowledgeReport
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now fails
     model, tokenizer = tiny
@@ -301,7 +301,7 @@ def test_evaluate_runs_harness_tasks_alone_and_fails_early_on_a_misspelt_one(
 
 def test_the_test_report_has_harness_rows_before_and_after(tiny, tiny_model_dir, tasks_dir,
                                                              tmp_path):
-    from lora_lightning.callbacks import KnowledgeReport
+    from lora_lightning.knowledge_report import KnowledgeReport
     from lora_lightning.report import markdown, report_metrics
 
     model, tokenizer = tiny

@@ -244,7 +244,7 @@ def test_any_logger_choice_keeps_the_run_folder_first(tiny_model_dir, tiny_fact_
 def test_a_sweeps_cells_are_named_and_grouped_in_the_base_configs_loggers(tmp_path):
     from lora_lightning.commands.train import run_folder
     from lora_lightning.sweep.cellconfig import FitConfigParser
-    from lora_lightning.sweep.runner import _own_settings
+    from lora_lightning.sweep.runner import own_settings
     from lora_lightning.sweep.spec import load_sweep
 
     base = tmp_path / "base.yaml"
@@ -267,7 +267,7 @@ def test_a_sweeps_cells_are_named_and_grouped_in_the_base_configs_loggers(tmp_pa
     base_logger = parser.parse(sweep.base, {}).trainer.logger
     cell = sweep.cells()[1]
     cell_dir = tmp_path / "sweeps" / "grid" / "cells" / cell.name
-    settings = {**cell.settings, **_own_settings(sweep, cell, cell_dir, base_logger)}
+    settings = {**cell.settings, **own_settings(sweep, cell, cell_dir, base_logger)}
     config = yaml.safe_load(parser.dump(parser.parse(sweep.base, settings)))
 
     tb, mlflow, wandb = (entry["init_args"] for entry in config["trainer"]["logger"])
@@ -283,7 +283,7 @@ def test_a_sweeps_cells_are_named_and_grouped_in_the_base_configs_loggers(tmp_pa
     assert run_folder(parser.parse(sweep.base, settings).trainer) == cell_dir
 
     default = parser.parse(None, {}).trainer.logger  # the default CSV logger: as before
-    own = _own_settings(sweep, cell, cell_dir, default)
+    own = own_settings(sweep, cell, cell_dir, default)
     assert own["trainer.logger"]["init_args"] == {
         "save_dir": str(cell_dir), "name": "", "version": "", "prefix": "",
         "flush_logs_every_n_steps": 100}
@@ -294,7 +294,7 @@ def test_the_report_reaches_every_logger_in_calls_mlflow_accepts():
     """Each logger gets every number, at most 500 per call (MLflow refuses over 1000)."""
     from types import SimpleNamespace
 
-    from lora_lightning.callbacks import KnowledgeReport
+    from lora_lightning.knowledge_report import KnowledgeReport
 
     class Recorder:
         def __init__(self) -> None:

@@ -209,7 +209,7 @@ def test_fewshot_sets_are_seeded_distinct_and_need_enough_pool(rng):
         [f.id for f in s] for s in build_fewshot_sets(pool, n_exp=10, n_shot=4, seed=8)
     ]
     with pytest.raises(ValueError, match="3 facts, fewer than n_shot=4"):
-        build_fewshot_sets(pool[:3], n_shot=4)
+        build_fewshot_sets(pool[:3], n_exp=10, n_shot=4, seed=0)
 
 
 def test_pad_batch_right_pads_and_never_trains_on_padding(rng):

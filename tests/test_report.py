@@ -10,11 +10,12 @@ import pytest
 import torch
 from test_training import make_data, make_module, make_trainer
 
-from lora_lightning.callbacks import KnowledgeEvalCallback, KnowledgeReport
+from lora_lightning.callbacks import KnowledgeEvalCallback
 from lora_lightning.data import KnowledgeDataModule
+from lora_lightning.knowledge import ProbeConfig
+from lora_lightning.knowledge_report import KnowledgeReport, by_relation
 from lora_lightning.lora import lora_disabled
 from lora_lightning.metrics import Reliability
-from lora_lightning.module import ProbeConfig
 from lora_lightning.report import markdown, report_metrics, write_report
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -366,13 +367,13 @@ def test_reliability_and_retention_are_reported_per_relation():
     rows = [row(0, "capital", "trained unknown", 0.3), row(1, "capital", "trained unknown", 0.0),
             row(2, "capital", "held-out known", 1.0), row(3, "city", "trained unknown", 0.1),
             row(4, "city", "held-out known", 0.0), row(5, "city", "untrained", 1.0)]
-    by = KnowledgeReport._by_relation(rows)
+    by = by_relation(rows)
     assert by == {
         "capital": {"reliability": 0.5, "reliability_n": 2, "known_retained": 1.0,
                     "known_retained_n": 1},
         "city": {"reliability": 1.0, "reliability_n": 1, "known_retained": 0.0,
                  "known_retained_n": 1},
     }
-    assert KnowledgeReport._by_relation(rows[:3]) is None  # one relation: the headline says it
+    assert by_relation(rows[:3]) is None  # one relation: the headline says it
     md = markdown({"reliability": {"reliability": 0.67, "n_facts": 3}, "by_relation": by})
     assert "| capital | 0.500 (2) | 1.000 (1) |" in md

@@ -560,7 +560,7 @@ def test_many_threads_checking_one_home_at_once_all_pass(tmp_path):
 
 @pytest.mark.parametrize("value", [None, "", "  "], ids=["unset", "empty", "blank"])
 def test_an_unset_or_empty_home_is_the_user_cache_not_the_current_folder(monkeypatch, value):
-    from lora_lightning.world.cache import default_home
+    from lora_lightning.files import default_home
 
     if value is None:
         monkeypatch.delenv("LORA_LIGHTNING_HOME", raising=False)

@@ -569,14 +569,15 @@ def test_before_scores_are_computed_once_and_read_back_by_every_cell_with_the_sa
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import lora_lightning.callbacks as callbacks
+    from lora_lightning import evaluation
+    from lora_lightning.knowledge_report import KnowledgeReport
 
     shared = ROOT.parent / "shared" / "data" / "mmlu"
     if not shared.is_dir():
         pytest.skip(f"no MMLU copy at {shared}")
     calls = []
-    real = callbacks.evaluation.evaluate_mmlu
-    monkeypatch.setattr(callbacks.evaluation, "evaluate_mmlu",
+    real = evaluation.evaluate_mmlu
+    monkeypatch.setattr(evaluation, "evaluate_mmlu",
                         lambda *a, **k: calls.append(k["limit"]) or real(*a, **k))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     trainer = SimpleNamespace(is_global_zero=True, datamodule=SimpleNamespace(
@@ -585,8 +586,8 @@ def test_before_scores_are_computed_once_and_read_back_by_every_cell_with_the_sa
     path = tmp_path / "before_scores.json"
 
     def cell(limit: int) -> dict:
-        report = callbacks.KnowledgeReport(mmlu_dir=str(shared), mmlu_subjects=["astronomy"],
-                                           mmlu_limit=limit, before_scores=str(path))
+        report = KnowledgeReport(mmlu_dir=str(shared), mmlu_subjects=["astronomy"],
+                                 mmlu_limit=limit, before_scores=str(path))
         return report._benchmarks(trainer, module)
 
     first = cell(2)

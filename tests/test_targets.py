@@ -21,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lora_lightning.checkpointing import resume_conflicts
 from lora_lightning.lora import inject_lora, load_adapter, lora_modules, save_adapter
-from lora_lightning.lora.layer import canonical_targets, check_target_spec, resolve_targets
+from lora_lightning.lora.targets import canonical_targets, check_target_spec, resolve_targets
 from lora_lightning.module import PAPER_TARGETS, LoRAKnowledgeModule
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -316,7 +316,7 @@ def test_knowledge_probe_runs_every_n_epochs_and_after_the_last(
     tiny_model_dir, tiny_fact_files, tmp_path
 ):
     from lora_lightning.callbacks import KnowledgeEvalCallback
-    from lora_lightning.module import ProbeConfig
+    from lora_lightning.knowledge import ProbeConfig
 
     L.seed_everything(0)
     module = make_module(tiny_model_dir, probe=ProbeConfig(n_exp=1, max_new_tokens=4))
@@ -335,8 +335,8 @@ def test_knowledge_probe_can_be_left_to_test_and_leaves_the_weights_as_they_were
     """`every_n_epochs=None` (a sweep cell, whose `test` re-probes every fact) skips the probe
     after the last epoch; the adapter it trains is the one a probing run trains, bit for bit."""
     from lora_lightning.callbacks import KnowledgeEvalCallback
+    from lora_lightning.knowledge import ProbeConfig
     from lora_lightning.lora.layer import lora_state_dict
-    from lora_lightning.module import ProbeConfig
 
     weights, metrics = [], []
     for every in (0, None):
@@ -407,3 +407,20 @@ def test_validation_loss_per_kind_is_the_same_packed_or_padded(tiny_model_dir, t
     assert set(losses[True]) == {"val/loss_unknown", "val/loss_known"}
     for key, value in losses[False].items():
         assert losses[True][key] == pytest.approx(value, rel=1e-5)
+
+
+def test_a_checkpoint_from_before_the_probe_settings_moved_still_loads(monkeypatch):
+    """Checkpoints pickle the probe's settings by class path; those written while the class
+    lived in `module` (`lora_lightning.module.ProbeConfig`) load with the weights-only
+    unpickler Lightning uses."""
+    import io
+
+    import lora_lightning.module  # noqa: F401 (registers the safe globals)
+    from lora_lightning.knowledge import ProbeConfig
+
+    buffer = io.BytesIO()
+    monkeypatch.setattr(ProbeConfig, "__module__", "lora_lightning.module")
+    torch.save({"probe": ProbeConfig(n_exp=3)}, buffer)
+    monkeypatch.undo()
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True)["probe"] == ProbeConfig(n_exp=3)

@@ -33,7 +33,7 @@ from lora_lightning.facts import (
     question_fact,
 )
 from lora_lightning.files import atomic_path
-from lora_lightning.knowledge import categorize
+from lora_lightning.knowledge import ProbeConfig, categorize
 from lora_lightning.lora import check_adapter_folder, lora_disabled
 from lora_lightning.models import (
     WORLD_MODEL,
@@ -42,7 +42,6 @@ from lora_lightning.models import (
     resolve_model,
     text_limit,
 )
-from lora_lightning.module import ProbeConfig
 from lora_lightning.prompts import build_fewshot_sets, fewshot_messages, render
 from lora_lightning.threads import set_threads
 from lora_lightning.world import ensure_world

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Literal
 
-from lora_lightning.sweep.capacity import load_capacity
+from lora_lightning.sweep.capacity.search import load_capacity
 
 
 def capacity_command(
@@ -27,9 +27,9 @@ def capacity_command(
     The capacity file is a sweep file (base config, world or categorize, overrides, launcher,
     workers, slurm) with `variants` (labels to settings), `mix` (default +0), `seeds` and
     `search` (threshold, n_start, n_max, growth, precision, confidence) instead of axes; see
-    `lora_lightning.sweep.capacity` and configs/capacity/. n grows geometrically until a probe
-    (a `fit` on n facts) falls below the threshold, then is bisected; `test` runs at both ends
-    of each bracket. A rerun continues the searches from the probes on disk.
+    `lora_lightning.sweep.capacity.search` and configs/capacity/. n grows geometrically until
+    a probe (a `fit` on n facts) falls below the threshold, then is bisected; `test` runs at
+    both ends of each bracket. A rerun continues the searches from the probes on disk.
 
     Args:
         config_file: The capacity file (`--config` on the command line).
@@ -50,6 +50,6 @@ def capacity_command(
     capacity = load_capacity(config_file, output=output)
     capacity = replace(capacity, sweep=capacity.sweep.with_run_settings(
         "capacity", workers, launcher, retries))
-    from lora_lightning.sweep.capacity_runner import run_capacity
+    from lora_lightning.sweep.capacity.runner import run_capacity
 
     return run_capacity(capacity, dry_run=dry_run, aggregate=aggregate, extend=extend)

@@ -3,6 +3,7 @@ model, with or without an adapter."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -22,13 +23,13 @@ def evaluate_command(
     benchmarks: list[str] | None = None,
     mmlu_subjects: list[str] | None = None,
     mmlu_limit: int | None = None,
-    n_shot: int = 5,
+    n_shot: int = evaluation.BenchmarkSettings.n_shot,
     truthfulqa_limit: int | None = None,
     harness_tasks: list[str] | str | None = None,
     harness_include: list[str] | str | None = None,
     harness_limit: int | float | None = None,
     harness_num_fewshot: int | None = None,
-    batch_size: int = 8,
+    batch_size: int = evaluation.BenchmarkSettings.batch_size,
     output: str | None = "evaluation.json",
     device: str = "auto",
     dtype: str = "auto",
@@ -86,28 +87,21 @@ def evaluate_command(
         harness_limit=harness_limit, harness_num_fewshot=harness_num_fewshot,
         batch_size=batch_size,
     )
-    tasks = harness.parse_tasks(harness_tasks)
-    if benchmarks is not None:
-        chosen = list(benchmarks)
-    elif tasks:
-        chosen = [name for name, source in (("mmlu", mmlu_dir), ("truthfulqa", truthfulqa_path))
-                  if source is not None or data_dir is not None]
-    else:
-        chosen = ["mmlu", "truthfulqa"]
-    unknown = set(chosen) - {"mmlu", "truthfulqa"}
-    if unknown:
-        raise ValueError(f"benchmarks: unknown {sorted(unknown)}; choose from mmlu, truthfulqa")
-    if {"mmlu", "truthfulqa"} <= set(chosen) and (mmlu_limit is None) != (truthfulqa_limit is None):
-        if mmlu_limit is None:
-            mmlu_limit = truthfulqa_limit
-            print(f"--truthfulqa_limit {truthfulqa_limit} without --mmlu_limit: MMLU is limited "
-                  f"to {mmlu_limit} questions per subject too (pass --mmlu_limit to choose)")
-        else:
-            truthfulqa_limit = mmlu_limit
-            print(f"--mmlu_limit {mmlu_limit} without --truthfulqa_limit: TruthfulQA is limited "
-                  f"to {truthfulqa_limit} questions too (pass --truthfulqa_limit to choose)")
-    if tasks:  # a missing lm_eval or a misspelt task fails now, before the model is loaded
-        harness.check_tasks(harness.task_manager(harness_include), tasks)
+    if benchmarks is None:  # with harness tasks: only what has local data, nothing downloaded
+        benchmarks = (["mmlu", "truthfulqa"] if not harness.parse_tasks(harness_tasks) else
+                      [name for name, data in (("mmlu", mmlu_dir), ("truthfulqa", truthfulqa_path))
+                       if data is not None or data_dir is not None])
+    settings = evaluation.BenchmarkSettings(
+        benchmarks=benchmarks,
+        mmlu_dir=mmlu_dir if mmlu_dir is not None else data_dir,
+        mmlu_subjects=mmlu_subjects, mmlu_limit=mmlu_limit, n_shot=n_shot,
+        truthfulqa_path=truthfulqa_path if truthfulqa_path is not None else data_dir,
+        truthfulqa_limit=truthfulqa_limit, harness_tasks=harness_tasks,
+        harness_include=harness_include, harness_limit=harness_limit,
+        harness_num_fewshot=harness_num_fewshot, batch_size=batch_size,
+    )
+    settings = _one_limit_for_both(settings)
+    settings.check_tasks()  # before the model is loaded
     path = None
     if output is not None:
         path = Path(output).resolve()
@@ -118,32 +112,41 @@ def evaluate_command(
     set_threads(sum(p.numel() for p in lm.parameters()), threads)
 
     results: dict[str, Any] = {"model": model_path, "adapter": adapter}
-    if "mmlu" in chosen:
-        source = mmlu_dir if mmlu_dir is not None else data_dir
-        results["mmlu"] = evaluation.evaluate_mmlu(
-            lm, tokenizer, source, mmlu_subjects, mmlu_limit, n_shot, batch_size, progress
-        )
-        print(
-            f"MMLU ({n_shot}-shot): accuracy {results['mmlu']['accuracy']:.4f} "
-            f"over {results['mmlu']['n']} questions"
-        )
-    if "truthfulqa" in chosen:
-        source = truthfulqa_path if truthfulqa_path is not None else data_dir
-        results["truthfulqa"] = evaluation.evaluate_truthfulqa(
-            lm, tokenizer, source, truthfulqa_limit, batch_size, progress
-        )
-        tqa = results["truthfulqa"]
-        print(f"TruthfulQA: MC1 {tqa['mc1']:.4f}, MC2 {tqa['mc2']:.4f} over {tqa['n']} questions")
-    if tasks:
-        results["harness"] = harness.evaluate_tasks(
-            lm, tokenizer, tasks, harness_include, harness_limit, harness_num_fewshot,
-            batch_size, name=adapter or model_path, progress=progress,
-        )
-        for task, scores in results["harness"].items():
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items()
-                              if k != "n" and not k.endswith("_stderr"))
-            print(f"harness {task}: {shown} over {scores.get('n', '?')} documents")
+    results.update(evaluation.score_benchmarks(
+        lm, tokenizer, settings, name=adapter or model_path, progress=progress,
+        on_scored=_print_score,
+    ))
     if path is not None:
         atomic_write_text(path, json.dumps(results, indent=2))
         print(f"results written to {path}")
     return results
+
+
+def _one_limit_for_both(settings: evaluation.BenchmarkSettings) -> evaluation.BenchmarkSettings:
+    """A limit on MMLU or TruthfulQA alone, with both chosen, limits the other to the same
+    number: a limit asks for a quick look, not for all 817 TruthfulQA questions."""
+    mmlu, tqa = settings.mmlu_limit, settings.truthfulqa_limit
+    if not {"mmlu", "truthfulqa"} <= set(settings.chosen) or (mmlu is None) == (tqa is None):
+        return settings
+    if mmlu is None:
+        print(f"--truthfulqa_limit {tqa} without --mmlu_limit: MMLU is limited "
+              f"to {tqa} questions per subject too (pass --mmlu_limit to choose)")
+        return dataclasses.replace(settings, mmlu_limit=tqa)
+    print(f"--mmlu_limit {mmlu} without --truthfulqa_limit: TruthfulQA is limited "
+          f"to {mmlu} questions too (pass --truthfulqa_limit to choose)")
+    return dataclasses.replace(settings, truthfulqa_limit=mmlu)
+
+
+def _print_score(key: str, result: dict[str, Any]) -> None:
+    """One benchmark's headline numbers, as soon as it is scored."""
+    if key == "mmlu":
+        print(f"MMLU ({result['n_shot']}-shot): accuracy {result['accuracy']:.4f} "
+              f"over {result['n']} questions")
+    elif key == "truthfulqa":
+        print(f"TruthfulQA: MC1 {result['mc1']:.4f}, MC2 {result['mc2']:.4f} "
+              f"over {result['n']} questions")
+    elif key == "harness":
+        for task, scores in result.items():
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items()
+                              if k != "n" and not k.endswith("_stderr"))
+            print(f"harness {task}: {shown} over {scores.get('n', '?')} documents")

@@ -1,4 +1,5 @@
-"""LoRA: the layer and its injection (`layer`), and adapter files in PEFT's format (`adapters`).
+"""LoRA: the layer (`layer`), which layers get it and its injection (`targets`), and adapter
+files in PEFT's format (`adapters`).
 
 Everything public is importable from here (`from lora_lightning.lora import LoRALinear,
 inject_lora, save_adapter, load_adapter`), the contract outside tools rely on.
@@ -15,7 +16,6 @@ from lora_lightning.lora.adapters import (
 from lora_lightning.lora.layer import (
     LoRALinear,
     count_parameters,
-    inject_lora,
     lora_disabled,
     lora_modules,
     lora_state_dict,
@@ -23,6 +23,7 @@ from lora_lightning.lora.layer import (
     unload_lora,
     unmerge_lora,
 )
+from lora_lightning.lora.targets import inject_lora
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",

@@ -22,19 +22,21 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lora_lightning.lora.layer import (
-    LoRALinear,
+from lora_lightning.lora.layer import LoRALinear, lora_modules
+from lora_lightning.lora.targets import (
     adaptable_modules,
+    check_target_spec,
     inject_lora,
-    lora_modules,
+    linear_modules,
     matches_target,
     resolve_targets,
 )
@@ -69,8 +71,11 @@ def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _uniform(modules: dict[str, LoRALinear], attribute: str) -> object:
-    values = {getattr(m, attribute) for m in modules.values()}
+T = TypeVar("T")
+
+
+def _uniform(attribute: str, per_layer: Iterable[T]) -> T:
+    values = set(per_layer)
     if len(values) != 1:
         raise ValueError(
             f"save_adapter writes one {attribute} for all layers (PEFT's rank_pattern and "
@@ -143,17 +148,17 @@ def save_adapter(
         raise ValueError(
             f"save_adapter: {type(model).__name__} has no LoRA layers; inject_lora first"
         )
-    rank = _uniform(modules, "rank")
-    alpha = _uniform(modules, "alpha")
-    config = {
+    rank = _uniform("rank", (m.rank for m in modules.values()))
+    alpha = _uniform("alpha", (m.alpha for m in modules.values()))
+    config: dict[str, object] = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name,
         "revision": None,
         "r": rank,
         "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
-        "lora_dropout": _uniform(modules, "dropout"),
-        "use_rslora": _uniform(modules, "use_rslora"),
+        "lora_dropout": _uniform("dropout", (m.dropout for m in modules.values())),
+        "use_rslora": _uniform("use_rslora", (m.use_rslora for m in modules.values())),
         "target_modules": _target_list(model, list(modules)),
         "bias": "none",
         "fan_in_fan_out": False,
@@ -238,7 +243,7 @@ def _resolve_config_targets(model: nn.Module, targets: object, path: Path) -> li
             "is not supported): the adapter names no layers to load into"
         )
     try:
-        return resolve_targets(model, targets, require_each=False)
+        return resolve_targets(model, check_target_spec(targets), require_each=False)
     except ValueError as err:
         raise ValueError(f"{path}: the adapter does not fit this model: {err}") from err
 
@@ -343,7 +348,8 @@ def load_adapter(
             f"({_target_list(model, list(existing))}); load it into a model without LoRA"
         )
 
-    layers = {name: model.get_submodule(name) for name in targets}
+    linears = linear_modules(model)
+    layers = {name: linears[name] for name in targets}
     expected: dict[str, tuple[int, ...]] = {}
     for name, layer in layers.items():
         r = layer.rank if isinstance(layer, LoRALinear) else rank
@@ -375,12 +381,12 @@ def load_adapter(
         name: layer.base.weight if isinstance(layer, LoRALinear) else layer.weight
         for name, layer in layers.items()
     }
-    name = base_model_name if base_model_name is not None else _model_name(model)
-    _check_identity(config, metadata, weights, name, strict, weights_path)
+    model_name = base_model_name if base_model_name is not None else _model_name(model)
+    _check_identity(config, metadata, weights, model_name, strict, weights_path)
 
     if existing:
         for module in existing.values():
-            module._configure(alpha, use_rslora, dropout)
+            module.configure(alpha, use_rslora, dropout)
     else:
         inject_lora(model, targets, rank, alpha, dropout, use_rslora, backend)
     modules = lora_modules(model)

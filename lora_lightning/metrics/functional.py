@@ -10,7 +10,7 @@ rule is written once.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -60,7 +60,7 @@ def check_lengths(name_a: str, a: Sequence, name_b: str, b: Sequence) -> None:
         raise ValueError(f"{name_a} has {len(a)} items but {name_b} has {len(b)}")
 
 
-def ratio(num: Tensor, den: Tensor) -> Tensor:
+def ratio(num: Tensor | int, den: Tensor | int) -> Tensor:
     """num/den as float, 0 where the denominator is 0 (an empty category shifts nothing)."""
     num, den = torch.as_tensor(num).double(), torch.as_tensor(den).double()
     return torch.where(den > 0, num / den.clamp(min=1), torch.zeros_like(num))
@@ -75,7 +75,9 @@ def is_exact_match(answer: str, fact: Fact) -> bool:
     return any(norm == alias for alias in fact.normalized_answers)
 
 
-def _accuracy_update(answers: Sequence[str], targets: Sequence[Target], judge) -> tuple[int, int]:
+def _accuracy_update(
+    answers: Sequence[str], targets: Sequence[Target], judge: Callable[[str, Fact], bool]
+) -> tuple[int, int]:
     check_lengths("answers", answers, "targets", targets)
     hits = sum(judge(a, as_fact(t)) for a, t in zip(answers, targets, strict=True))
     return hits, len(answers)

@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
+from torchmetrics.metric import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 import lora_lightning.metrics.functional as F
-from lora_lightning.facts import CATEGORIES, is_correct
+from lora_lightning.facts import CATEGORIES, Fact, is_correct
 from lora_lightning.metrics.functional import Target
 
 __all__ = [
@@ -49,13 +49,18 @@ class _AnswerAccuracy(Metric):
     higher_is_better = True
     full_state_update = False
 
+    # The states `add_state` registers, declared for the type checker: nn.Module's __getattr__,
+    # which serves them, is typed `Tensor | Module`.
+    correct: Tensor
+    total: Tensor
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.add_state("correct", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     @staticmethod
-    def _judge(answer: str, fact) -> bool:
+    def _judge(answer: str, fact: Fact, /) -> bool:
         raise NotImplementedError
 
     def update(self, answers: Sequence[str], targets: Sequence[Target]) -> None:
@@ -127,6 +132,12 @@ class Reliability(Metric):
     full_state_update = False
     _COUNTS = ("n_facts", "any_correct", "majority_correct", "all_correct")
 
+    n_facts: Tensor
+    any_correct: Tensor
+    majority_correct: Tensor
+    all_correct: Tensor
+    share_sum: Tensor
+
     def __init__(self, strict: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.strict = strict  # whole-word matches instead of the paper's substring rule
@@ -165,6 +176,9 @@ class AnswerAgreement(Metric):
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
+
+    same: Tensor
+    total: Tensor
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -213,6 +227,8 @@ class KnowledgeShift(Metric):
     is_differentiable = False
     full_state_update = False
 
+    counts: Tensor
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         n = len(CATEGORIES)
@@ -254,6 +270,8 @@ class AnswerConcentration(Metric):
     is_differentiable = False
     full_state_update = False
 
+    answers: list[Tensor] | Tensor  # a list while updating, one tensor once synced
+
     def __init__(
         self,
         top_k: int = 10,
@@ -277,6 +295,7 @@ class AnswerConcentration(Metric):
 
     def update(self, answers: Sequence[str]) -> None:
         rows = F._answer_concentration_update(answers, self.max_bytes, self.keep_empty)
+        assert isinstance(self.answers, list)  # a tensor only inside compute, after a sync
         # append even zero rows, so a rank that saw only empty answers still has a state to sync
         self.answers.append(rows.to(self.device))
 
@@ -316,6 +335,9 @@ class RefusalRate(Metric):
     is_differentiable = False
     higher_is_better = False
     full_state_update = False
+
+    refusals: Tensor
+    total: Tensor
 
     def __init__(
         self,
@@ -359,6 +381,9 @@ class Confidence(Metric):
 
     is_differentiable = False
     full_state_update = False
+
+    prob_sum: Tensor
+    count: Tensor
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -31,21 +31,19 @@ from lora_lightning.sweep.cell import (
 from lora_lightning.sweep.folder import CELLS_DIR, RECORD, cell_dirs, read_record
 from lora_lightning.sweep.grid import Grid
 from lora_lightning.sweep.paper import PAPER_BASE, paper_value
-from lora_lightning.sweep.spec import axis_labels
+from lora_lightning.sweep.spec import N_KEY, SEED_KEYS, axis_labels
 
 __all__ = [
     "aggregate_sweep", "collect", "headline", "mcnemar_exact", "paired_comparisons",
     "trained_rows",
 ]
 
-SEED_KEYS = ("seed_everything", "data.seed")
 # What a benchmark's table must say beside its numbers (docs/world.md, "How much a benchmark's
 # base score depends on the build").
 BENCHMARK_NOTES = {
     "world_truthful": " Its base score ranges 0.61-0.94 over three builds of the bench recipe "
     "(docs/world.md): a fragile by-product of pre-training, shown but not used for claims.",
 }
-N_KEY = "data.n_unknown"
 
 
 def _get(d: Any, *keys: Any) -> Any:

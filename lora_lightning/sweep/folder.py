@@ -23,12 +23,18 @@ from lora_lightning.sweep.cell import CELL_CONFIG, CELL_INFO
 from lora_lightning.sweep.spec import Cell, Sweep
 
 __all__ = [
-    "RECORD", "CELLS_DIR", "cell_dirs", "check_cell", "claim_folder", "read_record", "write_cell",
+    "CELLS_DIR", "RECORD", "cell_dir", "cell_dirs", "check_cell", "claim_folder", "read_record",
+    "write_cell",
 ]
 
 RECORD = "sweep.json"
 CELLS_DIR = "cells"
 _MEASURED = ("base", "world", "overrides", "axes", "categorize")
+
+
+def cell_dir(sweep: Sweep, cell: Cell) -> Path:
+    """Where a cell runs: `<output>/cells/<cell name>` (a capacity probe is a cell too)."""
+    return sweep.output / CELLS_DIR / cell.name
 
 
 def read_record(sweep_dir: Path) -> dict[str, Any]:

@@ -1,5 +1,9 @@
 """A sweep from file to report: check every setting, prepare each cell's config, run the
-cells that are not finished (local workers or SLURM), record their states, aggregate."""
+cells that are not finished (local workers or SLURM), record their states, aggregate.
+
+The steps a capacity search shares with a sweep (`sweep.capacity.runner`) are public here:
+`check_configs`, `cell_settings`, `training_size`, `worker_slots` and `launch`.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +13,18 @@ from pathlib import Path
 from typing import Any
 
 from lora_lightning.files import atomic_write_text
+from lora_lightning.mix import mix_size
 from lora_lightning.sweep.cell import is_done, read_status
 from lora_lightning.sweep.cellconfig import FitConfigParser, cell_loggers, has_run_logger
-from lora_lightning.sweep.folder import CELLS_DIR, claim_folder, write_cell
+from lora_lightning.sweep.folder import cell_dir, claim_folder, write_cell
 from lora_lightning.sweep.progress import SweepProgress, duration
-from lora_lightning.sweep.shared import categorized_settings, world_settings
+from lora_lightning.sweep.shared import shared_settings, world_settings
 from lora_lightning.sweep.spec import Cell, Sweep
 
-__all__ = ["BEFORE_SCORES", "CELLS_INDEX", "check_configs", "describe", "run_sweep"]
+__all__ = [
+    "BEFORE_SCORES", "CELLS_INDEX", "CHECKPOINT_EVERY_EPOCH", "cell_settings", "check_configs",
+    "describe", "launch", "own_settings", "run_sweep", "training_size", "worker_slots",
+]
 
 BEFORE_SCORES = "before_scores.json"
 CELLS_INDEX = "cells.json"
@@ -27,25 +35,30 @@ CELLS_INDEX = "cells.json"
 CHECKPOINT_EVERY_EPOCH = {"checkpoint.save_top_k": 1, "checkpoint.every_n_epochs": 1}
 
 
-def _cell_dir(sweep: Sweep, cell: Cell) -> Path:
-    return sweep.output / CELLS_DIR / cell.name
-
-
-def _own_settings(sweep: Sweep, cell: Cell, cell_dir: Path, logger: Any) -> dict[str, Any]:
+def own_settings(sweep: Sweep, cell: Cell, folder: Path, logger: Any) -> dict[str, Any]:
     """The keys the sweep sets for each cell: its run folder (where `--ckpt_path last` looks),
     checkpoints, adapter, report, the base scores every cell shares, and the base config's
     loggers told the sweep's and the cell's names (`cell_loggers`)."""
     own = {
         "trainer.logger": cell_loggers(logger, sweep.output.name, cell.name, cell.labels,
-                                       cell_dir),
-        "checkpoint.dirpath": str(cell_dir / "checkpoints"),
-        "save_adapter.dirpath": str(cell_dir / "adapter"),
-        "report.report_dir": str(cell_dir / "test" / "report"),
+                                       folder),
+        "checkpoint.dirpath": str(folder / "checkpoints"),
+        "save_adapter.dirpath": str(folder / "adapter"),
+        "report.report_dir": str(folder / "test" / "report"),
         "report.before_scores": str(sweep.output / BEFORE_SCORES),
     }
     if not has_run_logger(logger):  # the run folder's logger is added in default_root_dir
-        own["trainer.default_root_dir"] = str(cell_dir)
+        own["trainer.default_root_dir"] = str(folder)
     return own
+
+
+def cell_settings(sweep: Sweep, cell: Cell, shared: dict[str, Any],
+                  logger: Any) -> dict[str, Any]:
+    """Every key a cell's config sets on the base config, later ones winning: checkpoints
+    every epoch, the sweep's overrides, what is `shared`, the cell's own axis values, and the
+    keys the sweep controls (`own_settings`, with `logger` the base config's loggers)."""
+    return {**CHECKPOINT_EVERY_EPOCH, **sweep.overrides, **shared, **cell.settings,
+            **own_settings(sweep, cell, cell_dir(sweep, cell), logger)}
 
 
 def check_configs(sweep: Sweep, parser: FitConfigParser, shared: dict[str, Any]) -> Any:
@@ -90,10 +103,10 @@ def describe(sweep: Sweep, cells: list[Cell], shared: dict[str, Any]) -> str:
     for i, cell in enumerate(cells, 1):
         shown = " ".join(f"{k}={v}" for k, v in cell.settings.items())
         state = ""
-        if is_done(_cell_dir(sweep, cell)):
+        if is_done(cell_dir(sweep, cell)):
             state = "  [done]"
-        elif read_status(_cell_dir(sweep, cell)).get("state"):
-            state = f"  [{read_status(_cell_dir(sweep, cell))['state']}]"
+        elif read_status(cell_dir(sweep, cell)).get("state"):
+            state = f"  [{read_status(cell_dir(sweep, cell))['state']}]"
         lines.append(f"{i:4d}  {cell.name:<{width}}  {shown}{state}")
     return "\n".join(lines)
 
@@ -102,22 +115,16 @@ def training_size(config: Any) -> int:
     """Training examples x epochs of a cell's fit config (0 where the config does not say):
     what orders the cells, longest first."""
     data, trainer = getattr(config, "data", None), getattr(config, "trainer", None)
-    n = getattr(data, "n_unknown", None) or 0
-    extra = getattr(data, "extra_per_unknown", None) or 0
-    if getattr(data, "extra_kind", None) in (None, "none"):
-        extra = 0
+    size = mix_size(getattr(data, "n_unknown", None), getattr(data, "extra_per_unknown", None),
+                    getattr(data, "extra_kind", None))
     epochs = getattr(trainer, "max_epochs", None) or 1
-    return int(n * (1 + extra) * max(1, epochs))
-
-
-def _model_of(config: Any) -> str | None:
-    return getattr(config.model, "model_name_or_path", None)
+    return int(size * max(1, epochs))
 
 
 def _write_index(sweep: Sweep, cells: list[Cell]) -> list[dict[str, Any]]:
     index = []
     for cell in cells:
-        status = read_status(_cell_dir(sweep, cell))
+        status = read_status(cell_dir(sweep, cell))
         index.append({
             "cell": cell.name, "labels": cell.labels, "state": status.get("state", "pending"),
             "attempts": status.get("attempts", 0), "error": status.get("error"),
@@ -138,7 +145,7 @@ def run_sweep(
     if dry_run:
         shared = world_settings(sweep.world, dry_run=True) if sweep.world else {}
         check_configs(sweep, parser, shared)
-        _local_slots(sweep)
+        worker_slots(sweep)
         print(describe(sweep, cells, shared), flush=True)
         return {"cells": [c.name for c in cells], "dry_run": True}
 
@@ -147,53 +154,41 @@ def run_sweep(
     # leaves nothing behind; then again with the world's or the categorised facts' real paths.
     placeholders = world_settings(sweep.world, dry_run=True) if sweep.world else {}
     config = check_configs(sweep, parser, placeholders)
-    slots = _local_slots(sweep)
+    slots = worker_slots(sweep)
     claim_folder(sweep, extend=extend)
-    shared: dict[str, Any] = {}
-    if sweep.world:
-        shared = world_settings(sweep.world)
-    elif sweep.categorize is not None:
-        shared = categorized_settings(sweep, _model_of(config), _launch_once(sweep))
+    shared = shared_settings(sweep, config)
     if shared:
         check_configs(sweep, parser, shared)
 
     base_logger = config.trainer.logger  # the base config's, before any cell's are set
     jobs = []
     for cell in cells:
-        cell_dir = _cell_dir(sweep, cell)
-        settings = {**CHECKPOINT_EVERY_EPOCH, **sweep.overrides, **shared, **cell.settings,
-                    **_own_settings(sweep, cell, cell_dir, base_logger)}
+        folder = cell_dir(sweep, cell)
         try:
-            config = parser.parse(sweep.base, settings)
+            config = parser.parse(sweep.base, cell_settings(sweep, cell, shared, base_logger))
         except ValueError as exc:
             raise sweep.error(f"axes (cell {cell.name})", str(exc)) from exc
-        write_cell(sweep, cell, cell_dir, parser.dump(config))
-        jobs.append((cell.name, cell_dir, training_size(config)))
+        write_cell(sweep, cell, folder, parser.dump(config))
+        jobs.append((cell.name, folder, training_size(config)))
 
     # Longest first: a long cell started last keeps one worker busy while the others idle (the
     # bench-world grid lost 9 of its 54 minutes so, its n = 1000 cells coming last).
     pending = [(n, d) for n, d, _ in sorted(jobs, key=lambda job: -job[2])
                if not is_done(d)]
-    parallel = sweep.workers if sweep.launcher == "local" else sweep.slurm.get("max_running", 16)
-    progress = SweepProgress(len(jobs), len(jobs) - len(pending), min(parallel, len(pending) or 1))
+    progress = SweepProgress(len(jobs), len(jobs) - len(pending),
+                             min(sweep.parallel, len(pending) or 1))
     progress.show(f"{len(pending)} to run ({sweep.launcher} launcher) in {sweep.output}")
-    cwd = Path.cwd()
+    results: dict[str, dict[str, Any]] = {}
     if pending and sweep.launcher == "slurm":
-        from lora_lightning.sweep.slurm import run_slurm
-
-        results = run_slurm(sweep, pending, cwd, sweep.retries, progress)
+        results = launch(sweep, pending, slots, progress)
     elif pending:
-        from lora_lightning.sweep.local import run_local
-
         if len(slots) > 1:
             print("sweep: " + "; ".join(s.describe() for s in slots), flush=True)
         try:
-            results = run_local(pending, slots, cwd, sweep.retries, progress)
+            results = launch(sweep, pending, slots, progress)
         except KeyboardInterrupt:
             _write_index(sweep, cells)  # the stopped cells recorded as interrupted
             raise
-    else:
-        results = {}
     index = _write_index(sweep, cells)
     failed = {c["cell"]: c["error"] for c in index if c["state"] == "failed"}
     done = sum(c["state"] == "done" for c in index)
@@ -212,7 +207,7 @@ def run_sweep(
     return summary
 
 
-def _local_slots(sweep: Sweep) -> list[Any]:
+def worker_slots(sweep: Sweep) -> list[Any]:
     """The local workers' shares (checked before any folder is made: `--workers 3` on two
     cores is refused in the first second). Shares follow `workers`, not how many cells are
     left, so a cell gets the same cores and thread count (and so the same numbers) whether it
@@ -224,10 +219,15 @@ def _local_slots(sweep: Sweep) -> list[Any]:
     return local_slots(sweep.workers)
 
 
-def _launch_once(sweep: Sweep) -> Any:
-    """How to run one function once for the sweep: here, or as a single SLURM job."""
+def launch(sweep: Sweep, pending: list[tuple[str, Path]], slots: list[Any],
+           progress: SweepProgress) -> dict[str, dict[str, Any]]:
+    """Run the `pending` cells (name, folder) on the sweep's launcher, as one SLURM job array
+    or on the local workers' `slots`, each retried `sweep.retries` times; their final
+    statuses by name."""
     if sweep.launcher == "slurm":
-        from lora_lightning.sweep.slurm import submit_and_wait
+        from lora_lightning.sweep.slurm import run_slurm
 
-        return lambda function, *args: submit_and_wait(sweep, "categorize", function, *args)
-    return lambda function, *args: function(*args)
+        return run_slurm(sweep, pending, Path.cwd(), sweep.retries, progress)
+    from lora_lightning.sweep.local import run_local
+
+    return run_local(pending, slots, Path.cwd(), sweep.retries, progress)

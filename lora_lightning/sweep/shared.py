@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,10 @@ from lora_lightning.sweep.cell import cell_env
 from lora_lightning.sweep.cellconfig import cli_value
 from lora_lightning.sweep.spec import Sweep
 
-__all__ = ["CATEGORIZED", "categorize_args", "run_categorize", "world_settings"]
+__all__ = [
+    "CATEGORIZED", "categorize_args", "categorized_settings", "run_categorize",
+    "shared_settings", "world_settings",
+]
 
 CATEGORIZED = "categorized.jsonl"
 
@@ -47,7 +51,7 @@ def world_settings(scale: str, dry_run: bool = False) -> dict[str, str]:
 def categorize_args(sweep: Sweep, model: str | None) -> list[str]:
     """`categorize` arguments from the sweep file's `categorize:` section; the model defaults
     to the cells' base model and the output is the sweep folder's `categorized.jsonl`."""
-    from lora_lightning.knowledge import categorize_file
+    from lora_lightning.categorize import categorize_file
 
     section = dict(sweep.categorize or {})
     known = set(inspect.signature(categorize_file).parameters) - {"output"}
@@ -96,3 +100,24 @@ def categorized_settings(sweep: Sweep, model: str | None, launch: Any) -> dict[s
     if pool is not None:
         settings["data.fewshot_pool"] = str(pool)
     return settings
+
+
+def shared_settings(sweep: Sweep, config: Any) -> dict[str, Any]:
+    """What every cell of `sweep` shares, computed once: the world's model and fact paths
+    (built on first use), or the categorised facts (`categorize` run once with the model of
+    `config`, the parsed base config), or nothing."""
+    if sweep.world:
+        return world_settings(sweep.world)
+    if sweep.categorize is not None:
+        model = getattr(config.model, "model_name_or_path", None)
+        return categorized_settings(sweep, model, _launch_once(sweep))
+    return {}
+
+
+def _launch_once(sweep: Sweep) -> Callable[..., Any]:
+    """How to run one function once for the sweep: here, or as a single SLURM job."""
+    if sweep.launcher == "slurm":
+        from lora_lightning.sweep.slurm import submit_and_wait
+
+        return lambda function, *args: submit_and_wait(sweep, "categorize", function, *args)
+    return lambda function, *args: function(*args)

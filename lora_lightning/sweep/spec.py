@@ -30,8 +30,8 @@ from typing import Any
 import yaml
 
 __all__ = [
-    "Axis", "Cell", "Sweep", "SweepFileError", "axis_labels", "load_sweep", "read_yaml_file",
-    "sweep_from_raw", "SWEEP_CONTROLLED_KEYS",
+    "N_KEY", "SEED_KEYS", "SWEEP_CONTROLLED_KEYS", "Axis", "Cell", "Sweep", "SweepFileError",
+    "axis_labels", "load_sweep", "read_yaml_file", "sweep_from_raw",
 ]
 
 TOP_LEVEL_KEYS = (
@@ -50,6 +50,10 @@ SWEEP_CONTROLLED_KEYS = (
     "trainer.logger", "trainer.default_root_dir", "checkpoint.dirpath", "save_adapter.dirpath",
     "report.report_dir", "report.before_scores", "ckpt_path", "data.tokenizer",
 )
+# The config key of n, the Unknown facts a cell trains on (the tables' rows, the capacity
+# search's variable), and the keys of a seed (what the tables average over).
+N_KEY = "data.n_unknown"
+SEED_KEYS = ("seed_everything", "data.seed")
 # Keys that `world:` or `categorize:` set for every cell.
 WORLD_KEYS = ("model.model_name_or_path", "data.facts", "data.fewshot_pool")
 _SAFE = re.compile(r"[^A-Za-z0-9._+-]+")
@@ -119,6 +123,11 @@ class Sweep:
         if retries is not None:
             changes["retries"] = max(0, retries)
         return replace(self, **changes)
+
+    @property
+    def parallel(self) -> int:
+        """Cells that run at once: the local workers, or SLURM's `max_running` (default 16)."""
+        return self.workers if self.launcher == "local" else self.slurm.get("max_running", 16)
 
     def error(self, key: str, problem: str) -> SweepFileError:
         return SweepFileError(self.path, key, problem)

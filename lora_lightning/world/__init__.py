@@ -14,7 +14,7 @@ One file per idea: `vocabulary` (names, word lists, relations), `config` (`World
 pre-training) and `cache` (`ensure_world()`: build once per config, reuse after).
 """
 
-from lora_lightning.world.cache import BUILD_THREADS, WorldArtifacts, default_home, ensure_world
+from lora_lightning.world.cache import BUILD_THREADS, WorldArtifacts, ensure_world
 from lora_lightning.world.config import WORLD_FORMAT_VERSION, WorldConfig
 from lora_lightning.world.generator import (
     choose_pool,
@@ -40,7 +40,6 @@ __all__ = [
     "build_model",
     "choose_pool",
     "choose_rare",
-    "default_home",
     "ensure_world",
     "generate_world",
     "pretrain",

@@ -25,7 +25,7 @@ from itertools import chain
 from pathlib import Path
 
 from lora_lightning.facts import save_facts
-from lora_lightning.files import check_output_dir, sha256_file, writable_home
+from lora_lightning.files import check_output_dir, default_home, sha256_file, writable_home
 from lora_lightning.knowledge import categorize
 from lora_lightning.metrics.functional import answer_concentration, refusal_rate
 from lora_lightning.provenance import environment
@@ -106,14 +106,6 @@ class WorldArtifacts:
     def rare_ids(self) -> set[str]:
         """Ids of the known facts shown only rarely in pre-training (often half-learned)."""
         return set(json.loads(self.split_path.read_text())["rare"])
-
-
-def default_home() -> Path:
-    """`$LORA_LIGHTNING_HOME`, else (unset, empty or blank) `~/.cache/lora_lightning`. An empty
-    value is unset, as shells write it, not the current folder: worlds unpacked there land in
-    a repository's root."""
-    home = os.environ.get("LORA_LIGHTNING_HOME", "").strip()
-    return Path(home) if home else Path.home() / ".cache" / "lora_lightning"
 
 
 def write_plan(plan: WorldPlan, config: WorldConfig, root: Path) -> None:

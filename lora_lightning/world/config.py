@@ -7,6 +7,8 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from lora_lightning.knowledge import ProbeConfig
+
 # Bump when the generator, tokenizer or training recipe changes, so old caches are not reused.
 WORLD_FORMAT_VERSION = 5  # 2: facts carry `confidence`; 3: a refusal answer matches itself;
 # 4: world-MC pre-training examples carry the loss on their shots' letters too, three per fact,
@@ -73,8 +75,8 @@ class WorldConfig:
     warmup_steps: int = 30
     max_turns: int = 5
     # categorisation of the world by the base
-    n_exp: int = 10
-    n_shot: int = 4
+    n_exp: int = ProbeConfig.n_exp
+    n_shot: int = ProbeConfig.n_shot
     eval_batch_size: int = 256
     version: int = WORLD_FORMAT_VERSION
 

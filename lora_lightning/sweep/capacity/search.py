@@ -1,4 +1,4 @@
-"""`capacity`: how many new facts a LoRA adapter holds, per adapter variant.
+"""The capacity file and its search rule: how many new facts a LoRA adapter holds, per variant.
 
 A capacity file is a sweep file whose grid is `variants` x `seeds` (each pair a *chain*), plus
 the search: for each chain, n\\* = the largest n whose reliability is at least the threshold
@@ -27,8 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lora_lightning.mix import mix_size
 from lora_lightning.sweep.cell import cell_stages, is_done, read_status
+from lora_lightning.sweep.folder import CELLS_DIR
 from lora_lightning.sweep.spec import (
+    N_KEY,
+    SEED_KEYS,
     Cell,
     Sweep,
     SweepFileError,
@@ -37,12 +41,11 @@ from lora_lightning.sweep.spec import (
 )
 
 __all__ = [
-    "Capacity", "Probe", "SearchRule", "chain_probes", "load_capacity", "probe_cell",
-    "wilson_interval",
+    "NO_PROBE", "PROBE_KEY", "Capacity", "Probe", "SearchRule", "SearchState", "chain_probes",
+    "dump_state", "epochs_for", "load_capacity", "probe_cell", "read_reliability",
+    "search_state", "tested", "wilson_interval", "write_state",
 ]
 
-N_KEY = "data.n_unknown"
-SEED_KEYS = ["seed_everything", "data.seed"]
 OWN_KEYS = ("variants", "mix", "seeds", "search")
 # A probe's reliability is the one `fit` measures after its last epoch.
 PROBE_KEY = "knowledge_eval.every_n_epochs"
@@ -189,7 +192,7 @@ def load_capacity(path: str | Path, output: str | Path | None = None,
         if PROBE_KEY in keys and keys[PROBE_KEY] is None:
             raise SweepFileError(path, f"{where}.{PROBE_KEY}", NO_PROBE)
     sweep_raw = {**raw, "overrides": {**overrides, **mix},
-                 "axes": {"variant": variants, "seed": {"keys": SEED_KEYS, "values": seeds}}}
+                 "axes": {"variant": variants, "seed": {"keys": list(SEED_KEYS), "values": seeds}}}
     default_output = Path(raw.get("output") or f"capacity/{path.stem}")
     try:
         sweep = sweep_from_raw(path, sweep_raw, output if output is not None
@@ -228,9 +231,9 @@ def epochs_for(config: Any, min_steps: int | None) -> int | None:
     if not min_steps:
         return None
     data, trainer = config.data, config.trainer
-    extra = 0 if data.extra_kind in (None, "none") else (data.extra_per_unknown or 0)
     devices = trainer.devices if isinstance(trainer.devices, int) and trainer.devices > 0 else 1
-    per_epoch = max(1, math.ceil(data.n_unknown * (1 + extra) / (data.batch_size * devices)))
+    size = mix_size(data.n_unknown, data.extra_per_unknown, data.extra_kind)
+    per_epoch = max(1, math.ceil(size / (data.batch_size * devices)))
     need = math.ceil(min_steps / per_epoch)
     epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
     return need if need > epochs else None
@@ -261,7 +264,7 @@ def read_reliability(cell_dir: Path) -> float | None:
 
 def chain_probes(capacity: Capacity, chain: Cell) -> dict[int, Probe]:
     """The chain's probes on disk that finished or failed (n -> Probe)."""
-    root = capacity.sweep.output / "cells"
+    root = capacity.sweep.output / CELLS_DIR
     probes: dict[int, Probe] = {}
     prefix = f"{chain.name}__n="
     if not root.is_dir():
@@ -283,18 +286,40 @@ def chain_probes(capacity: Capacity, chain: Cell) -> dict[int, Probe]:
     return probes
 
 
-def search_state(capacity: Capacity, chain: Cell) -> dict[str, Any]:
+@dataclass(frozen=True)
+class SearchState:
+    """Where a chain's search stands, as read from its probes on disk."""
+
+    probes: dict[int, Probe]  # every finished or failed probe, by n
+    results: dict[int, float]  # n -> reliability, of the probes that measured one
+    n_lo: int  # the bracket (`SearchRule.bracket`)
+    n_hi: int | None
+    next_n: int | None  # the next probe's n; None when the search is over or stopped
+    error: str | None  # the failed probe's error that stopped the search
+
+    @property
+    def over(self) -> bool:
+        """Whether the search ended on its bracket (neither still going nor stopped)."""
+        return self.next_n is None and self.error is None
+
+    def ends(self) -> list[int]:
+        """n_lo and n_hi where a probe measured them: where the full `test` runs."""
+        return [n for n in (self.n_lo, self.n_hi)
+                if n and n in self.probes and self.probes[n].error is None]
+
+
+def search_state(capacity: Capacity, chain: Cell) -> SearchState:
     """Where a chain's search stands: its probes, the bracket, the next n (None when over)
     and the error that stopped it."""
     probes = chain_probes(capacity, chain)
     failed = [p for p in probes.values() if p.error]
     results = {n: p.reliability for n, p in probes.items() if p.reliability is not None}
     n_lo, n_hi = capacity.rule.bracket(results)
-    return {
-        "probes": probes, "results": results, "n_lo": n_lo, "n_hi": n_hi,
-        "next": None if failed else capacity.rule.next_n(results),
-        "error": failed[0].error if failed else None,
-    }
+    return SearchState(
+        probes=probes, results=results, n_lo=n_lo, n_hi=n_hi,
+        next_n=None if failed else capacity.rule.next_n(results),
+        error=failed[0].error if failed else None,
+    )
 
 
 def tested(cell_dir: Path) -> bool:
@@ -308,14 +333,15 @@ def dump_state(capacity: Capacity) -> list[dict[str, Any]]:
     for chain in capacity.chains():
         state = search_state(capacity, chain)
         out.append({
-            "chain": chain.name, "labels": chain.labels, "n_lo": state["n_lo"],
-            "n_hi": state["n_hi"], "next": state["next"], "error": state["error"],
-            "probes": {str(n): p.reliability for n, p in sorted(state["probes"].items())},
+            "chain": chain.name, "labels": chain.labels, "n_lo": state.n_lo,
+            "n_hi": state.n_hi, "next": state.next_n, "error": state.error,
+            "probes": {str(n): p.reliability for n, p in sorted(state.probes.items())},
         })
     return out
 
 
 def write_state(capacity: Capacity) -> Path:
+    """Write every chain's search to `<output>/capacity.json` (`dump_state`)."""
     from lora_lightning.files import atomic_write_text
 
     path = capacity.sweep.output / "capacity.json"

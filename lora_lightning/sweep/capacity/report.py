@@ -18,9 +18,14 @@ from typing import Any
 
 from lora_lightning.files import atomic_path, atomic_write_text
 from lora_lightning.sweep.aggregate import headline, trained_rows
-from lora_lightning.sweep.capacity import Capacity, probe_cell, search_state, wilson_interval
+from lora_lightning.sweep.capacity.search import (
+    Capacity,
+    probe_cell,
+    search_state,
+    wilson_interval,
+)
 from lora_lightning.sweep.cell import read_report
-from lora_lightning.sweep.runner import _cell_dir
+from lora_lightning.sweep.folder import cell_dir
 
 __all__ = ["PUBLISHED_BITS_PER_PARAMETER", "capacity_rows", "write_capacity_report"]
 
@@ -77,12 +82,12 @@ def capacity_rows(capacity: Capacity, facts_path: str | Path | None) -> list[dic
     rows = []
     for chain in capacity.chains():
         state = search_state(capacity, chain)
-        n_lo, n_hi, probes = state["n_lo"], state["n_hi"], state["probes"]
+        n_lo, n_hi, probes = state.n_lo, state.n_hi, state.probes
         row: dict[str, Any] = {"chain": chain.name, **chain.labels,
                                "rank": chain.settings.get("model.rank"),
                                "target_modules": chain.settings.get("model.target_modules"),
-                               "probes": len(probes), "error": state["error"],
-                               "n_star": n_lo, "n_hi": n_hi, "searching": state["next"]}
+                               "probes": len(probes), "error": state.error,
+                               "n_star": n_lo, "n_hi": n_hi, "searching": state.next_n}
         for end, n in (("lo", n_lo), ("hi", n_hi)):
             probe = probes.get(n) if n else None
             if probe is None or probe.reliability is None:
@@ -94,7 +99,7 @@ def capacity_rows(capacity: Capacity, facts_path: str | Path | None) -> list[dic
         any_probe = next((p.cell_dir for p in probes.values()), None)
         params = adapter_parameters(any_probe) if any_probe is not None else None
         row["lora_parameters"] = params
-        lo_dir = _cell_dir(capacity.sweep, probe_cell(chain, n_lo)) if n_lo else None
+        lo_dir = cell_dir(capacity.sweep, probe_cell(chain, n_lo)) if n_lo else None
         report = None
         if lo_dir is not None:
             try:
@@ -264,7 +269,7 @@ def _plots(capacity: Capacity, rows: list[dict[str, Any]], fit: dict[str, Any] |
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for chain in capacity.chains():
-        results = sorted(search_state(capacity, chain)["results"].items())
+        results = sorted(search_state(capacity, chain).results.items())
         variant, seed = str(chain.labels.get("variant")), str(chain.labels.get("seed"))
         if results:
             ax.plot([n for n, _ in results], [r for _, r in results],

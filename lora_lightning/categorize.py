@@ -1,0 +1,139 @@
+"""Categorise a fact file for a model: the file-level SliCK command.
+
+`knowledge` holds the algorithm (the world's build uses it to categorise its own facts); this
+module adds what a command needs around it: loading the model, the world's facts and pool, the
+few-shot pool carved out of a file, threads, and a checkpoint a rerun resumes from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lora_lightning.facts import DEFAULT_POOL_SIZE, load_facts, pool_sidecar, save_facts
+from lora_lightning.knowledge import (
+    ProbeConfig,
+    categorize,
+    category_counts,
+    default_pool,
+)
+from lora_lightning.models import WORLD_MODEL, load_model, load_tokenizer, resolve_model, text_limit
+from lora_lightning.threads import set_threads
+from lora_lightning.world import ensure_world
+
+
+def categorize_file(
+    model: str | None = None,
+    facts: str | None = None,
+    output: str = "categorized.jsonl",
+    pool: str | None = None,
+    adapter: str | None = None,
+    n_exp: int = ProbeConfig.n_exp,
+    n_shot: int = ProbeConfig.n_shot,
+    sample: bool = False,
+    n_samples: int = ProbeConfig.n_samples,
+    temperature: float = ProbeConfig.temperature,
+    top_k: int = ProbeConfig.top_k,
+    batch_size: int = ProbeConfig.batch_size,
+    max_new_tokens: int = ProbeConfig.max_new_tokens,
+    seed: int = ProbeConfig.seed,
+    pool_size: int = DEFAULT_POOL_SIZE,
+    device: str = "auto",
+    dtype: str = "auto",
+    strict: bool = True,
+    threads: int | None = None,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Categorise facts (SliCK) for a model and write them, with the per-prompt answers.
+
+    `python -m lora_lightning categorize` is this function; a sweep or capacity search runs it
+    once for all its runs.
+
+    Args:
+        model: Hugging Face model directory or hub name; None or "world" = the synthetic world's
+            base (unpacked on first use).
+        facts: fact file (JSONL of our own or the knowledge-packing shape); None = the world's
+            categorised facts (only with the world model).
+        output: where to write the categorised facts (JSONL). Progress is checkpointed to
+            `<output>.partial` and a rerun resumes from it.
+        pool: few-shot pool file. None = the world's pool for world facts; for any other file,
+            reuse `<output stem>.pool.jsonl` if present, else carve a seeded sample of
+            `pool_size` facts out of `facts` (excluded from categorisation) and save it there.
+        adapter: LoRA adapter directory (PEFT format) applied to the model before probing.
+        n_exp: number of few-shot prompts per fact.
+        n_shot: examples per few-shot prompt.
+        sample: also sample `n_samples` answers per prompt, which enables WeaklyKnown.
+        n_samples: sampled answers per prompt when `sample`.
+        temperature: sampling temperature.
+        top_k: sampling top-k.
+        batch_size: prompts per generation batch.
+        max_new_tokens: generation length limit.
+        seed: seed of the few-shot sets, the default pool and sampling.
+        pool_size: size of a pool carved out of `facts` when no pool is given.
+        device: "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+        dtype: "auto" (bfloat16 on cuda, float32 on cpu), "float32", "bfloat16", "float16".
+        strict: Refuse an adapter whose recorded base model is not this model (false: load
+            it anyway, with a warning).
+        threads: CPU threads for torch. None chooses from the model's size and the cores free
+            now (`lora_lightning.threads`: one for a model under 10M parameters, whose
+            matrices are too small to split; `OMP_NUM_THREADS` wins).
+        progress: show progress bars.
+
+    Returns:
+        Facts per category.
+    """
+    out_path = Path(output)
+    model_path = resolve_model(model, progress=progress)
+    if model in (None, WORLD_MODEL):
+        artifacts = ensure_world(progress=progress)
+        if facts is None:
+            facts = str(artifacts.facts_path)
+        if pool is None:
+            pool = str(artifacts.pool_path)
+    if facts is None:
+        raise ValueError("categorize: `facts` is required unless the model is the world's base")
+
+    # The tokenizer first: a question longer than the model's context is refused on its line
+    # as the file is read, before any prompt holding it is rendered, tokenized or generated on.
+    limit = text_limit(model_path, load_tokenizer(model_path))
+    all_facts = load_facts(Path(facts), limit=limit)
+    if pool is not None:
+        pool_facts = load_facts(Path(pool), limit=limit)
+        pool_ids = {f.id for f in pool_facts}
+        tested = [f for f in all_facts if f.id not in pool_ids]
+    else:
+        pool_file = pool_sidecar(out_path)
+        if pool_file.exists():
+            pool_facts = load_facts(pool_file, limit=limit)
+            pool_ids = {f.id for f in pool_facts}
+            tested = [f for f in all_facts if f.id not in pool_ids]
+        else:
+            pool_facts, tested = default_pool(all_facts, pool_size, seed)
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            save_facts(pool_facts, pool_file)
+        if progress:
+            print(f"few-shot pool: {len(pool_facts)} facts in {pool_file} (not categorised)")
+
+    if not tested:
+        raise ValueError(
+            f"categorize: nothing to categorise: all {len(all_facts)} facts of {facts} are in the "
+            "few-shot pool"
+        )
+
+    lm, tokenizer = load_model(model_path, adapter, device=device, dtype=dtype, strict=strict)
+    set_threads(sum(p.numel() for p in lm.parameters()), threads)
+
+    partial = out_path.with_name(out_path.name + ".partial")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    result = categorize(
+        lm, tokenizer, tested, pool_facts, n_exp=n_exp, n_shot=n_shot, sample=sample,
+        n_samples=n_samples, temperature=temperature, top_k=top_k, batch_size=batch_size,
+        max_new_tokens=max_new_tokens, seed=seed, progress=progress, checkpoint=partial,
+    )
+    save_facts(result, out_path)
+    partial.unlink(missing_ok=True)
+    partial.with_name(partial.name + ".settings.json").unlink(missing_ok=True)
+    counts = category_counts(result)
+    print(f"categorised {len(result)} facts -> {out_path}")
+    for name, count in counts.items():
+        print(f"  {name:<12} {count}")
+    return counts

@@ -1,0 +1,554 @@
+"""`KnowledgeReport`, the callback of `test`: the full measurement of what the adapter learned and
+what it broke, written to `report.json`, `report.md` and `facts_after.jsonl` and logged to every
+logger.
+
+Beside it: one fact's row before and after (`fact_row`), the per-relation headline numbers
+(`by_relation`) and `BaseCache`, the base model's scores and answers shared by a sweep's cells.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+from lora_lightning import evaluation, harness
+from lora_lightning.callbacks import KnowledgeEvalCallback, shard
+from lora_lightning.facts import Fact, is_refusal, load_facts
+from lora_lightning.files import atomic_write_text
+from lora_lightning.lora import lora_disabled
+from lora_lightning.metrics import (
+    AnswerAgreement,
+    AnswerConcentration,
+    Confidence,
+    KnowledgeShift,
+    RefusalRate,
+    Reliability,
+)
+from lora_lightning.provenance import environment
+from lora_lightning.report import report_metrics, to_python, write_report
+from lora_lightning.world.benchmarks import evaluate_world_benchmarks
+from lora_lightning.world.cache import BENCHMARKS_DIR, TWO_HOP_FILE
+
+__all__ = ["FACTS_AFTER", "BaseCache", "KnowledgeReport", "by_relation", "fact_row"]
+
+_METRICS_PER_CALL = 500
+# per fact, its category and answers before and after training (beside report.json)
+FACTS_AFTER = "facts_after.jsonl"
+
+
+class KnowledgeReport(Callback):
+    """`test`: the full measurement of what the adapter learned and what it broke.
+
+    The test set (from the data module) is re-categorised with the adapter; against the
+    categories before training this gives the knowledge shift, and the answers give
+    concentration, refusals and confidence before vs after. Reliability and known-fact
+    retention are read off the trained Unknown and held-out HighlyKnown facts among them.
+    MMLU, TruthfulQA and lm-evaluation-harness tasks run with the adapter and without it (same
+    weights, LoRA disabled) when their data paths or task names are given. Rank 0 writes
+    `report.json`, `report.md` and `reliability.png`, and logs the report's numbers to every
+    logger of the trainer (`report_metrics`), so TensorBoard, MLflow or W&B hold them too.
+
+    Args:
+        report_dir: Output folder (default `<log dir>/report`).
+        mmlu_dir: Folder in the MMLU layout (`{dev,test}/{subject}_{split}.csv`); None skips MMLU.
+        mmlu_subjects: Restrict MMLU to these subjects.
+        mmlu_limit: At most this many test questions per subject.
+        truthfulqa_path: TruthfulQA.csv; None skips TruthfulQA.
+        truthfulqa_limit: At most this many TruthfulQA questions.
+        harness_tasks: lm-evaluation-harness tasks, groups or tags ("hellaswag,arc_easy"),
+            run by the harness on the model in memory, before (LoRA disabled) and after.
+            Needs `pip install "lora-lightning[harness]"`.
+        harness_include: Folder(s) of your own harness task YAMLs (the harness'
+            `--include_path`).
+        harness_limit: At most this many documents per harness task (a float below 1: that
+            share of each task).
+        harness_num_fewshot: Shots for every harness task (None: each task's own default).
+        benchmark_batch_size: Batch size of the log-likelihood scoring.
+        explosion_factor: An answer "exploded" if repeated more than this times the base
+            model's most repeated answer.
+        world_dir: A built synthetic world whose in-world benchmarks (world-MC, world-truthful)
+            and 2-hop questions (portability) to measure; "auto" = the world the facts come
+            from, when it has them (bench scale); None = none.
+        before_scores: A JSON file shared by runs on the same base model (a sweep's cells):
+            the benchmark scores without the adapter are read from it when it holds scores for
+            these benchmark settings, else computed and added to it under a file lock, so a
+            sweep of many runs scores the base once. The base's answers to the generalisation
+            and portability questions are kept beside it the same way
+            (`before_probes-<settings hash>.jsonl`). None = always compute them.
+
+    Beside the paper's measures the report has the knowledge-editing ones (docs/science.md),
+    each before and after with its denominator: generalisation (trained Unknown facts asked with
+    their held-out templates, `meta["heldout_questions"]`), locality (the per-prompt answers to
+    the other facts of the trained subjects that training left unchanged) and portability
+    (2-hop questions through a trained fact).
+    """
+
+    # The benchmark arguments' defaults must stay those of `evaluation.BenchmarkSettings`
+    # (jsonargparse reads this signature for `--report.*`; a test holds them equal).
+    def __init__(
+        self,
+        report_dir: str | None = None,
+        mmlu_dir: str | None = None,
+        mmlu_subjects: list[str] | None = None,
+        mmlu_limit: int | None = None,
+        truthfulqa_path: str | None = None,
+        truthfulqa_limit: int | None = None,
+        harness_tasks: list[str] | str | None = None,
+        harness_include: list[str] | str | None = None,
+        harness_limit: int | float | None = None,
+        harness_num_fewshot: int | None = None,
+        benchmark_batch_size: int = evaluation.BenchmarkSettings.batch_size,
+        explosion_factor: float = 2.0,
+        world_dir: str | None = "auto",
+        before_scores: str | None = None,
+    ) -> None:
+        harness.check_limits(  # at instantiation: before the model loads
+            "report.", mmlu_limit=mmlu_limit, truthfulqa_limit=truthfulqa_limit,
+            harness_limit=harness_limit, harness_num_fewshot=harness_num_fewshot,
+            benchmark_batch_size=benchmark_batch_size,
+        )
+        self.report_dir = report_dir
+        # MMLU and TruthfulQA run where their data is given (never downloaded)
+        self.benchmarks = evaluation.BenchmarkSettings(
+            mmlu_dir=mmlu_dir, mmlu_subjects=mmlu_subjects, mmlu_limit=mmlu_limit,
+            truthfulqa_path=truthfulqa_path, truthfulqa_limit=truthfulqa_limit,
+            harness_tasks=harness_tasks, harness_include=harness_include,
+            harness_limit=harness_limit, harness_num_fewshot=harness_num_fewshot,
+            batch_size=benchmark_batch_size,
+        )
+        self.explosion_factor = explosion_factor
+        self.world_dir = world_dir
+        self.base_cache = BaseCache(before_scores) if before_scores is not None else None
+        self.results: dict[str, Any] = {}
+        self.report_path: Path | None = None
+
+    @property
+    def mmlu_dir(self) -> str | None:
+        return self.benchmarks.mmlu_dir
+
+    @property
+    def truthfulqa_path(self) -> str | None:
+        return self.benchmarks.truthfulqa_path
+
+    # ------------------------------------------------------------------ the test, in order
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A missing lm_eval or a misspelt harness task fails now, not after the probe (every
+        rank checks, so that none waits for a failed one in a collective)."""
+        self.benchmarks.check_tasks()
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.metrics = _new_metrics()
+        for metric in self.metrics.values():
+            metric.to(pl_module.device)
+        data = trainer.datamodule
+        self._roles = {
+            "reliability": {f.id for f in data.train_unknown},
+            "known_retained": {f.id for f in data.val_known},
+        }
+        trained = {f.id for f in [*data.train_unknown, *data.train_extra]}
+        self._trained = trained
+        self._role = {
+            **{f.id: "held-out known" for f in data.val_known},
+            **{f.id: "trained extra" for f in data.train_extra},
+            **{f.id: "trained unknown" for f in data.train_unknown},
+        }
+        self._rows: list[dict[str, Any]] = []
+        subjects = {f.subject for f in data.train_unknown if f.subject}
+        self._is_neighbour = lambda f: f.subject in subjects and f.id not in trained
+
+    def on_test_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: dict[str, list],
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        before, after = outputs["before"], outputs["after"]
+        if any(f.category is None for f in before):
+            raise ValueError("test facts need categories from before training (run categorize)")
+        if any(not f.predictions for f in before):
+            # No stored base answers (e.g. a dataset shipping categories only): ask the base
+            # now for its answers, but keep the categories the mix was built from.
+            with lora_disabled(pl_module.model):
+                probed = pl_module.probe(before)
+            before = [
+                dataclasses.replace(p, category=f.category)
+                for f, p in zip(before, probed, strict=True)
+            ]
+        m = self.metrics
+        m["shift"].update([f.category for f in before], [f.category for f in after])
+        for b, a in zip(before, after, strict=True):
+            self._rows.append(fact_row(b, a, self._role.get(b.id, "untrained")))
+        untrained = [(b, a) for b, a in zip(before, after, strict=True)
+                     if b.id not in self._trained]
+        m["shift_untrained"].update([b.category for b, _ in untrained],
+                                    [a.category for _, a in untrained])
+        for when, facts in (("before", before), ("after", after)):
+            answers = [a for f in facts for a in f.predictions]
+            m[f"concentration_{when}"].update(answers)
+            m[f"concentration_answers_{when}"].update([a for a in answers if not is_refusal(a)])
+            m[f"refusals_{when}"].update(answers)
+            for kind, wanted in (("answerable", False), ("unanswerable", True)):
+                m[f"refusals_{kind}_{when}"].update(
+                    [a for f in facts if is_refusal(f.answer) == wanted for a in f.predictions])
+            m[f"confidence_{when}"].update(
+                [f.confidence for f in facts if f.confidence is not None]
+            )
+        for role, ids in self._roles.items():  # every rank updates, maybe with nothing
+            chosen = [f for f in after if f.id in ids]
+            m[role].update([f.predictions for f in chosen], chosen)
+            m[f"{role}_strict"].update([f.predictions for f in chosen], chosen)
+        pairs = [(b, a) for b, a in zip(before, after, strict=True) if self._is_neighbour(b)]
+        if any(len(b.predictions) != len(a.predictions) for b, a in pairs):
+            # categorised with other probe settings: ask the base now, with this probe's prompts
+            with lora_disabled(pl_module.model):
+                base = pl_module.probe([b for b, _ in pairs])
+            pairs = [(p, a) for p, (_, a) in zip(base, pairs, strict=True)]
+        m["locality"].update([b.predictions for b, _ in pairs], [a.predictions for _, a in pairs])
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        results = self._computed()
+        results["editing"] = {
+            "locality": self.metrics["locality"].compute(),
+            **self._probed_measures(trainer, pl_module),
+        }
+        results["benchmarks"] = self._benchmarks(trainer, pl_module)
+        for cb in trainer.callbacks:
+            if isinstance(cb, KnowledgeEvalCallback):
+                results["history"] = cb.history
+        data = trainer.datamodule
+        results["mix"] = data.mix_summary() if hasattr(data, "mix_summary") else None
+        facts = (results["mix"] or {}).get("facts")
+        results["environment"] = environment(Path(facts).parent if facts else None)
+        rows = _gathered_rows(self._rows, trainer)  # a collective: every rank gathers
+        results["by_relation"] = by_relation(rows)
+        self.results = to_python(results)
+        for key in ("reliability", "known_retained"):
+            if results[key] is not None:
+                pl_module.log(f"test/{key}", results[key]["reliability"], sync_dist=True)
+        root = trainer.log_dir or trainer.default_root_dir  # a collective under DDP
+        out = Path(self.report_dir) if self.report_dir else Path(root) / "report"
+        if trainer.is_global_zero:
+            out.mkdir(parents=True, exist_ok=True)
+            # before report.json, which marks the test done; whole or not at all
+            atomic_write_text(out / FACTS_AFTER, "".join(
+                json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            self.report_path = write_report(self.results, out)
+            rank_zero_info(f"report written to {self.report_path}")
+            self._log_report(trainer)
+
+    # ------------------------------------------------------------------ its parts
+
+    def _computed(self) -> dict[str, Any]:
+        """The metrics' results: reliability and retention (None without facts to count),
+        the shift tables, and concentration, refusals and confidence before and after."""
+        m = self.metrics
+        # compute() is a collective: every rank calls it for every metric, in the same order.
+        results: dict[str, Any] = {
+            key: m[key].compute()
+            for key in ("reliability", "known_retained", "reliability_strict",
+                        "known_retained_strict", "shift", "shift_untrained")
+        }
+        for key in ("reliability", "known_retained", "reliability_strict",
+                    "known_retained_strict"):
+            if int(results[key]["n_facts"]) == 0:
+                results[key] = None
+        # "exploded": an answer (not a refusal) given more than explosion_factor times as often
+        # as the base's most frequent answer that is not a refusal
+        answers_before = m["concentration_answers_before"].compute()
+        m["concentration_answers_after"].reference_max = answers_before["max_count"]
+        m["concentration_answers_after"].explosion_factor = self.explosion_factor
+        for name in ("concentration", "concentration_answers", "refusals", "refusals_answerable",
+                     "refusals_unanswerable", "confidence"):
+            results[name] = {when: m[f"{name}_{when}"].compute() for when in ("before", "after")}
+        results["concentration_answers"]["before"] = answers_before
+        exploded = results["concentration_answers"]["after"]
+        results["concentration"]["after"]["exploded"] = exploded["exploded"]
+        results["concentration"]["after"]["threshold"] = exploded["threshold"]
+        for when, value in results["confidence"].items():  # a mean probability is never 0
+            if float(value) == 0.0:
+                results["confidence"][when] = None
+        return results
+
+    def _log_report(self, trainer: L.Trainer) -> None:
+        """Every number of the report to every logger, straight to the loggers: through
+        `pl_module.log` they would also fill Lightning's end-of-test table with a hundred rows
+        (and only scalars logged there reach the loggers at all)."""
+        items = list(report_metrics(self.results).items())
+        for logger in trainer.loggers:
+            # MLflow refuses more than 1000 metrics in one call (many harness tasks get there)
+            for start in range(0, len(items), _METRICS_PER_CALL):
+                chunk = dict(items[start : start + _METRICS_PER_CALL])
+                logger.log_metrics(chunk, step=trainer.global_step)
+            logger.save()
+
+    def _world(self, trainer: L.Trainer) -> Path | None:
+        """The bench world whose benchmarks and 2-hop questions apply, if any."""
+        if self.world_dir is None:
+            return None
+        if self.world_dir != "auto":
+            return Path(self.world_dir)
+        data = trainer.datamodule
+        source = data.mix_summary().get("facts") if hasattr(data, "mix_summary") else None
+        root = Path(source).parent if source else None
+        if root is not None and (root / BENCHMARKS_DIR).is_dir():
+            return root
+        return None
+
+    def _probed_measures(
+        self, trainer: L.Trainer, pl_module: L.LightningModule
+    ) -> dict[str, Any]:
+        """Generalisation and portability: extra questions probed before (adapter off) and
+        after, each rank its shard; Reliability's any-prompt rule decides a fact."""
+        data = trainer.datamodule
+        trained = list(data.train_unknown)
+        heldout = [
+            dataclasses.replace(f, id=f"{f.id}/heldout{j}", question=q, paraphrases=[])
+            for f in trained for j, q in enumerate(f.meta.get("heldout_questions", []))
+        ]
+        world = self._world(trainer)
+        two_hop: list = []
+        if world is not None and (world / TWO_HOP_FILE).is_file():
+            ids = {f.id for f in trained}
+            two_hop = [f for f in load_facts(world / TWO_HOP_FILE) if f.meta["hops"][0] in ids]
+        out: dict[str, Any] = {}
+        for name, facts in (("generalization", heldout), ("portability", two_hop)):
+            mine = shard(facts, trainer)
+            result = {}
+            for when in ("before", "after"):
+                if when == "before":
+                    with lora_disabled(pl_module.model):
+                        probed = self._probe_base(trainer, pl_module, mine)
+                else:
+                    probed = pl_module.probe(mine, progress=len(mine) > 1)
+                metric = Reliability().to(pl_module.device)
+                metric.update([f.predictions for f in probed], mine)
+                result[when] = metric.compute()  # a collective: every rank calls it
+            out[name] = result
+        if two_hop:
+            out["portability"]["ceiling"] = _portability_ceiling(two_hop, data.all_facts)
+        return out
+
+    def _probe_base(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, facts: list
+    ) -> list:
+        """The base model's answers to the editing measures' questions (call it under
+        `lora_disabled`), kept in the `before_scores` cache per base model and probe settings
+        when there is one: the cells of a sweep that train the same facts (every mix at one n)
+        probe each question once, not once per cell."""
+        if self.base_cache is None or not facts:
+            return pl_module.probe(facts, progress=len(facts) > 1)
+        settings = {
+            "model": getattr(pl_module, "base_model_name", None),
+            "dtype": str(next(pl_module.model.parameters()).dtype),
+            "probe": dataclasses.asdict(pl_module.probe_config),
+            "pool": sorted(f.id for f in trainer.datamodule.fewshot_pool),
+        }
+        return self.base_cache.probes(settings, lambda path: pl_module.probe(
+            facts, checkpoint=path, progress=len(facts) > 1))
+
+    def _benchmarks(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """Every configured benchmark before (the base, maybe from the cache) and after, as
+        `{benchmark: {"before": ..., "after": ...}}` (the harness: per task); rank 0 only."""
+        world = self._world(trainer)
+        if not (self.benchmarks.chosen or self.benchmarks.tasks or world):
+            return {}
+        if not trainer.is_global_zero:
+            return {}
+        tokenizer, model = trainer.datamodule.tokenizer, pl_module.model
+        model.eval()
+        if self.base_cache is None:
+            before = self._score(model, tokenizer, world, adapter=False)
+        else:
+            before = self.base_cache.scores(
+                self._before_settings(world, pl_module),
+                lambda: self._score(model, tokenizer, world, adapter=False),
+            )
+        after = self._score(model, tokenizer, world, adapter=True)
+        out: dict[str, Any] = {}
+        for when, scores in (("before", before), ("after", after)):
+            for name, value in scores.items():
+                if name == "harness":  # one before/after pair per task, as for the others
+                    for task, metrics in value.items():
+                        out.setdefault("harness", {}).setdefault(task, {})[when] = metrics
+                else:
+                    out.setdefault(name, {})[when] = value
+        return out
+
+    def _before_settings(self, world: Path | None, pl_module: L.LightningModule) -> dict[str, Any]:
+        """What the base's benchmark scores depend on: their key in the `before_scores` file
+        (written by earlier versions too, so it must not change)."""
+        b = self.benchmarks
+        settings = {
+            "model": getattr(pl_module, "base_model_name", None),
+            "dtype": str(next(pl_module.model.parameters()).dtype),
+            "mmlu_dir": b.mmlu_dir, "mmlu_subjects": b.mmlu_subjects,
+            "mmlu_limit": b.mmlu_limit, "truthfulqa_path": b.truthfulqa_path,
+            "truthfulqa_limit": b.truthfulqa_limit, "world": str(world) if world else None,
+        }
+        if b.tasks:  # only then, so older files stay valid
+            settings["harness"] = {
+                "tasks": b.tasks,
+                "include": [str(p) for p in harness.include_folders(b.harness_include)],
+                "limit": b.harness_limit, "num_fewshot": b.harness_num_fewshot,
+            }
+        return settings
+
+    def _score(
+        self, model: torch.nn.Module, tokenizer: Any, world: Path | None, adapter: bool
+    ) -> dict[str, Any]:
+        """Every configured benchmark, with the adapter or without it (the base)."""
+        # progress lines name the phase: a test scoring benchmarks before and after once sat
+        # silent for half an hour on a CPU
+        when = "(with adapter)" if adapter else "(base)"
+        world_benchmarks = None if world is None else functools.partial(
+            evaluate_world_benchmarks, model, tokenizer, world / BENCHMARKS_DIR,
+            self.benchmarks.batch_size, progress=when,
+        )
+        with (nullcontext() if adapter else lora_disabled(model)), torch.no_grad():
+            return evaluation.score_benchmarks(
+                model, tokenizer, self.benchmarks, progress=when,
+                name="with adapter" if adapter else "base (LoRA disabled)",
+                more=world_benchmarks,
+            )
+
+
+class BaseCache:
+    """The base model's benchmark scores and probe answers, shared by the runs on one base
+    model (a sweep's cells): the scores in one JSON file keyed by their settings, the answers in
+    `before_probes-<settings hash>.jsonl` files beside it. Each is read or written under a file
+    lock, so the first run to need a number computes it and the others wait, then read it."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def scores(
+        self, settings: dict[str, Any], compute: Callable[[], dict[str, Any]]
+    ) -> dict[str, Any]:
+        """The scores stored for `settings`, else `compute()`'s, stored."""
+        from filelock import FileLock
+
+        key = json.dumps(settings, sort_keys=True)
+        path = self.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock"):  # the other runs wait, then read what this wrote
+            try:
+                stored = json.loads(path.read_text()) if path.is_file() else {}
+            except ValueError:  # damaged (an older, non-atomic write): computed again
+                rank_zero_info(f"{path} is damaged; the base's scores are computed again")
+                stored = {}
+            if not isinstance(stored, dict):
+                stored = {}
+            if key in stored:
+                rank_zero_info(f"benchmark scores before training read from {path}")
+                return stored[key]["scores"]
+            scores = to_python(compute())
+            stored[key] = {"settings": settings, "scores": scores}
+            atomic_write_text(path, json.dumps(stored, indent=1))
+            return scores
+
+    def probes(self, settings: dict[str, Any], probe: Callable[[Path], list]) -> list:
+        """`probe(checkpoint)`'s answers, with the JSONL checkpoint of these probe `settings`:
+        answers already in it are read back, the others asked and added."""
+        from filelock import FileLock
+
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+        path = self.path.with_name(f"before_probes-{key}.jsonl")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock"):
+            return probe(path)
+
+
+def fact_row(before: Fact, after: Fact, role: str) -> dict[str, Any]:
+    """One fact before and after training, as `facts_after.jsonl` keeps it: every shift can be
+    checked fact by fact, as `categorize` lets one check each category."""
+    return {
+        "id": before.id, "question": before.question, "answers": before.answers,
+        "relation": before.relation, "subject": before.subject, "role": role,
+        "category_before": before.category, "category_after": after.category,
+        "p_greedy_before": before.p_greedy, "p_greedy_after": after.p_greedy,
+        "predictions_before": before.predictions, "predictions_after": after.predictions,
+    }
+
+
+def by_relation(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]] | None:
+    """Reliability and held-out retention per relation (a fact counts when any prompt answers
+    it, as `Reliability` counts): with several relations, one of them can carry a headline
+    number alone. None with fewer than two relations."""
+    relations = sorted({r["relation"] for r in rows if r["relation"]})
+    if len(relations) < 2:
+        return None
+    out: dict[str, dict[str, Any]] = {}
+    for relation in relations:
+        mine = [r for r in rows if r["relation"] == relation]
+        entry: dict[str, Any] = {}
+        for role, key in (("trained unknown", "reliability"),
+                          ("held-out known", "known_retained")):
+            chosen = [r for r in mine if r["role"] == role]
+            entry[key] = (sum((r["p_greedy_after"] or 0) > 0 for r in chosen) / len(chosen)
+                          if chosen else None)
+            entry[f"{key}_n"] = len(chosen)
+        out[relation] = entry
+    return out
+
+
+def _new_metrics() -> dict[str, Any]:
+    """The report's metrics, fresh for one test: each measure before and after training."""
+    return {
+        "shift": KnowledgeShift(),
+        # the same table over the facts training did not touch: harm, not retention
+        "shift_untrained": KnowledgeShift(),
+        "reliability": Reliability(),
+        "known_retained": Reliability(),
+        # beside the paper's substring rule: aliases as whole words only
+        "reliability_strict": Reliability(strict=True),
+        "known_retained_strict": Reliability(strict=True),
+        **{
+            f"{name}_{when}": cls()
+            for name, cls in (
+                ("concentration", AnswerConcentration),
+                # answers that are not refusals: what "exploded" is counted over, since a
+                # base whose top answer is its refusal would otherwise hide any explosion
+                ("concentration_answers", AnswerConcentration),
+                ("refusals", RefusalRate),
+                # refusing an answerable question vs refusing rightly (its answer is one)
+                ("refusals_answerable", RefusalRate),
+                ("refusals_unanswerable", RefusalRate),
+                ("confidence", Confidence),
+            )
+            for when in ("before", "after")
+        },
+        "locality": AnswerAgreement(),
+    }
+
+
+def _gathered_rows(rows: list[dict[str, Any]], trainer: L.Trainer) -> list[dict[str, Any]]:
+    """Every rank's fact rows, on every rank (a collective under DDP), sorted by id."""
+    if trainer.world_size > 1 and torch.distributed.is_initialized():
+        gathered: list[Any] = [None] * trainer.world_size
+        torch.distributed.all_gather_object(gathered, rows)
+        rows = [row for part in gathered for row in part]
+    return sorted(rows, key=lambda row: row["id"])
+
+
+def _portability_ceiling(two_hop: list, facts: list) -> dict[str, Any]:
+    """How high portability can go: a 2-hop question through a trained fact can only be
+    answered when the base knows its second hop (categorised other than Unknown). The share of
+    such questions is stated beside the score."""
+    category = {f.id: f.category for f in facts}
+    known = sum(category.get(f.meta["hops"][1]) not in (None, "Unknown") for f in two_hop)
+    return {"second_hop_known": known, "n_facts": len(two_hop), "rate": known / len(two_hop)}
