@@ -1,6 +1,6 @@
 """`python -m lora_lightning <command>`: a table from command name to the function that runs it.
 
-`fit`, `validate`, `test` and `predict` are Lightning's own subcommands (the LightningCLI of
+`fit`, `validate` and `test` are Lightning's own subcommands (the LightningCLI of
 `lora_lightning.cli`); every other command is a typed function that jsonargparse exposes.
 """
 
@@ -45,7 +45,7 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "world": world_command,
 }
 POSITIONAL = ("aggregate",)  # `aggregate SWEEP_DIR`
-TRAINING_COMMANDS = ("fit", "validate", "test", "predict")
+TRAINING_COMMANDS = ("fit", "validate", "test")
 
 
 class _DropMessages(logging.Filter):

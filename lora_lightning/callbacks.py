@@ -4,6 +4,7 @@ and adapter export. The `test` report's callback is `knowledge_report.KnowledgeR
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,10 @@ def shard(items: Sequence[Any], trainer: L.Trainer) -> list[Any]:
     return list(items[trainer.global_rank :: trainer.world_size])
 
 
+# a per-epoch probe longer than this shows its progress batch by batch
+_LONG_PROBE_S = 10.0
+
+
 class KnowledgeEvalCallback(Callback):
     """Reliability and known-fact retention over epochs, by few-shot generation.
 
@@ -170,6 +175,10 @@ class KnowledgeEvalCallback(Callback):
     few-shot prompts; `val/reliability` is the share of trained facts it now answers (P_greedy >
     0), `val/known_retained` the same over the held-out known facts. Each rank probes its shard;
     the metrics reduce across ranks. The per-epoch history is kept for the report's plot.
+
+    With a progress bar on, each probe says what it asks as it starts (a real model's probe
+    takes a minute), and shows its progress batch by batch when the previous one took longer
+    than `_LONG_PROBE_S` (or is the first): a quick probe of the synthetic world stays one line.
 
     Args:
         every_n_epochs: Probe every this many epochs (0 = only after the last epoch; None =
@@ -185,6 +194,7 @@ class KnowledgeEvalCallback(Callback):
             )
         self.every_n_epochs = every_n_epochs
         self.history: list[dict[str, float]] = []
+        self._last_probe_s: float | None = None
 
     def _due(self, trainer: L.Trainer) -> bool:
         if trainer.sanity_checking:
@@ -202,11 +212,16 @@ class KnowledgeEvalCallback(Callback):
         if not self._due(trainer) or data is None or not hasattr(data, "train_unknown"):
             return
         row: dict[str, float] = {"epoch": float(trainer.current_epoch), "step": trainer.global_step}
+        shown = trainer.progress_bar_callback is not None and trainer.is_global_zero
+        detailed = shown and (self._last_probe_s is None or self._last_probe_s > _LONG_PROBE_S)
+        if shown:
+            self._announce(trainer, pl_module, data)
+        start = time.monotonic()
         for key, facts in (("reliability", data.train_unknown), ("known_retained", data.val_known)):
             if not facts:
                 continue
             mine = shard(facts, trainer)
-            probed = pl_module.probe(mine)
+            probed = pl_module.probe(mine, progress=detailed)
             metric = Reliability().to(pl_module.device)
             metric.update([f.predictions for f in probed], mine)
             result = metric.compute()  # syncs across ranks when distributed
@@ -218,6 +233,19 @@ class KnowledgeEvalCallback(Callback):
                 f"val/{key}_mean_prompt_accuracy", result["mean_prompt_accuracy"], sync_dist=True
             )
         self.history.append(row)
+        self._last_probe_s = time.monotonic() - start
+
+    @staticmethod
+    def _announce(trainer: L.Trainer, pl_module: L.LightningModule, data: Any) -> None:
+        """One line naming the probe that starts, before its first model call."""
+        epochs = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
+        asked = " and ".join(f"{len(facts)} {what}" for what, facts in (
+            ("trained Unknown", data.train_unknown), ("held-out HighlyKnown", data.val_known))
+            if facts)
+        n_exp = getattr(getattr(pl_module, "probe_config", None), "n_exp", None)
+        prompts = f" x {n_exp} prompts" if n_exp else ""
+        print(f"epoch {trainer.current_epoch + 1}{epochs}: probing {asked} facts{prompts}",
+              file=sys.stdout, flush=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history, "every_n_epochs": self.every_n_epochs}

@@ -3,13 +3,21 @@
 `knowledge` holds the algorithm (the world's build uses it to categorise its own facts); this
 module adds what a command needs around it: loading the model, the world's facts and pool, the
 few-shot pool carved out of a file, threads, and a checkpoint a rerun resumes from.
+
+Beside the output it records how the categories were measured (`<output>.meta.json`: the
+model's dtype and device, the matching rule, the probe's settings), since the fact file itself
+is plain JSONL that every reader takes as it is. `comparability_problem` holds that record
+against a later probe: `test` warns when it would compare categories measured differently.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 from lora_lightning.facts import DEFAULT_POOL_SIZE, load_facts, pool_sidecar, save_facts
+from lora_lightning.files import atomic_write_text
 from lora_lightning.knowledge import (
     ProbeConfig,
     categorize,
@@ -19,6 +27,66 @@ from lora_lightning.knowledge import (
 from lora_lightning.models import WORLD_MODEL, load_model, load_tokenizer, resolve_model, text_limit
 from lora_lightning.threads import set_threads
 from lora_lightning.world import ensure_world
+
+__all__ = [
+    "MATCH_RULE",
+    "categorization_record",
+    "categorize_file",
+    "comparability_problem",
+    "record_sidecar",
+]
+
+# how an answer counts as right in a category: the paper's rule (`facts.is_correct`, an alias
+# as a substring), the only one `knowledge.categorize` applies
+MATCH_RULE = "substring"
+# the probe's settings a category depends on, recorded and compared
+_PROBE_KEYS = ("n_exp", "n_shot", "max_new_tokens", "seed")
+
+
+def record_sidecar(facts_path: str | Path) -> Path:
+    """`<file>.meta.json` beside a categorised fact file: how its categories were measured."""
+    path = Path(facts_path)
+    return path.with_name(path.name + ".meta.json")
+
+
+def categorization_record(facts_path: str | Path) -> dict[str, Any] | None:
+    """The record `categorize` wrote beside `facts_path`; None for a file without one (older
+    files, the world's, one from elsewhere) or with one that cannot be read."""
+    sidecar = record_sidecar(facts_path)
+    try:
+        record = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def comparability_problem(
+    facts_path: str | Path, record: dict[str, Any] | None, dtype: str, probe: ProbeConfig
+) -> str | None:
+    """One line saying how the categories in `facts_path` were measured differently from a
+    probe in `dtype` with `probe`'s settings (so that before vs after would partly compare two
+    measurements), or None when they agree or the file has no record."""
+    if not record:
+        return None
+    dtype = dtype.removeprefix("torch.")
+    differ = []
+    if record.get("dtype") not in (None, dtype):
+        differ.append(f"dtype {record['dtype']} vs {dtype}")
+    if record.get("match") not in (None, MATCH_RULE):
+        differ.append(f"matching rule {record['match']} vs {MATCH_RULE}")
+    recorded = record.get("probe") or {}
+    for key in _PROBE_KEYS:
+        if key in recorded and recorded[key] != getattr(probe, key):
+            differ.append(f"{key} {recorded[key]} vs {getattr(probe, key)}")
+    if not differ:
+        return None
+    fix = "categorise it again with this probe's settings"
+    if record.get("dtype") not in (None, dtype):
+        fix = (f"categorise it again with --dtype {dtype}, or run with --model.dtype "
+               f"{record['dtype']}")
+    return (f"{facts_path}: categorised otherwise than this probe (then vs now: "
+            f"{', '.join(differ)}; {record_sidecar(facts_path).name}), so before vs after "
+            f"compares two measurements; {fix}")
 
 
 def categorize_file(
@@ -130,6 +198,14 @@ def categorize_file(
         max_new_tokens=max_new_tokens, seed=seed, progress=progress, checkpoint=partial,
     )
     save_facts(result, out_path)
+    first = next(lm.parameters())
+    record = {
+        "dtype": str(first.dtype).removeprefix("torch."), "device": first.device.type,
+        "model": str(model_path), "adapter": adapter, "match": MATCH_RULE,
+        "probe": {"n_exp": n_exp, "n_shot": n_shot, "max_new_tokens": max_new_tokens,
+                  "seed": seed, "sample": sample},
+    }
+    atomic_write_text(record_sidecar(out_path), json.dumps(record, indent=1) + "\n")
     partial.unlink(missing_ok=True)
     partial.with_name(partial.name + ".settings.json").unlink(missing_ok=True)
     counts = category_counts(result)

@@ -245,12 +245,17 @@ class RunConfigSaver(SaveConfigCallback):
     Args:
         stale: Files and folders of the replaced run (the CLI lists them: its last.ckpt, adapter
             folder, config.yaml, metrics.csv, hparams.yaml and test/).
+        note: What the line that lists the removed files starts with: why they were removed.
         Others: `SaveConfigCallback`'s.
     """
 
-    def __init__(self, *args: Any, stale: list[str] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, stale: list[str] | None = None,
+        note: str = "fit --overwrite: removed the earlier run's", **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.stale = list(stale or [])
+        self.note = note
         self._stage = "fit"
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -272,7 +277,7 @@ class RunConfigSaver(SaveConfigCallback):
                 shutil.rmtree(path, ignore_errors=True)
             elif path.exists():
                 path.unlink()
-        print(f"fit --overwrite: removed the earlier run's {', '.join(self.stale)}",
+        print(f"{self.note} {', '.join(self.stale)}",
               file=sys.stderr, flush=True)
         self.stale = []
 
@@ -283,9 +288,6 @@ class RunConfigSaver(SaveConfigCallback):
         self._start(trainer, pl_module)
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start(trainer, pl_module)
-
-    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start(trainer, pl_module)
 
 

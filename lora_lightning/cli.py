@@ -1,4 +1,4 @@
-"""`python -m lora_lightning fit|validate|test|predict`: a LightningCLI over
+"""`python -m lora_lightning fit|validate|test`: a LightningCLI over
 `LoRAKnowledgeModule` and `KnowledgeDataModule` whose defaults are the embedded default run
 (`DEFAULT_RUN`; configs/default.yaml is the same thing written out by `--print_config`).
 
@@ -37,6 +37,10 @@ from lora_lightning.models import WORLD_MODEL, check_model_path
 from lora_lightning.module import LoRAKnowledgeModule, read_checkpoint
 
 RUN_DIR = "runs/default"
+PROG = "python -m lora_lightning"  # how --help and errors name the command
+# Lightning's subcommands that this CLI offers. `predict` is not one: answers for a fact file
+# are `ask --questions FILE --adapter DIR --output answers.jsonl`, which asks as the probe does.
+SUBCOMMANDS = ("fit", "validate", "test")
 # what marks a run folder as holding a run (relative to it; the checkpoint is looked up where
 # `checkpoint.dirpath` puts it, the adapter where `save_adapter.dirpath` does)
 RUN_FILES = ("config.yaml", "metrics.csv", "hparams.yaml", "test")
@@ -82,25 +86,77 @@ def run_folder(trainer_config: Any) -> Path | None:
     report/ and metrics.csv go, and where `--ckpt_path last` looks.
 
     It is the save_dir (and name) of the configured `ResumableCSVLogger` with a fixed version
-    (the default logger: `runs/default`); when `--trainer.logger` configures other loggers
-    only, `KnowledgeCLI` adds a ResumableCSVLogger for the run folder in front of them, in
+    (the default logger: `runs/default`, moved by `--trainer.default_root_dir`, see
+    `moved_run_logger`); when `--trainer.logger` configures other loggers only, `KnowledgeCLI`
+    adds a ResumableCSVLogger for the run folder in front of them, in
     `--trainer.default_root_dir` (default `runs/default`). None: no logging at all
     (`--trainer.logger false`), or a version left to Lightning's counter.
     """
     logger = getattr(trainer_config, "logger", None)
     if logger is False:
         return None
+    root = getattr(trainer_config, "default_root_dir", None)
     for entry in _logger_entries(logger):
         if _kind(entry) == "ResumableCSVLogger":
             init = entry.init_args
             if getattr(init, "version", None) != "":
                 return None
+            if root and _is_default_run_logger(init):
+                return Path(root)
             return Path(init.save_dir) / (getattr(init, "name", None) or "")
-    return Path(getattr(trainer_config, "default_root_dir", None) or RUN_DIR)
+    return Path(root or RUN_DIR)
+
+
+def _is_default_run_logger(init: Any) -> bool:
+    """Whether a ResumableCSVLogger's settings are the default run folder's (`runs/default`)."""
+    return (str(getattr(init, "save_dir", "")) == RUN_DIR
+            and (getattr(init, "name", None) or "") == "")
+
+
+def moved_run_logger(trainer_config: Any) -> None:
+    """`--trainer.default_root_dir DIR` moves the run folder to DIR, as Lightning users expect.
+
+    Lightning itself ignores `default_root_dir` once a logger has a folder of its own, and the
+    run folder's logger (the default `ResumableCSVLogger` in `runs/default`) has one: the run
+    went to `runs/default` while its config.yaml recorded DIR. So the default logger is moved
+    to DIR here. A logger whose folder was set (`--trainer.logger.save_dir`, a sweep's cell)
+    keeps it, and `default_root_dir` is set to that folder, saying so, so that config.yaml
+    names the folder the run is in (a sweep whose base config is such a run's config.yaml
+    must still put each cell in its own folder)."""
+    root = getattr(trainer_config, "default_root_dir", None)
+    if not root:
+        return
+    for entry in _logger_entries(getattr(trainer_config, "logger", None)):
+        if _kind(entry) != "ResumableCSVLogger" or getattr(entry.init_args, "version", None) != "":
+            continue
+        init = entry.init_args
+        folder = Path(init.save_dir) / (getattr(init, "name", None) or "")
+        if _is_default_run_logger(init):
+            init.save_dir = str(root)
+        elif folder != Path(root):
+            print(f"note: the run folder is {folder} (--trainer.logger.save_dir), not "
+                  f"--trainer.default_root_dir {root}; recorded as both", file=sys.stderr)
+            trainer_config.default_root_dir = str(folder)
+        return
+
+
+def check_settings(cfg: Any) -> None:
+    """The settings that can be checked without loading anything, checked before anything
+    is: a rank below 1 was found only once the data and the model were loaded (with
+    `--overwrite`, where the run-folder check did not stop the fit first)."""
+    rank = cfg.get("model.rank")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"--model.rank must be an integer >= 1, got {rank!r}")
 
 
 class KnowledgeCLI(LightningCLI):
     """LightningCLI with the module's base model and loss choice shared with the data."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's subcommands less `predict` (see `SUBCOMMANDS`)."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items()
+                if name in SUBCOMMANDS}
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.tokenizer")
@@ -142,6 +198,7 @@ class KnowledgeCLI(LightningCLI):
         """Every setting and output path is checked here, before any model work or folder is
         made; then the run folder is claimed for this process (one writer per run folder)."""
         cfg = self.config.get(str(self.subcommand), self.config)  # run=False: no subcommand
+        check_settings(cfg)
         model_name = cfg.get("model.model_name_or_path")
         if model_name not in (None, WORLD_MODEL):  # one line now, not a traceback later
             check_model_path(model_name)
@@ -151,6 +208,7 @@ class KnowledgeCLI(LightningCLI):
             cfg.ckpt_path = ckpt = str(self._last_checkpoint(cfg))
         if ckpt not in (None, "best", "hpc"):
             self._check_resume(ckpt, cfg)
+        moved_run_logger(cfg.trainer)
         run = run_folder(cfg.trainer)  # before `test` etc. get a logger version of their own
         for entry in _logger_entries(cfg.trainer.logger):
             init = getattr(entry, "init_args", None)
@@ -172,14 +230,23 @@ class KnowledgeCLI(LightningCLI):
         # other DDP ranks start once rank 0 has checked (and may have begun to write)
         first = is_rank_zero()
         stale = self._existing_run(outputs, run) if self.subcommand == "fit" and first else []
+        note = "fit --overwrite: removed the earlier run's"
         if stale and ckpt is None and not self.overwrite:
-            raise FileExistsError(
-                f"fit: {run} already holds a run ({', '.join(stale)}); resume it with "
-                "--ckpt_path last, write the new run elsewhere (--trainer.default_root_dir), or "
-                "pass --overwrite to replace it"
-            )
+            if holds_a_run(stale):
+                resume = ("resume it with --ckpt_path last, "
+                          if any(Path(p).name == "last.ckpt" for p in stale) else "")
+                raise FileExistsError(
+                    f"fit: {run} already holds a run ({', '.join(stale)}); {resume}write the "
+                    "new run elsewhere (--trainer.default_root_dir DIR), or pass --overwrite to "
+                    "replace it"
+                )
+            # a fit stopped before its first checkpoint (killed, a full disk): nothing to
+            # resume, so nothing to protect; its files go when this run starts
+            note = (f"fit: {run} held a fit stopped before its first checkpoint, nothing to "
+                    "resume; starting afresh, removed its")
+        fresh = ckpt is None and (self.overwrite or not holds_a_run(stale))
         self.save_config_kwargs = {**self.save_config_kwargs,
-                                   "stale": stale if self.overwrite and ckpt is None else []}
+                                   "stale": stale if fresh else [], "note": note}
         if run is not None and self.subcommand is not None and first:
             self._lock = FolderLock(run).acquire()
 
@@ -251,7 +318,10 @@ class KnowledgeCLI(LightningCLI):
             )
         path = Path(folder) / "last.ckpt"
         if not path.is_file():
-            raise FileNotFoundError(f"--ckpt_path last: no {path} (nothing to resume from)")
+            raise FileNotFoundError(
+                f"--ckpt_path last: no {path} (nothing to resume from); leave out --ckpt_path "
+                "to start the run"
+            )
         return path
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
@@ -293,6 +363,14 @@ class KnowledgeCLI(LightningCLI):
         run_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
         if self.trainer.is_global_zero:
             print(fit_summary(self.trainer, run_dir))
+
+
+def holds_a_run(found: list[str]) -> bool:
+    """Whether the files `KnowledgeCLI._existing_run` found are a run worth keeping: a
+    checkpoint, an adapter or a test report. A config.yaml, hparams.yaml and metrics.csv alone
+    are what a fit leaves when it is stopped before its first checkpoint: nothing to resume."""
+    leftovers = ("config.yaml", "hparams.yaml", "metrics.csv")
+    return any(Path(path).name not in leftovers for path in found)
 
 
 def fit_summary(trainer, run_dir: str | Path | None = None) -> str:
@@ -369,7 +447,7 @@ def overwrite_flag(argv: list[str]) -> tuple[list[str], bool]:
 
 
 def run_training_cli(args: list[str] | None = None, run: bool = True) -> KnowledgeCLI:
-    """`fit|validate|test|predict`: the LightningCLI over the module and the data module."""
+    """`fit|validate|test`: the LightningCLI over the module and the data module."""
     if args is None:  # Lightning reads sys.argv itself (and its DDP launcher re-runs it)
         rest, overwrite = overwrite_flag(sys.argv[1:])
         sys.argv[1:] = rest
@@ -385,4 +463,6 @@ def run_training_cli(args: list[str] | None = None, run: bool = True) -> Knowled
         args=args,
         run=run,
         overwrite=overwrite,
+        # --help and errors say `python -m lora_lightning fit`, not `__main__.py fit`
+        parser_kwargs={"prog": PROG, **{name: {"prog": f"{PROG} {name}"} for name in SUBCOMMANDS}},
     )

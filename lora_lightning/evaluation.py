@@ -14,6 +14,11 @@ Scoring is batched: requests are de-duplicated by model input (the four " A".." 
 MMLU question share one forward pass), sorted by length, left-padded with explicit position ids,
 and only the last positions' logits are materialised (`logits_to_keep`).
 
+The package ships the data the shipped configs use, with their licences: MMLU's dev and test
+splits and TruthfulQA.csv under `lora_lightning/benchmark_data/`, named wherever a command runs
+as `pkg:lora_lightning/benchmark_data` (`SHIPPED_DATA`; or `.../mmlu` and
+`.../truthfulqa/TruthfulQA.csv`).
+
 `score_benchmarks` runs every benchmark a `BenchmarkSettings` configures (lm-evaluation-harness
 tasks included): the `evaluate` command and the `test` report both score through it.
 """
@@ -31,6 +36,7 @@ from typing import Any
 import torch
 
 from lora_lightning import harness
+from lora_lightning.files import package_file
 from lora_lightning.inference import (
     PaddedBatch,
     evaluating,
@@ -42,6 +48,7 @@ from lora_lightning.progress import progress_bar
 
 __all__ = [
     "LETTERS",
+    "SHIPPED_DATA",
     "TRUTHFULQA_PREAMBLE",
     "BenchmarkSettings",
     "MMLUQuestion",
@@ -58,6 +65,9 @@ __all__ = [
     "score_benchmarks",
     "truthfulqa_context",
 ]
+
+# MMLU (dev, test) and TruthfulQA as shipped in this package (see the module docstring)
+SHIPPED_DATA = "pkg:lora_lightning/benchmark_data"
 
 LETTERS = ("A", "B", "C", "D")
 _MMLU_SPLITS = {"dev": "dev", "val": "validation", "validation": "validation", "test": "test"}
@@ -139,8 +149,9 @@ def _hf_load(name: str, config: str, split: str):
 
 
 def _mmlu_root(data_dir: str | os.PathLike) -> Path:
-    """Accept the data folder holding `mmlu/` or the `mmlu` folder itself."""
-    root = Path(data_dir).expanduser()
+    """Accept the data folder holding `mmlu/` or the `mmlu` folder itself, or either as
+    `pkg:<package>/<path>` (the shipped copy: `pkg:lora_lightning/benchmark_data`)."""
+    root = Path(package_file(str(data_dir), "MMLU data")).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"MMLU data directory not found: {root}")
     if (root / "mmlu").is_dir():
@@ -266,7 +277,7 @@ def mmlu_dev_shots(
 
 
 def _truthfulqa_file(path: str | os.PathLike) -> Path:
-    p = Path(path).expanduser()
+    p = Path(package_file(str(path), "TruthfulQA data")).expanduser()
     for candidate in (p, p / "TruthfulQA.csv", p / "truthfulqa" / "TruthfulQA.csv"):
         if candidate.is_file():
             return candidate
@@ -441,7 +452,11 @@ def loglikelihoods(
     context_cache: dict[str, list[int]] = {}
     max_len = _max_length(model)
     groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+    desc = progress if isinstance(progress, str) else "loglikelihood"
+    # a phase of its own: a full MMLU's 56,000 prompts take minutes to encode on a CPU
+    encoding = progress_bar(len(requests), f"{desc}, encoding", enabled=bool(progress))
     for i, (context, continuation) in enumerate(requests):
+        encoding.update()
         ctx, cont = encode_pair(tokenizer, context, continuation, prefix, context_cache)
         whole = ctx + cont
         if max_len is not None and len(whole) - 1 > max_len:
@@ -452,13 +467,13 @@ def loglikelihoods(
                 )
             whole = whole[-(max_len + 1) :]
         groups.setdefault(tuple(whole[:-1]), []).append((i, cont))
+    encoding.close()
 
     inputs = list(groups)
     results: list[tuple[float, bool] | None] = [None] * len(requests)
     batches = left_padded_batches(
         inputs, batch_size, pad_token_id(tokenizer), model_device(model), longest_first=True
     )
-    desc = progress if isinstance(progress, str) else "loglikelihood"
     bar = progress_bar(len(inputs), desc, enabled=bool(progress))
     with bar, evaluating(model, use_cache=False):
         for batch in batches:
@@ -622,6 +637,15 @@ class BenchmarkSettings:
         loads, not after an hour of scoring."""
         if self.tasks:
             harness.check_tasks(harness.task_manager(self.harness_include), self.tasks)
+
+    def check_data(self) -> None:
+        """A local data path that is not there (a config carried to a machine without that
+        folder) fails here, in one line naming it, before the model loads; a chosen benchmark
+        without one is read from Hugging Face when it runs."""
+        if "mmlu" in self.chosen and self.mmlu_dir is not None:
+            _mmlu_root(self.mmlu_dir)
+        if "truthfulqa" in self.chosen and self.truthfulqa_path is not None:
+            _truthfulqa_file(self.truthfulqa_path)
 
 
 def score_benchmarks(

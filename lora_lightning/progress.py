@@ -3,6 +3,10 @@
 In a terminal a tqdm bar redraws itself in place. Written to a file (a redirected `fit` log, CI),
 the same bar becomes one line of thousands of characters, so there we print a plain line instead
 each time another `every_percent` of the work is done or `every_seconds` have passed.
+
+`progress_bar` also prints a first line as a phase starts (`desc: 0/200 (0%) 0s`), as tqdm
+draws its bar at once in a terminal: a phase whose first tenth takes minutes (a full MMLU) would
+otherwise say nothing until then, and a log would not say what the process is waiting for.
 """
 
 from __future__ import annotations
@@ -15,7 +19,10 @@ __all__ = ["LineProgress", "progress_bar"]
 
 
 class LineProgress:
-    """A tqdm-like counter that prints whole lines: `desc: 40/200 (20%) 12s, ~48s left`."""
+    """A tqdm-like counter that prints whole lines: `desc: 40/200 (20%) 12s, ~48s left`.
+
+    `announce`: print the first line at once (0 done), not only after the first share of work.
+    """
 
     def __init__(
         self,
@@ -25,6 +32,7 @@ class LineProgress:
         every_percent: float = 10.0,
         every_seconds: float = 30.0,
         file: TextIO | None = None,
+        announce: bool = False,
     ) -> None:
         self.total, self.desc, self.n = total, desc, initial
         self.every_percent, self.every_seconds = every_percent, every_seconds
@@ -33,6 +41,8 @@ class LineProgress:
         self._start = self._last_time = time.monotonic()
         self._initial = self._last_n = initial  # a resumed job: the ETA counts this run's rate
         self._closed = False
+        if announce:  # the phase's first line, before any of its work is done
+            self._print(self._start)
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -103,4 +113,4 @@ def progress_bar(
         from tqdm.auto import tqdm
 
         return tqdm(total=total, desc=desc, initial=initial, unit=unit)
-    return LineProgress(total, desc, initial=initial)
+    return LineProgress(total, desc, initial=initial, announce=True)

@@ -13,6 +13,29 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
+
+def _test_home() -> None:
+    """The tests' own `LORA_LIGHTNING_HOME`, so that what they cache (the base models' benchmark
+    scores, some computed with a scorer the test replaced) never reaches the user's. The
+    unpacked worlds and dequantized GGUF folders of the user's home are linked in: they are
+    expensive to make, and the same whoever makes them."""
+    import atexit
+    import shutil
+    import tempfile
+
+    user = Path(os.environ.get("LORA_LIGHTNING_HOME", "").strip()
+                or Path.home() / ".cache" / "lora_lightning")
+    home = Path(tempfile.mkdtemp(prefix="lora-lightning-test-home-"))
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
+    if user.is_dir():
+        for entry in user.iterdir():
+            if entry.is_dir() and (entry.name.startswith("world-") or entry.name == "gguf"):
+                (home / entry.name).symlink_to(entry)
+    os.environ["LORA_LIGHTNING_HOME"] = str(home)
+
+
+_test_home()
+
 try:  # the interpreter only where there is no GPU to run the kernels for real
     import torch
 

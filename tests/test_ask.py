@@ -231,14 +231,27 @@ def test_contradictory_arguments_are_refused_before_loading_anything(
     assert needle in one_line_error(world, *args, capsys=capsys)
 
 
-def test_another_model_without_a_few_shot_pool_is_sent_to_pool_or_zero_shot(
-    tiny_model_dir, capsys
+def test_another_model_without_a_few_shot_pool_is_asked_zero_shot_saying_so(
+    tiny_model_dir, tmp_path, capsys
 ):
-    code, _, err = run_cli("--model", str(tiny_model_dir), "Where?", capsys=capsys)
-    assert code == 2 and "--pool is needed" in err and "--n_shot 0" in err
-    rows = ask_command(model=str(tiny_model_dir), question="What colour is item 3?",
-                       n_shot=0, progress=False)
-    assert set(rows[0]) == {"id", "question", "answers", "model"}
+    """`ask --model <any model> "question"` just works: zero-shot, in the chat format."""
+    answers = tmp_path / "answers.jsonl"
+    code, out, err = run_cli("--model", str(tiny_model_dir), "--progress", "false",
+                             "--output", str(answers), "What colour is item 3?", capsys=capsys)
+    assert code == 0, err
+    assert "zero-shot: no few-shot pool for this model" in err and "--pool" in err
+    assert "What colour is item 3?" in out
+    explicit = ask_command(model=str(tiny_model_dir), question="What colour is item 3?",
+                           n_shot=0, progress=False)
+    assert set(explicit[0]) == {"id", "question", "answers", "model"}
+    [row] = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert row["model"] == explicit[0]["model"]
+
+
+def test_shots_without_a_pool_are_refused_naming_the_flag(tiny_model_dir, capsys):
+    code, _, err = run_cli("--model", str(tiny_model_dir), "--n_shot", "2", "Where?",
+                           capsys=capsys)
+    assert code == 2 and "--n_shot 2 needs --pool" in err
 
 
 def test_a_questions_file_brings_its_few_shot_pool_from_beside_it(

@@ -124,7 +124,12 @@ def test_a_bad_capacity_file_fails_naming_the_file_and_the_key(body, key, tmp_pa
     assert err.value.key == key and str(path) in str(err.value)
 
 
-def test_the_shipped_capacity_files_dry_run(capsys):
+def test_the_shipped_capacity_files_dry_run(capsys, monkeypatch):
+    # the dry run checks the model as `fit` does: offline, a hub id must be in the cache, so
+    # this is a user online; the hub's address is one that answers nothing, should anything
+    # try to reach it (a dry run must not)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     for name in ("world", "llama31_8b", "smollm2_135m"):
         result = capacity_command(str(ROOT / "configs" / "capacity" / f"{name}.yaml"),
                                   output=f"/tmp/never-made-{name}", dry_run=True)

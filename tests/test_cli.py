@@ -53,8 +53,28 @@ def test_shipped_configs_parse(config, tmp_path):
 def test_help_names_the_extra_subcommands(tmp_path):
     result = cli("--help", cwd=tmp_path)
     assert result.returncode == 0
-    for name in ("categorize", "export", "evaluate", "fit", "test"):
+    for name in ("categorize", "export", "evaluate", "fit", "test", "validate"):
         assert name in result.stdout
+
+
+def test_help_and_errors_name_the_command_as_typed(tmp_path):
+    """`python -m lora_lightning fit`, as the user typed it, not `__main__.py fit`."""
+    result = cli("--help", cwd=tmp_path)
+    assert "usage: python -m lora_lightning " in result.stdout
+    wrong = cli("fit", "--model.rnk", "3", cwd=tmp_path)
+    assert wrong.returncode != 0 and "rnk" in wrong.stderr
+    assert "python -m lora_lightning fit --help" in wrong.stderr
+    assert "__main__.py" not in result.stdout + wrong.stderr
+
+
+def test_predict_is_no_command(tmp_path):
+    """`predict` crashed (no predict_dataloader) and left a run folder behind; answers for a
+    fact file are `ask --questions FILE --output answers.jsonl`."""
+    listed = cli("--help", cwd=tmp_path)
+    assert "predict" not in listed.stdout
+    result = cli("predict", cwd=tmp_path)
+    assert result.returncode != 0 and "invalid choice: 'predict'" in result.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize(

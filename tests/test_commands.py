@@ -96,6 +96,27 @@ def test_world_command_shows_sizes_categories_and_base_accuracy(tmp_path, monkey
     assert again["root"] == info["root"] and '"n_tested"' in capsys.readouterr().out
 
 
+def test_world_command_names_its_flag_when_home_cannot_hold_the_cache(
+    tmp_path, monkeypatch, capsys
+):
+    """The cache says `home=...; set home to a writable folder`; the command says `--home`."""
+    import errno
+
+    from lora_lightning.__main__ import main
+
+    def not_writable(*args, dir=None, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+
+    monkeypatch.setattr("lora_lightning.files.tempfile.mkstemp", not_writable)
+    home = tmp_path / "home"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["world", "--home", str(home)])
+    line = capsys.readouterr().err.splitlines()[0]
+    assert exit_info.value.code == 2
+    assert f"--home {home}" in line and "pass --home a writable folder" in line
+    assert "set home" not in line
+
+
 def test_world_command_packs_a_world_and_compares_a_rebuild_with_the_shipped_one(
     tmp_path, monkeypatch, capsys
 ):

@@ -277,7 +277,10 @@ def test_nothing_shipped_points_at_the_ci_private_folder():
 def test_the_readme_fits_on_a_few_screens():
     lines = README.read_text().splitlines()
     assert len(lines) <= 150
-    assert [n for n, line in enumerate(lines, 1) if len(line) > 100] == []
+    # the quick start's two commands are one line each, whole (tests/test_repo.py)
+    long = [line for line in lines if len(line) > 100]
+    assert all(line.startswith("pip install torch==2.13.0 && ") for line in long), long
+    assert len(long) <= 2
 
 
 def test_every_relative_link_in_the_docs_resolves():

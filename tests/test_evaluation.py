@@ -275,6 +275,34 @@ def test_a_long_scoring_phase_reports_its_progress_under_its_name(model, tokeniz
     assert lines and re.match(r"TruthfulQA \(base\): (\d+)/\1 \(100%\) \d+s", lines[-1])
 
 
+def test_scoring_says_it_started_before_it_encodes_or_runs_the_model(model, tokenizer, capsys,
+                                                                    monkeypatch):
+    """A full MMLU is 56,000 prompts: encoding them took minutes on a CPU before the first
+    progress line came. Each phase now prints its first line (0 done) before its first prompt
+    is encoded and before its first model call, and ends at 100%."""
+    from lora_lightning import evaluation
+
+    seen: dict[str, str] = {}
+    real_encode, real_forward = evaluation.encode_pair, evaluation._forward_last
+
+    def encode(*args, **kwargs):
+        seen.setdefault("encode", capsys.readouterr().err)
+        return real_encode(*args, **kwargs)
+
+    def forward(*args, **kwargs):
+        seen.setdefault("model", capsys.readouterr().err)
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "encode_pair", encode)
+    monkeypatch.setattr(evaluation, "_forward_last", forward)
+    requests = [(f"Question {i}: what is it?\nAnswer:", f" {c}") for i in range(5) for c in "AB"]
+    loglikelihoods(model, tokenizer, requests, batch_size=4, progress="MMLU (base)")
+    rest = capsys.readouterr().err
+    assert re.search(r"^MMLU \(base\), encoding: 0/10 \(0%\) 0s$", seen["encode"], re.M)
+    assert re.search(r"^MMLU \(base\): 0/5 \(0%\) 0s$", seen["model"], re.M)
+    assert re.search(r"^MMLU \(base\): 5/5 \(100%\)", rest, re.M)
+
+
 @needs_data
 def test_evaluate_command_scores_a_saved_model_with_and_without_an_adapter(tmp_path):
     from lora_lightning.commands.evaluate import evaluate_command
@@ -358,10 +386,15 @@ def test_inputs_longer_than_the_model_lose_their_left_end():
 # --------------------------------------------------------------------------- one entry point
 
 
-def test_evaluate_and_the_test_report_both_score_through_score_benchmarks(monkeypatch):
+def test_evaluate_and_the_test_report_both_score_through_score_benchmarks(monkeypatch, tmp_path):
     """One function runs every configured benchmark: `evaluate` once, the `test` report before
     (the base) and after, each with the settings its own flags name."""
     from types import SimpleNamespace
+
+    for folder in ("data/mmlu/test", "mmlu/test"):  # the data paths must exist
+        (tmp_path / folder).mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LORA_LIGHTNING_HOME", str(tmp_path / "home"))
 
     from lora_lightning import evaluation
     from lora_lightning.commands import evaluate as command

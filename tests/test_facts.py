@@ -431,3 +431,21 @@ def test_a_text_limit_refuses_over_long_texts_by_line_without_tokenizing_them_wh
     with pytest.raises(FactFileError, match=r"field 'answer.aliases': 60 characters \(30 token"):
         load_facts(write_jsonl(tmp_path / "kp.jsonl", kp), limit=limit)
     assert len(load_facts(write_jsonl(tmp_path / "ok.jsonl", [ok]), limit=limit)) == 1
+
+
+@pytest.mark.parametrize("output", [".", "sub"])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_facts_refuses_a_folder_as_its_output_in_one_line(output, overwrite, tmp_path, capsys,
+                                                          monkeypatch):
+    """`--output` names the fact file; a folder there is refused before anything is built,
+    with or without --overwrite (which replaces a file, never a folder)."""
+    from test_hardening import one_error_line
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "kept.txt").write_text("mine")
+    argv = ["facts", "--output", output] + (["--overwrite", "true"] if overwrite else [])
+    line = one_error_line(capsys, argv)
+    assert line.startswith(f"error: EISDIR: output: {output!r} is a folder;")
+    assert f"--output {Path(output) / 'facts.jsonl'}" in line
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept.txt", "sub"]

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import gguf
@@ -236,3 +237,151 @@ def test_a_pkg_name_that_names_nothing_is_one_line(name, needle):
     with pytest.raises(FileNotFoundError, match=needle) as err:
         check_model_path(name)
     assert name in str(err.value) and "\n" not in str(err.value)
+
+
+# -- cut files, killed writers, a full home (issue 38) -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_model_dir, tmp_path_factory) -> Path:
+    return write_gguf(tiny_model_dir, tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+def cut(path: Path, size: int, out: Path) -> Path:
+    """The first `size` bytes of `path`: a download or copy that stopped there."""
+    assert path.stat().st_size > size
+    out.write_bytes(path.read_bytes()[:size])
+    return out
+
+
+@pytest.mark.parametrize("size", [4, 24, 100, 1_000, 5_000, 20_000])
+def test_a_gguf_file_cut_short_is_one_line_naming_it(size, tiny_gguf, tmp_path, home):
+    path = cut(tiny_gguf, size, tmp_path / "cut.gguf")
+    with pytest.raises(ValueError, match="not a readable GGUF file") as err:
+        gguf_folder(str(path), progress=False)
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert "cut short" in message and "download or copy it again" in message
+    assert not (home / "gguf").exists() or not any((home / "gguf").iterdir())
+
+
+@pytest.mark.parametrize("command", ["ask", "fit", "categorize"])
+def test_ask_fit_and_categorize_on_a_cut_gguf_file_say_so_in_one_line(
+    command, tiny_gguf, tiny_fact_files, tmp_path, home
+):
+    from test_hardening import cli
+
+    path = str(cut(tiny_gguf, 24, tmp_path / "cut.gguf"))  # IndexError inside the reader
+    facts, pool = str(tiny_fact_files["facts"]), str(tiny_fact_files["pool"])
+    argv = {
+        "ask": ["ask", "--model", path, "--n_shot", "0", "What colour is item 3?"],
+        "fit": ["fit", "--model.model_name_or_path", path, "--data.facts", facts,
+                "--data.fewshot_pool", pool, "--trainer.accelerator", "cpu"],
+        "categorize": ["categorize", "--model", path, "--facts", facts, "--pool", pool,
+                       "--output", str(tmp_path / "categorized.jsonl")],
+    }[command]
+    done = cli(*argv, cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and path in errors[0], done.stderr[-3000:]
+    assert "not a readable GGUF file" in errors[0]
+
+
+def test_a_dequantization_killed_midway_leaves_a_temp_folder_the_next_one_removes(
+    tiny_gguf, tmp_path, home, capsys
+):
+    """kill -9 during the dequantization (here: once the weights are written, before the
+    rename) leaves a temporary folder as big as the model; the next caller, holding the
+    folder's lock, knows its writer is dead, removes it and says so."""
+    started = tmp_path / "written"
+    code = (
+        "import sys, time\n"
+        "import lora_lightning.models as models\n"
+        "real = models._dequantize\n"
+        "def slow(source, out):\n"
+        "    real(source, out)\n"
+        f"    open({str(started)!r}, 'w').close()\n"
+        "    time.sleep(600)\n"
+        "models._dequantize = slow\n"
+        f"models.gguf_folder({str(tiny_gguf)!r}, progress=False)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "LORA_LIGHTNING_HOME": str(home)}
+    writer = subprocess.Popen([sys.executable, "-c", code], env=env)
+    try:
+        for _ in range(1200):
+            if started.exists() or writer.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert started.exists(), "the writer never got to write the weights"
+    finally:
+        writer.kill()
+        writer.wait()
+    left = [p for p in (home / "gguf").iterdir() if ".tmp-" in p.name]
+    assert len(left) == 1 and (left[0] / "model.safetensors").is_file()
+
+    folder = Path(gguf_folder(str(tiny_gguf), progress=False))
+    assert (folder / "gguf_source.json").is_file()
+    assert not [p for p in (home / "gguf").iterdir() if ".tmp-" in p.name]
+    err = capsys.readouterr().err
+    assert err.count("removed 1 temporary folder(s) left by an interrupted dequantization") == 1
+
+
+def test_a_dead_writers_temp_folder_beside_a_finished_folder_is_removed(
+    tiny_gguf, home, capsys
+):
+    folder = Path(gguf_folder(str(tiny_gguf), progress=False))
+    stale = folder.parent / f".{folder.name}.tmp-abc123"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 1000)
+    assert gguf_folder(str(tiny_gguf), progress=False) == str(folder)
+    assert not stale.exists() and (folder / "model.safetensors").is_file()
+    assert "removed 1 temporary folder(s)" in capsys.readouterr().err
+
+
+def full_disk_save(written: list[str]):
+    """safetensors' writer on a full disk: part of the file, then its own error (which names
+    no path), as safetensors 0.8 raises it."""
+    from safetensors import SafetensorError
+
+    def save(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 100)
+        written.append(str(filename))
+        raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                              "(os error 28)")
+
+    return save
+
+
+def test_dequantizing_into_a_full_home_is_one_line_naming_the_folder(
+    tiny_gguf, home, monkeypatch, capsys
+):
+    from test_hardening import one_error_line
+
+    written: list[str] = []
+    monkeypatch.setattr("transformers.modeling_utils.safe_save_file", full_disk_save(written))
+    with pytest.raises(OSError) as err:
+        gguf_folder(str(tiny_gguf), progress=False)
+    message = str(err.value)
+    assert written and str(home / "gguf" / "tiny-") in message and "\n" not in message
+    assert "No space left on device" in message and "free some space" in message
+    assert "LORA_LIGHTNING_HOME" in message
+    left = [p.name for p in (home / "gguf").iterdir() if not p.name.endswith(".lock")]
+    assert left == [], "a partial folder was left"
+
+    line = one_error_line(capsys, ["ask", "--model", str(tiny_gguf), "--n_shot", "0", "Hi?"])
+    assert line.startswith("error: ENOSPC: cannot write the dequantized model to ")
+    assert str(home / "gguf") in line
+
+
+@pytest.mark.parametrize(("mask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755),
+                                                             (0o077, 0o600, 0o700)])
+def test_the_dequantized_folder_gets_the_umasks_modes(mask, file_mode, dir_mode, tiny_gguf,
+                                                      home):
+    """Made in a private temporary folder, with safetensors' private files: shared with the
+    other users of a cluster as the umask says, like any folder they make."""
+    from test_run_safety import tree_modes, umask_set
+
+    with umask_set(mask):
+        folder = Path(gguf_folder(str(tiny_gguf), progress=False))
+    assert tree_modes(folder) == {"dir": {dir_mode}, "file": {file_mode}}

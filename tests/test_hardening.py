@@ -246,6 +246,56 @@ def test_export_refuses_a_non_empty_folder_and_replaces_it_whole_with_overwrite(
     assert "--overwrite" in line
 
 
+def full_disk_save(written: list[str]):
+    """safetensors' writer on a full disk: part of the file, then its own error, which is no
+    OSError and names no path (as safetensors 0.8 raises it)."""
+    from safetensors import SafetensorError
+
+    def save(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 100)
+        written.append(str(filename))
+        raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                              "(os error 28)")
+
+    return save
+
+
+@pytest.mark.parametrize("format", ["adapter", "merged"])
+def test_export_to_a_full_disk_is_one_line_naming_the_output_and_leaves_nothing(
+    format, cli_run, tmp_path, capsys, monkeypatch
+):
+    root, _, _ = cli_run
+    ckpt = str(root / "run" / "checkpoints" / "last.ckpt")
+    written: list[str] = []
+    writer = ("lora_lightning.lora.adapters.save_file" if format == "adapter" else
+              "transformers.modeling_utils.safe_save_file")
+    monkeypatch.setattr(writer, full_disk_save(written))
+    out = tmp_path / "out"
+    line = one_error_line(capsys, ["export", "--ckpt_path", ckpt, "--output", str(out),
+                                   "--format", format])
+    assert written, "the full disk was never reached"
+    assert line == (f"error: ENOSPC: cannot export to {out}: No space left on device; free "
+                    "some space there or choose another folder")
+    assert list(tmp_path.iterdir()) == [], "a partial export or temporary folder was left"
+
+
+@pytest.mark.parametrize(("mask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755),
+                                                             (0o077, 0o600, 0o700)])
+def test_an_export_gets_the_umasks_modes(mask, file_mode, dir_mode, cli_run, tmp_path):
+    """An export is made in a private temporary folder and renamed into place: once it is the
+    output, the folder and its files are as readable as the umask says."""
+    from test_run_safety import tree_modes, umask_set
+
+    from lora_lightning.commands import export_command
+
+    root, _, _ = cli_run
+    ckpt = str(root / "run" / "checkpoints" / "last.ckpt")
+    with umask_set(mask):
+        for format in ("adapter", "merged"):
+            out = export_command(ckpt, str(tmp_path / format), format=format)
+            assert tree_modes(out) == {"dir": {dir_mode}, "file": {file_mode}}, format
+
+
 def test_export_of_a_garbage_checkpoint_is_one_line_naming_it(tmp_path, capsys):
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"\x80\x04not a checkpoint at all" * 100)

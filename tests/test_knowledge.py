@@ -313,3 +313,57 @@ def test_greedy_answers_and_probabilities_are_those_of_generate(lm, facts_and_po
         assert answer.text == extract_answer(tokenizer.decode(new[:n], skip_special_tokens=True))
         assert answer.mean_token_prob == pytest.approx(logp[0, :n].exp().mean().item(), abs=1e-4)
     assert len(set(lengths)) > 1 or max_new_tokens in lengths  # rows ended at different steps
+
+
+# ------------------------------------------------- how a categorised file was measured
+
+
+def test_a_categorised_file_records_its_dtype_and_test_warns_of_another_in_one_line(
+    tiny_model_dir, tiny_fact_files, tmp_path, caplog, one_thread
+):
+    """Categories computed in float32 and re-measured in bfloat16 after training differ by the
+    dtype alone, and the shift tables would count that as training's doing: `categorize`
+    records its dtype, matching rule and probe settings beside its output (the JSONL itself is
+    unchanged), and `test` says in one line what differs and what to do."""
+    from types import SimpleNamespace
+
+    from lora_lightning.categorize import (
+        categorization_record,
+        categorize_file,
+        comparability_problem,
+        record_sidecar,
+    )
+    from lora_lightning.knowledge import ProbeConfig
+    from lora_lightning.knowledge_report import KnowledgeReport
+
+    out = tmp_path / "categorized.jsonl"
+    categorize_file(model=str(tiny_model_dir), facts=str(tiny_fact_files["facts"]),
+                    pool=str(tiny_fact_files["pool"]), output=str(out), n_exp=2, n_shot=2,
+                    max_new_tokens=4, device="cpu", dtype="float32", progress=False)
+    assert record_sidecar(out) == tmp_path / "categorized.jsonl.meta.json"
+    record = categorization_record(out)
+    assert record is not None
+    assert (record["dtype"], record["device"], record["match"]) == ("float32", "cpu", "substring")
+    assert record["probe"] == {"n_exp": 2, "n_shot": 2, "max_new_tokens": 4, "seed": 0,
+                               "sample": False}
+    assert len(load_facts(out)) == 50  # every reader still reads the facts as before
+
+    probe = ProbeConfig(n_exp=2, n_shot=2, max_new_tokens=4)
+    assert comparability_problem(out, record, "torch.float32", probe) is None
+    assert comparability_problem(out, None, "torch.bfloat16", probe) is None  # an older file
+    problem = comparability_problem(out, record, "torch.bfloat16", probe)
+    assert problem is not None and "\n" not in problem
+    assert "dtype float32 vs bfloat16" in problem and "--dtype bfloat16" in problem
+    assert "--model.dtype float32" in problem and str(out) in problem
+    other = comparability_problem(out, record, "torch.float32", ProbeConfig(n_exp=3, n_shot=2,
+                                                                           max_new_tokens=4))
+    assert other is not None and "n_exp 2 vs 3" in other
+
+    trainer = SimpleNamespace(is_global_zero=True,
+                              datamodule=SimpleNamespace(mix_summary=lambda: {"facts": str(out)}))
+    for dtype, warned in ((torch.float32, False), (torch.bfloat16, True)):
+        caplog.clear()
+        module = SimpleNamespace(model=torch.nn.Linear(2, 2).to(dtype), probe_config=probe)
+        KnowledgeReport(world_dir=None).on_test_start(trainer, module)
+        lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert lines == ([problem] if warned else [])

@@ -377,3 +377,127 @@ def test_reliability_and_retention_are_reported_per_relation():
     assert by_relation(rows[:3]) is None  # one relation: the headline says it
     md = markdown({"reliability": {"reliability": 0.67, "n_facts": 3}, "by_relation": by})
     assert "| capital | 0.500 (2) | 1.000 (1) |" in md
+
+
+# ------------------------------------------------- the base's scores, once per base and settings
+
+
+def _tiny_mmlu(root: Path, questions: int = 3) -> Path:
+    """An MMLU folder of one subject: 5 dev rows (the shots) and `questions` test rows."""
+    for split, n in (("dev", 5), ("test", questions)):
+        (root / split).mkdir(parents=True, exist_ok=True)
+        rows = [f'"Which colour is {i}?",red,green,blue,white,{"ABCD"[i % 4]}' for i in range(n)]
+        (root / split / f"colours_{split}.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_a_second_test_on_the_same_base_reads_its_scores_and_another_setting_misses(
+    tiny_model_dir, tmp_path, monkeypatch, one_thread
+):
+    """`test` scores the base (LoRA off) before the adapter on every benchmark: by default those
+    scores are kept in the home cache under the base's weights checksum and everything else
+    they depend on, so a second `test` on the same base does not score it again (a real
+    model's MMLU and TruthfulQA took 25 minutes), while a change to any of them scores anew."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_lightning import evaluation
+    from lora_lightning.lora import inject_lora
+
+    monkeypatch.setenv("LORA_LIGHTNING_HOME", str(tmp_path / "home"))
+    calls: list[int | None] = []
+    real = evaluation.evaluate_mmlu
+    monkeypatch.setattr(evaluation, "evaluate_mmlu",
+                        lambda *a, **k: calls.append(k["limit"]) or real(*a, **k))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    inject_lora(model, "all-linear", rank=2, alpha=4.0)
+    trainer = SimpleNamespace(is_global_zero=True, datamodule=SimpleNamespace(
+        tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir)))
+    module = SimpleNamespace(model=model, base_model_name=str(tiny_model_dir))
+    mmlu = _tiny_mmlu(tmp_path / "mmlu")
+
+    def test(limit: int = 2, **report) -> dict:
+        return KnowledgeReport(mmlu_dir=str(mmlu), mmlu_limit=limit, world_dir=None,
+                               **report)._benchmarks(trainer, module)
+
+    first = test()
+    assert calls == [2, 2]  # the base, then with the adapter
+    assert len(list((tmp_path / "home" / "base_scores").glob("*.json"))) == 1
+    second = test()
+    assert calls == [2, 2, 2], "the second test must read the base's scores, not score them"
+    assert second["mmlu"]["before"] == first["mmlu"]["before"]
+
+    test(limit=3)  # a benchmark setting
+    assert calls[-2:] == [3, 3]
+    (mmlu / "test" / "colours_test.csv").write_text('"Which?",a,b,c,d,B\n"Why?",a,b,c,d,C\n')
+    test()  # the data (same path, other content)
+    assert calls[-2:] == [2, 2]
+    with torch.no_grad():  # the weights (same name): the base after an edit is another model
+        model.lm_head.weight[0, 0] += 1.0
+    test()
+    assert calls[-2:] == [2, 2]
+    model.to(torch.bfloat16)  # the dtype
+    test()
+    assert calls[-2:] == [2, 2]
+    before = len(calls)
+    test(before_scores="off")  # no cache: always scored
+    test(before_scores="off")
+    assert len(calls) == before + 4
+
+
+def test_the_weights_checksum_is_the_bases_with_or_without_lora_layers(tiny_model_dir):
+    """The key of the base's scores: the base as a model without LoRA and the same base under
+    LoRA layers of any rank (the adapter is not the base) checksum alike; one weight changed
+    does not."""
+    from transformers import AutoModelForCausalLM
+
+    from lora_lightning.knowledge_report import weights_checksum
+    from lora_lightning.lora import inject_lora
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    wrapped = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    inject_lora(wrapped, "all-linear", rank=4, alpha=8.0)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_" in name:
+                p.normal_()
+    assert weights_checksum(wrapped) == weights_checksum(plain)
+    with torch.no_grad():
+        plain.model.layers[0].mlp.down_proj.weight[3, 5] *= -1.0
+    assert weights_checksum(wrapped) != weights_checksum(plain)
+
+
+def test_the_probe_after_an_epoch_says_what_it_asks_before_the_model_answers(
+    tiny_model_dir, tiny_fact_files, tmp_path, capsys, monkeypatch, one_thread
+):
+    """The probe after the last epoch re-asks every trained and held-out fact under every
+    prompt: a minute on a real model, which printed nothing. It names its facts before the
+    first answer is generated and counts its prompts from 0 (the first probe and any that took
+    long show this progress; a quick one only its line)."""
+    from lora_lightning import knowledge
+    from lora_lightning.callbacks import LineProgressBar
+
+    printed: list[str] = []
+    real = knowledge.generate_answers
+
+    def generate(*args, **kwargs):
+        if not printed:
+            out = capsys.readouterr()
+            printed.append(out.out + out.err)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(knowledge, "generate_answers", generate)
+    L.seed_everything(0)
+    module = make_module(tiny_model_dir, probe=ProbeConfig(n_exp=2, max_new_tokens=4))
+    data = make_data(tiny_model_dir, tiny_fact_files, n_unknown=4, n_val_known=3)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, num_sanity_val_steps=0,
+                        default_root_dir=tmp_path,
+                        callbacks=[LineProgressBar(), KnowledgeEvalCallback(every_n_epochs=1)])
+    trainer.fit(module, datamodule=data)
+    before_any_answer = printed[0]
+    assert "epoch 1/2: probing 4 trained Unknown and 3 held-out HighlyKnown facts x 2 prompts" \
+        in before_any_answer
+    assert "categorising (4 facts x 2 prompts): 0/8 (0%)" in before_any_answer
+    assert "epoch 2/2: probing 4 trained Unknown" in capsys.readouterr().out

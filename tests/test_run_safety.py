@@ -3,14 +3,17 @@ every problem with a path or an option said in one line before any model work.""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
 
@@ -567,3 +570,62 @@ def test_an_unset_or_empty_home_is_the_user_cache_not_the_current_folder(monkeyp
     else:
         monkeypatch.setenv("LORA_LIGHTNING_HOME", value)
     assert default_home() == Path.home() / ".cache" / "lora_lightning"
+
+
+# -- issue 36 §3: outputs written through temporary files respect the umask -------------------
+
+
+@contextlib.contextmanager
+def umask_set(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def tree_modes(root: Path) -> dict[str, set[int]]:
+    """The permission bits of `root` and everything below it, by kind ("dir", "file")."""
+    found: dict[str, set[int]] = {"dir": set(), "file": set()}
+    for path in [root, *root.rglob("*")]:
+        found["dir" if path.is_dir() else "file"].add(stat.S_IMODE(path.stat().st_mode))
+    return found
+
+
+@pytest.mark.parametrize(("mask", "file_mode", "dir_mode"),
+                         [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700), (0o002, 0o664, 0o775)])
+def test_files_written_whole_get_the_umasks_mode_and_a_replaced_file_keeps_its_own(
+    mask, file_mode, dir_mode, tiny_model_dir, tmp_path
+):
+    """report.json, status.json, metrics.csv after a resume, fact files and `facts` output are
+    written through `atomic_path`; the adapter's weights by safetensors (0600 by itself)."""
+    from transformers import AutoModelForCausalLM
+
+    from lora_lightning.facts import Fact, save_facts
+    from lora_lightning.files import plain_mode
+    from lora_lightning.lora import inject_lora, save_adapter
+
+    with umask_set(mask):
+        report = atomic_write_text(tmp_path / "report.json", "{}")
+        facts = save_facts([Fact(id="f1", question="Where?", answers=["here"])],
+                           tmp_path / "facts.jsonl")
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        inject_lora(model, ["q_proj", "v_proj"], rank=2, alpha=4.0)
+        adapter = save_adapter(model, tmp_path / "adapter", "tiny")
+        private = tmp_path / "made-by-mkdtemp"
+        private.mkdir(mode=0o700)
+        (private / "weights").write_bytes(b"")
+        (private / "weights").chmod(0o600)
+        (private / "run.sh").write_bytes(b"")
+        (private / "run.sh").chmod(0o700)
+        plain_mode(private, tree=True)
+    for path in (report, facts, adapter / "adapter_model.safetensors",
+                 adapter / "adapter_config.json", private / "weights"):
+        assert stat.S_IMODE(path.stat().st_mode) == file_mode, path
+    assert stat.S_IMODE((private / "run.sh").stat().st_mode) == dir_mode  # executable stays so
+    assert stat.S_IMODE(private.stat().st_mode) == dir_mode
+
+    report.chmod(0o640)  # a file replaced whole keeps its mode, as a plain open() does
+    with umask_set(mask):
+        atomic_write_text(report, "{} ")
+    assert stat.S_IMODE(report.stat().st_mode) == 0o640

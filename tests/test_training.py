@@ -424,3 +424,98 @@ def test_a_checkpoint_from_before_the_probe_settings_moved_still_loads(monkeypat
     monkeypatch.undo()
     buffer.seek(0)
     assert torch.load(buffer, weights_only=True)["probe"] == ProbeConfig(n_exp=3)
+
+
+# -- the run folder a fit writes -----------------------------------------------------------------
+
+
+def run_main(*args: str, capsys) -> tuple[int, str]:
+    """`python -m lora_lightning ARGS` in this process: (exit code, stderr)."""
+    from lora_lightning.__main__ import main
+
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as done:
+        code = int(done.code or 0)
+    return code, capsys.readouterr().err
+
+
+def test_a_fit_stopped_before_its_first_checkpoint_leaves_a_folder_the_next_fit_starts_afresh(
+    tiny_model_dir, tiny_fact_files, tmp_path, monkeypatch, capsys
+):
+    """A full disk at the first checkpoint (or a kill before it) leaves config.yaml and
+    metrics.csv but nothing to resume: the next `fit` was refused with the advice to resume,
+    and `--ckpt_path last` then found nothing. Such a folder holds no run."""
+    import errno
+
+    config = small_config(tmp_path, tiny_model_dir, tiny_fact_files, max_epochs=1)
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "runs" / "default"
+
+    def disk_full(path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    with monkeypatch.context() as patched:
+        patched.setattr("lora_lightning.checkpointing.fsync_file", disk_full)
+        code, err = run_main("fit", "--config", str(config), capsys=capsys)
+    assert code == 2 and "ENOSPC" in err
+    assert (run / "config.yaml").is_file() and not (run / "checkpoints" / "last.ckpt").exists()
+
+    code, err = run_main("fit", "--config", str(config), "--ckpt_path", "last", capsys=capsys)
+    assert code == 2 and "nothing to resume from" in err and "leave out --ckpt_path" in err
+
+    code, err = run_main("fit", "--config", str(config), capsys=capsys)
+    assert code == 0, err[-3000:]
+    assert "stopped before its first checkpoint" in err and "starting afresh" in err
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    # and now the folder holds a run: the next fit is refused, with advice that works
+    code, err = run_main("fit", "--config", str(config), capsys=capsys)
+    assert code == 2 and "already holds a run" in err and "--ckpt_path last" in err
+    assert "--trainer.default_root_dir DIR" in err  # which moves the run (the next test)
+
+
+def test_a_bad_rank_is_refused_before_data_or_model_load_with_or_without_overwrite(
+    tiny_model_dir, tiny_fact_files, tmp_path, monkeypatch, capsys
+):
+    config = small_config(tmp_path, tiny_model_dir, tiny_fact_files, max_epochs=1)
+    monkeypatch.chdir(tmp_path)
+
+    def loading(*args, **kwargs):
+        raise AssertionError("data or model loaded before the settings were checked")
+
+    monkeypatch.setattr(KnowledgeDataModule, "setup", loading)
+    monkeypatch.setattr(LoRAKnowledgeModule, "configure_model", loading)
+    for extra in ([], ["--overwrite"]):
+        code, err = run_main("fit", "--config", str(config), "--model.rank", "0", *extra,
+                             capsys=capsys)
+        assert code == 2
+        [line] = [line for line in err.splitlines() if line.startswith("error:")]
+        assert "--model.rank must be an integer >= 1, got 0" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_default_root_dir_moves_the_run_folder(tiny_model_dir, tiny_fact_files, tmp_path):
+    """Lightning ignores `default_root_dir` once the logger has a folder; the run went to
+    runs/default while its config.yaml named the other folder. The "already holds a run"
+    refusal suggests it, so it must work."""
+    import yaml
+
+    config = small_config(tmp_path, tiny_model_dir, tiny_fact_files, max_epochs=1)
+    moved = cli("fit", "--config", str(config), "--trainer.default_root_dir", "runs/other",
+                cwd=tmp_path)
+    assert moved.returncode == 0, moved.stderr[-3000:]
+    other = tmp_path / "runs" / "other"
+    assert (other / "checkpoints" / "last.ckpt").is_file() and (other / "adapter").is_dir()
+    assert (other / "metrics.csv").is_file() and not (tmp_path / "runs" / "default").exists()
+    saved = yaml.safe_load((other / "config.yaml").read_text())["trainer"]
+    assert saved["default_root_dir"] == "runs/other"
+    assert saved["logger"]["init_args"]["save_dir"] == "runs/other"
+    # a logger folder set on top (as a sweep sets each cell's) wins, and config.yaml says so
+    third = cli("fit", "--config", str(other / "config.yaml"), "--trainer.logger.save_dir",
+                "runs/third", cwd=tmp_path)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "the run folder is runs/third" in third.stderr
+    assert (tmp_path / "runs" / "third" / "checkpoints" / "last.ckpt").is_file()
+    saved = yaml.safe_load((tmp_path / "runs" / "third" / "config.yaml").read_text())["trainer"]
+    assert saved["default_root_dir"] == saved["logger"]["init_args"]["save_dir"] == "runs/third"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import json
 import threading
 from collections import Counter
@@ -549,3 +550,78 @@ def test_the_shipped_bench_base_scores_what_its_build_recorded(tmp_path):
     assert scores["world_mc"]["accuracy"] == pytest.approx(built.info["world_mc"], abs=0.01)
     assert scores["world_truthful"]["mc1"] == pytest.approx(
         built.info["world_truthful_mc1"], abs=0.01)
+
+
+# --------------------------------------------------------------------------- a full home
+
+
+def _enospc(*args, **kwargs):
+    """What a write to a full disk raises inside tarfile: errno 28, naming no file."""
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_unpacking_the_world_into_a_full_home_is_one_line_naming_the_folder(
+    tmp_path, monkeypatch, capsys
+):
+    import tarfile
+
+    from test_hardening import one_error_line
+
+    real_copy = tarfile.copyfileobj
+    copied: list[int] = []
+
+    def fills_the_disk(src, dst, length=None, *args, **kwargs):
+        if copied:  # the first member fits, the next one does not
+            dst.write(b"\0" * 10)
+            _enospc()
+        copied.append(1)
+        return real_copy(src, dst, length, *args, **kwargs)
+
+    monkeypatch.setattr(tarfile, "copyfileobj", fills_the_disk)
+    home = tmp_path / "home"
+    with pytest.raises(OSError) as err:
+        ensure_world(WorldConfig(), home=home, progress=False)
+    message = str(err.value)
+    root = home / f"world-{WorldConfig().key()}"
+    assert message.startswith(f"cannot unpack the world into {root}: No space left on device;")
+    assert "free some space" in message and "--home" in message and "\n" not in message
+    assert [p.name for p in home.iterdir() if not p.name.endswith(".lock")] == []
+
+    copied.clear()
+    monkeypatch.setenv("LORA_LIGHTNING_HOME", str(home))
+    line = one_error_line(capsys, ["world", "--scale", "small"])
+    assert line.startswith("error: ENOSPC: cannot unpack the world into ") and str(root) in line
+    assert "?" not in line and "LORA_LIGHTNING_HOME" in line
+
+
+def test_rebuilding_the_world_into_a_full_folder_is_one_line_naming_the_folder(
+    tmp_path, monkeypatch, capsys
+):
+    """`world --rebuild` writes the model with safetensors, whose full-disk error names no
+    path and is no OSError (pre-training is skipped here: the write is what fails)."""
+    from safetensors import SafetensorError
+    from test_hardening import one_error_line
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                              "(os error 28)")
+
+    monkeypatch.setattr(world.cache, "pretrain", lambda *args, **kwargs: [0.0])
+    monkeypatch.setattr("transformers.modeling_utils.safe_save_file", full)
+    home = tmp_path / "full"
+    line = one_error_line(capsys, ["world", "--scale", "small", "--rebuild", "true",
+                                   "--home", str(home)])
+    root = home / f"world-{WorldConfig().key()}-rebuilt"
+    assert line.startswith(f"error: ENOSPC: cannot build the world in {root}: No space left")
+    assert "free some space" in line and "--home" in line
+    assert [p.name for p in home.iterdir() if not p.name.endswith(".lock")] == []
+
+
+@pytest.mark.parametrize(("mask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755),
+                                                             (0o077, 0o600, 0o700)])
+def test_the_unpacked_world_gets_the_umasks_modes(mask, file_mode, dir_mode, tmp_path):
+    from test_run_safety import tree_modes, umask_set
+
+    with umask_set(mask):
+        built = ensure_world(WorldConfig(), home=tmp_path, progress=False)
+    assert tree_modes(built.root) == {"dir": {dir_mode}, "file": {file_mode}}

@@ -3,7 +3,9 @@
 The question goes to the model exactly as the reliability probe (`KnowledgeEvalCallback`, `test`)
 asks it: the system prompt, `n_shot` examples from the few-shot pool and the question, through
 the tokenizer's chat template, answered greedily by `knowledge.categorize` itself. So what `ask`
-shows is what the probe counted, one question at a time.
+shows is what the probe counted, one question at a time. A model without a few-shot pool (any
+model but the world's, unless `--pool` or `--questions` brings one) is asked zero-shot: the
+system prompt and the question in its chat format.
 
 What the columns are:
 
@@ -83,7 +85,7 @@ def ask_command(
     output: str | None = None,
     pool: str | None = None,
     n_exp: int = 1,
-    n_shot: int = _PROBE.n_shot,
+    n_shot: int | None = None,
     seed: int = _PROBE.seed,
     max_new_tokens: int = _PROBE.max_new_tokens,
     batch_size: int = _PROBE.batch_size,
@@ -112,11 +114,14 @@ def ask_command(
             (`base`/`adapter` or `model`), the answer, whether it is right (null without
             answers), every prompt's answer and their share right (`p_greedy`).
         pool: Few-shot pool file (the shots of the probe). None = the world's pool when the
-            model or base is the world's; any other model needs one, or `n_shot` 0.
+            model or base is the world's, the pool `categorize` wrote beside a `--questions`
+            file; for any other model none: it is asked zero-shot (`n_shot` 0).
         n_exp: Few-shot prompts per question. 1 asks with the first of the probe's prompts
             (same pool, same seed: the same shots); the probe's own 10 add the share of them
             answered right. The answer shown is the first prompt's.
-        n_shot: Examples per prompt (0 = the zero-shot training format, no pool needed).
+        n_shot: Examples per prompt (0 = zero-shot: the system prompt and the question in the
+            chat format, as training asks, no pool needed). None = the probe's (`ProbeConfig`)
+            when there is a pool, else 0 (saying so); a number above 0 needs a pool.
         seed: Seed of the few-shot sets (the probe's is 0).
         max_new_tokens: Generation length limit.
         batch_size: Prompts per generation batch.
@@ -146,7 +151,7 @@ def ask_command(
             "ask: --base is for a merged --model; with --adapter the base answers come from "
             "--model itself, its adapter switched off"
         )
-    if n_exp < 1 or n_shot < 0:
+    if n_exp < 1 or (n_shot is not None and n_shot < 0):
         raise ValueError(f"ask: need n_exp >= 1 and n_shot >= 0, got {n_exp} and {n_shot}")
     if adapter is not None:
         check_adapter_folder(adapter)
@@ -162,10 +167,14 @@ def ask_command(
         if limit is not None and (problem := limit.problem(question)) is not None:
             raise ValueError(f"question: {problem}")
         facts = [question_fact(question, [answer] if answer is not None else [])]
-    if pool is None and questions is not None and n_shot and pool_sidecar(questions).is_file():
+    if pool is None and questions is not None and n_shot != 0 and (
+        pool_sidecar(questions).is_file()
+    ):
         pool = str(pool_sidecar(questions))  # the shots `categorize` used for these facts
         print(f"few-shot pool: {pool} (beside --questions; --pool to choose another)",
               file=sys.stderr)
+    if n_shot is None:
+        n_shot = _default_shots(pool, model, base)
     shots = _pool(pool, model, base, n_shot, facts, limit, progress)
     if limit is not None:
         _check_prompt_lengths(tokenizer, facts, shots, n_exp, n_shot, seed,
@@ -243,6 +252,17 @@ def _check_output(output: str | None) -> Path | None:
     return path
 
 
+def _default_shots(pool: str | None, model: str | None, base: str | None) -> int:
+    """The probe's few-shot format where there is a pool (given, found beside the questions, or
+    the world's for the world's model); else zero-shot, said in one line: a model asked a
+    question must not need a pool file to answer it."""
+    if pool is not None or model in (None, WORLD_MODEL) or base == WORLD_MODEL:
+        return _PROBE.n_shot
+    print("zero-shot: no few-shot pool for this model (--pool FILE for the probe's "
+          f"{_PROBE.n_shot}-shot format)", file=sys.stderr)
+    return 0
+
+
 def _pool(
     pool: str | None, model: str | None, base: str | None, n_shot: int,
     facts: Sequence[Fact], limit: TextLimit | None, progress: bool,
@@ -254,10 +274,10 @@ def _pool(
     if pool is None:
         if model not in (None, WORLD_MODEL) and base != WORLD_MODEL:
             raise ValueError(
-                "ask: --pool is needed for a model other than the world's: the few-shot pool "
-                "the probe used (`<facts stem>.pool.jsonl` beside a categorised fact file, "
-                "found by itself with --questions <that file>), or --n_shot 0 for the "
-                "zero-shot training format"
+                f"ask: --n_shot {n_shot} needs --pool for a model other than the world's: "
+                "the few-shot pool the probe used (`<facts stem>.pool.jsonl` beside a "
+                "categorised fact file, found by itself with --questions <that file>); "
+                "without --n_shot it asks zero-shot"
             )
         pool = str(ensure_world(progress=progress).pool_path)
     asked = {f.id for f in facts} | {normalize_answer(f.question) for f in facts}

@@ -45,8 +45,9 @@ def evaluate_command(
         model: Hugging Face model directory or hub name; None or "world" = the synthetic
             world's base model (unpacked on first use).
         adapter: LoRA adapter directory (ours or PEFT's) applied before scoring.
-        data_dir: folder holding `mmlu/` and `truthfulqa/TruthfulQA.csv` (the ../shared/data
-            layout); None = Hugging Face datasets (needs `datasets` and the network).
+        data_dir: folder holding `mmlu/` and `truthfulqa/TruthfulQA.csv`;
+            `pkg:lora_lightning/benchmark_data` is the copy the package ships. None = Hugging
+            Face datasets (needs `datasets` and the network).
         mmlu_dir: MMLU folder, overriding `data_dir` for MMLU.
         truthfulqa_path: TruthfulQA CSV (or its folder), overriding `data_dir` for TruthfulQA.
         benchmarks: which to run, from "mmlu" and "truthfulqa". Default: both; with
@@ -102,6 +103,7 @@ def evaluate_command(
     )
     settings = _one_limit_for_both(settings)
     settings.check_tasks()  # before the model is loaded
+    settings.check_data()
     path = None
     if output is not None:
         path = Path(output).resolve()

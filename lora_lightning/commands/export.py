@@ -10,6 +10,7 @@ from typing import Literal
 
 import torch
 
+from lora_lightning.files import plain_mode, write_problem
 from lora_lightning.lora import save_adapter, unload_lora
 from lora_lightning.models import load_tokenizer
 from lora_lightning.module import LoRAKnowledgeModule, read_checkpoint
@@ -47,8 +48,11 @@ def export_command(
             "choose a new folder"
         )
     module = LoRAKnowledgeModule.load_from_checkpoint(ckpt_path, map_location="cpu")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+    except OSError as err:
+        raise write_problem(err, out, "cannot export to") or err from err
     try:
         if format == "adapter":
             save_adapter(module.model, staging, module.base_model_name)
@@ -60,9 +64,14 @@ def export_command(
             model.config.use_cache = True
             model.save_pretrained(staging, safe_serialization=True)
             load_tokenizer(module.base_model_name).save_pretrained(staging)
+        plain_mode(staging, tree=True)  # an output: the umask's modes, not mkdtemp's 0700
         _move_into_place(staging, out)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
+        # a full disk: safetensors' error names no path, an OSError the temporary folder
+        if isinstance(err, Exception) and (
+                problem := write_problem(err, out, "cannot export to")) is not None:
+            raise problem from err
         raise
     print(f"exported {format} to {out}")
     return out

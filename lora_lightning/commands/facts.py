@@ -3,11 +3,12 @@ built offline from installed real-data packages (`lora_lightning.sources`)."""
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Any, Literal
 
 from lora_lightning.facts import save_facts
-from lora_lightning.files import check_output_dir
+from lora_lightning.files import PathProblem, check_output_dir
 from lora_lightning.sources import build_facts
 
 
@@ -35,6 +36,10 @@ def facts_command(
         The number of facts by relation and what was left out, as printed.
     """
     path = Path(output)
+    if path.is_dir():  # not even with --overwrite: a fact file never replaces a folder
+        raise PathProblem(
+            errno.EISDIR, f"output: {output!r} is a folder; --output names the fact file to "
+            f"write, e.g. --output {path / 'facts.jsonl'}")
     if path.exists() and not overwrite:
         raise FileExistsError(f"output: {output!r} exists; pass --overwrite true to replace it")
     check_output_dir(path.parent, "output's folder")

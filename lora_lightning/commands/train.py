@@ -1,4 +1,4 @@
-"""`python -m lora_lightning fit|validate|test|predict`: the LightningCLI of
+"""`python -m lora_lightning fit|validate|test`: the LightningCLI of
 `lora_lightning.cli`."""
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
+from lora_lightning.files import PathProblem
 from lora_lightning.world import WorldConfig, ensure_world
 from lora_lightning.world.cache import differing_files, pack_world, shipped_world
 
@@ -57,7 +58,10 @@ def world_command(
         bench scale, in-world benchmark scores, test and development splits).
     """
     config = WorldConfig.scale(scale, seed)
-    world = ensure_world(config, home=home, rebuild=rebuild)
+    try:
+        world = ensure_world(config, home=home, rebuild=rebuild)
+    except PathProblem as err:
+        raise _named_by_flag(err, home) from err
     info = {"scale": scale, "seed": seed, "root": str(world.root), **world.info}
     if rebuild and shipped_world(config) is not None:
         shipped = ensure_world(config, home=home, progress=False)
@@ -80,3 +84,16 @@ def world_command(
         print(f"  {'files that differ from the shipped build:':46s} "
               f"{', '.join(differ) if differ else 'none (bit for bit the same)'}")
     return info
+
+
+def _named_by_flag(err: PathProblem, home: str | None) -> PathProblem:
+    """The cache's complaint about `home` (it names the argument `home=...` and says "set home
+    to a writable folder", as a Python caller reads it) in the command line's words: the
+    `--home` flag, or `$LORA_LIGHTNING_HOME` when no `--home` was given (already so worded)."""
+    line = str(err)
+    if home is None or f"home={home}" not in line:
+        return err
+    line = line.replace(f"home={home}", f"--home {home}", 1)
+    line = line.replace("set home to a writable folder", "pass --home a writable folder (or "
+                        "leave --home out to use $LORA_LIGHTNING_HOME)")
+    return PathProblem(err.errno or 0, line)

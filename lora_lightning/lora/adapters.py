@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from lora_lightning.files import plain_mode
 from lora_lightning.lora.layer import LoRALinear, lora_modules
 from lora_lightning.lora.targets import (
     adaptable_modules,
@@ -183,6 +184,7 @@ def save_adapter(
             {"samples_per_layer": _FINGERPRINT_SAMPLES, "layers": samples}
         )
     save_file(tensors, str(directory / ADAPTER_WEIGHTS_NAME), metadata=metadata)
+    plain_mode(directory / ADAPTER_WEIGHTS_NAME)  # safetensors writes it 0600 whatever the umask
     return directory
 
 

@@ -36,16 +36,15 @@ from lora_lightning.files import FolderLock, atomic_write_text
 
 __all__ = [
     "CELL_CONFIG", "CELL_INFO", "PARENT_ENV", "STATUS_FILE", "DamagedReport", "cell_env",
-    "cell_stages",
-    "follow_parent", "is_done",
-    "read_report", "read_status", "report_path", "run_cell", "terminate_running",
-    "write_status",
+    "cell_stages", "error_line", "follow_parent", "is_done", "read_report", "read_status",
+    "repair_status", "report_path", "run_cell", "terminate_running", "write_status",
 ]
 
 CELL_CONFIG = "cell.yaml"
 CELL_INFO = "cell.json"
 STATUS_FILE = "status.json"
 PARENT_ENV = "LORA_LIGHTNING_SWEEP_PID"
+HEADER = "=== "  # how `_run` opens each attempt's part of a log
 PACKAGE_ROOT = Path(lora_lightning.__file__).resolve().parents[1]
 
 _RUNNING: set[subprocess.Popen] = set()
@@ -75,6 +74,8 @@ def read_report(cell_dir: Path) -> dict[str, Any] | None:
         return None
     except OSError as err:
         raise DamagedReport(f"{path}: unreadable ({err.strerror or err})") from err
+    except UnicodeDecodeError as err:
+        raise DamagedReport(f"{path}: not UTF-8 text (byte {err.start})") from err
     try:
         report = json.loads(text)
     except json.JSONDecodeError as err:
@@ -110,9 +111,34 @@ def read_status(cell_dir: Path) -> dict[str, Any]:
     path = Path(cell_dir) / STATUS_FILE
     try:
         status = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (FileNotFoundError, ValueError):  # none, or damaged (`repair_status`)
         return {}
     return status if isinstance(status, dict) else {}
+
+
+def repair_status(cell_dir: Path) -> str | None:
+    """Rewrite a cell's status.json that does not parse (a torn write, a stray edit), which
+    `read_status` reads as "never ran" while a whole report says the cell is done, and mark
+    a finished cell done whatever its status says; what was repaired, or None."""
+    path = Path(cell_dir) / STATUS_FILE
+    done = is_done(cell_dir)
+    try:
+        status = json.loads(path.read_text())
+        damage = None if isinstance(status, dict) else "not a JSON object"
+    except FileNotFoundError:
+        status, damage = {}, None
+    except ValueError as err:  # also not UTF-8
+        status, damage = {}, type(err).__name__
+    if damage is None:
+        if done and status and status.get("state") != "done":
+            write_status(cell_dir, state="done", error=None)
+        return None
+    state = "done" if done else "pending"
+    atomic_write_text(path, json.dumps({
+        "state": state, "note": f"status.json was damaged ({damage}) and rewritten",
+        "updated": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
+    return (f"{path} was damaged ({damage}); rewritten as {state}"
+            + (" (its report is whole)" if done else ""))
 
 
 def write_status(cell_dir: Path, **fields: Any) -> dict[str, Any]:
@@ -178,7 +204,7 @@ def _run(
     cmd: Sequence[str], log: Path, cwd: Path, env: dict[str, str], cpus: Sequence[int] | None
 ) -> int:
     with open(log, "a") as out:
-        out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} on {socket.gethostname()}: "
+        out.write(f"\n{HEADER}{time.strftime('%Y-%m-%d %H:%M:%S')} on {socket.gethostname()}: "
                   f"{' '.join(cmd)}\n")
         out.flush()
         proc = subprocess.Popen(
@@ -203,16 +229,17 @@ def _run(
                 _RUNNING.discard(proc)
 
 
-def _error_line(log: Path) -> str:
-    """The line of a log that says what went wrong: our CLI's `error: ...` line, else the last
-    exception line, else the last line."""
+def error_line(log: str | Path) -> str:
+    """The line of a log's last attempt that says what went wrong: our CLI's `error: ...`
+    line, else the last exception line, else the last line (never the attempt's header)."""
     try:
         with open(log, "rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
             lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()]
     except FileNotFoundError:
         return f"no log at {log}"
-    lines = [ln for ln in lines if ln]
+    headers = [i for i, ln in enumerate(lines) if ln.startswith(HEADER)]
+    lines = [ln for ln in lines[headers[-1] + 1 if headers else 0:] if ln]
     for prefix in ("error:", ""):
         for line in reversed(lines):
             if line.startswith(prefix) and (prefix or "Error" in line.split(":")[0]):
@@ -245,7 +272,7 @@ def _attempt(
         rc = _run([*python, "fit", "--config", config, *how],
                   cell_dir / "fit.log", cwd, env, cpus)
         if rc != 0:
-            error = f"fit exited with {rc}: {_error_line(cell_dir / 'fit.log')}"
+            error = f"fit exited with {rc}: {error_line(cell_dir / 'fit.log')}"
             if rc in STOPPED:
                 return error, "interrupted"
             if resume:  # next time start afresh: the checkpoint may be what failed
@@ -262,7 +289,7 @@ def _attempt(
     rc = _run([*python, "test", "--config", config, "--ckpt_path", "last"],
               cell_dir / "test.log", cwd, env, cpus)
     if rc != 0:
-        error = f"test exited with {rc}: {_error_line(cell_dir / 'test.log')}"
+        error = f"test exited with {rc}: {error_line(cell_dir / 'test.log')}"
         return error, ("interrupted" if rc in STOPPED else
                        "bad input" if rc == BAD_INPUT else "failed")
     try:

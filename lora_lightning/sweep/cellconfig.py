@@ -14,6 +14,10 @@ from typing import Any
 
 __all__ = ["FitConfigParser", "cell_loggers", "cli_value", "has_run_logger"]
 
+# The config sections whose classes `fit` builds (and so checks) before it loads anything.
+CHECKED_SECTIONS = ("model", "data", "checkpoint", "throughput", "knowledge_eval",
+                    "save_adapter", "report")
+
 
 def cli_value(value: Any) -> str:
     """A value as the command line spells it: strings as they are (jsonargparse would keep
@@ -121,6 +125,50 @@ class FitConfigParser:
         except (Exception, SystemExit) as exc:  # jsonargparse's ArgumentError, or an exit
             message = " ".join(str(exc).split()) or type(exc).__name__
             raise ValueError(message) from exc
+
+    def check(self, config: Any, model_path: bool = True) -> None:
+        """Run on a parsed config the checks `fit` runs before it loads anything, so that a
+        bad value fails before a sweep launches its cells rather than in each of them after
+        its model has loaded: the model path (`model_path`: False where it is a placeholder
+        for a world not built yet), `cli.check_settings` (the rank), then the constructors of
+        the module, the data module and the callbacks, which check their arguments and load
+        nothing (the base model is loaded in `configure_model`, the facts in `setup`). The
+        trainer's loggers are not built: some reach out to a tracking server. A ValueError
+        naming the setting when one is refused.
+        """
+        from lora_lightning.cli import check_settings
+        from lora_lightning.models import WORLD_MODEL, check_model_path
+
+        name = config.model.model_name_or_path
+        if model_path and name not in (None, WORLD_MODEL):
+            try:
+                check_model_path(name)
+            except OSError as exc:
+                raise ValueError(str(exc)) from exc
+        check_settings(config)  # what `fit` checks of its own before building anything
+        try:
+            self._instantiate(config, CHECKED_SECTIONS)
+        except (ValueError, TypeError, KeyError):
+            for section in CHECKED_SECTIONS:  # which one: its message may not say
+                try:
+                    self._instantiate(config, (section,))
+                except (ValueError, TypeError, KeyError) as exc:
+                    message = " ".join(str(exc).split()) or type(exc).__name__
+                    if not message.startswith(f"{section}."):
+                        message = f"{section}: {message}"
+                    raise ValueError(message) from exc
+            raise
+
+    def _instantiate(self, config: Any, sections: tuple[str, ...]) -> None:
+        """Build the classes of `sections` of a parsed config (the others with defaults)."""
+        from jsonargparse import Namespace
+
+        parser = self._cli._parser("fit")
+        part = Namespace()
+        for section in sections:
+            part[section] = config[section].clone()
+        instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+        instantiate(part)  # jsonargparse < 4.49: instantiate_classes
 
     def dump(self, config: Any) -> str:
         """The config as YAML, None values included, as `fit` saves its own `config.yaml`."""

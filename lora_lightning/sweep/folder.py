@@ -30,6 +30,10 @@ __all__ = [
 RECORD = "sweep.json"
 CELLS_DIR = "cells"
 _MEASURED = ("base", "world", "overrides", "axes", "categorize")
+# Keys of a cell's config that say how often its checkpoints are kept, not what it trains or
+# measures: older sweeps set them (a second copy of last.ckpt each epoch); a cell made so is
+# the same run, and its config is written anew.
+_BOOKKEEPING = ("checkpoint.save_top_k", "checkpoint.every_n_epochs")
 
 
 def cell_dir(sweep: Sweep, cell: Cell) -> Path:
@@ -119,7 +123,8 @@ def _rebased(config: dict[str, Any], sweep_dir: Path) -> dict[str, Any]:
 def check_cell(sweep: Sweep, cell: Cell, cell_dir: Path, config_yaml: str) -> bool:
     """Refuse a cell folder that holds a run with other settings than `config_yaml` (one line
     naming the keys that differ). True when nothing is held yet, or the same run is held in a
-    sweep folder moved or copied elsewhere: its config is then to be written anew."""
+    sweep folder moved or copied elsewhere (or with other checkpoint bookkeeping): its config
+    is then to be written anew."""
     path = cell_dir / CELL_CONFIG
     text = path.read_text() if path.is_file() else None
     try:
@@ -131,7 +136,8 @@ def check_cell(sweep: Sweep, cell: Cell, cell_dir: Path, config_yaml: str) -> bo
     if text == config_yaml:
         return False
     old, new = _flat(_rebased(held, sweep.output)), _flat(yaml.safe_load(config_yaml))
-    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    diff = sorted(k for k in old.keys() | new.keys()
+                  if old.get(k) != new.get(k) and k not in _BOOKKEEPING)
     if diff:
         raise sweep.error(
             f"axes (cell {cell.name})", f"{cell_dir} holds a run with other settings "

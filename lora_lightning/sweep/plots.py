@@ -10,7 +10,7 @@ from typing import Any
 
 from lora_lightning.sweep.grid import Grid
 
-__all__ = ["plot_all"]
+__all__ = ["legend", "plot_all"]
 
 HARM = (
     ("known_retained", None, "held-out HighlyKnown facts still known"),
@@ -47,13 +47,20 @@ def _base_line(ax: Any, grid: Grid, column: str | None) -> None:
         ax.axhline(sum(values) / len(values), color="grey", linestyle="--", label="base model")
 
 
+def legend(ax: Any, **kwargs: Any) -> None:
+    """The axes' legend, where anything on them is labelled: on an empty plot (no cell or
+    probe finished yet) matplotlib would warn "No artists with labels found" to the user."""
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(**kwargs)
+
+
 def _finish(ax: Any, title: str, ylabel: str) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("n Unknown facts trained")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    legend(ax, fontsize=7)
 
 
 def plot_all(grid: Grid, out: Path, paper: bool = False) -> list[Path]:

@@ -14,7 +14,13 @@ from typing import Any
 
 from lora_lightning.files import atomic_write_text
 from lora_lightning.mix import mix_size
-from lora_lightning.sweep.cell import is_done, read_status
+from lora_lightning.sweep.cell import (
+    DamagedReport,
+    is_done,
+    read_report,
+    read_status,
+    repair_status,
+)
 from lora_lightning.sweep.cellconfig import FitConfigParser, cell_loggers, has_run_logger
 from lora_lightning.sweep.folder import cell_dir, claim_folder, write_cell
 from lora_lightning.sweep.progress import SweepProgress, duration
@@ -22,17 +28,12 @@ from lora_lightning.sweep.shared import shared_settings, world_settings
 from lora_lightning.sweep.spec import Cell, Sweep
 
 __all__ = [
-    "BEFORE_SCORES", "CELLS_INDEX", "CHECKPOINT_EVERY_EPOCH", "cell_settings", "check_configs",
-    "describe", "launch", "own_settings", "run_sweep", "training_size", "worker_slots",
+    "BEFORE_SCORES", "CELLS_INDEX", "cell_configs", "cell_settings", "check_configs", "describe",
+    "launch", "own_settings", "run_sweep", "training_size", "worker_slots",
 ]
 
 BEFORE_SCORES = "before_scores.json"
 CELLS_INDEX = "cells.json"
-# A cell resumes from last.ckpt, so it must be written every epoch. Lightning 2.6 writes
-# last.ckpt only when it has just saved a top-k checkpoint, and `fit`'s default keeps none
-# (save_top_k 0: last.ckpt at the end of fit only); keeping the latest epoch's checkpoint
-# makes last.ckpt follow every epoch. A sweep file's overrides may still change these.
-CHECKPOINT_EVERY_EPOCH = {"checkpoint.save_top_k": 1, "checkpoint.every_n_epochs": 1}
 
 
 def own_settings(sweep: Sweep, cell: Cell, folder: Path, logger: Any) -> dict[str, Any]:
@@ -54,16 +55,23 @@ def own_settings(sweep: Sweep, cell: Cell, folder: Path, logger: Any) -> dict[st
 
 def cell_settings(sweep: Sweep, cell: Cell, shared: dict[str, Any],
                   logger: Any) -> dict[str, Any]:
-    """Every key a cell's config sets on the base config, later ones winning: checkpoints
-    every epoch, the sweep's overrides, what is `shared`, the cell's own axis values, and the
-    keys the sweep controls (`own_settings`, with `logger` the base config's loggers)."""
-    return {**CHECKPOINT_EVERY_EPOCH, **sweep.overrides, **shared, **cell.settings,
+    """Every key a cell's config sets on the base config, later ones winning: the sweep's
+    overrides, what is `shared`, the cell's own axis values, and the keys the sweep controls
+    (`own_settings`, with `logger` the base config's loggers). A cell resumes from the
+    last.ckpt `fit` writes after every epoch (`RunCheckpoint`), its one checkpoint."""
+    return {**sweep.overrides, **shared, **cell.settings,
             **own_settings(sweep, cell, cell_dir(sweep, cell), logger)}
 
 
 def check_configs(sweep: Sweep, parser: FitConfigParser, shared: dict[str, Any]) -> Any:
-    """Parse the base, then the overrides, then every axis value on top of them, so an error
-    names the part of the sweep file that caused it; return the parsed overrides config."""
+    """Parse the base, then the overrides, then every axis value on top of them, and check
+    each as `fit` would before loading anything (`FitConfigParser.check`), so an error names
+    the part of the sweep file that caused it; return the parsed overrides config.
+
+    The model path is checked unless the sweep runs on a world (built on first use, and only
+    named by a dry run), as is `categorize.model` where the file sets one.
+    """
+    model_path = not sweep.world
     try:
         config = parser.parse(sweep.base, {})
     except ValueError as exc:
@@ -71,15 +79,52 @@ def check_configs(sweep: Sweep, parser: FitConfigParser, shared: dict[str, Any])
     common = {**sweep.overrides, **shared}
     try:
         config = parser.parse(sweep.base, common)
+        parser.check(config, model_path)
     except ValueError as exc:
-        raise sweep.error("overrides", str(exc)) from exc
+        raise sweep.error(_culprit(sweep, parser, shared, str(exc)), str(exc)) from exc
     for axis in sweep.axes:
         for label, setting in zip(axis.labels, axis.settings, strict=True):
             try:
-                parser.parse(sweep.base, {**common, **setting})
+                parser.check(parser.parse(sweep.base, {**common, **setting}), model_path)
             except ValueError as exc:
                 raise sweep.error(f"axes.{axis.name}.{label}", str(exc)) from exc
+    model = (sweep.categorize or {}).get("model")
+    if isinstance(model, str):
+        from lora_lightning.models import check_model_path
+
+        try:
+            check_model_path(model, "categorize.model")
+        except OSError as exc:
+            raise sweep.error("categorize.model", str(exc)) from exc
     return config
+
+
+def _culprit(sweep: Sweep, parser: FitConfigParser, shared: dict[str, Any], error: str) -> str:
+    """The part of the sweep file a refusal of its base config with its overrides comes from:
+    `base` when the base alone is refused so too, else `overrides`."""
+    if not sweep.overrides:
+        return "base"
+    try:
+        parser.check(parser.parse(sweep.base, shared), not sweep.world)
+    except ValueError as exc:
+        return "base" if str(exc) == error else "overrides"
+    return "overrides"
+
+
+def cell_configs(sweep: Sweep, parser: FitConfigParser, cells: list[Cell],
+                 shared: dict[str, Any], logger: Any) -> list[Any]:
+    """Each cell's parsed config (`cell_settings`), checked as `fit` would before loading
+    anything: a value may be refused only beside another axis' value (data.extra_kind none
+    with data.extra_per_unknown 1), so every cell is checked before any is launched."""
+    configs = []
+    for cell in cells:
+        try:
+            config = parser.parse(sweep.base, cell_settings(sweep, cell, shared, logger))
+            parser.check(config, model_path=False)  # checked per axis value already
+        except ValueError as exc:
+            raise sweep.error(f"axes (cell {cell.name})", str(exc)) from exc
+        configs.append(config)
+    return configs
 
 
 def describe(sweep: Sweep, cells: list[Cell], shared: dict[str, Any]) -> str:
@@ -125,8 +170,15 @@ def _write_index(sweep: Sweep, cells: list[Cell]) -> list[dict[str, Any]]:
     index = []
     for cell in cells:
         status = read_status(cell_dir(sweep, cell))
+        # a cell is done when its report is whole, whatever its status.json says (torn, or
+        # "done" beside a report found damaged since)
+        state = status.get("state", "pending")
+        if is_done(cell_dir(sweep, cell)):
+            state = "done"
+        elif state == "done":
+            state = "pending"
         index.append({
-            "cell": cell.name, "labels": cell.labels, "state": status.get("state", "pending"),
+            "cell": cell.name, "labels": cell.labels, "state": state,
             "attempts": status.get("attempts", 0), "error": status.get("error"),
         })
     atomic_write_text(sweep.output / CELLS_INDEX, json.dumps(index, indent=1))
@@ -144,7 +196,8 @@ def run_sweep(
     parser = FitConfigParser()
     if dry_run:
         shared = world_settings(sweep.world, dry_run=True) if sweep.world else {}
-        check_configs(sweep, parser, shared)
+        config = check_configs(sweep, parser, shared)
+        cell_configs(sweep, parser, cells, shared, config.trainer.logger)
         worker_slots(sweep)
         print(describe(sweep, cells, shared), flush=True)
         return {"cells": [c.name for c in cells], "dry_run": True}
@@ -154,27 +207,33 @@ def run_sweep(
     # leaves nothing behind; then again with the world's or the categorised facts' real paths.
     placeholders = world_settings(sweep.world, dry_run=True) if sweep.world else {}
     config = check_configs(sweep, parser, placeholders)
+    base_logger = config.trainer.logger  # the base config's, before any cell's are set
+    cell_configs(sweep, parser, cells, placeholders, base_logger)
     slots = worker_slots(sweep)
     claim_folder(sweep, extend=extend)
     shared = shared_settings(sweep, config)
     if shared:
         check_configs(sweep, parser, shared)
 
-    base_logger = config.trainer.logger  # the base config's, before any cell's are set
     jobs = []
-    for cell in cells:
+    configs = cell_configs(sweep, parser, cells, shared, base_logger)
+    for cell, config in zip(cells, configs, strict=True):
         folder = cell_dir(sweep, cell)
-        try:
-            config = parser.parse(sweep.base, cell_settings(sweep, cell, shared, base_logger))
-        except ValueError as exc:
-            raise sweep.error(f"axes (cell {cell.name})", str(exc)) from exc
         write_cell(sweep, cell, folder, parser.dump(config))
         jobs.append((cell.name, folder, training_size(config)))
+        note = repair_status(folder)
+        if note:
+            print(f"sweep: {cell.name}: {note}", flush=True)
 
     # Longest first: a long cell started last keeps one worker busy while the others idle (the
     # bench-world grid lost 9 of its 54 minutes so, its n = 1000 cells coming last).
     pending = [(n, d) for n, d, _ in sorted(jobs, key=lambda job: -job[2])
                if not is_done(d)]
+    for name, folder in pending:
+        try:
+            read_report(folder)
+        except DamagedReport as damaged:  # `run_cell` sets it aside
+            print(f"sweep: {name}: {damaged}; set aside, its test runs again", flush=True)
     progress = SweepProgress(len(jobs), len(jobs) - len(pending),
                              min(sweep.parallel, len(pending) or 1))
     progress.show(f"{len(pending)} to run ({sweep.launcher} launcher) in {sweep.output}")

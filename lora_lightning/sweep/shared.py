@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lora_lightning.sweep.cell import cell_env
+from lora_lightning.sweep.cell import cell_env, error_line
 from lora_lightning.sweep.cellconfig import cli_value
 from lora_lightning.sweep.spec import Sweep
 
@@ -69,17 +69,19 @@ def categorize_args(sweep: Sweep, model: str | None) -> list[str]:
     return args
 
 
-def run_categorize(args: list[str], cwd: str, log: str) -> None:
+def run_categorize(args: list[str], cwd: str, log: str) -> str | None:
     """Run `python -m lora_lightning categorize <args>` (here, or inside a SLURM job); it
-    resumes from its own `.partial` file when interrupted."""
+    resumes from its own `.partial` file when interrupted. None when it succeeded, else what
+    went wrong in one line: the line of its log that says why (returned, not raised, so that
+    it comes back from a SLURM job as it is)."""
     with open(log, "a") as out:
         rc = subprocess.run(
             [sys.executable, "-m", "lora_lightning", "categorize", *args], cwd=cwd,
             env=cell_env(), stdout=out, stderr=subprocess.STDOUT, check=False,
         ).returncode
     if rc != 0:
-        tail = Path(log).read_text().strip().splitlines()[-1:] or ["no output"]
-        raise RuntimeError(f"categorize exited with {rc}: {tail[0]} (log: {log})")
+        return f"categorize exited with {rc}: {error_line(log)} (log: {log})"
+    return None
 
 
 def categorized_settings(sweep: Sweep, model: str | None, launch: Any) -> dict[str, Any]:
@@ -92,7 +94,10 @@ def categorized_settings(sweep: Sweep, model: str | None, launch: Any) -> dict[s
     if not out.is_file():
         args = categorize_args(sweep, model)
         print(f"sweep: categorising the facts once for every cell -> {out}", flush=True)
-        launch(run_categorize, args, str(Path.cwd()), str(sweep.output / "categorize.log"))
+        error = launch(run_categorize, args, str(Path.cwd()),
+                       str(sweep.output / "categorize.log"))
+        if error:
+            raise sweep.error("categorize", error)
     settings: dict[str, Any] = {"data.facts": str(out)}
     pool = (sweep.categorize or {}).get("pool")
     if pool is None and pool_sidecar(out).is_file():

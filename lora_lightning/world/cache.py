@@ -25,7 +25,14 @@ from itertools import chain
 from pathlib import Path
 
 from lora_lightning.facts import save_facts
-from lora_lightning.files import check_output_dir, default_home, sha256_file, writable_home
+from lora_lightning.files import (
+    check_output_dir,
+    default_home,
+    plain_mode,
+    sha256_file,
+    writable_home,
+    write_problem,
+)
 from lora_lightning.knowledge import categorize
 from lora_lightning.metrics.functional import answer_concentration, refusal_rate
 from lora_lightning.provenance import environment
@@ -296,6 +303,16 @@ def differing_files(a: str | Path, b: str | Path) -> list[str]:
     return [n for n in names if sums[0].get(n) != sums[1].get(n)]
 
 
+def _write_problem(
+    err: Exception, root: Path, variable: str, artifact: Path | None
+) -> OSError | None:
+    """A failed write into the world's folder (a full disk: tarfile's and safetensors' errors
+    name no path) as one line naming the folder and the setting that moves it."""
+    setting = "--home" if variable == "home" else "LORA_LIGHTNING_HOME"
+    what = "cannot unpack the world into" if artifact is not None else "cannot build the world in"
+    return write_problem(err, root, what, f"or set {setting} to a folder with room for it")
+
+
 def _mean(values: Iterable[float | None]) -> float:
     vals = [v for v in values if v is not None]
     return sum(vals) / len(vals) if vals else float("nan")
@@ -332,8 +349,10 @@ def ensure_world(
     with FileLock(str(root) + ".lock"):
         if not rebuild and _verified(root, progress):  # another process made it meanwhile
             return WorldArtifacts.at(root, config)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=home))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is read like any folder
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=home))
+        except OSError as err:
+            raise _write_problem(err, root, variable, artifact) from err
         threads = torch.get_num_threads()
         try:
             torch.set_num_threads(BUILD_THREADS)
@@ -345,11 +364,15 @@ def ensure_world(
                 with torch.random.fork_rng(devices=[]):
                     info = _build(config, tmp, progress)
                 _write_checksums(tmp)
+            plain_mode(tmp, tree=True)  # the cache is read like any folder, by other users too
             if root.exists():  # a stale, incomplete or damaged folder
                 shutil.rmtree(root)
             os.replace(tmp, root)
-        except BaseException:
+        except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(err, Exception) and (
+                    problem := _write_problem(err, root, variable, artifact)) is not None:
+                raise problem from err
             raise
         finally:
             torch.set_num_threads(threads)

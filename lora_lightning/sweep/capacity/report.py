@@ -26,6 +26,7 @@ from lora_lightning.sweep.capacity.search import (
 )
 from lora_lightning.sweep.cell import read_report
 from lora_lightning.sweep.folder import cell_dir
+from lora_lightning.sweep.plots import legend
 
 __all__ = ["PUBLISHED_BITS_PER_PARAMETER", "capacity_rows", "write_capacity_report"]
 
@@ -261,7 +262,7 @@ def _plots(capacity: Capacity, rows: list[dict[str, Any]], fit: dict[str, Any] |
     ax.set(xscale="log", yscale="log", xlabel="trainable LoRA parameters",
            ylabel="n* (bar: up to n_hi)", title="Facts held at reliability >= "
            f"{capacity.rule.threshold:g}")
-    ax.legend(fontsize=7)
+    legend(ax, fontsize=7)
     fig.tight_layout()
     written.append(out / "nstar_vs_parameters.png")
     fig.savefig(written[-1], dpi=110)
@@ -283,7 +284,7 @@ def _plots(capacity: Capacity, rows: list[dict[str, Any]], fit: dict[str, Any] |
     ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.legend(fontsize=6)
+    legend(ax, fontsize=6)
     fig.tight_layout()
     written.append(out / "reliability_vs_n.png")
     fig.savefig(written[-1], dpi=110)
@@ -301,7 +302,7 @@ def _plots(capacity: Capacity, rows: list[dict[str, Any]], fit: dict[str, Any] |
                0.4, label="untrained known facts lost")
         ax.set_xticks(list(xs), labels, rotation=45, ha="right", fontsize=7)
         ax.set(title="Harm at n*")
-        ax.legend(fontsize=7)
+        legend(ax, fontsize=7)
         fig.tight_layout()
         written.append(out / "harm_at_nstar.png")
         fig.savefig(written[-1], dpi=110)

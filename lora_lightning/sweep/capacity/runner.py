@@ -21,6 +21,7 @@ from lora_lightning.sweep.capacity.search import (
     Capacity,
     epochs_for,
     probe_cell,
+    remap_error,
     search_state,
     tested,
     write_state,
@@ -35,8 +36,8 @@ from lora_lightning.sweep.runner import (
     training_size,
     worker_slots,
 )
-from lora_lightning.sweep.shared import shared_settings, world_settings
-from lora_lightning.sweep.spec import N_KEY, Cell, Sweep
+from lora_lightning.sweep.shared import CATEGORIZED, shared_settings, world_settings
+from lora_lightning.sweep.spec import N_KEY, Cell, Sweep, SweepFileError
 
 __all__ = ["describe_capacity", "replace_overrides", "run_capacity"]
 
@@ -67,12 +68,14 @@ def describe_capacity(capacity: Capacity, shared: dict[str, Any]) -> str:
     if common:
         lines.append("every probe: " + " ".join(f"{k}={v}" for k, v in common.items()))
     width = max(len(c.name) for c in chains)
+    # n_max is lowered to the Unknown facts there are where they could be counted
+    uncounted = " (or fewer: the Unknown facts there are)" if rule.n_max is None else ""
     for i, chain in enumerate(chains, 1):
         state = search_state(capacity, chain)
         shown = " ".join(f"{k}={v}" for k, v in chain.settings.items())
         done = ", ".join(f"n={n}: {r:.2f}" for n, r in sorted(state.results.items()))
         where = (f"failed: {state.error}" if state.error else
-                 f"next probe n={state.next_n}" if state.next_n is not None else
+                 f"next probe n={state.next_n}{uncounted}" if state.next_n is not None else
                  f"done: n* in [{state.n_lo}, {state.n_hi}]")
         lines.append(f"{i:4d}  {chain.name:<{width}}  {shown}  [{where}"
                      + (f"; probed {done}" if done else "") + "]")
@@ -108,6 +111,7 @@ class Prober:
             if epochs is not None:
                 settings["trainer.max_epochs"] = epochs
                 config = self.parser.parse(base, settings)
+            self.parser.check(config, model_path=False)  # checked by `check_configs`
         except ValueError as exc:
             raise self.sweep.error(f"variants (probe {cell.name})", str(exc)) from exc
         return folder, config
@@ -139,16 +143,18 @@ def run_capacity(capacity: Capacity, dry_run: bool = False, aggregate: bool = Tr
     # every setting is checked before the folder is made (a dry run's world only named)
     placeholders = world_settings(sweep.world, dry_run=True) if sweep.world else {}
     first = replace_overrides(sweep, {N_KEY: capacity.rule.n_start})
-    config = check_configs(first, parser, placeholders)
+    config = _checked(capacity, first, parser, placeholders)
     slots = worker_slots(sweep)
     if dry_run:
-        print(describe_capacity(capacity, placeholders), flush=True)
+        # n grows no further than the Unknown facts there are, where they can be counted now
+        print(describe_capacity(_capped(capacity, _facts_now(sweep, config)), placeholders),
+              flush=True)
         return {"chains": [c.name for c in capacity.chains()], "dry_run": True}
 
     start = time.monotonic()
     claim_folder(sweep, extend=extend)
     shared = shared_settings(sweep, config)
-    base_config = check_configs(first, parser, shared)
+    base_config = _checked(capacity, first, parser, shared)
     prober = Prober(_capped(capacity, base_config.data.facts), parser, shared,
                     base_config.trainer.logger)
     prober.check_on_disk()
@@ -172,6 +178,28 @@ def run_capacity(capacity: Capacity, dry_run: bool = False, aggregate: bool = Tr
         summary["written"] = {k: str(v) for k, v in written.items()}
         print(f"capacity: tables in {written['csv']} and {written['report']}", flush=True)
     return summary
+
+
+def _checked(capacity: Capacity, first: Sweep, parser: FitConfigParser,
+             shared: dict[str, Any]) -> Any:
+    """`check_configs` of the search's first probe, its errors named by the capacity file's
+    own keys (`variants.r4`, not the `axes.variant.r4` it is run as)."""
+    try:
+        return check_configs(first, parser, shared)
+    except SweepFileError as err:
+        raise remap_error(err, capacity.sweep.path) from err
+
+
+def _facts_now(sweep: Sweep, config: Any) -> str | None:
+    """The categorised fact file a dry run can count Unknown facts in: the base config's, or
+    the one `categorize` wrote into the folder already; None for a world not built yet or
+    facts not categorised yet."""
+    if sweep.world:
+        return None
+    if sweep.categorize is not None:
+        done = sweep.output / CATEGORIZED
+        return str(done) if done.is_file() else None
+    return config.data.facts
 
 
 def _capped(capacity: Capacity, facts: str | None) -> Capacity:

@@ -43,7 +43,7 @@ from lora_lightning.sweep.spec import (
 __all__ = [
     "NO_PROBE", "PROBE_KEY", "Capacity", "Probe", "SearchRule", "SearchState", "chain_probes",
     "dump_state", "epochs_for", "load_capacity", "probe_cell", "read_reliability",
-    "search_state", "tested", "wilson_interval", "write_state",
+    "remap_error", "search_state", "tested", "wilson_interval", "write_state",
 ]
 
 OWN_KEYS = ("variants", "mix", "seeds", "search")
@@ -137,7 +137,7 @@ class Capacity:
         return self.sweep.cells()
 
 
-def _remap(err: SweepFileError, path: Path) -> SweepFileError:
+def remap_error(err: SweepFileError, path: Path) -> SweepFileError:
     """A sweep-file error about the axes we built, named by the capacity file's own keys."""
     text = str(err).split(": ", 1)[1]
     for built, own in (("axes.variant", "variants"), ("axes.seed", "seeds")):
@@ -198,7 +198,7 @@ def load_capacity(path: str | Path, output: str | Path | None = None,
         sweep = sweep_from_raw(path, sweep_raw, output if output is not None
                                else default_output, cwd)
     except SweepFileError as err:
-        raise _remap(err, path) from err
+        raise remap_error(err, path) from err
     search = own.get("search") or {}
     if not isinstance(search, dict):
         raise SweepFileError(path, "search", "must be a mapping (threshold, n_start, ...)")
