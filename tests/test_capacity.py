@@ -81,6 +81,106 @@ def test_wilson_intervals_match_the_textbook_values():
     assert wilson_interval(95, 100)[0] < 0.95 < wilson_interval(95, 100)[1]
 
 
+# ------------------------------------------------------------------- the slope
+
+GATE_UP_DOWN = "['gate_proj', 'up_proj', 'down_proj']"  # as capacity.csv spells the list
+
+
+def chain_row(variant: str, seed: int, params: int, n_star: int, n_hi: int | None,
+              family: str = GATE_UP_DOWN) -> dict:
+    return {"chain": f"variant={variant}__seed={seed}", "variant": variant, "seed": seed,
+            "target_modules": family, "n_star": n_star, "n_hi": n_hi, "searching": None,
+            "error": None, "lora_parameters": params}
+
+
+def test_the_slope_is_fitted_over_variants_with_seeds_averaged_in_log():
+    """Seeds share the facts: a variant is one point (mean log10 n* over its seeds), and the
+    interval has variants - 2 degrees of freedom, not chains - 2."""
+    from lora_lightning.sweep.capacity.report import slopes
+
+    rows = [chain_row("r1", 42, 10, 10, 11), chain_row("r1", 43, 10, 10, 11),
+            chain_row("r2", 42, 100, 100, 110), chain_row("r2", 43, 100, 1000, 1100),
+            chain_row("r4", 42, 1000, 1000, 1100), chain_row("r4", 43, 1000, 1000, 1100)]
+    # points (1, 1), (2, 2.5), (3, 3): slope 1, intercept 1/6, residual variance 1/6 on 1 df
+    (fit,) = slopes(rows)
+    assert (fit["variants"], fit["chains"]) == (3, 6)
+    assert fit["slope"] == pytest.approx(1.0) and fit["intercept"] == pytest.approx(1 / 6)
+    half = 12.706 * (1 / 12) ** 0.5  # t(0.975, 1 df) x sqrt(residual variance / Sxx)
+    assert fit["interval"] == pytest.approx((1 - half, 1 + half))
+
+
+def test_each_target_module_family_gets_its_own_slope_or_none_below_three_variants():
+    from lora_lightning.sweep.capacity.report import slopes
+
+    rows = [chain_row("r1", 42, 10, 10, 11), chain_row("r2", 42, 100, 100, 110),
+            chain_row("r4", 42, 1000, 1000, 1100),
+            # all-linear holds fewer facts at equal parameters: pooled, it would bend the line
+            chain_row("all-r2", 42, 100, 20, 22, "all-linear"),
+            chain_row("all-r8", 42, 1000, 40, 44, "all-linear")]
+    fits = {f["family"]: f for f in slopes(rows)}
+    assert set(fits) == {"gate_proj/up_proj/down_proj", "all-linear"}
+    assert fits["gate_proj/up_proj/down_proj"]["slope"] == pytest.approx(1.0)
+    assert fits["gate_proj/up_proj/down_proj"]["variants"] == 3
+    assert fits["all-linear"]["slope"] is None
+    assert "2 variants" in fits["all-linear"]["reason"]
+
+
+CSV_COLUMNS = ["chain", "variant", "seed", "rank", "target_modules", "probes", "error", "n_star",
+               "n_hi", "searching", "reliability_lo", "reliability_lo_ci", "noisy_lo",
+               "lora_parameters", "facts_per_1k_parameters", "bits_per_parameter"]
+
+
+def test_a_censored_n_star_is_left_out_of_the_slope_and_printed_as_a_lower_bound(tmp_path):
+    """A search that ran out of facts with every probe passing (no n_hi) measured a lower
+    bound: the report recomputed from capacity.csv alone prints it with "≥" and fits
+    without it."""
+    from lora_lightning.sweep.capacity.report import (
+        read_capacity_csv,
+        refresh_capacity_report,
+        slopes,
+    )
+
+    measured = [("r1", 10, 10, 11), ("r2", 100, 100, 110), ("r4", 1000, 1000, 1100)]
+    with open(tmp_path / "capacity.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for variant, params, n_star, n_hi in [*measured, ("r8", 10000, 264, None)]:
+            writer.writerow({
+                "chain": f"variant={variant}__seed=42", "variant": variant, "seed": 42,
+                "target_modules": GATE_UP_DOWN, "probes": 5, "n_star": n_star,
+                "n_hi": "" if n_hi is None else n_hi, "reliability_lo": 0.99,
+                "reliability_lo_ci": "[0.97, 1.00]", "noisy_lo": False,
+                "lora_parameters": params, "facts_per_1k_parameters": n_star / params * 1000,
+                "bits_per_parameter": 6 * n_star / params})
+    (tmp_path / "report.md").write_text("# Capacity\n\nThe header stays.\n\n"
+                                        "| variant | seed | old |\n|---|---|---|\nlog10 n = old\n")
+    rows = read_capacity_csv(tmp_path / "capacity.csv")
+    (fit,) = slopes(rows)
+    assert fit["slope"] == pytest.approx(1.0) and fit["variants"] == 3  # r8 would pull it down
+    assert fit["left_out"] == ["variant=r8__seed=42"]
+
+    written = refresh_capacity_report(tmp_path, threshold=0.95)
+    report = (tmp_path / "report.md").read_text()
+    assert report.startswith("# Capacity\n\nThe header stays.\n\n| variant | seed |")
+    assert "old" not in report
+    r8 = next(line for line in report.splitlines() if line.startswith("| r8 |"))
+    assert "| ≥ 264 |" in r8 and f"| ≥ {6 * 264 / 10000:.3g} |" in r8
+    assert "| 100 |" in next(line for line in report.splitlines() if line.startswith("| r2 |"))
+    assert "≥" not in next(line for line in report.splitlines() if line.startswith("| r2 |"))
+    assert "slope [" in report and "(3 variants, 3 chains)" in report
+    assert "left out as censored: variant=r8__seed=42" in report
+    assert f"Bits per LoRA parameter: 6, 6, 6, ≥ {6 * 264 / 10000:.3g};" in report
+    assert written["nstar_vs_parameters"].is_file()
+
+
+def test_a_file_that_is_not_a_capacity_table_is_refused_naming_it(tmp_path):
+    from lora_lightning.sweep.capacity.report import read_capacity_csv
+
+    (tmp_path / "capacity.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match=r"capacity\.csv: not a capacity table .*n_star"):
+        read_capacity_csv(tmp_path / "capacity.csv")
+
+
 # ------------------------------------------------------------------------- the file
 
 

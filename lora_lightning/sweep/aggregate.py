@@ -5,6 +5,10 @@ over seeds, the paper's values beside ours where it has them) and the plots (`pl
 The roles of the axes come from the config keys they set: the axis setting `data.n_unknown` is
 n (the rows, and the x of the plots), axes setting `seed_everything` or `data.seed` are
 averaged over, and every other axis (the mix, or anything else swept) makes the columns.
+
+Beside them, `provenance.json` (`write_provenance`): what the numbers depend on beyond the
+settings, as the cells recorded it (library versions, CPU, thread counts, the world's, fact
+file's and model's checksums) and the command and sweep file that made the folder.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from typing import Any
 
 import yaml
 
-from lora_lightning.files import atomic_path, atomic_write_text
+from lora_lightning.files import atomic_path, atomic_write_text, sha256_file
+from lora_lightning.provenance import PROVENANCE_FILE, THREAD_KINDS, environment
 from lora_lightning.sweep.cell import (
     CELL_CONFIG,
     CELL_INFO,
@@ -35,7 +40,7 @@ from lora_lightning.sweep.spec import N_KEY, SEED_KEYS, axis_labels
 
 __all__ = [
     "aggregate_sweep", "collect", "headline", "mcnemar_exact", "paired_comparisons",
-    "trained_rows",
+    "trained_rows", "write_provenance",
 ]
 
 # What a benchmark's table must say beside its numbers (docs/world.md, "How much a benchmark's
@@ -467,8 +472,156 @@ def in_sweep_file_order(rows: list[dict[str, Any]], axes: list[str],
     return sorted(rows, key=key)
 
 
+def _distinct(values: list[Any]) -> list[Any] | None:
+    """The distinct values, sorted (None: none was recorded)."""
+    found = {v for v in values if v is not None}
+    try:
+        return sorted(found) if found else None
+    except TypeError:  # a field recorded as a number by some cells, as text by others
+        return sorted(found, key=str)
+
+
+def _count(value: Any) -> int | None:
+    try:
+        return int(value) if value is not None and not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _weights_checksums(config: dict[str, Any], sweep_dir: Path) -> list[str]:
+    """The base's weight checksums in the cell's shared "before" scores file (the key under
+    which the cells' benchmark scores of the base were stored)."""
+    named = (config.get("report") or {}).get("before_scores")
+    if not isinstance(named, str):
+        return []
+    # a moved sweep folder holds the file under its own name, at the new place
+    for path in (Path(named), sweep_dir / Path(named).name):
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(stored, dict):
+            return [e["settings"]["weights"] for e in stored.values()
+                    if isinstance(_get(e, "settings", "weights"), str)]
+    return []
+
+
+def folder_provenance(sweep_dir: str | Path, command: str = "sweep") -> dict[str, Any]:
+    """The provenance record of a sweep (or capacity) folder, from what its cells recorded:
+    each report.json's `environment`, status.json's thread count, cell.yaml's settings and the
+    shared "before" scores file's weight checksum. A field no cell recorded is null and named,
+    with the reason, in "missing". `command`: the subcommand that made the folder."""
+    sweep_dir = Path(sweep_dir)
+    # a folder `claim_folder` never made (tables written from cells alone) has no record
+    record = read_record(sweep_dir) if (sweep_dir / RECORD).is_file() else {"sweeps": []}
+    envs, configs, statuses = [], [], []
+    for cell_dir in cell_dirs(sweep_dir):
+        try:
+            configs.append(yaml.safe_load((cell_dir / CELL_CONFIG).read_text()) or {})
+        except (OSError, yaml.YAMLError):
+            configs.append({})  # `collect` names it on stderr
+        statuses.append(read_status(cell_dir))
+        try:
+            report = read_report(cell_dir)
+        except DamagedReport:
+            report = None
+        if report is not None and isinstance(report.get("environment"), dict):
+            envs.append(report["environment"])
+    missing: list[str] = []
+    notes: list[str] = []
+
+    files = []
+    for i, sweep in enumerate(record.get("sweeps", [])):
+        copy = sweep_dir / ("sweep.yaml" if i == 0 else f"sweep.{i}.yaml")
+        digest = sha256_file(copy) if copy.is_file() else None
+        if digest is None:
+            missing.append(f"command_files: {copy.name}, the copy of {sweep.get('file')}, "
+                           "is not in the folder")
+        files.append({"path": str(sweep.get("file")), "sha256": digest})
+    commands = [f"python -m lora_lightning {command} --config {s.get('file')}"
+                + (" --extend true" if s.get("extends") else "")
+                for s in record.get("sweeps", [])]
+
+    versions: dict[str, set[str]] = {}
+    for env in envs:
+        for name, version in (env.get("libraries") or {}).items():
+            versions.setdefault(name, set()).add("not installed" if version is None
+                                                 else str(version))
+    libraries = {name: sorted(found) for name, found in versions.items()}
+    threads = {
+        "torch": _distinct([_count(e.get("threads")) for e in envs]),
+        "launcher": _distinct([_count(s.get("threads")) for s in statuses]),
+        "config": _distinct([_count(_get(c, "model", "threads")) for c in configs]),
+        "categorize": None,
+    }
+    why_threads = {
+        "torch": "no cell's report.json records an environment",
+        "launcher": "no cell's status.json records the OMP_NUM_THREADS its launcher set",
+        "config": "no cell's cell.yaml sets model.threads (chosen at run time: see "
+                  "threads.torch)",
+        "categorize": "categorize records no thread count (bfloat16 categories depend on it)",
+    }
+    missing += [f"threads.{k}: {why_threads[k]}" for k in THREAD_KINDS if threads[k] is None]
+
+    facts = _distinct([str(_get(c, "data", "facts")) for c in configs
+                       if _get(c, "data", "facts") is not None])
+    facts_sha = _distinct([sha256_file(f) for f in facts or [] if Path(f).is_file()])
+    if facts_sha is not None:
+        notes.append("facts_sha256: of the fact file(s) at the path the cells name, when "
+                     "aggregated (the cells record the path, not the checksum)")
+    out: dict[str, Any] = {
+        "source": "cells",
+        "cells": len(configs),
+        "commands": commands or None,
+        "command_files": files or None,
+        "libraries": libraries or None,
+        "python": _distinct([e.get("python") for e in envs]),
+        "cpu": _distinct([e.get("cpu") for e in envs]),
+        "cpu_capability": _distinct([e.get("cpu_capability") for e in envs]),
+        "threads": threads,
+        "numeric_variables": _distinct([f"{k}={v}" for e in envs
+                                        for k, v in (e.get("variables") or {}).items()]),
+        "world_checksum": _distinct([_get(e, "world", "checksum") for e in envs]),
+        "facts": facts,
+        "facts_sha256": facts_sha,
+        "model": _distinct([str(_get(c, "model", "model_name_or_path")) for c in configs
+                            if _get(c, "model", "model_name_or_path") is not None]),
+        "model_checksum": _distinct([w for c in configs
+                                     for w in _weights_checksums(c, sweep_dir)]),
+        "aggregated_on": environment(),
+        "missing": missing,
+        "notes": notes,
+    }
+    no_env = "no cell's report.json records an environment"
+    no_file = f"the folder's {RECORD} is absent or lists no sweep file"
+    why = {
+        "commands": no_file, "command_files": no_file,
+        "libraries": no_env, "python": no_env, "cpu": no_env, "cpu_capability": no_env,
+        "numeric_variables": no_env if not envs else "no cell's report.json records a "
+        "variable that changes CPU numerics (none was set)",
+        "world_checksum": no_env if not envs else "no cell's report.json records a world "
+        "checksum (not run on a built world: see facts_sha256)",
+        "facts": "no cell's cell.yaml names data.facts",
+        "facts_sha256": "no fact file the cells name is there to checksum",
+        "model": "no cell's cell.yaml names model.model_name_or_path",
+        "model_checksum": "no cell recorded the base's weight checksum (it is kept with "
+        "the shared benchmark scores of the base, when benchmarks run)",
+    }
+    out["missing"] += [f"{key}: {reason}" for key, reason in why.items() if out[key] is None]
+    return out
+
+
+def write_provenance(sweep_dir: str | Path, command: str = "sweep") -> Path:
+    """Write `provenance.json` (`folder_provenance`) into the folder; return its path."""
+    path = Path(sweep_dir) / PROVENANCE_FILE
+    atomic_write_text(path, json.dumps(folder_provenance(sweep_dir, command), indent=1,
+                                       ensure_ascii=False) + "\n")
+    return path
+
+
 def aggregate_sweep(sweep_dir: str | Path, plots: bool = True) -> dict[str, Path]:
-    """Write summary.csv, report.md and the plots of a sweep folder; return their paths."""
+    """Write summary.csv, report.md, the plots and provenance.json of a sweep folder; return
+    their paths."""
     sweep_dir = Path(sweep_dir)
     if not (sweep_dir / RECORD).is_file():
         raise FileNotFoundError(f"aggregate: {sweep_dir} is not a sweep folder (no {RECORD})")
@@ -489,4 +642,5 @@ def aggregate_sweep(sweep_dir: str | Path, plots: bool = True) -> dict[str, Path
     report = sweep_dir / "report.md"
     atomic_write_text(report, markdown(grid, record, sweep_dir, images, paper))
     out["report"] = report
+    out["provenance"] = write_provenance(sweep_dir)
     return out

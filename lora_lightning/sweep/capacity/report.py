@@ -11,13 +11,14 @@ beside ours, never fitted to.
 
 from __future__ import annotations
 
+import ast
 import csv
 import math
 from pathlib import Path
 from typing import Any
 
 from lora_lightning.files import atomic_path, atomic_write_text
-from lora_lightning.sweep.aggregate import headline, trained_rows
+from lora_lightning.sweep.aggregate import headline, trained_rows, write_provenance
 from lora_lightning.sweep.capacity.search import (
     Capacity,
     probe_cell,
@@ -28,7 +29,9 @@ from lora_lightning.sweep.cell import read_report
 from lora_lightning.sweep.folder import cell_dir
 from lora_lightning.sweep.plots import legend
 
-__all__ = ["PUBLISHED_BITS_PER_PARAMETER", "capacity_rows", "write_capacity_report"]
+__all__ = ["PUBLISHED_BITS_PER_PARAMETER", "capacity_markdown", "capacity_rows", "censored",
+           "read_capacity_csv", "refresh_capacity_report", "slopes", "target_family",
+           "write_capacity_report"]
 
 PUBLISHED_BITS_PER_PARAMETER = 2.0  # Allen-Zhu & Li 2024, fully trained LMs
 # two-sided 95% Student t quantiles by degrees of freedom (for the slope's interval)
@@ -124,23 +127,78 @@ def capacity_rows(capacity: Capacity, facts_path: str | Path | None) -> list[dic
     return rows
 
 
-def slope(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Least-squares slope of log n* on log parameters, with its 95% t interval."""
-    points = [(math.log10(r["lora_parameters"]), math.log10(r["n_star"])) for r in rows
-              if r.get("lora_parameters") and r.get("n_star")]
-    if len(points) < 2 or len({x for x, _ in points}) < 2:
-        return None
-    m = len(points)
-    mx, my = sum(x for x, _ in points) / m, sum(y for _, y in points) / m
-    sxx = sum((x - mx) ** 2 for x, _ in points)
-    b = sum((x - mx) * (y - my) for x, y in points) / sxx
-    a = my - b * mx
-    out = {"slope": b, "intercept": a, "points": m}
-    if m > 2:
+def target_family(value: Any) -> str:
+    """The target-module family a row's adapter belongs to, one spelling per family.
+
+    In memory `target_modules` is a list or "all-linear"; capacity.csv holds the list's repr
+    ("['gate_proj', 'up_proj', 'down_proj']"); a variant that leaves it unset (empty) gets the
+    model's default, named as such rather than guessed.
+    """
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            value = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            return value.strip()
+    if isinstance(value, (list, tuple)):
+        return "/".join(str(v) for v in value) or "default target modules"
+    if value is None or str(value).strip() == "":
+        return "default target modules"
+    return str(value).strip()
+
+
+def censored(row: dict[str, Any]) -> bool:
+    """Whether the row's n* is only a lower bound: its search ran out of facts (n_max) with
+    every probe passing, so no failing n (n_hi) exists. Such a row holds at least n* facts."""
+    return (bool(row.get("n_star")) and row.get("n_hi") in (None, "")
+            and row.get("searching") in (None, "") and not row.get("error"))
+
+
+MIN_SLOPE_VARIANTS = 3  # two points always lie on a line: no residual, no interval
+
+
+def slopes(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per target-module family, the least-squares slope of log10 n* on log10 parameters,
+    fitted over variants with its 95% t interval (variants - 2 degrees of freedom).
+
+    A variant's point is the mean over its seeds of log10 n*: seeds share the fact file and
+    mostly end on the same bracket, so chains are not independent draws and counting each
+    would narrow the interval. Families are fitted apart, since where the parameters go moves
+    n* at equal parameters. Censored rows (`censored`) take no part. A family with fewer than
+    `MIN_SLOPE_VARIANTS` usable variants gets no slope, with the reason.
+    """
+    families: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for r in rows:
+        families.setdefault(target_family(r.get("target_modules")), {}).setdefault(
+            str(r.get("variant")), []).append(r)
+    fits = []
+    for family, variants in families.items():
+        points, chains = [], 0
+        left_out = [str(r.get("chain") or f"{r.get('variant')}/{r.get('seed')}")
+                    for rs in variants.values() for r in rs if censored(r)]
+        for seeds in variants.values():
+            usable = [r for r in seeds if r.get("lora_parameters") and r.get("n_star")
+                      and not censored(r)]
+            if usable:
+                chains += len(usable)
+                points.append((
+                    sum(math.log10(r["lora_parameters"]) for r in usable) / len(usable),
+                    sum(math.log10(r["n_star"]) for r in usable) / len(usable)))
+        fit: dict[str, Any] = {"family": family, "variants": len(points), "chains": chains,
+                               "left_out": left_out, "slope": None}
+        fits.append(fit)
+        if len(points) < MIN_SLOPE_VARIANTS or len({x for x, _ in points}) < 2:
+            fit["reason"] = (f"{len(points)} variant{'' if len(points) == 1 else 's'} with a "
+                             f"measured n\\*, {MIN_SLOPE_VARIANTS} needed")
+            continue
+        m = len(points)
+        mx, my = sum(x for x, _ in points) / m, sum(y for _, y in points) / m
+        sxx = sum((x - mx) ** 2 for x, _ in points)
+        b = sum((x - mx) * (y - my) for x, y in points) / sxx
+        a = my - b * mx
         resid = sum((y - a - b * x) ** 2 for x, y in points) / (m - 2)
         half = _t95(m - 2) * math.sqrt(resid / sxx)
-        out["interval"] = (b - half, b + half)
-    return out
+        fit.update(slope=b, intercept=a, interval=(b - half, b + half))
+    return fits
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -161,9 +219,9 @@ def _reliability(row: dict[str, Any], end: str) -> str:
             + (" noisy" if row.get(f"noisy_{end}") else ""))
 
 
-def _markdown(capacity: Capacity, rows: list[dict[str, Any]], fit: dict[str, Any] | None) -> str:
+def _header(capacity: Capacity) -> list[str]:
     rule = capacity.rule
-    lines = [
+    return [
         "# Capacity: how many new facts each adapter holds", "",
         f"Capacity file `{capacity.sweep.path.name}`; n\\* = the largest n whose reliability "
         f"(trained Unknown facts answered by at least one probe prompt) is >= {rule.threshold:g}."
@@ -178,6 +236,18 @@ def _markdown(capacity: Capacity, rows: list[dict[str, Any]], fit: dict[str, Any
         "capacity.csv, the rate would grow with n alone: each probe trains n of the Unknown "
         "facts, which cannot move down, out of the denominator.)",
         "",
+    ]
+
+
+def _bound(row: dict[str, Any], text: str) -> str:
+    return f"≥ {text}" if censored(row) and text != "-" else text
+
+
+def capacity_markdown(rows: list[dict[str, Any]], fits: list[dict[str, Any]]) -> str:
+    """report.md below its header: the tables, the slopes and the bits, from the rows alone
+    (capacity.csv's), so a published folder can be recomputed without its probe folders.
+    A censored row's n*, facts and bits per parameter print as lower bounds ("≥")."""
+    lines = [
         "| variant | seed | LoRA params | n* | n_hi | reliability at n* | at n_hi | facts / 1k "
         "params | bits / param | known retained | untrained known facts lost | locality |",
         "|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|",
@@ -185,9 +255,10 @@ def _markdown(capacity: Capacity, rows: list[dict[str, Any]], fit: dict[str, Any
     for r in rows:
         lines.append(
             f"| {r.get('variant')} | {r.get('seed')} | {_fmt(r.get('lora_parameters'))} | "
-            f"{_fmt(r.get('n_star'))} | {_fmt(r.get('n_hi'))} | {_reliability(r, 'lo')} | "
-            f"{_reliability(r, 'hi')} | "
-            f"{_fmt(r.get('facts_per_1k_parameters'))} | {_fmt(r.get('bits_per_parameter'))} | "
+            f"{_bound(r, _fmt(r.get('n_star')))} | {_fmt(r.get('n_hi'))} | "
+            f"{_reliability(r, 'lo')} | {_reliability(r, 'hi')} | "
+            f"{_bound(r, _fmt(r.get('facts_per_1k_parameters')))} | "
+            f"{_bound(r, _fmt(r.get('bits_per_parameter')))} | "
             f"{_fmt(r.get('known_retained'))} | "
             f"{_fmt(r.get('shift_untrained_negative_rate_of_eligible'))} | "
             f"{_fmt(r.get('locality'))} |")
@@ -200,47 +271,117 @@ def _markdown(capacity: Capacity, rows: list[dict[str, Any]], fit: dict[str, Any
             cells = [f"{_fmt(r.get(b + '_before'))} -> {_fmt(r.get(b + '_after'))}"
                      for b in bench]
             lines.append(f"| {r.get('variant')} | {r.get('seed')} | " + " | ".join(cells) + " |")
-    lines.append("")
-    if fit is not None:
-        text = f"log10 n\\* = {fit['intercept']:.2f} + {fit['slope']:.2f} log10 parameters"
-        if "interval" in fit:
-            text += (f" (95% t interval of the slope [{fit['interval'][0]:.2f}, "
-                     f"{fit['interval'][1]:.2f}], {fit['points']} chains)")
+    lines += ["", "Slope of log10 n\\* on log10 LoRA parameters, per target-module family, "
+              "fitted over variants: a variant's n\\* is the mean of log10 n\\* over its seeds "
+              "(seeds share the facts and mostly end on the same bracket, so chains are not "
+              "independent), and the 95% t interval has variants - 2 degrees of freedom. "
+              "A censored n\\* (the search ran out of facts, \"≥\") takes no part.", ""]
+    for fit in fits:
+        if fit["slope"] is None:
+            text = f"- {fit['family']}: slope not estimated ({fit['reason']})"
         else:
-            text += f" ({fit['points']} chains: too few for an interval)"
+            low, high = fit["interval"]
+            text = (f"- {fit['family']}: log10 n\\* = {fit['intercept']:.2f} + "
+                    f"{fit['slope']:.2f} log10 parameters, 95% t interval of the slope "
+                    f"[{low:.2f}, {high:.2f}] ({fit['variants']} variants, "
+                    f"{fit['chains']} chains)")
+        if fit["left_out"]:
+            text += f"; left out as censored: {', '.join(fit['left_out'])}"
         lines.append(text + ".")
-    measured = [r["bits_per_parameter"] for r in rows if r.get("bits_per_parameter") is not None]
-    lines += ["", f"Bits per LoRA parameter: {', '.join(f'{b:.3g}' for b in measured) or '-'}; "
+    measured = [_bound(r, f"{r['bits_per_parameter']:.3g}") for r in rows
+                if r.get("bits_per_parameter") is not None]
+    lines += ["", f"Bits per LoRA parameter: {', '.join(measured) or '-'}; "
               f"published for fully trained language models (Allen-Zhu & Li 2024): about "
               f"{PUBLISHED_BITS_PER_PARAMETER:g}. A fact's bits: log2 of the distinct answers "
               "its relation takes in the fact set, summed over the facts learned at n\\*."]
-    stopped = [r for r in rows if r.get("error")]
-    for r in stopped:
-        lines.append(f"- {r['chain']}: stopped by a failed probe: {r['error']}")
-    unfinished = [r for r in rows if r.get("searching") is not None and not r.get("error")]
-    for r in unfinished:
-        lines.append(f"- {r['chain']}: search not finished (next probe n={r['searching']})")
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"- {r['chain']}: stopped by a failed probe: {r['error']}")
+    for r in rows:
+        if r.get("searching") not in (None, "") and not r.get("error"):
+            lines.append(f"- {r['chain']}: search not finished (next probe n={r['searching']})")
     return "\n".join(lines) + "\n"
 
 
-def _plots(capacity: Capacity, rows: list[dict[str, Any]], fit: dict[str, Any] | None,
-           out: Path) -> list[Path]:
-    import matplotlib
+def _markdown(capacity: Capacity, rows: list[dict[str, Any]], fits: list[dict[str, Any]]) -> str:
+    return "\n".join(_header(capacity)) + "\n" + capacity_markdown(rows, fits)
 
-    matplotlib.use("Agg")
+
+def _csv_value(text: str) -> Any:
+    if text == "":
+        return None
+    if text in ("True", "False"):
+        return text == "True"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def read_capacity_csv(path: str | Path) -> list[dict[str, Any]]:
+    """capacity.csv's rows, typed back as `capacity_rows` made them (empty cells as None)."""
+    path = Path(path)
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read the capacity table ({err.strerror})") from None
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"{path}: not a CSV capacity table ({err})") from None
+    missing = {"variant", "seed", "n_star", "n_hi", "lora_parameters"} - set(
+        rows[0] if rows else {})
+    if not rows or missing:
+        raise ValueError(f"{path}: not a capacity table (no rows, or no column "
+                         f"{', '.join(sorted(missing))}); pass a capacity folder's capacity.csv")
+    return [{k: _csv_value(v or "") for k, v in r.items()} for r in rows]
+
+
+def refresh_capacity_report(folder: str | Path, threshold: float) -> dict[str, Path]:
+    """Recompute report.md's tables and slopes and the n* plot from the folder's capacity.csv.
+
+    Published folders ship capacity.csv but not their probe folders, so `write_capacity_report`
+    cannot run there; this keeps report.md's header (the text before its first table, which
+    names the capacity file and search rule) and rewrites the rest. `threshold` is the search's
+    tau, shown in the plot's title.
+    """
+    folder = Path(folder)
+    rows = read_capacity_csv(folder / "capacity.csv")
+    report = folder / "report.md"
+    if not report.is_file():
+        raise ValueError(f"{report}: missing; refresh_capacity_report rewrites an existing "
+                         "report.md below its header (run `capacity` to write one)")
+    text = report.read_text()
+    cut = text.find("\n| variant | seed |")
+    if cut < 0:
+        raise ValueError(f"{report}: no table \"| variant | seed | ...\" to rewrite")
+    fits = slopes(rows)
+    atomic_write_text(report, text[: cut + 1] + capacity_markdown(rows, fits))
+    return {"report": report, "nstar_vs_parameters": _nstar_plot(rows, fits, threshold, folder)}
+
+
+def _styles(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, str], list[str]]:
+    """(colour per variant, marker per seed, seeds): one colour per variant and one marker
+    per seed, so seeds of a variant sit side by side instead of cycling through ten colours."""
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    # one colour per variant, one marker (and line style) per seed, so seeds of a variant sit
-    # side by side instead of cycling through ten colours
     variants = list(dict.fromkeys(str(r.get("variant")) for r in rows))
     seeds = list(dict.fromkeys(str(r.get("seed")) for r in rows))
     cmap = plt.get_cmap("tab10" if len(variants) <= 10 else "tab20")
     colour = {v: cmap(i % cmap.N) for i, v in enumerate(variants)}
     marker = {s: "osD^v<>"[i % 7] for i, s in enumerate(seeds)}
-    style = {s: ["-", "--", ":", "-."][i % 4] for i, s in enumerate(seeds)}
+    return colour, marker, seeds
 
-    written = []
+
+def _nstar_plot(rows: list[dict[str, Any]], fits: list[dict[str, Any]], threshold: float,
+                out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colour, marker, seeds = _styles(rows)
     fig, ax = plt.subplots(figsize=(6, 4.5))
     shown = [r for r in rows if r.get("lora_parameters") and r.get("n_star")]
     labelled: set[str] = set()
@@ -248,25 +389,43 @@ def _plots(capacity: Capacity, rows: list[dict[str, Any]], fit: dict[str, Any] |
         hi = r.get("n_hi") or r["n_star"]
         variant, seed = str(r.get("variant")), str(r.get("seed"))
         x = r["lora_parameters"] * 1.04 ** seeds.index(seed)  # seeds side by side
+        label = None if variant in labelled else variant + (" (≥)" if censored(r) else "")
         ax.errorbar([x], [r["n_star"]], yerr=[[0], [hi - r["n_star"]]], fmt=marker[seed],
-                    color=colour[variant], capsize=3,
-                    label=None if variant in labelled else variant)
+                    color=colour[variant], capsize=3, label=label,
+                    mfc="none" if censored(r) else None)
         labelled.add(variant)
     if len(seeds) > 1:
         for seed in seeds:
             ax.plot([], [], marker[seed], color="grey", label=f"seed {seed}")
-    if fit is not None and shown:
-        xs = sorted(r["lora_parameters"] for r in shown)
-        ax.plot(xs, [10 ** (fit["intercept"] + fit["slope"] * math.log10(x)) for x in xs], "k--",
-                label=f"slope {fit['slope']:.2f}")
+    fitted = [f for f in fits if f["slope"] is not None]
+    for i, fit in enumerate(fitted):
+        ls = ["--", ":", "-.", "-"][i % 4]
+        xs = sorted(r["lora_parameters"] for r in shown
+                    if target_family(r.get("target_modules")) == fit["family"])
+        ax.plot(xs, [10 ** (fit["intercept"] + fit["slope"] * math.log10(x)) for x in xs],
+                "k" + ls, label=f"{fit['family']}: slope {fit['slope']:.2f}")
     ax.set(xscale="log", yscale="log", xlabel="trainable LoRA parameters",
-           ylabel="n* (bar: up to n_hi)", title="Facts held at reliability >= "
-           f"{capacity.rule.threshold:g}")
+           ylabel="n* (bar: up to n_hi; hollow: ≥, ran out of facts)",
+           title=f"Facts held at reliability >= {threshold:g}")
     legend(ax, fontsize=7)
     fig.tight_layout()
-    written.append(out / "nstar_vs_parameters.png")
-    fig.savefig(written[-1], dpi=110)
+    path = out / "nstar_vs_parameters.png"
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+    return path
+
+
+def _plots(capacity: Capacity, rows: list[dict[str, Any]], fits: list[dict[str, Any]],
+           out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    colour, marker, seeds = _styles(rows)
+    style = {s: ["-", "--", ":", "-."][i % 4] for i, s in enumerate(seeds)}
+    written = [_nstar_plot(rows, fits, capacity.rule.threshold, out)]
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for chain in capacity.chains():
@@ -314,14 +473,15 @@ def write_capacity_report(capacity: Capacity, facts_path: str | Path | None) -> 
     """capacity.csv, report.md and the plots, in the capacity folder."""
     out = capacity.sweep.output
     rows = capacity_rows(capacity, facts_path)
-    fit = slope(rows)
+    fits = slopes(rows)
     columns = list(dict.fromkeys(k for r in rows for k in r))
     with atomic_path(out / "capacity.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    atomic_write_text(out / "report.md", _markdown(capacity, rows, fit))
-    written = {"csv": out / "capacity.csv", "report": out / "report.md"}
-    for path in _plots(capacity, rows, fit, out):
+    atomic_write_text(out / "report.md", _markdown(capacity, rows, fits))
+    written = {"csv": out / "capacity.csv", "report": out / "report.md",
+               "provenance": write_provenance(out, "capacity")}
+    for path in _plots(capacity, rows, fits, out):
         written[path.stem] = path
     return written
