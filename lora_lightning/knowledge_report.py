@@ -412,12 +412,16 @@ class KnowledgeReport(Callback):
             return {}
         tokenizer, model = trainer.datamodule.tokenizer, pl_module.model
         model.eval()
-        cache = self._scores_cache(model)
-        if cache is None:
+        # the weights' checksum names the home cache's file and is part of every cache's key:
+        # hashed once (about a second per GB), and only where a cache is used
+        cached = self.before_scores is None or self.base_cache is not None
+        checksum = weights_checksum(model) if cached else None
+        cache = None if checksum is None else self._scores_cache(checksum)
+        if cache is None or checksum is None:  # (a cache implies a checksum)
             before = self._score(model, tokenizer, world, adapter=False)
         else:
             before = cache.scores(
-                self._before_settings(world, pl_module, tokenizer),
+                self._before_settings(world, pl_module, tokenizer, checksum),
                 lambda: self._score(model, tokenizer, world, adapter=False),
                 about={"model": getattr(pl_module, "base_model_name", None)},
             )
@@ -432,9 +436,10 @@ class KnowledgeReport(Callback):
                     out.setdefault(name, {})[when] = value
         return out
 
-    def _scores_cache(self, model: torch.nn.Module) -> BaseCache | None:
+    def _scores_cache(self, checksum: str) -> BaseCache | None:
         """The cache of the base's scores: the file `before_scores` names, or the home cache's
-        file of this base (None, with a line saying why, where the home cannot hold it)."""
+        file of the base whose weights have `checksum` (None, with a line saying why, where the
+        home cannot hold it)."""
         if self.before_scores is not None:
             return self.base_cache
         folder = default_home() / BASE_SCORES_DIR
@@ -447,10 +452,10 @@ class KnowledgeReport(Callback):
             rank_zero_info(f"{folder} is not writable: the base's benchmark scores are computed "
                            "and not kept (set LORA_LIGHTNING_HOME to a writable folder)")
             return None
-        return BaseCache(folder / f"{weights_checksum(model)[:16]}.json")
+        return BaseCache(folder / f"{checksum[:16]}.json")
 
     def _before_settings(
-        self, world: Path | None, pl_module: L.LightningModule, tokenizer: Any
+        self, world: Path | None, pl_module: L.LightningModule, tokenizer: Any, checksum: str
     ) -> dict[str, Any]:
         """What the base's benchmark scores depend on, their key in the cache: the weights
         and the data by content (not by path: the same base or data elsewhere is found), how
@@ -461,7 +466,7 @@ class KnowledgeReport(Callback):
         model = pl_module.model
         first = next(model.parameters())
         settings: dict[str, Any] = {
-            "weights": weights_checksum(model),
+            "weights": checksum,
             "dtype": str(first.dtype),
             "device": first.device.type,
             "tokenizer": _tokenizer_checksum(tokenizer),

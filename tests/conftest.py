@@ -23,8 +23,9 @@ def _test_home() -> None:
     import shutil
     import tempfile
 
-    user = Path(os.environ.get("LORA_LIGHTNING_HOME", "").strip()
-                or Path.home() / ".cache" / "lora_lightning")
+    from lora_lightning.files import default_home
+
+    user = default_home()
     home = Path(tempfile.mkdtemp(prefix="lora-lightning-test-home-"))
     atexit.register(shutil.rmtree, home, ignore_errors=True)
     if user.is_dir():

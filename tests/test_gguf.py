@@ -339,24 +339,10 @@ def test_a_dead_writers_temp_folder_beside_a_finished_folder_is_removed(
     assert "removed 1 temporary folder(s)" in capsys.readouterr().err
 
 
-def full_disk_save(written: list[str]):
-    """safetensors' writer on a full disk: part of the file, then its own error (which names
-    no path), as safetensors 0.8 raises it."""
-    from safetensors import SafetensorError
-
-    def save(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"\0" * 100)
-        written.append(str(filename))
-        raise SafetensorError("Error while serializing: I/O error: No space left on device "
-                              "(os error 28)")
-
-    return save
-
-
 def test_dequantizing_into_a_full_home_is_one_line_naming_the_folder(
     tiny_gguf, home, monkeypatch, capsys
 ):
-    from test_hardening import one_error_line
+    from test_hardening import full_disk_save, one_error_line
 
     written: list[str] = []
     monkeypatch.setattr("transformers.modeling_utils.safe_save_file", full_disk_save(written))

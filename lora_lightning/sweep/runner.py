@@ -208,15 +208,15 @@ def run_sweep(
     placeholders = world_settings(sweep.world, dry_run=True) if sweep.world else {}
     config = check_configs(sweep, parser, placeholders)
     base_logger = config.trainer.logger  # the base config's, before any cell's are set
-    cell_configs(sweep, parser, cells, placeholders, base_logger)
+    configs = cell_configs(sweep, parser, cells, placeholders, base_logger)
     slots = worker_slots(sweep)
     claim_folder(sweep, extend=extend)
     shared = shared_settings(sweep, config)
-    if shared:
+    if shared != placeholders:  # the real paths of what was only named so far
         check_configs(sweep, parser, shared)
+        configs = cell_configs(sweep, parser, cells, shared, base_logger)
 
     jobs = []
-    configs = cell_configs(sweep, parser, cells, shared, base_logger)
     for cell, config in zip(cells, configs, strict=True):
         folder = cell_dir(sweep, cell)
         write_cell(sweep, cell, folder, parser.dump(config))
