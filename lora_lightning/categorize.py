@@ -13,10 +13,22 @@ against a later probe: `test` warns when it would compare categories measured di
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
-from lora_lightning.facts import DEFAULT_POOL_SIZE, load_facts, pool_sidecar, save_facts
+from lora_lightning.facts import (
+    DEFAULT_POOL_SIZE,
+    Fact,
+    MatchRule,
+    answer_problems,
+    answer_problems_line,
+    check_match_rule,
+    load_facts,
+    pool_sidecar,
+    save_facts,
+    write_answer_problems,
+)
 from lora_lightning.files import atomic_write_text
 from lora_lightning.knowledge import (
     ProbeConfig,
@@ -28,17 +40,15 @@ from lora_lightning.models import WORLD_MODEL, load_model, load_tokenizer, resol
 from lora_lightning.threads import set_threads
 from lora_lightning.world import ensure_world
 
+log = logging.getLogger(__name__)
+
 __all__ = [
-    "MATCH_RULE",
     "categorization_record",
     "categorize_file",
     "comparability_problem",
     "record_sidecar",
 ]
 
-# how an answer counts as right in a category: the paper's rule (`facts.is_correct`, an alias
-# as a substring), the only one `knowledge.categorize` applies
-MATCH_RULE = "substring"
 # the probe's settings a category depends on, recorded and compared
 _PROBE_KEYS = ("n_exp", "n_shot", "max_new_tokens", "seed")
 
@@ -72,8 +82,8 @@ def comparability_problem(
     differ = []
     if record.get("dtype") not in (None, dtype):
         differ.append(f"dtype {record['dtype']} vs {dtype}")
-    if record.get("match") not in (None, MATCH_RULE):
-        differ.append(f"matching rule {record['match']} vs {MATCH_RULE}")
+    if record.get("match", "substring") != probe.match:
+        differ.append(f"matching rule {record.get('match', 'substring')} vs {probe.match}")
     recorded = record.get("probe") or {}
     for key in _PROBE_KEYS:
         if key in recorded and recorded[key] != getattr(probe, key):
@@ -87,6 +97,20 @@ def comparability_problem(
     return (f"{facts_path}: categorised otherwise than this probe (then vs now: "
             f"{', '.join(differ)}; {record_sidecar(facts_path).name}), so before vs after "
             f"compares two measurements; {fix}")
+
+
+def warn_answer_problems(
+    facts: list[Fact], source: str, listing: Path, rule: str = "substring"
+) -> Path | None:
+    """Warn in one line (and list them in `listing`) about facts whose answers the matching
+    `rule` cannot judge cleanly (`facts.answer_problems`); the listing's path, or None."""
+    problems = answer_problems(facts, rule)
+    if not problems:
+        listing.unlink(missing_ok=True)
+        return None
+    write_answer_problems(problems, listing)
+    log.warning(answer_problems_line(problems, source, listing, rule))
+    return listing
 
 
 def categorize_file(
@@ -104,6 +128,7 @@ def categorize_file(
     batch_size: int = ProbeConfig.batch_size,
     max_new_tokens: int = ProbeConfig.max_new_tokens,
     seed: int = ProbeConfig.seed,
+    match: MatchRule = ProbeConfig.match,
     pool_size: int = DEFAULT_POOL_SIZE,
     device: str = "auto",
     dtype: str = "auto",
@@ -136,6 +161,10 @@ def categorize_file(
         batch_size: prompts per generation batch.
         max_new_tokens: generation length limit.
         seed: seed of the few-shot sets, the default pool and sampling.
+        match: how an answer counts as right: "substring" (the paper's: an alias inside the
+            answer) or "word" (whole words; for short answers and codes, which the substring
+            rule finds inside longer words). `fit` and `test` must probe with the same rule
+            (`--model.probe.match`).
         pool_size: size of a pool carved out of `facts` when no pool is given.
         device: "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
         dtype: "auto" (bfloat16 on cuda, float32 on cpu), "float32", "bfloat16", "float16".
@@ -181,6 +210,9 @@ def categorize_file(
         if progress:
             print(f"few-shot pool: {len(pool_facts)} facts in {pool_file} (not categorised)")
 
+    check_match_rule(match, "categorize --match")
+    warn_answer_problems(tested, str(facts), out_path.with_name(out_path.name + ".answers.jsonl"),
+                         match)
     if not tested:
         raise ValueError(
             f"categorize: nothing to categorise: all {len(all_facts)} facts of {facts} are in the "
@@ -195,13 +227,14 @@ def categorize_file(
     result = categorize(
         lm, tokenizer, tested, pool_facts, n_exp=n_exp, n_shot=n_shot, sample=sample,
         n_samples=n_samples, temperature=temperature, top_k=top_k, batch_size=batch_size,
-        max_new_tokens=max_new_tokens, seed=seed, progress=progress, checkpoint=partial,
+        max_new_tokens=max_new_tokens, seed=seed, match=match, progress=progress,
+        checkpoint=partial,
     )
     save_facts(result, out_path)
     first = next(lm.parameters())
     record = {
         "dtype": str(first.dtype).removeprefix("torch."), "device": first.device.type,
-        "model": str(model_path), "adapter": adapter, "match": MATCH_RULE,
+        "model": str(model_path), "adapter": adapter, "match": match,
         "probe": {"n_exp": n_exp, "n_shot": n_shot, "max_new_tokens": max_new_tokens,
                   "seed": seed, "sample": sample},
     }

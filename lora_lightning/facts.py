@@ -16,6 +16,7 @@ import logging
 import re
 import string
 import unicodedata
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -188,6 +189,121 @@ def is_correct_strict(output: str, fact: Fact) -> bool:
     whole words ("Rabatel-El-Kabba" does not answer "Rabat"; "the city of Rabat." does)."""
     out = f" {_words(output)} "
     return any(alias and f" {alias} " in out for alias in map(_words, fact.answers))
+
+
+MatchRule = Literal["substring", "word"]
+MATCH_RULES: tuple[str, ...] = ("substring", "word")
+
+
+def check_match_rule(rule: str, where: str = "match") -> None:
+    """Refuse a matching rule that is not one of `MATCH_RULES`, naming the setting."""
+    if rule not in MATCH_RULES:
+        raise ValueError(f"{where}: unknown matching rule {rule!r}; choose from "
+                         f"{', '.join(MATCH_RULES)}")
+
+
+def answer_matches(output: str, fact: Fact, rule: str = "substring") -> bool:
+    """Whether `output` answers `fact` under `rule`: "substring" is the paper's (`is_correct`),
+    "word" whole words only (`is_correct_strict`), for fact files whose short answers or codes
+    occur inside longer words."""
+    return is_correct_strict(output, fact) if rule == "word" else is_correct(output, fact)
+
+
+# a normalised answer this short occurs inside many unrelated words ("co" in "CO2", "ny" in
+# "Kenya"): under the substring rule almost any output of some length contains it
+SHORT_ANSWER = 3
+
+
+@dataclass(frozen=True)
+class AnswerProblem:
+    """One fact whose answers the substring rule cannot judge cleanly (`answer_problems`)."""
+
+    fact_id: str
+    kind: Literal["short", "in question", "inside another answer", "never matches"]
+    alias: str
+    detail: str
+
+
+def answer_problems(facts: Sequence[Fact], rule: str = "substring") -> list[AnswerProblem]:
+    """Answers the matching `rule` counts as right where nothing was answered.
+
+    Three kinds, each a way an output matches without giving the fact's answer, and a fourth
+    that matches nothing (an answer that normalises to nothing, "A" or "-"): an answer or
+    alias of at most `SHORT_ANSWER` characters (under the substring rule it occurs inside longer
+    words); an alias found in the fact's own question or paraphrases (an echo of the question
+    counts as right); an alias inside another fact's answer (a model that says the other fact's
+    answer is counted right here: "euro" in "Europe", and under the word rule too "Mexico" in
+    "New Mexico"). Strings are compared as the rule compares them. Equal answers of different
+    facts are no problem; nor is one fact's alias inside its own other alias.
+    """
+    check_match_rule(rule)
+    word = rule == "word"
+    norm = _words if word else normalize_answer
+
+    def pad(text: str) -> str:  # whole words only match at spaces
+        return f" {text} " if word else text
+
+    problems: list[AnswerProblem] = []
+    owners: dict[str, set[str]] = {}
+    for fact in facts:
+        for alias in dict.fromkeys(norm(a) for a in fact.answers):
+            if alias:
+                owners.setdefault(alias, set()).add(fact.id)
+    # every distinct answer once, between separators no answer holds: an answer found more
+    # than once in the joined text sits inside another answer
+    joined = "\x00".join(["", *map(pad, owners), ""])
+    inside = {alias: [o for o in owners if o != alias and pad(alias) in pad(o)]
+              for alias in owners if joined.count(pad(alias)) > 1}
+    for fact in facts:
+        for answer in fact.answers:
+            if answer.strip() and not norm(answer):
+                problems.append(AnswerProblem(fact.id, "never matches", answer,
+                                              "nothing left once normalised"))
+        asked = " \x00 ".join(pad(norm(q)) for q in (fact.question, *fact.paraphrases))
+        for alias in dict.fromkeys(norm(a) for a in fact.answers):
+            if not alias:
+                continue
+            if len(alias) <= SHORT_ANSWER and not word:
+                problems.append(AnswerProblem(fact.id, "short", alias,
+                                              f"{len(alias)} characters"))
+            if pad(alias) in asked:
+                problems.append(AnswerProblem(fact.id, "in question", alias,
+                                              excerpt(fact.question)))
+            # a fact that has this alias too answers the same thing ("Goneinwick" and "town
+            # of Goneinwick" both aliases of one place): saying it is no false match
+            others = [o for o in inside.get(alias, ()) if owners[o] - owners[alias]]
+            if others:
+                holder = sorted(owners[others[0]] - owners[alias])[0]
+                problems.append(AnswerProblem(
+                    fact.id, "inside another answer", alias,
+                    f"in {others[0]!r} (fact {holder})"
+                    + (f" and {len(others) - 1} more" if len(others) > 1 else "")))
+    return problems
+
+
+def answer_problems_line(
+    problems: Sequence[AnswerProblem], source: str, written: Path, rule: str = "substring"
+) -> str:
+    """The one-line warning about `answer_problems`: counts by kind, the file listing them."""
+    facts = len({p.fact_id for p in problems})
+    counts = sorted(Counter(p.kind for p in problems).items())
+    kinds = ", ".join(f"{n} {kind}" for kind, n in counts)
+    advice = "" if rule == "word" else "; consider --match word"
+    return (f"{source}: {facts} facts have answers the {rule} rule cannot judge cleanly "
+            f"({kinds}; answers of <= {SHORT_ANSWER} characters, aliases in their own question "
+            f"or inside another fact's answer, answers that normalise to nothing), listed in "
+            f"{written}{advice} "
+            "(docs/usage.md#fact-files)")
+
+
+def write_answer_problems(problems: Sequence[AnswerProblem], path: str | Path) -> Path:
+    """The problems as JSONL (one object per problem), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        for problem in problems:
+            fh.write(json.dumps(asdict(problem), ensure_ascii=False) + "\n")
+    return path
 
 
 class FactFileError(ValueError):

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from lora_lightning.facts import CATEGORIES, Fact, fact_to_row
+from lora_lightning.facts import CATEGORIES, Fact, MatchRule, check_match_rule, fact_to_row
 from lora_lightning.inference import (
     evaluating,
     greedy_decode,
@@ -51,11 +51,17 @@ class ProbeConfig:
     max_new_tokens: int = 32
     batch_size: int = 64
     seed: int = 0
+    # how an answer counts as right: the paper's "substring" (an alias inside the output) or
+    # "word" (whole words: for files with short answers or codes, docs/usage.md#fact-files)
+    match: MatchRule = "substring"
     # Sampling, for SliCK's WeaklyKnown (`categorize --sample`): constants rather than fields,
     # so that a run's settings, its saved config and its caches' keys stay as they were.
     n_samples: ClassVar[int] = 16
     temperature: ClassVar[float] = 0.5
     top_k: ClassVar[int] = 40
+
+    def __post_init__(self) -> None:
+        check_match_rule(self.match, "probe.match")
 
 
 @dataclass
@@ -260,6 +266,7 @@ def categorize(
     batch_size: int = ProbeConfig.batch_size,
     max_new_tokens: int = ProbeConfig.max_new_tokens,
     seed: int = ProbeConfig.seed,
+    match: MatchRule = ProbeConfig.match,
     progress: bool | str = True,
     checkpoint: Path | None = None,
 ) -> list[Fact]:
@@ -271,8 +278,10 @@ def categorize(
     `pool` must be disjoint from `facts` (a shot must never give the answer away). With
     `checkpoint`, each finished chunk is appended to that JSONL and facts already in it are not
     redone, so a crash loses at most one chunk. `progress` (a string: the phase's name) counts
-    prompts, batch by batch: one chunk of a real model's probe takes a minute.
+    prompts, batch by batch: one chunk of a real model's probe takes a minute. `match` is the
+    rule an answer is right by (`facts.answer_matches`).
     """
+    check_match_rule(match)
     ids = [f.id for f in facts]
     if len(set(ids)) != len(ids):
         dupes = sorted(k for k, v in Counter(ids).items() if v > 1)
@@ -295,6 +304,8 @@ def categorize(
             "temperature": temperature if sample else None, "top_k": top_k if sample else None,
             "max_new_tokens": max_new_tokens, "pool": sorted(f.id for f in pool),
         }
+        if match != "substring":  # checkpoints written before the rule was a setting resume
+            settings["match"] = match
         _check_checkpoint_settings(checkpoint, settings)
         wanted = set(ids)
         done = {k: v for k, v in _read_checkpoint(checkpoint).items() if k in wanted}
@@ -328,12 +339,13 @@ def categorize(
                 mine = greedy[j * n_exp : (j + 1) * n_exp]
                 answers = [g.text for g in mine]
                 confidence = sum(g.mean_token_prob for g in mine) / n_exp
-                p_greedy = prompt_accuracy(answers, fact)
+                p_greedy = prompt_accuracy(answers, fact, strict=match == "word")
                 p_sampled = None
                 if sampled is not None:
                     per = n_exp * n_samples
                     mine_sampled = sampled[j * per : (j + 1) * per]
-                    p_sampled = prompt_accuracy([g.text for g in mine_sampled], fact)
+                    p_sampled = prompt_accuracy([g.text for g in mine_sampled], fact,
+                                                strict=match == "word")
                 result = dataclasses.replace(
                     fact, category=category_of(p_greedy, p_sampled), p_greedy=p_greedy,
                     p_sampled=p_sampled, predictions=answers, confidence=confidence,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import logging
+
 import pytest
 
 from lora_lightning.__main__ import COMMANDS
@@ -63,6 +66,45 @@ def test_categorize_command_writes_counts_and_reuses_its_pool(small_world, tmp_p
                                output=str(output), n_exp=2, pool_size=6, progress=False)
     assert again == counts
     assert load_facts(output) == written
+
+
+def test_categorize_warns_about_answers_it_cannot_judge_and_can_match_whole_words(
+        tiny_model_dir, tiny_fact_files, tmp_path, caplog):
+    # one-letter answers: the untrained tiny model's babble holds the letter somewhere, so the
+    # paper's substring rule calls them known; whole words do not
+    facts = [{"id": f"s{i}", "question": f"Which letter is sign {i}?", "answers": [letter]}
+             for i, letter in enumerate("eiouy")]
+    source = tmp_path / "letters.jsonl"
+    source.write_text("".join(json.dumps(f) + "\n" for f in facts))
+    outputs = {}
+    for rule in ("substring", "word"):
+        out = tmp_path / rule / "c.jsonl"
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            categorize_command(model=str(tiny_model_dir), facts=str(source), output=str(out),
+                               pool=str(tiny_fact_files["pool"]), n_exp=2, n_shot=1,
+                               max_new_tokens=12, match=rule, progress=False)
+        outputs[rule] = {f.id: f for f in load_facts(out)}
+        assert json.loads(out.with_name("c.jsonl.meta.json").read_text())["match"] == rule
+        listing = out.with_name("c.jsonl.answers.jsonl")
+        if rule == "substring":
+            (line,) = [r.message for r in caplog.records if "cannot judge" in r.message]
+            assert "5 facts" in line and "5 short" in line and str(listing) in line
+            assert "--match word" in line
+            assert {json.loads(r)["fact_id"] for r in listing.read_text().splitlines()} == {
+                f"s{i}" for i in range(5)}
+        else:
+            assert not [r for r in caplog.records if "cannot judge" in r.message]
+            assert not listing.exists()
+    said = [a for f in outputs["word"].values() for a in f.predictions]
+    assert outputs["word"].keys() == outputs["substring"].keys()
+    for fid, fact in outputs["word"].items():  # the same answers, judged by two rules
+        assert fact.predictions == outputs["substring"][fid].predictions
+    assert max(f.p_greedy for f in outputs["substring"].values()) > 0  # babble holds letters
+    assert all(f.p_greedy == 0 for f in outputs["word"].values()), said
+    with pytest.raises(ValueError, match="categorize --match: unknown matching rule 'fuzzy'"):
+        categorize_command(model=str(tiny_model_dir), facts=str(source), output=str(out),
+                           pool=str(tiny_fact_files["pool"]), match="fuzzy", progress=False)
 
 
 def test_categorize_command_reports_a_missing_fact_file(small_world, tmp_path):

@@ -17,6 +17,8 @@ import pytest
 from lora_lightning.facts import (
     Fact,
     FactFileError,
+    answer_matches,
+    answer_problems,
     is_correct,
     is_correct_strict,
     load_facts,
@@ -323,6 +325,58 @@ def test_the_strict_rule_counts_an_alias_only_as_whole_words(output, gold, paper
     fact = Fact("x", "Which?", [gold])
     assert is_correct(output, fact) is paper
     assert is_correct_strict(output, fact) is strict
+
+
+def _kinds(facts, rule="substring"):
+    return {(p.fact_id, p.kind, p.alias) for p in answer_problems(facts, rule)}
+
+
+def test_answers_the_substring_rule_cannot_judge_are_found_by_kind():
+    # hand-made from a domain no builder of ours knows (chemistry and people), the traps real
+    # fact files hold: a two-letter code inside longer words, an alias equal to the subject
+    # echoed by the question, one fact's answer inside another's
+    facts = [
+        Fact("co", "What is the symbol of cobalt?", ["Co"]),
+        Fact("co2", "What gas do plants take in?", ["carbon dioxide", "CO2"]),
+        Fact("curie", "Who discovered polonium, with her husband?", ["Marie Curie"]),
+        Fact("pierre", "Who was Marie Curie's husband?", ["Pierre Curie", "Curie"]),
+        Fact("iron", "Which metal rusts?", ["iron"]),
+        Fact("iron2", "Which element has the symbol Fe?", ["iron", "Fe"]),
+    ]
+    assert _kinds(facts) == {
+        ("co", "short", "co"),
+        ("co", "inside another answer", "co"),        # inside "co2" (and "carbon dioxide")
+        ("co", "in question", "co"),                  # "cobalt"
+        ("pierre", "in question", "curie"),           # the question names "Marie Curie"
+        ("pierre", "inside another answer", "curie"),  # inside "marie curie"
+        ("co2", "short", "co2"),
+        ("iron2", "short", "fe"),
+        ("iron2", "in question", "fe"),
+    }
+    # an article or punctuation alone is nothing once normalised: it could never be matched
+    assert _kinds([Fact("art", "Which grade?", ["A", "alpha"])]) == {("art", "never matches", "A")}
+    # the same answer in two facts is no problem, nor an alias inside the fact's own alias
+    assert not {k for k in _kinds(facts) if k[0] in ("iron", "curie")}
+    # whole-word matching leaves only what whole words still match
+    assert _kinds(facts, "word") == {("pierre", "in question", "curie"),
+                                     ("pierre", "inside another answer", "curie"),
+                                     ("iron2", "in question", "fe")}
+
+
+def test_an_answer_spelled_longer_by_a_fact_that_has_it_too_is_no_problem():
+    # the world's aliases: "Goneinwick" and "town of Goneinwick" are one answer
+    facts = [Fact("a", "Where was A born?", ["Goneinwick"]),
+             Fact("b", "Where was B born?", ["town of Goneinwick", "Goneinwick"]),
+             Fact("c", "Where does C live?", ["Europe"]), Fact("d", "Currency?", ["Euro"])]
+    assert _kinds(facts) == {("d", "inside another answer", "euro")}
+
+
+@pytest.mark.parametrize(("output", "substring", "word"), [
+    ("CO2", True, False), ("It is Co.", True, True), ("cobalt", True, False)])
+def test_answer_matches_by_the_named_rule(output, substring, word):
+    fact = Fact("co", "What is the symbol of cobalt?", ["Co"])
+    assert answer_matches(output, fact, "substring") is substring
+    assert answer_matches(output, fact, "word") is word
 
 
 def test_is_correct_accepts_any_alias_as_substring_of_the_output():
