@@ -168,12 +168,17 @@ _LONG_PROBE_S = 10.0
 
 
 class KnowledgeEvalCallback(Callback):
-    """Reliability and known-fact retention over epochs, by few-shot generation.
+    """Reliability and known-fact retention over epochs, by few-shot and zero-shot generation.
 
     At the end of validation (every `every_n_epochs` epochs, and always after the last) the
     model answers the trained Unknown facts and the held-out HighlyKnown facts with the probe's
     few-shot prompts; `val/reliability` is the share of trained facts it now answers (P_greedy >
-    0), `val/known_retained` the same over the held-out known facts. Each rank probes its shard;
+    0, any of the k prompts), `val/known_retained` the same over the held-out known facts, each
+    beside `..._majority` (right in more than half of the prompts) and `..._mean_prompt_accuracy`.
+    Then each trained fact is asked once more, zero-shot, in the prompt it was trained on:
+    `val/reliability_zeroshot` (one prompt: its three figures coincide). On a real model an
+    adapter answered every trained fact zero-shot and failed the few-shot probe, so a capacity
+    search names the probe it reads (`sweep/capacity/search.py`). Each rank probes its shard;
     the metrics reduce across ranks. The per-epoch history is kept for the report's plot.
 
     With a progress bar on, each probe says what it asks as it starts (a real model's probe
@@ -225,13 +230,19 @@ class KnowledgeEvalCallback(Callback):
             metric = Reliability().to(pl_module.device)
             metric.update([f.predictions for f in probed], mine)
             result = metric.compute()  # syncs across ranks when distributed
-            row[key] = float(result["reliability"])
-            row[f"{key}_mean_prompt_accuracy"] = float(result["mean_prompt_accuracy"])
             # values are already reduced across ranks; sync_dist keeps Lightning from warning
-            pl_module.log(f"val/{key}", result["reliability"], prog_bar=True, sync_dist=True)
-            pl_module.log(
-                f"val/{key}_mean_prompt_accuracy", result["mean_prompt_accuracy"], sync_dist=True
-            )
+            for name, figure in ((key, "reliability"), (f"{key}_majority", "majority"),
+                                 (f"{key}_mean_prompt_accuracy", "mean_prompt_accuracy")):
+                row[name] = float(result[figure])
+                pl_module.log(f"val/{name}", result[figure], prog_bar=name == key,
+                              sync_dist=True)
+            if key == "reliability":
+                zeroshot = Reliability().to(pl_module.device)
+                answers = pl_module.probe_zeroshot(mine, progress=detailed)
+                zeroshot.update([[a] for a in answers], mine)
+                value = zeroshot.compute()["reliability"]  # a collective, as above
+                row["reliability_zeroshot"] = float(value)
+                pl_module.log("val/reliability_zeroshot", value, sync_dist=True)
         self.history.append(row)
         self._last_probe_s = time.monotonic() - start
 
@@ -244,8 +255,10 @@ class KnowledgeEvalCallback(Callback):
             if facts)
         n_exp = getattr(getattr(pl_module, "probe_config", None), "n_exp", None)
         prompts = f" x {n_exp} prompts" if n_exp else ""
-        print(f"epoch {trainer.current_epoch + 1}{epochs}: probing {asked} facts{prompts}",
-              file=sys.stdout, flush=True)
+        zeroshot = (f", then the {len(data.train_unknown)} trained ones zero-shot"
+                    if data.train_unknown else "")
+        print(f"epoch {trainer.current_epoch + 1}{epochs}: probing {asked} facts{prompts}"
+              f"{zeroshot}", file=sys.stdout, flush=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history, "every_n_epochs": self.every_n_epochs}

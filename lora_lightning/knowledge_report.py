@@ -29,7 +29,11 @@ from lightning.pytorch.utilities import rank_zero_info
 import lora_lightning
 from lora_lightning import evaluation, harness
 from lora_lightning.callbacks import KnowledgeEvalCallback, shard
-from lora_lightning.categorize import categorization_record, comparability_problem
+from lora_lightning.categorize import (
+    categorization_record,
+    comparability_problem,
+    warn_answer_problems,
+)
 from lora_lightning.facts import Fact, is_refusal, load_facts
 from lora_lightning.files import atomic_write_text, default_home, package_file, sha256_file
 from lora_lightning.lora import lora_disabled, lora_modules
@@ -41,8 +45,9 @@ from lora_lightning.metrics import (
     RefusalRate,
     Reliability,
 )
+from lora_lightning.metrics.functional import prompt_accuracy
 from lora_lightning.provenance import environment
-from lora_lightning.report import report_metrics, to_python, write_report
+from lora_lightning.report import report_metrics, to_python, untrained_known_lost, write_report
 from lora_lightning.world.benchmarks import evaluate_world_benchmarks
 from lora_lightning.world.cache import BENCHMARKS_DIR, TWO_HOP_FILE
 
@@ -74,7 +79,12 @@ class KnowledgeReport(Callback):
     The test set (from the data module) is re-categorised with the adapter; against the
     categories before training this gives the knowledge shift, and the answers give
     concentration, refusals and confidence before vs after. Reliability and known-fact
-    retention are read off the trained Unknown and held-out HighlyKnown facts among them.
+    retention are read off the trained Unknown and held-out HighlyKnown facts among them, each
+    as three figures (any of the k prompts, the paper's; a majority of them; the mean prompt
+    accuracy), and reliability once more zero-shot: each trained fact asked once, in the prompt
+    it was trained on (`reliability_zeroshot`), what the adapter holds apart from how far it
+    carries to a few-shot prompt. The untrained facts the base knew that training lost are
+    counted from the per-fact rows (`report.untrained_known_lost`).
     MMLU, TruthfulQA and lm-evaluation-harness tasks run with the adapter and without it (same
     weights, LoRA disabled) when their data paths or task names are given. Rank 0 writes
     `report.json`, `report.md` and `reliability.png`, and logs the report's numbers to every
@@ -171,6 +181,20 @@ class KnowledgeReport(Callback):
     def truthfulqa_path(self) -> str | None:
         return self.benchmarks.truthfulqa_path
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """`fit` and `test` say in one line, before any work, which facts of their file the
+        probe's matching rule cannot judge cleanly (`facts.answer_problems`), listed in the run
+        folder: such facts count as learned or known by accident."""
+        facts = getattr(trainer.datamodule, "all_facts", None)
+        probe = getattr(pl_module, "probe_config", None)
+        if not facts or probe is None:
+            return
+        folder = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP
+        if not trainer.is_global_zero:
+            return
+        source = (trainer.datamodule.mix_summary() or {}).get("facts") or "the fact file"
+        warn_answer_problems(facts, str(source), folder / "answer_problems.jsonl", probe.match)
+
     # ------------------------------------------------------------------ the test, in order
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -232,8 +256,9 @@ class KnowledgeReport(Callback):
             ]
         m = self.metrics
         m["shift"].update([f.category for f in before], [f.category for f in after])
-        for b, a in zip(before, after, strict=True):
-            self._rows.append(fact_row(b, a, self._role.get(b.id, "untrained")))
+        rows = [fact_row(b, a, self._role.get(b.id, "untrained"))
+                for b, a in zip(before, after, strict=True)]
+        self._rows += rows
         untrained = [(b, a) for b, a in zip(before, after, strict=True)
                      if b.id not in self._trained]
         m["shift_untrained"].update([b.category for b, _ in untrained],
@@ -253,6 +278,15 @@ class KnowledgeReport(Callback):
             chosen = [f for f in after if f.id in ids]
             m[role].update([f.predictions for f in chosen], chosen)
             m[f"{role}_strict"].update([f.predictions for f in chosen], chosen)
+        # the zero-shot probe: each trained fact once, in its training prompt
+        trained = [f for f in after if f.id in self._roles["reliability"]]
+        answers = pl_module.probe_zeroshot(trained)
+        m["reliability_zeroshot"].update([[a] for a in answers], trained)
+        zeroshot = {f.id: (a, prompt_accuracy([a], f) > 0)
+                    for f, a in zip(trained, answers, strict=True)}
+        for row in rows:
+            if row["id"] in zeroshot:
+                row["zeroshot_after"], row["zeroshot_correct_after"] = zeroshot[row["id"]]
         pairs = [(b, a) for b, a in zip(before, after, strict=True) if self._is_neighbour(b)]
         if any(len(b.predictions) != len(a.predictions) for b, a in pairs):
             # categorised with other probe settings: ask the base now, with this probe's prompts
@@ -277,8 +311,9 @@ class KnowledgeReport(Callback):
         results["environment"] = environment(Path(facts).parent if facts else None)
         rows = _gathered_rows(self._rows, trainer)  # a collective: every rank gathers
         results["by_relation"] = by_relation(rows)
+        results["untrained_known_lost"] = untrained_known_lost(rows)
         self.results = to_python(results)
-        for key in ("reliability", "known_retained"):
+        for key in ("reliability", "known_retained", "reliability_zeroshot"):
             if results[key] is not None:
                 pl_module.log(f"test/{key}", results[key]["reliability"], sync_dist=True)
         root = trainer.log_dir or trainer.default_root_dir  # a collective under DDP
@@ -302,10 +337,11 @@ class KnowledgeReport(Callback):
         results: dict[str, Any] = {
             key: m[key].compute()
             for key in ("reliability", "known_retained", "reliability_strict",
-                        "known_retained_strict", "shift", "shift_untrained")
+                        "known_retained_strict", "reliability_zeroshot", "shift",
+                        "shift_untrained")
         }
         for key in ("reliability", "known_retained", "reliability_strict",
-                    "known_retained_strict"):
+                    "known_retained_strict", "reliability_zeroshot"):
             if int(results[key]["n_facts"]) == 0:
                 results[key] = None
         # "exploded": an answer (not a refusal) given more than explosion_factor times as often
@@ -649,8 +685,9 @@ def fact_row(before: Fact, after: Fact, role: str) -> dict[str, Any]:
 
 def by_relation(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]] | None:
     """Reliability and held-out retention per relation (a fact counts when any prompt answers
-    it, as `Reliability` counts): with several relations, one of them can carry a headline
-    number alone. None with fewer than two relations."""
+    it, as `Reliability` counts; beside it, for reliability, the majority of prompts and the
+    zero-shot probe where the rows have it): with several relations, one of them can carry a
+    headline number alone. None with fewer than two relations."""
     relations = sorted({r["relation"] for r in rows if r["relation"]})
     if len(relations) < 2:
         return None
@@ -661,9 +698,16 @@ def by_relation(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]] | N
         for role, key in (("trained unknown", "reliability"),
                           ("held-out known", "known_retained")):
             chosen = [r for r in mine if r["role"] == role]
-            entry[key] = (sum((r["p_greedy_after"] or 0) > 0 for r in chosen) / len(chosen)
-                          if chosen else None)
+            shares = [r["p_greedy_after"] or 0 for r in chosen]
+            entry[key] = sum(p > 0 for p in shares) / len(chosen) if chosen else None
             entry[f"{key}_n"] = len(chosen)
+            if key == "reliability":
+                entry["reliability_majority"] = (sum(p > 0.5 for p in shares) / len(chosen)
+                                                 if chosen else None)
+                zeroshot = [r["zeroshot_correct_after"] for r in chosen
+                            if "zeroshot_correct_after" in r]
+                entry["reliability_zeroshot"] = (sum(zeroshot) / len(zeroshot)
+                                                 if zeroshot else None)
         out[relation] = entry
     return out
 
@@ -679,6 +723,8 @@ def _new_metrics() -> dict[str, Any]:
         # beside the paper's substring rule: aliases as whole words only
         "reliability_strict": Reliability(strict=True),
         "known_retained_strict": Reliability(strict=True),
+        # one prompt per trained fact, the one it was trained on: its three figures coincide
+        "reliability_zeroshot": Reliability(),
         **{
             f"{name}_{when}": cls()
             for name, cls in (

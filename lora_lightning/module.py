@@ -18,11 +18,11 @@ from torchmetrics import MeanMetric
 
 from lora_lightning.attention import use_packed_attention
 from lora_lightning.facts import Fact
-from lora_lightning.knowledge import ProbeConfig, categorize
+from lora_lightning.knowledge import ProbeConfig, categorize, generate_answers
 from lora_lightning.lora import count_parameters, inject_lora
 from lora_lightning.lora.targets import check_target_spec
 from lora_lightning.models import check_world_facts, load_base_model, resolve_model
-from lora_lightning.prompts import IGNORE_INDEX, batch_sequences
+from lora_lightning.prompts import IGNORE_INDEX, batch_sequences, training_prompt
 from lora_lightning.threads import set_threads
 
 log = logging.getLogger(__name__)
@@ -244,6 +244,23 @@ class LoRAKnowledgeModule(L.LightningModule):
             checkpoint=checkpoint,
             **asdict(self.probe_config),
         )
+
+    def probe_zeroshot(self, facts: Sequence[Fact], progress: bool = False) -> list[str]:
+        """The greedy answer to each fact's training prompt (`prompts.training_prompt`), one per
+        fact, with the current weights: what the adapter holds in the format it was trained in.
+        The few-shot probe (`probe`) asks how far that knowledge carries to another prompt; on
+        a real model an adapter answered every trained fact here and failed the few-shot probe,
+        so reliability is reported under both."""
+        if not facts:
+            return []
+        tokenizer = self.trainer.datamodule.tokenizer
+        config = self.probe_config
+        answers = generate_answers(
+            self.model, tokenizer, [training_prompt(tokenizer, f.question) for f in facts],
+            batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
+            progress=progress,
+        )
+        return [a.text for a in answers]
 
     def test_step(self, batch: list[Fact], batch_idx: int) -> dict[str, list[Fact]]:
         """Re-categorise a batch of facts; the report callback compares before and after."""

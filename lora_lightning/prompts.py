@@ -38,6 +38,13 @@ def qa_messages(question: str, answer: str | None = None) -> list[dict[str, str]
     return messages
 
 
+def training_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> str:
+    """The prompt of a fact exactly as training shows it (system prompt, the question, the
+    assistant's turn opened): the zero-shot probe asks this, so that it measures what the adapter
+    was trained to answer rather than how well it transfers to a few-shot prompt."""
+    return render(tokenizer, qa_messages(question), add_generation_prompt=True)
+
+
 def fewshot_messages(question: str, shots: Sequence[Fact]) -> list[dict[str, str]]:
     """System prompt, one user/assistant pair per shot, then the question (SliCK's probe)."""
     messages = [{"role": "system", "content": SYSTEM_PROMPT}]
@@ -126,7 +133,7 @@ def encode_example(
     Positions are found with the fast tokenizer's character offsets, so the mask is exact even
     where a prompt/answer split would tokenize differently on its own.
     """
-    prompt = render(tokenizer, qa_messages(question), add_generation_prompt=True)
+    prompt = training_prompt(tokenizer, question)
     full = render(tokenizer, qa_messages(question, answer), add_generation_prompt=False)
     if not full.startswith(prompt):
         raise ValueError("chat template does not render the prompt as a prefix of the conversation")

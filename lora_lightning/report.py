@@ -39,17 +39,85 @@ def _get(d: dict | None, *keys: str) -> Any:
     return d
 
 
+# the lost facts' moves: a category lower, as `metrics.NEGATIVE_SHIFTS` (WeaklyKnown is in no
+# named shift, as in the paper), so the count is the shift table's `negative_rate_of_eligible`
+_LOST = {"HighlyKnown": ("MaybeKnown", "Unknown"), "MaybeKnown": ("Unknown",)}
+_UNTRAINED_ROLES = ("untrained", "held-out known")
+
+
+def untrained_known_lost(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The facts training did not touch that the base knew (HighlyKnown or MaybeKnown before)
+    and that moved a category lower, from the per-fact rows (`knowledge_report.fact_row`):
+    per category before (`n`, `lost`, `rate` and the count per category after) and over both.
+    Claims of harm rest on this count: over every untrained fact, Unknown ones included, the
+    rate would change with the mix alone (Unknown facts cannot move down). The sweep's table of
+    the same name reads the same count off the untrained facts' shift table."""
+    untrained = [r for r in rows if r.get("role") in _UNTRAINED_ROLES]
+    out: dict[str, Any] = {"by_category": {}}
+    for before, lower in _LOST.items():
+        mine = [r for r in untrained if r.get("category_before") == before]
+        to = {after: sum(r.get("category_after") == after for r in mine) for after in lower}
+        lost = sum(to.values())
+        out["by_category"][before] = {"n": len(mine), "lost": lost, "to": to,
+                                      "rate": lost / len(mine) if mine else None}
+    n = sum(c["n"] for c in out["by_category"].values())
+    lost = sum(c["lost"] for c in out["by_category"].values())
+    out.update(n=n, lost=lost, rate=lost / n if n else None)
+    return out
+
+
+def _reliability_lines(results: dict[str, Any]) -> list[str]:
+    """Reliability as three figures side by side under the few-shot probe, and once under the
+    zero-shot probe (the training prompt), where its three figures coincide."""
+    rel = results.get("reliability") or {}
+    k = rel.get("prompts")
+    k_text = f"{k:g}" if isinstance(k, (int, float)) else "k"
+    lines = [
+        f"| reliability (trained Unknown facts, n={_fmt(rel.get('n_facts'))}), few-shot probe: "
+        f"right in any of the {k_text} prompts (the paper's) | 0 (Unknown by definition) | "
+        f"{_fmt(rel.get('reliability'))} |",
+        f"| reliability, few-shot probe: right in a majority (more than half) of the {k_text} "
+        f"prompts | 0 | {_fmt(rel.get('majority'))} |",
+        f"| reliability, few-shot probe: mean prompt accuracy | 0 | "
+        f"{_fmt(rel.get('mean_prompt_accuracy'))} |",
+    ]
+    zero = results.get("reliability_zeroshot")
+    if zero:
+        lines.append(
+            f"| reliability, zero-shot probe (each trained fact once, in the prompt it was "
+            f"trained on; one prompt, so any, majority and mean coincide; "
+            f"n={_fmt(zero.get('n_facts'))}) | - | {_fmt(zero.get('reliability'))} |")
+    return lines
+
+
+def _lost_lines(lost: dict[str, Any] | None) -> list[str]:
+    if not lost or not lost.get("n"):
+        return []
+    lines = ["", "## Untrained facts the base knew that training lost", "",
+             "Facts training did not touch, HighlyKnown or MaybeKnown before and a category "
+             "lower after (claims of harm rest on this table: over every untrained fact, Unknown "
+             "ones included, the rate would change with the mix alone).", "",
+             "| before | facts | lost | of which to | rate |", "| --- | --- | --- | --- | --- |"]
+    for before, entry in lost["by_category"].items():
+        to = ", ".join(f"{after} {count}" for after, count in entry["to"].items())
+        lines.append(f"| {before} | {entry['n']} | {entry['lost']} | {to} | "
+                     f"{_fmt(entry['rate'])} |")
+    lines.append(f"| HighlyKnown or MaybeKnown | {lost['n']} | {lost['lost']} | - | "
+                 f"{_fmt(lost['rate'])} |")
+    return lines
+
+
 def markdown(results: dict[str, Any]) -> str:
     """A one-page summary: each measure before vs after, the shift table, top answers."""
+    results = to_python(results)  # metrics' tensors too, as `compute()` gives them
     lines = ["# lora-lightning report", ""]
     if results.get("mix"):
         lines += ["Training mix: " + ", ".join(f"{k}={v}" for k, v in results["mix"].items()), ""]
-    rel, ret = results.get("reliability") or {}, results.get("known_retained") or {}
+    ret = results.get("known_retained") or {}
     lines += [
         "| measure | before | after |",
         "| --- | --- | --- |",
-        f"| reliability (trained Unknown facts, n={_fmt(rel.get('n_facts'))}) | 0 (Unknown by "
-        f"definition) | {_fmt(rel.get('reliability'))} |",
+        *_reliability_lines(results),
         f"| held-out HighlyKnown retained (n={_fmt(ret.get('n_facts'))}) | 1 (HighlyKnown by "
         f"definition) | {_fmt(ret.get('reliability'))} |",
     ]
@@ -153,15 +221,19 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{untrained['positive']} ({_fmt(untrained['positive_rate'])}), negative "
                 f"{untrained['negative']} ({_fmt(untrained['negative_rate'])}).",
             ]
+    lines += _lost_lines(results.get("untrained_known_lost"))
     by_relation = results.get("by_relation") or {}
     if by_relation:
         lines += ["", "## By relation", "",
-                  "| relation | reliability (n) | held-out known retained (n) |",
-                  "| --- | --- | --- |"]
+                  "| relation | reliability (n) | held-out known retained (n) | reliability, "
+                  "majority of prompts | reliability, zero-shot |",
+                  "| --- | --- | --- | --- | --- |"]
         for relation, entry in by_relation.items():
             lines.append(f"| {relation} | {_fmt(entry.get('reliability'))} "
                          f"({entry.get('reliability_n')}) | {_fmt(entry.get('known_retained'))} "
-                         f"({entry.get('known_retained_n')}) |")
+                         f"({entry.get('known_retained_n')}) | "
+                         f"{_fmt(entry.get('reliability_majority'))} | "
+                         f"{_fmt(entry.get('reliability_zeroshot'))} |")
     for when in ("before", "after"):
         top = _get(conc, when, "top")
         if top:
@@ -221,7 +293,9 @@ def plot_history(history: list[dict[str, float]], path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(6, 4))
     epochs = [h["epoch"] + 1 for h in history]
     for key, label in (
-        ("reliability", "reliability (trained Unknown)"),
+        ("reliability", "reliability (trained Unknown), any few-shot prompt"),
+        ("reliability_majority", "reliability, majority of few-shot prompts"),
+        ("reliability_zeroshot", "reliability, zero-shot (the training prompt)"),
         ("known_retained", "held-out HighlyKnown retained"),
     ):
         if any(key in h for h in history):

@@ -212,6 +212,7 @@ def test_a_capacity_file_is_a_sweep_of_variants_by_seeds(tmp_path):
     ({**GOOD, "search": {"n_start": 2.5}}, "search.n_start"),
     ({**GOOD, "search": {"tau": 0.9}}, "search.tau"),
     ({**GOOD, "seeds": []}, "seeds"),
+    ({**GOOD, "search": {"probe": "fourshot"}}, "search.probe"),
     ({**GOOD, "overrides": {"knowledge_eval.every_n_epochs": None}},
      "overrides.knowledge_eval.every_n_epochs"),
     ({**GOOD, "variants": {"r1": {"knowledge_eval.every_n_epochs": None}}},
@@ -222,6 +223,61 @@ def test_a_bad_capacity_file_fails_naming_the_file_and_the_key(body, key, tmp_pa
     with pytest.raises(SweepFileError) as err:
         load_capacity(path)
     assert err.value.key == key and str(path) in str(err.value)
+
+
+def _probe_folder(capacity, chain, n: int, columns: dict[str, float]) -> None:
+    """A finished probe on disk, as `fit` leaves it: its metrics.csv with `columns` in the row
+    of the probe after the last epoch."""
+    from lora_lightning.sweep.cell import write_status
+
+    cell = capacity.sweep.output / "cells" / f"{chain.name}__n={n}"
+    cell.mkdir(parents=True)
+    write_status(cell, state="done", fit_done=True)
+    names = ["epoch", "step", "train/loss", *columns]
+    (cell / "metrics.csv").write_text(
+        ",".join(names) + "\n0,4,1.5" + "," * len(columns) + "\n"
+        + "0,9,," + ",".join(str(v) for v in columns.values()) + "\n")
+
+
+def test_a_search_on_the_zero_shot_probe_reads_its_column_and_brackets_the_other_n_star(
+    tmp_path,
+):
+    """On a real model every probe's adapter answered its trained facts zero-shot and failed
+    the few-shot probe: the capacity measured the probe. `search.probe: zeroshot` searches on
+    `val/reliability_zeroshot`; n* under the few-shot probe is read off the same probes, a
+    bracket where they bracket it and "≥ n" where every probe passed under it. The default
+    stays the few-shot probe, so existing files keep their meaning."""
+    from lora_lightning.sweep.capacity.report import capacity_markdown, capacity_rows, slopes
+    from lora_lightning.sweep.capacity.search import search_state
+
+    body = {**GOOD, "variants": {"r1": {"model.rank": 1}},
+            "search": {"threshold": 0.9, "n_start": 10, "growth": 2, "probe": "zeroshot"}}
+    capacity = load_capacity(write(tmp_path / "cap.yaml", body), output=tmp_path / "out",
+                             cwd=tmp_path)
+    assert capacity.probe == "zeroshot"
+    (chain,) = capacity.chains()
+    for n, fewshot, zeroshot in ((10, 0.95, 1.0), (20, 0.5, 0.95), (40, 0.1, 0.6)):
+        _probe_folder(capacity, chain, n, {"val/reliability": fewshot,
+                                           "val/reliability_zeroshot": zeroshot})
+    state = search_state(capacity, chain)
+    assert state.results == {10: 1.0, 20: 0.95, 40: 0.6}
+    assert (state.n_lo, state.n_hi, state.next_n) == (20, 40, 28)  # bisects on zero-shot
+    (row,) = capacity_rows(capacity, None)
+    assert (row["probe"], row["n_star"], row["n_hi"]) == ("zeroshot", 20, 40)
+    assert (row["n_star_fewshot"], row["n_hi_fewshot"]) == (10, 20)
+    assert "| 10–20 |" in capacity_markdown([row], slopes([row]))
+    every_passed = {**row, "probe": "fewshot", "n_star_zeroshot": 40, "n_hi_zeroshot": None}
+    assert "| ≥ 40 |" in capacity_markdown([every_passed], slopes([every_passed]))
+
+    default = load_capacity(write(tmp_path / "plain.yaml", {**GOOD, "search": {"n_start": 10}}),
+                            output=tmp_path / "plain", cwd=tmp_path)
+    assert default.probe == "fewshot"
+    first = default.chains()[0]
+    _probe_folder(default, first, 10, {"val/reliability": 0.5})  # a fit from before: no zero-shot
+    assert search_state(default, first).results == {10: 0.5}
+    later = load_capacity(write(tmp_path / "zero.yaml", {**GOOD, "search": {"probe": "zeroshot"}}),
+                          output=tmp_path / "plain", cwd=tmp_path)
+    assert "has no val/reliability_zeroshot" in search_state(later, first).error
 
 
 def test_the_shipped_capacity_files_dry_run(capsys, monkeypatch):

@@ -59,6 +59,33 @@ def test_exact_match_and_alias_accuracy_differ_as_the_paper_criterion_says():
 # --------------------------------------------------------------------------- reliability
 
 
+def test_reliability_is_three_figures_any_majority_and_mean_summed_across_ranks():
+    """'Any of k prompts' alone read 0.92 on a run whose facts were right in a majority of their
+    prompts for 0.28: the three figures come together, with k, from sum-reduced states (two
+    ranks' partial counts merge into the one-process answer)."""
+    facts = [fact("Paris"), fact("Rome"), fact("Oslo")]
+    answers = [
+        ["Paris", "Lyon", "Nice", "Lille"],  # 1 of 4: any, not a majority
+        ["Rome", "Rome", "Milan", "Rome"],  # 3 of 4: any and a majority
+        ["Bergen", "Bergen", "Oslo", "Oslo"],  # 2 of 4: half is not a majority
+    ]
+    ranks = [Reliability(), Reliability()]
+    ranks[0].update(answers[:1], facts[:1])
+    ranks[1].update(answers[1:], facts[1:])
+    ranks[0].merge_state(ranks[1])  # what the sum reduction does across ranks
+    out = ranks[0].compute()
+    assert out["reliability"].item() == 1.0
+    assert out["majority"].item() == pytest.approx(1 / 3)
+    assert out["mean_prompt_accuracy"].item() == pytest.approx((0.25 + 0.75 + 0.5) / 3)
+    assert out["all_prompts"].item() == 0.0
+    assert (out["n_facts"].item(), out["prompts"].item()) == (3, 4.0)
+    one = Reliability()  # one prompt per fact (the zero-shot probe): the three coincide
+    one.update([["Paris"], ["Milan"], ["Oslo"]], facts)
+    single = one.compute()
+    assert single["reliability"] == single["majority"] == single["mean_prompt_accuracy"]
+    assert single["prompts"].item() == 1.0
+
+
 def test_reliability_counts_facts_learned_by_any_prompt_and_reports_the_other_views():
     facts = [fact("Paris"), fact("Rome"), fact("Oslo"), fact("Lima")]
     answers = [

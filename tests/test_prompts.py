@@ -30,6 +30,7 @@ from lora_lightning.prompts import (
     pad_batch,
     qa_messages,
     render,
+    training_prompt,
 )
 
 SPECIAL_TOKENS = ["<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -99,6 +100,18 @@ def test_answer_only_loss_covers_exactly_the_assistant_turn(tokenizer, rng):
         assert all(lab == IGNORE_INDEX for lab in example["labels"][:first])
         assert example["labels"][first:] == example["input_ids"][first:]
         assert example["attention_mask"] == [1] * len(example["input_ids"])
+
+
+def test_the_zero_shot_probe_prompt_is_the_training_prompt_token_for_token(tokenizer, rng):
+    """The zero-shot probe asks what training showed: the tokens of its prompt are the masked
+    prefix of the training example (system prompt, question, the assistant's turn opened)."""
+    for _ in range(5):
+        question, answer = words(rng, rng.randint(2, 8)) + "?", words(rng, rng.randint(1, 4))
+        example = encode_example(tokenizer, question, answer, max_length=512)
+        n = next(i for i, lab in enumerate(example["labels"]) if lab != IGNORE_INDEX)
+        asked = tokenizer(training_prompt(tokenizer, question), add_special_tokens=False)
+        assert asked["input_ids"] == example["input_ids"][:n], question
+        assert SYSTEM_PROMPT in training_prompt(tokenizer, question)
 
 
 def test_loss_on_all_trains_every_token(tokenizer, rng):

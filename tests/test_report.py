@@ -16,7 +16,7 @@ from lora_lightning.knowledge import ProbeConfig
 from lora_lightning.knowledge_report import KnowledgeReport, by_relation
 from lora_lightning.lora import lora_disabled
 from lora_lightning.metrics import Reliability
-from lora_lightning.report import markdown, report_metrics, write_report
+from lora_lightning.report import markdown, report_metrics, untrained_known_lost, write_report
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -370,13 +370,103 @@ def test_reliability_and_retention_are_reported_per_relation():
     by = by_relation(rows)
     assert by == {
         "capital": {"reliability": 0.5, "reliability_n": 2, "known_retained": 1.0,
-                    "known_retained_n": 1},
+                    "known_retained_n": 1, "reliability_majority": 0.0,
+                    "reliability_zeroshot": None},
         "city": {"reliability": 1.0, "reliability_n": 1, "known_retained": 0.0,
-                 "known_retained_n": 1},
+                 "known_retained_n": 1, "reliability_majority": 0.0,
+                 "reliability_zeroshot": None},
     }
     assert by_relation(rows[:3]) is None  # one relation: the headline says it
     md = markdown({"reliability": {"reliability": 0.67, "n_facts": 3}, "by_relation": by})
     assert "| capital | 0.500 (2) | 1.000 (1) |" in md
+
+
+def test_the_report_gives_reliability_as_three_figures_and_zero_shot_beside_them():
+    """3 facts x 4 prompts, right in 1, 3 and 2 of them: any of the 4 prompts 1.0 (the paper's
+    headline), a majority 1/3, mean prompt accuracy 0.5, side by side; the zero-shot probe (one
+    prompt: the three coincide, said once) on its own row."""
+    facts = [["Paris"], ["Rome"], ["Oslo"]]
+    fewshot = Reliability()
+    fewshot.update([["Paris", "Lyon", "Nice", "Lille"], ["Rome", "Rome", "Milan", "Rome"],
+                    ["Bergen", "Bergen", "Oslo", "Oslo"]], facts)
+    zeroshot = Reliability()
+    zeroshot.update([["Paris"], ["Rome"], ["Bergen"]], facts)
+    md = markdown({"reliability": fewshot.compute(), "reliability_zeroshot": zeroshot.compute()})
+    lines = md.splitlines()
+    assert any("right in any of the 4 prompts (the paper's)" in line and "n=3" in line
+               and line.endswith("| 1.000 |") for line in lines)
+    assert any("majority (more than half) of the 4 prompts" in line
+               and line.endswith("| 0.333 |") for line in lines)
+    assert any("mean prompt accuracy" in line and line.endswith("| 0.500 |") for line in lines)
+    (zero,) = [line for line in lines if "zero-shot probe" in line]
+    assert "in the prompt it was trained on" in zero and "coincide" in zero
+    assert zero.endswith("| 0.667 |") and md.count("coincide") == 1
+
+
+def _row(i: int, role: str, before: str, after: str) -> dict:
+    return {"id": f"f{i}", "relation": "r", "role": role, "category_before": before,
+            "category_after": after, "p_greedy_after": 0.0}
+
+
+def test_the_untrained_known_facts_lost_are_counted_and_shown_in_a_single_runs_report():
+    """The sweep's harm table, for one run: the facts training did not touch that the base
+    knew, and how many moved a category lower (trained facts and untrained Unknown ones are
+    not in the denominator)."""
+    rows = [_row(0, "untrained", "HighlyKnown", "HighlyKnown"),
+            _row(1, "held-out known", "HighlyKnown", "MaybeKnown"),
+            _row(2, "untrained", "HighlyKnown", "Unknown"),
+            _row(3, "untrained", "HighlyKnown", "HighlyKnown"),
+            _row(4, "untrained", "MaybeKnown", "Unknown"),
+            _row(5, "untrained", "MaybeKnown", "HighlyKnown"),
+            _row(6, "untrained", "Unknown", "Unknown"),
+            _row(7, "trained extra", "HighlyKnown", "Unknown"),
+            _row(8, "trained unknown", "Unknown", "MaybeKnown")]
+    lost = untrained_known_lost(rows)
+    assert (lost["n"], lost["lost"], lost["rate"]) == (6, 3, 0.5)
+    assert lost["by_category"]["HighlyKnown"] == {
+        "n": 4, "lost": 2, "to": {"MaybeKnown": 1, "Unknown": 1}, "rate": 0.5}
+    assert lost["by_category"]["MaybeKnown"] == {"n": 2, "lost": 1, "to": {"Unknown": 1},
+                                                 "rate": 0.5}
+    md = markdown({"reliability": {"reliability": 0.5, "n_facts": 1},
+                   "untrained_known_lost": lost})
+    assert "## Untrained facts the base knew that training lost" in md
+    assert "| HighlyKnown | 4 | 2 | MaybeKnown 1, Unknown 1 | 0.500 |" in md
+    assert "| HighlyKnown or MaybeKnown | 6 | 3 | - | 0.500 |" in md
+
+
+def test_a_test_reports_reliability_zero_shot_and_the_known_facts_lost(tested):
+    """`test` asks each trained fact once more, in its training prompt (report.json, report.md,
+    each fact's row), and counts the untrained known facts lost from the rows it writes: the
+    same count as the untrained facts' shift table."""
+    _, data, report = tested
+    results = json.loads((report.report_path / "report.json").read_text())
+    zero = results["reliability_zeroshot"]
+    assert zero["n_facts"] == len(data.train_unknown) and zero["prompts"] == 1.0
+    assert zero["reliability"] == zero["majority"] == zero["mean_prompt_accuracy"]
+    assert results["reliability"]["prompts"] == 2.0  # n_exp
+    rows = [json.loads(line) for line in
+            (report.report_path / "facts_after.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if r["role"] == "trained unknown"]
+    assert all(isinstance(r["zeroshot_after"], str) for r in trained)
+    assert sum(r["zeroshot_correct_after"] for r in trained) / len(trained) == pytest.approx(
+        zero["reliability"])
+    assert not any("zeroshot_after" in r for r in rows if r["role"] != "trained unknown")
+    shift, lost = results["shift_untrained"], results["untrained_known_lost"]
+    assert lost["n"] > 0 and lost["rate"] == pytest.approx(shift["negative_rate_of_eligible"])
+    md = (report.report_path / "report.md").read_text()
+    assert "zero-shot probe" in md and "Untrained facts the base knew that training lost" in md
+    assert "majority (more than half) of the 2 prompts" in md
+
+
+def test_fit_and_test_list_the_answers_their_probe_cannot_judge_in_the_run_folder(tested):
+    """The test facts' colours include "red" (3 characters, inside "tired", "Fred"): the run
+    says so in one line and lists each such fact in the run folder."""
+    _, data, _ = tested
+    listing = Path(tested[0].trainer.default_root_dir) / "answer_problems.jsonl"
+    rows = [json.loads(line) for line in listing.read_text().splitlines()]
+    short = {f.id for f in data.all_facts if len(f.answers[0]) <= 3}
+    assert short and {r["fact_id"] for r in rows if r["kind"] == "short"} == short
+    assert {r["alias"] for r in rows} == {"red"}
 
 
 # ------------------------------------------------- the base's scores, once per base and settings

@@ -519,3 +519,58 @@ def test_default_root_dir_moves_the_run_folder(tiny_model_dir, tiny_fact_files, 
     assert (tmp_path / "runs" / "third" / "checkpoints" / "last.ckpt").is_file()
     saved = yaml.safe_load((tmp_path / "runs" / "third" / "config.yaml").read_text())["trainer"]
     assert saved["default_root_dir"] == saved["logger"]["init_args"]["save_dir"] == "runs/third"
+
+
+def test_fit_measures_reliability_under_both_probes_the_zero_shot_one_on_the_training_prompts(
+    tiny_model_dir, tiny_fact_files, tmp_path, monkeypatch
+):
+    """On SmolLM2 every capacity probe's adapter answered its trained facts as trained
+    (zero-shot) and failed the four-shot probe: the capacity measured the probe. After the last
+    epoch `fit` measures both: the zero-shot probe asks each trained fact once, in exactly the
+    tokens it was trained on, and metrics.csv holds both (a capacity search reads either)
+    beside the few-shot probe's three figures."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lora_lightning import module as module_file
+    from lora_lightning.callbacks import KnowledgeEvalCallback
+    from lora_lightning.knowledge import ProbeConfig
+    from lora_lightning.metrics.functional import prompt_accuracy
+    from lora_lightning.prompts import IGNORE_INDEX, encode_example
+
+    asked: list[tuple[list[str], list[str]]] = []
+    real = module_file.generate_answers
+
+    def spy(model, tokenizer, prompts, **kwargs):
+        answers = real(model, tokenizer, prompts, **kwargs)
+        asked.append((list(prompts), [a.text for a in answers]))
+        return answers
+
+    monkeypatch.setattr(module_file, "generate_answers", spy)
+    L.seed_everything(0)
+    module = make_module(tiny_model_dir, probe=ProbeConfig(n_exp=2, max_new_tokens=4))
+    data = make_data(tiny_model_dir, tiny_fact_files, n_unknown=3)
+    trainer = L.Trainer(
+        max_epochs=1, accelerator="cpu", devices=1, enable_checkpointing=False,
+        logger=CSVLogger(tmp_path, name="", version=""), enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path,
+        callbacks=[KnowledgeEvalCallback(every_n_epochs=0)],
+    )
+    trainer.fit(module, datamodule=data)
+
+    ((prompts, answers),) = asked  # one zero-shot probe, one prompt per trained fact
+    assert len(prompts) == len(data.train_unknown) == 3
+    tokenizer = data.tokenizer
+    for prompt, fact in zip(prompts, data.train_unknown, strict=True):
+        trained = encode_example(tokenizer, fact.question, fact.answer, 128, "answer")
+        n = next(i for i, label in enumerate(trained["labels"]) if label != IGNORE_INDEX)
+        assert tokenizer(prompt, add_special_tokens=False)["input_ids"] == trained["input_ids"][:n]
+    with open(next(tmp_path.rglob("metrics.csv")), newline="") as f:
+        (row,) = [r for r in csv.DictReader(f) if r.get("val/reliability")]
+    expected = sum(prompt_accuracy([a], f) for a, f in zip(answers, data.train_unknown,
+                                                            strict=True)) / 3
+    assert float(row["val/reliability_zeroshot"]) == pytest.approx(expected)
+    for name in ("reliability", "known_retained"):  # a majority, a mean: never above "any"
+        for figure in ("majority", "mean_prompt_accuracy"):
+            assert 0.0 <= float(row[f"val/{name}_{figure}"]) <= float(row[f"val/{name}"])

@@ -121,10 +121,11 @@ def prompt_accuracy(answers: Sequence[str], fact: Target, strict: bool = False) 
 def _reliability_update(
     answers: Sequence[Sequence[str]], facts: Sequence[Target], strict: bool = False
 ) -> dict[str, float]:
-    """Counts over facts: how many, answered by any / a majority / every prompt, share sum."""
+    """Counts over facts: how many, answered by any / a majority / every prompt, share sum,
+    and the prompts asked (so that a report can say "any of k")."""
     check_lengths("answers", answers, "facts", facts)
     counts = {"n_facts": 0, "any_correct": 0, "majority_correct": 0, "all_correct": 0,
-              "share_sum": 0.0}
+              "share_sum": 0.0, "n_prompts": 0}
     for i, (per_prompt, target) in enumerate(zip(answers, facts, strict=True)):
         try:
             share = prompt_accuracy(per_prompt, target, strict)
@@ -138,19 +139,24 @@ def _reliability_update(
         counts["majority_correct"] += share > 0.5
         counts["all_correct"] += share == 1.0
         counts["share_sum"] += share
+        counts["n_prompts"] += len(per_prompt)
     return counts
 
 
 def _reliability_compute(
     n_facts: Tensor, any_correct: Tensor, majority_correct: Tensor, all_correct: Tensor,
-    share_sum: Tensor,
+    share_sum: Tensor, n_prompts: Tensor,
 ) -> dict[str, Tensor]:
+    """The three figures of reliability side by side (the paper's any-prompt rule alone read
+    0.92 on a run whose facts were right in the majority of their prompts for 0.28), the share
+    right under every prompt, the denominator and the mean prompts per fact."""
     return {
         "reliability": ratio(any_correct, n_facts),
-        "mean_prompt_accuracy": ratio(share_sum, n_facts),
         "majority": ratio(majority_correct, n_facts),
+        "mean_prompt_accuracy": ratio(share_sum, n_facts),
         "all_prompts": ratio(all_correct, n_facts),
         "n_facts": torch.as_tensor(n_facts).clone(),
+        "prompts": ratio(n_prompts, n_facts),
     }
 
 

@@ -112,11 +112,15 @@ class Reliability(Metric):
       i.e. facts that are no longer Unknown under SliCK's greedy rule (P_greedy > 0). This is
       the paper's "share of the trained Unknown facts answered correctly afterwards": a fact
       that moved to MaybeKnown or HighlyKnown counts as learned.
+    - ``majority``: share of facts answered correctly by more than half of their prompts.
     - ``mean_prompt_accuracy``: mean over facts of the share of prompts answered correctly
       (the mean P_greedy).
-    - ``majority``: share of facts answered correctly by more than half of their prompts.
     - ``all_prompts``: share of facts answered correctly by every prompt (now HighlyKnown).
-    - ``n_facts``: the denominator.
+    - ``n_facts``: the denominator; ``prompts``: the mean prompts per fact (k).
+
+    The first three are reported side by side: "any of k" alone can read 0.92 where a
+    majority of prompts is right for 0.28 of the facts. With one prompt per fact (the zero-shot
+    probe) the three coincide.
 
     The same metric over HighlyKnown facts measures how much known knowledge is retained.
 
@@ -130,12 +134,13 @@ class Reliability(Metric):
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
-    _COUNTS = ("n_facts", "any_correct", "majority_correct", "all_correct")
+    _COUNTS = ("n_facts", "any_correct", "majority_correct", "all_correct", "n_prompts")
 
     n_facts: Tensor
     any_correct: Tensor
     majority_correct: Tensor
     all_correct: Tensor
+    n_prompts: Tensor
     share_sum: Tensor
 
     def __init__(self, strict: bool = False, **kwargs: Any) -> None:
@@ -156,7 +161,7 @@ class Reliability(Metric):
     def compute(self) -> dict[str, Tensor]:
         return F._reliability_compute(
             self.n_facts, self.any_correct, self.majority_correct, self.all_correct,
-            self.share_sum,
+            self.share_sum, self.n_prompts,
         )
 
 

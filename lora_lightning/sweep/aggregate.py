@@ -65,6 +65,9 @@ def _get(d: Any, *keys: Any) -> Any:
 _STATIC: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("reliability", ("reliability", "reliability")),
     ("reliability_n", ("reliability", "n_facts")),
+    ("reliability_majority", ("reliability", "majority")),
+    ("reliability_mean_prompt_accuracy", ("reliability", "mean_prompt_accuracy")),
+    ("reliability_zeroshot", ("reliability_zeroshot", "reliability")),
     ("reliability_strict", ("reliability_strict", "reliability")),
     ("known_retained_strict", ("known_retained_strict", "reliability")),
     ("known_retained", ("known_retained", "reliability")),
@@ -266,6 +269,18 @@ def markdown(grid: Grid, record: dict[str, Any], sweep_dir: Path, plots: list[Pa
 
     lines += ["## Reliability (share of the trained Unknown facts answered)", ""]
     lines += _table(grid, simple("reliability", "reliability"))
+    if grid.has("reliability_majority"):
+        zeroshot = grid.has("reliability_zeroshot")
+        lines += ["## Reliability, three figures: any of the prompts / a majority of them / "
+                  "mean prompt accuracy" + (" / zero-shot" if zeroshot else ""), ""]
+        lines += _table(grid, lambda n, g: " / ".join(
+            simple(c)(n, g) for c in ("reliability", "reliability_majority",
+                                      "reliability_mean_prompt_accuracy",
+                                      *(("reliability_zeroshot",) if zeroshot else ()))),
+            note="The first is the paper's (a fact counts when any few-shot prompt answers "
+            "it); the majority counts facts right in more than half of the prompts. Zero-shot: "
+            "each trained fact asked once, in the prompt it was trained on (one prompt, so its "
+            "three figures coincide).")
     lines += ["## Knowledge shift (rates over all facts): positive / negative", ""]
     lines += _table(grid, lambda n, g: simple("shift_positive_rate", "shift_positive_rate")(n, g)
                     + " / " + simple("shift_negative_rate", "shift_negative_rate")(n, g))

@@ -20,7 +20,9 @@ from typing import Any
 from lora_lightning.files import atomic_path, atomic_write_text
 from lora_lightning.sweep.aggregate import headline, trained_rows, write_provenance
 from lora_lightning.sweep.capacity.search import (
+    PROBES,
     Capacity,
+    other_bracket,
     probe_cell,
     search_state,
     wilson_interval,
@@ -91,7 +93,11 @@ def capacity_rows(capacity: Capacity, facts_path: str | Path | None) -> list[dic
                                "rank": chain.settings.get("model.rank"),
                                "target_modules": chain.settings.get("model.target_modules"),
                                "probes": len(probes), "error": state.error,
-                               "n_star": n_lo, "n_hi": n_hi, "searching": state.next_n}
+                               "n_star": n_lo, "n_hi": n_hi, "searching": state.next_n,
+                               "probe": capacity.probe}
+        for probe in PROBES:  # the searched probe's equals n_star, n_hi
+            bracket = other_bracket(capacity, state, probe)
+            row[f"n_star_{probe}"], row[f"n_hi_{probe}"] = bracket or (None, None)
         for end, n in (("lo", n_lo), ("hi", n_hi)):
             probe = probes.get(n) if n else None
             if probe is None or probe.reliability is None:
@@ -219,15 +225,35 @@ def _reliability(row: dict[str, Any], end: str) -> str:
             + (" noisy" if row.get(f"noisy_{end}") else ""))
 
 
+_PROBE_TEXT = {
+    "fewshot": "the few-shot probe: a trained Unknown fact counts when any of its few-shot "
+    "prompts answers it (SliCK, the paper's)",
+    "zeroshot": "the zero-shot probe: each trained Unknown fact asked once, in the prompt it "
+    "was trained on",
+}
+
+
+def _other(probe: str) -> str:
+    return next(p for p in PROBES if p != probe)
+
+
 def _header(capacity: Capacity) -> list[str]:
     rule = capacity.rule
+    other = _other(capacity.probe)
     return [
         "# Capacity: how many new facts each adapter holds", "",
         f"Capacity file `{capacity.sweep.path.name}`; n\\* = the largest n whose reliability "
-        f"(trained Unknown facts answered by at least one probe prompt) is >= {rule.threshold:g}."
+        f"is >= {rule.threshold:g}, under {_PROBE_TEXT[capacity.probe]} (`search.probe: "
+        f"{capacity.probe}`)."
         f" Search: n from {rule.n_start}, x{rule.growth:g}, then bisection to "
         f"{rule.precision:.0%}; [n\\*, n_hi] is the bracket it ended on. Intervals: Wilson, "
         f"{capacity.confidence:.0%}; \"noisy\" marks an end whose interval holds the threshold.",
+        "",
+        f"The search followed the {capacity.probe} probe alone. Every probe's `fit` also "
+        f"measured reliability under {_PROBE_TEXT[other]}, so *n\\* under the {other} probe* "
+        "is read off the same probes: the largest n that passed under it below the smallest that "
+        "failed. It is a bracket only where the chain's probes happen to bracket it (they were "
+        "placed for the other probe), and \"≥ n\" where every probe passed under it.",
         "",
         "Harm at n\\*: *known retained* is the share of the held-out HighlyKnown facts still "
         "known; *untrained known facts lost* is the share of the facts training did not touch "
@@ -243,20 +269,36 @@ def _bound(row: dict[str, Any], text: str) -> str:
     return f"≥ {text}" if censored(row) and text != "-" else text
 
 
+def other_nstar(row: dict[str, Any]) -> str:
+    """n* under the probe the search did not follow, from the row's `n_star_<probe>` and
+    `n_hi_<probe>`: "lo–hi" where the probes bracket it, "≥ lo" where every probe passed under
+    it, "< hi" where none did, "-" where no probe measured it (a table from before)."""
+    other = _other(str(row.get("probe") or "fewshot"))
+    lo, hi = row.get(f"n_star_{other}"), row.get(f"n_hi_{other}")
+    if lo in (None, "") and hi in (None, ""):
+        return "-"
+    if hi in (None, ""):
+        return f"≥ {lo}"
+    if not lo:
+        return f"< {hi}"
+    return f"{lo}–{hi}"
+
+
 def capacity_markdown(rows: list[dict[str, Any]], fits: list[dict[str, Any]]) -> str:
     """report.md below its header: the tables, the slopes and the bits, from the rows alone
     (capacity.csv's), so a published folder can be recomputed without its probe folders.
     A censored row's n*, facts and bits per parameter print as lower bounds ("≥")."""
     lines = [
-        "| variant | seed | LoRA params | n* | n_hi | reliability at n* | at n_hi | facts / 1k "
-        "params | bits / param | known retained | untrained known facts lost | locality |",
-        "|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|",
+        "| variant | seed | LoRA params | n* | n_hi | reliability at n* | at n_hi | n* under the "
+        "other probe | facts / 1k params | bits / param | known retained | untrained known "
+        "facts lost | locality |",
+        "|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r.get('variant')} | {r.get('seed')} | {_fmt(r.get('lora_parameters'))} | "
             f"{_bound(r, _fmt(r.get('n_star')))} | {_fmt(r.get('n_hi'))} | "
-            f"{_reliability(r, 'lo')} | {_reliability(r, 'hi')} | "
+            f"{_reliability(r, 'lo')} | {_reliability(r, 'hi')} | {other_nstar(r)} | "
             f"{_bound(r, _fmt(r.get('facts_per_1k_parameters')))} | "
             f"{_bound(r, _fmt(r.get('bits_per_parameter')))} | "
             f"{_fmt(r.get('known_retained'))} | "

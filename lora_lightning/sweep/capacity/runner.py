@@ -57,7 +57,8 @@ def describe_capacity(capacity: Capacity, shared: dict[str, Any]) -> str:
            if sweep.launcher == "local" else ""),
         f"folder: {sweep.output}",
         f"base config: {sweep.base or '(the embedded default)'}",
-        f"search: n* = the largest n with reliability >= {rule.threshold:g}; n from "
+        f"search: n* = the largest n with reliability ({capacity.probe} probe) >= "
+        f"{rule.threshold:g}; n from "
         f"{rule.n_start} x{rule.growth:g} up to {rule.n_max or 'the Unknown facts available'}, "
         f"then bisection to {rule.precision:.0%}; Wilson intervals at {capacity.confidence:.0%}"
         + (f"; every probe trains >= {capacity.min_steps} steps" if capacity.min_steps else ""),

@@ -8,10 +8,15 @@ tau, found by probes, each a `fit` on n Unknown facts:
 - then bisect (at the geometric middle) between the largest passing n below the smallest
   failing one and that failing n, until they are within `precision` of each other (relative).
 
-A probe passes when its reliability k/n is at least tau. That is a point estimate of a
-probability from n facts, so each probe also carries its Wilson interval at `confidence`, and
-the answer is the bracket [n_lo, n_hi] the search ends on, each end with its interval; an end
-whose interval holds tau is flagged as decided within noise. Probes run only `fit` (which
+Reliability is read under the probe `search.probe` names: `fewshot` (the default, the paper's
+SliCK probe: a fact counts when any of its few-shot prompts answers it) or `zeroshot` (each
+trained fact asked once, in the prompt it was trained on). `fit` measures both after its last
+epoch, so n\\* under the other probe can be read off the same probes (`other_bracket`), as a
+bracket only where those probes happen to bracket it. A probe passes when its reliability k/n is
+at least tau. That is a point estimate of a probability from n facts, so each probe also
+carries its Wilson interval at `confidence`, and the answer is the bracket [n_lo, n_hi] the
+search ends on, each end with its interval; an end whose interval holds tau is flagged as
+decided within noise. Probes run only `fit` (which
 measures reliability on the trained facts after its last epoch, batched); `test` runs once
 the search is over, at n_lo and n_hi of every chain. Probes are sweep cells
 (`<output>/cells/<variant>__<seed>__n=<n>`), so a rerun after a kill continues each search
@@ -23,7 +28,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +46,10 @@ from lora_lightning.sweep.spec import (
 )
 
 __all__ = [
-    "NO_PROBE", "PROBE_KEY", "Capacity", "Probe", "SearchRule", "SearchState", "chain_probes",
-    "dump_state", "epochs_for", "load_capacity", "probe_cell", "read_reliability",
-    "remap_error", "search_state", "tested", "wilson_interval", "write_state",
+    "NO_PROBE", "PROBES", "PROBE_KEY", "Capacity", "Probe", "SearchRule", "SearchState",
+    "chain_probes", "dump_state", "epochs_for", "load_capacity", "other_bracket", "probe_cell",
+    "read_reliabilities", "read_reliability", "remap_error", "search_state", "tested",
+    "wilson_interval", "write_state",
 ]
 
 OWN_KEYS = ("variants", "mix", "seeds", "search")
@@ -52,9 +58,12 @@ PROBE_KEY = "knowledge_eval.every_n_epochs"
 NO_PROBE = ("null turns off the probe after the last epoch, which gives each probe its "
             "reliability; use 0 (only after the last epoch)")
 DEFAULT_MIX = {"data.extra_kind": "none", "data.extra_per_unknown": 0}
+# the probes a search can follow, each by the metrics.csv column `fit` logs it under
+# (`callbacks.KnowledgeEvalCallback`, after the last epoch)
+PROBES = {"fewshot": "val/reliability", "zeroshot": "val/reliability_zeroshot"}
 SEARCH_DEFAULTS: dict[str, Any] = {
     "threshold": 0.95, "n_start": 10, "n_max": None, "growth": 2.0, "precision": 0.1,
-    "confidence": 0.95, "min_steps": None,
+    "confidence": 0.95, "min_steps": None, "probe": "fewshot",
 }
 
 
@@ -112,12 +121,14 @@ class SearchRule:
 
 @dataclass(frozen=True)
 class Probe:
-    """One finished (or failed) probe of a chain."""
+    """One finished (or failed) probe of a chain: its reliability under the search's probe,
+    and under every probe its metrics.csv has (`PROBES`' names)."""
 
     n: int
     cell_dir: Path
     reliability: float | None
     error: str | None = None
+    reliabilities: dict[str, float] = field(default_factory=dict)
 
     @property
     def learned(self) -> int:
@@ -132,6 +143,7 @@ class Capacity:
     rule: SearchRule
     confidence: float
     min_steps: int | None = None
+    probe: str = "fewshot"  # the probe whose reliability the search reads (`PROBES`)
 
     def chains(self) -> list[Cell]:
         return self.sweep.cells()
@@ -220,7 +232,11 @@ def load_capacity(path: str | Path, output: str | Path | None = None,
     confidence = _number(path, "search.confidence", s["confidence"], 0.5, 0.999)
     min_steps = (None if s["min_steps"] is None else
                  _number(path, "search.min_steps", s["min_steps"], 1, integer=True))
-    return Capacity(sweep=sweep, rule=rule, confidence=confidence, min_steps=min_steps)
+    if s["probe"] not in PROBES:
+        raise SweepFileError(path, "search.probe", f"must be one of {', '.join(PROBES)} (the "
+                             f"probe whose reliability the search reads), got {s['probe']!r}")
+    return Capacity(sweep=sweep, rule=rule, confidence=confidence, min_steps=min_steps,
+                    probe=s["probe"])
 
 
 def epochs_for(config: Any, min_steps: int | None) -> int | None:
@@ -246,20 +262,31 @@ def probe_cell(chain: Cell, n: int) -> Cell:
                 axes={**chain.axes, "n": {N_KEY: n}})
 
 
-def read_reliability(cell_dir: Path) -> float | None:
-    """The reliability `fit` measured after its last epoch (`val/reliability`, the last row
-    of the run's metrics.csv that has it), None when it has none."""
+def read_reliabilities(cell_dir: Path) -> dict[str, float]:
+    """The reliability `fit` measured after its last epoch under each probe (`PROBES`: the
+    last row of the run's metrics.csv that has the probe's column), the probes it has none
+    for left out."""
     path = Path(cell_dir) / "metrics.csv"
     try:
         with open(path, newline="") as f:
-            values = [row.get("val/reliability") for row in csv.DictReader(f)]
+            rows = list(csv.DictReader(f))
     except OSError:
-        return None
-    values = [v for v in values if v not in (None, "")]
-    try:
-        return float(values[-1]) if values else None
-    except ValueError:
-        return None
+        return {}
+    out: dict[str, float] = {}
+    for probe, column in PROBES.items():
+        values = [v for v in (row.get(column) for row in rows) if v not in (None, "")]
+        try:
+            if values:
+                out[probe] = float(values[-1])
+        except ValueError:
+            pass
+    return out
+
+
+def read_reliability(cell_dir: Path, probe: str = "fewshot") -> float | None:
+    """The reliability `fit` measured after its last epoch under `probe` (`PROBES`), None
+    when it has none."""
+    return read_reliabilities(cell_dir).get(probe)
 
 
 def chain_probes(capacity: Capacity, chain: Cell) -> dict[int, Probe]:
@@ -275,12 +302,16 @@ def chain_probes(capacity: Capacity, chain: Cell) -> dict[int, Probe]:
         n = int(cell_dir.name[len(prefix):])
         status = read_status(cell_dir)
         if status.get("fit_done"):
-            reliability = read_reliability(cell_dir)
+            measured = read_reliabilities(cell_dir)
+            reliability = measured.get(capacity.probe)
             if reliability is None:
+                old = (" (a fit from before the zero-shot probe: run it again)"
+                       if measured and capacity.probe == "zeroshot" else "")
                 probes[n] = Probe(n, cell_dir, None, f"{cell_dir}/metrics.csv has no "
-                                  "val/reliability (set knowledge_eval so fit measures it)")
+                                  f"{PROBES[capacity.probe]} (set knowledge_eval so fit "
+                                  f"measures it){old}", measured)
             else:
-                probes[n] = Probe(n, cell_dir, reliability)
+                probes[n] = Probe(n, cell_dir, reliability, reliabilities=measured)
         elif status.get("state") == "failed":
             probes[n] = Probe(n, cell_dir, None, status.get("error") or "failed")
     return probes
@@ -322,6 +353,17 @@ def search_state(capacity: Capacity, chain: Cell) -> SearchState:
     )
 
 
+def other_bracket(capacity: Capacity, state: SearchState, probe: str
+                  ) -> tuple[int, int | None] | None:
+    """(n_lo, n_hi) under `probe` from the probes the search ran (following its own probe):
+    the largest n that passed under `probe` below the smallest that failed (n_hi None: every
+    probe passed, so n* is at least n_lo). Only as tight as those probes happen to make it.
+    None when no probe measured `probe`."""
+    results = {n: p.reliabilities[probe] for n, p in state.probes.items()
+               if probe in p.reliabilities}
+    return capacity.rule.bracket(results) if results else None
+
+
 def tested(cell_dir: Path) -> bool:
     """Whether a probe has had its full `test` (a whole report)."""
     return "test" in cell_stages(cell_dir) and is_done(cell_dir)
@@ -333,9 +375,11 @@ def dump_state(capacity: Capacity) -> list[dict[str, Any]]:
     for chain in capacity.chains():
         state = search_state(capacity, chain)
         out.append({
-            "chain": chain.name, "labels": chain.labels, "n_lo": state.n_lo,
-            "n_hi": state.n_hi, "next": state.next_n, "error": state.error,
+            "chain": chain.name, "labels": chain.labels, "probe": capacity.probe,
+            "n_lo": state.n_lo, "n_hi": state.n_hi, "next": state.next_n, "error": state.error,
             "probes": {str(n): p.reliability for n, p in sorted(state.probes.items())},
+            "probes_by_probe": {str(n): p.reliabilities
+                                for n, p in sorted(state.probes.items())},
         })
     return out
 
