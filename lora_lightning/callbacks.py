@@ -222,12 +222,14 @@ class KnowledgeEvalCallback(Callback):
         if shown:
             self._announce(trainer, pl_module, data)
         start = time.monotonic()
+        # answers judged by the probe's matching rule, as the categories were
+        words = getattr(getattr(pl_module, "probe_config", None), "match", "substring") == "word"
         for key, facts in (("reliability", data.train_unknown), ("known_retained", data.val_known)):
             if not facts:
                 continue
             mine = shard(facts, trainer)
             probed = pl_module.probe(mine, progress=detailed)
-            metric = Reliability().to(pl_module.device)
+            metric = Reliability(strict=words).to(pl_module.device)
             metric.update([f.predictions for f in probed], mine)
             result = metric.compute()  # syncs across ranks when distributed
             # values are already reduced across ranks; sync_dist keeps Lightning from warning
@@ -237,7 +239,7 @@ class KnowledgeEvalCallback(Callback):
                 pl_module.log(f"val/{name}", result[figure], prog_bar=name == key,
                               sync_dist=True)
             if key == "reliability":
-                zeroshot = Reliability().to(pl_module.device)
+                zeroshot = Reliability(strict=words).to(pl_module.device)
                 answers = pl_module.probe_zeroshot(mine, progress=detailed)
                 zeroshot.update([[a] for a in answers], mine)
                 value = zeroshot.compute()["reliability"]  # a collective, as above

@@ -214,7 +214,8 @@ class KnowledgeReport(Callback):
                 log.warning(problem)
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.metrics = _new_metrics()
+        self._words = _matches_words(pl_module)
+        self.metrics = _new_metrics(self._words)
         for metric in self.metrics.values():
             metric.to(pl_module.device)
         data = trainer.datamodule
@@ -282,7 +283,7 @@ class KnowledgeReport(Callback):
         trained = [f for f in after if f.id in self._roles["reliability"]]
         answers = pl_module.probe_zeroshot(trained)
         m["reliability_zeroshot"].update([[a] for a in answers], trained)
-        zeroshot = {f.id: (a, prompt_accuracy([a], f) > 0)
+        zeroshot = {f.id: (a, prompt_accuracy([a], f, strict=self._words) > 0)
                     for f, a in zip(trained, answers, strict=True)}
         for row in rows:
             if row["id"] in zeroshot:
@@ -307,6 +308,7 @@ class KnowledgeReport(Callback):
                 results["history"] = cb.history
         data = trainer.datamodule
         results["mix"] = data.mix_summary() if hasattr(data, "mix_summary") else None
+        results["match"] = "word" if self._words else "substring"
         facts = (results["mix"] or {}).get("facts")
         results["environment"] = environment(Path(facts).parent if facts else None)
         rows = _gathered_rows(self._rows, trainer)  # a collective: every rank gathers
@@ -412,7 +414,7 @@ class KnowledgeReport(Callback):
                         probed = self._probe_base(trainer, pl_module, mine)
                 else:
                     probed = pl_module.probe(mine, progress=len(mine) > 1)
-                metric = Reliability().to(pl_module.device)
+                metric = Reliability(strict=_matches_words(pl_module)).to(pl_module.device)
                 metric.update([f.predictions for f in probed], mine)
                 result[when] = metric.compute()  # a collective: every rank calls it
             out[name] = result
@@ -712,19 +714,26 @@ def by_relation(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]] | N
     return out
 
 
-def _new_metrics() -> dict[str, Any]:
-    """The report's metrics, fresh for one test: each measure before and after training."""
+def _matches_words(pl_module: L.LightningModule) -> bool:
+    """Whether the module's probe judges answers by whole words (`ProbeConfig.match`)."""
+    probe = getattr(pl_module, "probe_config", None)
+    return getattr(probe, "match", "substring") == "word"
+
+
+def _new_metrics(words: bool = False) -> dict[str, Any]:
+    """The report's metrics, fresh for one test: each measure before and after training; the
+    headline reliability and retention by the probe's matching rule (`words`: whole words)."""
     return {
         "shift": KnowledgeShift(),
         # the same table over the facts training did not touch: harm, not retention
         "shift_untrained": KnowledgeShift(),
-        "reliability": Reliability(),
-        "known_retained": Reliability(),
+        "reliability": Reliability(strict=words),
+        "known_retained": Reliability(strict=words),
         # beside the paper's substring rule: aliases as whole words only
         "reliability_strict": Reliability(strict=True),
         "known_retained_strict": Reliability(strict=True),
         # one prompt per trained fact, the one it was trained on: its three figures coincide
-        "reliability_zeroshot": Reliability(),
+        "reliability_zeroshot": Reliability(strict=words),
         **{
             f"{name}_{when}": cls()
             for name, cls in (

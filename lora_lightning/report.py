@@ -113,6 +113,11 @@ def markdown(results: dict[str, Any]) -> str:
     lines = ["# lora-lightning report", ""]
     if results.get("mix"):
         lines += ["Training mix: " + ", ".join(f"{k}={v}" for k, v in results["mix"].items()), ""]
+    if results.get("match"):
+        rule = ("whole words (`match: word`)" if results["match"] == "word" else
+                "the paper's: an alias anywhere in the answer (`match: substring`)")
+        lines += [f"Answers judged right by {rule}; reliability, retention and the categories "
+                  "behind the shifts all follow it.", ""]
     ret = results.get("known_retained") or {}
     lines += [
         "| measure | before | after |",

@@ -469,6 +469,29 @@ def test_fit_and_test_list_the_answers_their_probe_cannot_judge_in_the_run_folde
     assert {r["alias"] for r in rows} == {"red"}
 
 
+def test_a_run_probing_whole_words_reports_every_reliability_by_whole_words(
+        tiny_model_dir, tiny_fact_files, tested, tmp_path):
+    """`--model.probe.match word`: the headline reliability, retention and zero-shot figures
+    are the whole-word ones, and the report says which rule it used."""
+    L.seed_everything(0)
+    module = make_module(tiny_model_dir,
+                         probe=ProbeConfig(n_exp=2, max_new_tokens=6, match="word"))
+    data = make_data(tiny_model_dir, tiny_fact_files, n_unknown=4, n_val_known=3)
+    report = KnowledgeReport(report_dir=str(tmp_path / "report"))
+    trainer = make_trainer(tmp_path, epochs=1)
+    trainer.callbacks += [report]
+    trainer.fit(module, datamodule=data)
+    trainer.test(module, datamodule=data)
+    words = json.loads((report.report_path / "report.json").read_text())
+    assert words["match"] == "word"
+    for key in ("reliability", "known_retained"):
+        assert words[key] == words[f"{key}_strict"]
+    assert "whole words (`match: word`)" in (report.report_path / "report.md").read_text()
+    paper = json.loads((tested[2].report_path / "report.json").read_text())
+    assert paper["match"] == "substring"
+    assert "the paper's: an alias anywhere" in (tested[2].report_path / "report.md").read_text()
+
+
 # ------------------------------------------------- the base's scores, once per base and settings
 
 
