@@ -181,8 +181,12 @@ class KnowledgeReport(Callback):
     def truthfulqa_path(self) -> str | None:
         return self.benchmarks.truthfulqa_path
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """`fit` and `test` say in one line, before any work, which facts of their file the
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._warn_answer_problems(trainer, pl_module)
+
+    def _warn_answer_problems(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """`fit` and `test` say in one line, before training or probing (and after every check
+        that refuses a run, which must leave no folder behind), which facts of their file the
         probe's matching rule cannot judge cleanly (`facts.answer_problems`), listed in the run
         folder: such facts count as learned or known by accident."""
         facts = getattr(trainer.datamodule, "all_facts", None)
@@ -204,6 +208,7 @@ class KnowledgeReport(Callback):
         said in one line before it starts."""
         self.benchmarks.check_tasks()
         self.benchmarks.check_data()
+        self._warn_answer_problems(trainer, pl_module)
         data = trainer.datamodule
         facts = data.mix_summary().get("facts") if hasattr(data, "mix_summary") else None
         probe = getattr(pl_module, "probe_config", None)
