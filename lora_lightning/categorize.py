@@ -5,9 +5,10 @@ module adds what a command needs around it: loading the model, the world's facts
 few-shot pool carved out of a file, threads, and a checkpoint a rerun resumes from.
 
 Beside the output it records how the categories were measured (`<output>.meta.json`: the
-model's dtype and device, the matching rule, the probe's settings), since the fact file itself
-is plain JSONL that every reader takes as it is. `comparability_problem` holds that record
-against a later probe: `test` warns when it would compare categories measured differently.
+model's dtype and device, the dtype the probe computed in, the matching rule, the probe's
+settings), since the fact file itself is plain JSONL that every reader takes as it is.
+`comparability_problem` holds that record against a later probe: `test` warns when it would
+compare categories measured differently.
 """
 
 from __future__ import annotations
@@ -30,11 +31,15 @@ from lora_lightning.facts import (
     write_answer_problems,
 )
 from lora_lightning.files import atomic_write_text
+from lora_lightning.inference import model_dtype
 from lora_lightning.knowledge import (
+    ComputeDtype,
     ProbeConfig,
     categorize,
     category_counts,
+    check_compute_dtype,
     default_pool,
+    effective_compute_dtype,
 )
 from lora_lightning.models import WORLD_MODEL, load_model, load_tokenizer, resolve_model, text_limit
 from lora_lightning.threads import set_threads
@@ -82,6 +87,11 @@ def comparability_problem(
     differ = []
     if record.get("dtype") not in (None, dtype):
         differ.append(f"dtype {record['dtype']} vs {dtype}")
+    # a record from before the probe's arithmetic was a setting computed in the weights' dtype
+    then = record.get("compute_dtype", record.get("dtype"))
+    now = effective_compute_dtype(probe.compute_dtype, dtype)
+    if then is not None and then != now:
+        differ.append(f"computed in {then} vs {now}")
     if record.get("match", "substring") != probe.match:
         differ.append(f"matching rule {record.get('match', 'substring')} vs {probe.match}")
     recorded = record.get("probe") or {}
@@ -91,6 +101,9 @@ def comparability_problem(
     if not differ:
         return None
     fix = "categorise it again with this probe's settings"
+    if then is not None and then != now and record.get("dtype") in (None, dtype):
+        fix = (f"categorise it again (--compute_dtype {probe.compute_dtype}), or run with "
+               f"--model.probe.compute_dtype {'model' if then == dtype else 'float32'}")
     if record.get("dtype") not in (None, dtype):
         fix = (f"categorise it again with --dtype {dtype}, or run with --model.dtype "
                f"{record['dtype']}")
@@ -129,6 +142,7 @@ def categorize_file(
     max_new_tokens: int = ProbeConfig.max_new_tokens,
     seed: int = ProbeConfig.seed,
     match: MatchRule = ProbeConfig.match,
+    compute_dtype: ComputeDtype = ProbeConfig.compute_dtype,
     pool_size: int = DEFAULT_POOL_SIZE,
     device: str = "auto",
     dtype: str = "auto",
@@ -165,6 +179,11 @@ def categorize_file(
             answer) or "word" (whole words; for short answers and codes, which the substring
             rule finds inside longer words). `fit` and `test` must probe with the same rule
             (`--model.probe.match`).
+        compute_dtype: what the probe computes in: "float32" (weights loaded in bfloat16 or
+            float16 are upcast for the probe; the answers do not depend on the thread count or
+            the batch size) or "model" (the weights' dtype: about twice as fast in bfloat16 on a
+            CPU with AMX, but answers that move with threads and batches). `fit` and `test`
+            must probe with the same (`--model.probe.compute_dtype`).
         pool_size: size of a pool carved out of `facts` when no pool is given.
         device: "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
         dtype: "auto" (bfloat16 on cuda, float32 on cpu), "float32", "bfloat16", "float16".
@@ -211,6 +230,7 @@ def categorize_file(
             print(f"few-shot pool: {len(pool_facts)} facts in {pool_file} (not categorised)")
 
     check_match_rule(match, "categorize --match")
+    check_compute_dtype(compute_dtype, "categorize --compute_dtype")
     warn_answer_problems(tested, str(facts), out_path.with_name(out_path.name + ".answers.jsonl"),
                          match)
     if not tested:
@@ -227,13 +247,14 @@ def categorize_file(
     result = categorize(
         lm, tokenizer, tested, pool_facts, n_exp=n_exp, n_shot=n_shot, sample=sample,
         n_samples=n_samples, temperature=temperature, top_k=top_k, batch_size=batch_size,
-        max_new_tokens=max_new_tokens, seed=seed, match=match, progress=progress,
-        checkpoint=partial,
+        max_new_tokens=max_new_tokens, seed=seed, match=match, compute_dtype=compute_dtype,
+        progress=progress, checkpoint=partial,
     )
     save_facts(result, out_path)
-    first = next(lm.parameters())
+    weights = str(model_dtype(lm)).removeprefix("torch.")
     record = {
-        "dtype": str(first.dtype).removeprefix("torch."), "device": first.device.type,
+        "dtype": weights, "device": next(lm.parameters()).device.type,
+        "compute_dtype": effective_compute_dtype(compute_dtype, weights),
         "model": str(model_path), "adapter": adapter, "match": match,
         "probe": {"n_exp": n_exp, "n_shot": n_shot, "max_new_tokens": max_new_tokens,
                   "seed": seed, "sample": sample},

@@ -15,13 +15,16 @@ serves them, so they cannot drift apart:
   masked out, so the value only has to be a valid id;
 * the model runs in eval mode (KV cache on for generation) under `torch.inference_mode`, and
   goes back to the training mode and cache setting it had (a probe in the middle of `fit` must
-  not switch LoRA dropout off for the rest of training).
+  not switch LoRA dropout off for the rest of training);
+* a probe can compute in float32 whatever dtype the model holds its weights in (`upcast`): in
+  bfloat16 the answers depended on the thread count and on which prompts shared a batch.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,8 +39,10 @@ __all__ = [
     "greedy_decode",
     "left_padded_batches",
     "model_device",
+    "model_dtype",
     "pad_token_id",
     "prefix_cache",
+    "upcast",
 ]
 
 
@@ -51,6 +56,15 @@ def pad_token_id(tokenizer) -> int:
 
 def model_device(model) -> torch.device:
     return next(model.parameters()).device
+
+
+def model_dtype(model) -> torch.dtype:
+    """The dtype the model holds its weights in: the narrowest of its floating parameters (a
+    bfloat16 base with float32 LoRA factors is a bfloat16 model)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if not dtypes:
+        return torch.get_default_dtype()
+    return min(dtypes, key=lambda d: torch.finfo(d).bits)
 
 
 @contextmanager
@@ -76,6 +90,33 @@ def evaluating(model, use_cache: bool = True) -> Iterator[None]:
         if config is not None:
             config.use_cache = had_cache
         model.train(was_training)
+
+
+@contextmanager
+def upcast(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
+    """Inside the block, every floating parameter and buffer of `model` narrower than `dtype`
+    holds its values in `dtype` (None: nothing changes); afterwards each holds its own tensor
+    again, the very one it had (also on an exception), so training resumes on unchanged weights.
+
+    Why: bfloat16 keeps 8 bits of mantissa, and a product's rounding depends on how the kernel
+    splits the sum (threads, batch shape); on SmolLM2-135M 15 of 480 greedy answers (3 of 48
+    categories) changed between 1 and 2 threads (benchmarks/RESULTS.md). The bf16-rounded
+    weights computed in float32 are the same model, and its answers did not change. The cost is
+    a float32 copy of the narrower weights for the block's duration. The parameters stay the
+    same objects (an optimizer's references hold), only their `.data` is swapped.
+    """
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if dtype is not None:
+        width = torch.finfo(dtype).bits
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            if tensor.is_floating_point() and torch.finfo(tensor.dtype).bits < width:
+                saved.append((tensor, tensor.data))
+                tensor.data = tensor.data.to(dtype)
+    try:
+        yield
+    finally:
+        for tensor, data in saved:
+            tensor.data = data
 
 
 def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 
@@ -28,12 +28,21 @@ from lora_lightning.inference import (
     greedy_decode,
     left_padded_batches,
     model_device,
+    model_dtype,
     pad_token_id,
     prefix_cache,
+    upcast,
 )
 from lora_lightning.metrics.functional import prompt_accuracy
 from lora_lightning.progress import progress_bar
 from lora_lightning.prompts import FewShotPrompts, build_fewshot_sets, extract_answer
+
+# What a probe computes in: "float32" (weights held in bfloat16 or float16 are upcast for the
+# probe: the same weights, answers that do not depend on threads or batch shapes) or "model"
+# (the weights' own dtype: faster on hardware with fast half-precision kernels, and no float32
+# copy of the weights in memory, but answers that move with the arithmetic).
+ComputeDtype = Literal["float32", "model"]
+COMPUTE_DTYPES: tuple[str, ...] = get_args(ComputeDtype)
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,8 @@ class ProbeConfig:
     # how an answer counts as right: the paper's "substring" (an alias inside the output) or
     # "word" (whole words: for files with short answers or codes, docs/usage.md#fact-files)
     match: MatchRule = "substring"
+    # the arithmetic of the probe (`ComputeDtype`); before and after training must share it
+    compute_dtype: ComputeDtype = "float32"
     # Sampling, for SliCK's WeaklyKnown (`categorize --sample`): constants rather than fields,
     # so that a run's settings, its saved config and its caches' keys stay as they were.
     n_samples: ClassVar[int] = 16
@@ -62,6 +73,35 @@ class ProbeConfig:
 
     def __post_init__(self) -> None:
         check_match_rule(self.match, "probe.match")
+        check_compute_dtype(self.compute_dtype, "probe.compute_dtype")
+
+
+def check_compute_dtype(value: str, where: str = "compute_dtype") -> None:
+    """Refuse a compute dtype that is not one of `COMPUTE_DTYPES`, naming the setting."""
+    if value not in COMPUTE_DTYPES:
+        raise ValueError(f"{where}: unknown compute dtype {value!r}; use one of "
+                         f"{', '.join(COMPUTE_DTYPES)}")
+
+
+def _upcast_to(compute_dtype: str) -> torch.dtype | None:
+    check_compute_dtype(compute_dtype)
+    return torch.float32 if compute_dtype == "float32" else None
+
+
+def effective_compute_dtype(compute_dtype: str, weights_dtype: torch.dtype | str) -> str:
+    """The dtype a probe with `compute_dtype` computes in for weights held in `weights_dtype`
+    ("bfloat16" weights probed with "float32" compute in float32; float32 weights compute in
+    float32 either way), as recorded beside categories and compared before vs after."""
+    name = str(weights_dtype).removeprefix("torch.")
+    if compute_dtype == "model":
+        return name
+    check_compute_dtype(compute_dtype)
+    weights = getattr(torch, name, None)
+    if isinstance(weights, torch.dtype) and weights.is_floating_point and (
+        torch.finfo(weights).bits < torch.finfo(torch.float32).bits
+    ):
+        return "float32"
+    return name
 
 
 @dataclass
@@ -120,6 +160,7 @@ def generate_answers(
     progress: bool = False,
     share_prefix: int = 24,
     bar: Any = None,
+    compute_dtype: ComputeDtype = ProbeConfig.compute_dtype,
 ) -> list[Generation]:
     """Answers to already-rendered prompts, `num_return_sequences` per prompt, in prompt order.
 
@@ -133,6 +174,7 @@ def generate_answers(
     run is repeatable, inside a fork of the RNG, so the caller's random state (a training run's
     dropout) is untouched. `bar`: a caller's progress counter to advance by each batch's prompts
     (in place of this call's own), so a probe of many calls shows one progress from its start.
+    `compute_dtype`: the probe's arithmetic (`ComputeDtype`; `inference.upcast`).
     """
     from transformers import GenerationConfig
 
@@ -167,7 +209,8 @@ def generate_answers(
     own = bar is None
     if own:
         bar = progress_bar(len(prompts), "generating", enabled=progress)
-    with bar if own else nullcontext(), evaluating(model):
+    with bar if own else nullcontext(), upcast(model, _upcast_to(compute_dtype)), \
+            evaluating(model):
         for batch in batches:
             cache = prefix_cache(model, batch) if batch.prefix_len else {}
             if do_sample or num_return_sequences > 1:
@@ -267,6 +310,7 @@ def categorize(
     max_new_tokens: int = ProbeConfig.max_new_tokens,
     seed: int = ProbeConfig.seed,
     match: MatchRule = ProbeConfig.match,
+    compute_dtype: ComputeDtype = ProbeConfig.compute_dtype,
     progress: bool | str = True,
     checkpoint: Path | None = None,
 ) -> list[Fact]:
@@ -279,9 +323,14 @@ def categorize(
     `checkpoint`, each finished chunk is appended to that JSONL and facts already in it are not
     redone, so a crash loses at most one chunk. `progress` (a string: the phase's name) counts
     prompts, batch by batch: one chunk of a real model's probe takes a minute. `match` is the
-    rule an answer is right by (`facts.answer_matches`).
+    rule an answer is right by (`facts.answer_matches`). `compute_dtype` is the probe's
+    arithmetic (`ComputeDtype`): "float32" gives the same answers at any thread count and batch
+    size (on SmolLM2-135M in bfloat16 they did not), so a category that moves after training
+    moved because of the adapter.
     """
     check_match_rule(match)
+    check_compute_dtype(compute_dtype)
+    computes_in = effective_compute_dtype(compute_dtype, model_dtype(model))
     ids = [f.id for f in facts]
     if len(set(ids)) != len(ids):
         dupes = sorted(k for k, v in Counter(ids).items() if v > 1)
@@ -303,6 +352,7 @@ def categorize(
             "n_samples": n_samples if sample else None,
             "temperature": temperature if sample else None, "top_k": top_k if sample else None,
             "max_new_tokens": max_new_tokens, "pool": sorted(f.id for f in pool),
+            "compute_dtype": computes_in,
         }
         if match != "substring":  # checkpoints written before the rule was a setting resume
             settings["match"] = match
@@ -318,13 +368,15 @@ def categorize(
     name = progress if isinstance(progress, str) else "categorising"
     bar = progress_bar(len(facts) * per_fact, f"{name} ({len(facts)} facts x {per_fact} prompts)",
                        enabled=bool(progress), initial=len(done) * per_fact)
-    with bar, _append_or_nothing(checkpoint) as sink:
+    # upcast once for the whole probe, not once per chunk (`generate_answers` then finds
+    # nothing narrower left to cast)
+    with bar, _append_or_nothing(checkpoint) as sink, upcast(model, _upcast_to(compute_dtype)):
         for start in range(0, len(todo), chunk):
             part = todo[start : start + chunk]
             prompts = [prompt(f.question) for f in part for prompt in renderers]
             greedy = generate_answers(
                 model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                seed=seed, bar=bar,
+                seed=seed, bar=bar, compute_dtype=compute_dtype,
             )
             sampled = None
             if sample:
@@ -334,6 +386,7 @@ def categorize(
                     model, tokenizer, prompts, batch_size=max(1, batch_size // n_samples),
                     max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
                     top_k=top_k, num_return_sequences=n_samples, seed=chunk_seed, bar=bar,
+                    compute_dtype=compute_dtype,
                 )
             for j, fact in enumerate(part):
                 mine = greedy[j * n_exp : (j + 1) * n_exp]

@@ -258,7 +258,7 @@ class LoRAKnowledgeModule(L.LightningModule):
         answers = generate_answers(
             self.model, tokenizer, [training_prompt(tokenizer, f.question) for f in facts],
             batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
-            progress=progress,
+            compute_dtype=config.compute_dtype, progress=progress,
         )
         return [a.text for a in answers]
 

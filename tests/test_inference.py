@@ -8,7 +8,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lora_lightning.inference import evaluating, left_padded_batches, pad_token_id
+from lora_lightning.inference import (
+    evaluating,
+    left_padded_batches,
+    model_dtype,
+    pad_token_id,
+    upcast,
+)
 from lora_lightning.progress import LineProgress, progress_bar
 
 
@@ -46,6 +52,43 @@ def test_evaluating_restores_the_mode_and_cache_setting_even_after_an_error():
     assert model.training and model.config.use_cache is False
     with evaluating(model, use_cache=False):
         assert model.config.use_cache is False
+
+
+def _half_model_with_fp32_adapter() -> torch.nn.Module:
+    """A bfloat16 layer with a bfloat16 buffer and float32 'LoRA' factors, as a bf16 run has."""
+    model = torch.nn.Linear(4, 3).to(torch.bfloat16)
+    model.register_buffer("scale", torch.full((3,), 0.3, dtype=torch.bfloat16))
+    model.lora_b = torch.nn.Parameter(torch.randn(3, 2))
+    return model
+
+
+def test_upcast_computes_in_float32_and_gives_back_the_very_same_weights():
+    """A probe of a bfloat16 model computes in float32 on the same (bf16-rounded) values; after
+    it, training goes on with the very tensors it had, the float32 adapter never touched and
+    the parameters the same objects (an optimizer holds them)."""
+    model = _half_model_with_fp32_adapter()
+    weight, lora_b = model.weight, model.lora_b
+    before = {name: t.data for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    values = {name: t.detach().clone() for name, t in before.items()}
+    with upcast(model, torch.float32):
+        assert {t.dtype for t in [*model.parameters(), *model.buffers()]} == {torch.float32}
+        assert torch.equal(model.weight.double(), values["weight"].double())  # exact values
+        assert model.lora_b.data.data_ptr() == before["lora_b"].data_ptr()  # not copied
+        out = model(torch.ones(1, 4))
+        assert out.dtype == torch.float32
+    assert model.weight is weight and model.lora_b is lora_b
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        assert t.dtype == before[name].dtype and t.data_ptr() == before[name].data_ptr(), name
+    with pytest.raises(RuntimeError, match="boom"), upcast(model, torch.float32):
+        raise RuntimeError("boom")
+    assert model.weight.dtype == torch.bfloat16 and model.scale.dtype == torch.bfloat16
+    with upcast(model, None):  # the model's own arithmetic
+        assert model.weight.dtype == torch.bfloat16
+
+
+def test_a_models_dtype_is_that_of_its_narrowest_weights():
+    assert model_dtype(_half_model_with_fp32_adapter()) == torch.bfloat16
+    assert model_dtype(torch.nn.Linear(2, 2)) == torch.float32
 
 
 def test_progress_in_a_log_is_whole_lines_every_tenth_of_the_work():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import random
@@ -14,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lora_lightning import knowledge
 from lora_lightning.facts import Fact, is_correct, load_facts
 from lora_lightning.knowledge import (
+    ProbeConfig,
     categorize,
     category_of,
     default_pool,
@@ -187,6 +189,52 @@ def test_sampling_adds_weakly_known_and_is_deterministic(lm, facts_and_pool):
         assert fact.category == category_of(fact.p_greedy, fact.p_sampled)
 
 
+@pytest.fixture(scope="module")
+def bf16_lm(lm):
+    """The world's base in bfloat16 (as a bf16 run loads it), and the same bf16-rounded
+    weights held in float32."""
+    model, tokenizer = lm
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    return half, copy.deepcopy(half).float(), tokenizer
+
+
+def test_a_bfloat16_model_is_probed_in_float32_on_its_own_weights(bf16_lm, facts_and_pool):
+    """bfloat16 arithmetic made a probe's answers depend on the thread count and on which
+    prompts shared a batch, so a category could move without training. By default the probe
+    computes in float32 on the weights as loaded: the answers and confidences of the bf16
+    model are, to the bit, those of its bf16-rounded weights held in float32. "model" keeps
+    the old arithmetic, and either way the model is left in bfloat16."""
+    half, rounded, tokenizer = bf16_lm
+    facts, pool = facts_and_pool
+    kwargs = dict(n_exp=2, seed=3, progress=False)
+    assert ProbeConfig().compute_dtype == "float32"
+    probed = categorize(half, tokenizer, facts, pool, **kwargs)
+    assert probed == categorize(rounded, tokenizer, facts, pool, **kwargs)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    own = categorize(half, tokenizer, facts, pool, compute_dtype="model", **kwargs)
+    assert [f.confidence for f in own] != [f.confidence for f in probed]
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+
+
+def test_an_unknown_compute_dtype_is_refused_naming_the_setting(lm, facts_and_pool):
+    model, tokenizer = lm
+    facts, pool = facts_and_pool
+    with pytest.raises(ValueError, match=r"probe\.compute_dtype.*'bf16'.*float32, model"):
+        ProbeConfig(compute_dtype="bf16")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="compute_dtype"):
+        categorize(model, tokenizer, facts, pool, compute_dtype="half", progress=False)
+
+
+def test_a_checkpoint_is_not_resumed_in_other_arithmetic(bf16_lm, facts_and_pool, tmp_path):
+    half, _, tokenizer = bf16_lm
+    facts, pool = facts_and_pool
+    checkpoint = tmp_path / "run.partial"
+    categorize(half, tokenizer, facts[:2], pool, n_exp=2, progress=False, checkpoint=checkpoint)
+    with pytest.raises(ValueError, match="run.partial.*compute_dtype"):
+        categorize(half, tokenizer, facts, pool, n_exp=2, progress=False, checkpoint=checkpoint,
+                   compute_dtype="model")
+
+
 def test_pool_overlapping_the_facts_is_refused(lm, facts_and_pool):
     model, tokenizer = lm
     facts, pool = facts_and_pool
@@ -344,6 +392,7 @@ def test_a_categorised_file_records_its_dtype_and_test_warns_of_another_in_one_l
     record = categorization_record(out)
     assert record is not None
     assert (record["dtype"], record["device"], record["match"]) == ("float32", "cpu", "substring")
+    assert record["compute_dtype"] == "float32"
     assert record["probe"] == {"n_exp": 2, "n_shot": 2, "max_new_tokens": 4, "seed": 0,
                                "sample": False}
     assert len(load_facts(out)) == 50  # every reader still reads the facts as before
@@ -367,3 +416,25 @@ def test_a_categorised_file_records_its_dtype_and_test_warns_of_another_in_one_l
         KnowledgeReport(world_dir=None).on_test_start(trainer, module)
         lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
         assert lines == ([problem] if warned else [])
+
+
+def test_categories_computed_in_another_arithmetic_are_said_in_one_line(tmp_path):
+    """Weights held in bfloat16 and probed in float32 (the default) are not comparable with
+    categories computed in bfloat16: a file categorised before the probe's arithmetic was a
+    setting (its record names only the weights' dtype) was computed in that dtype."""
+    from lora_lightning.categorize import comparability_problem
+
+    out = tmp_path / "categorized.jsonl"
+    now = {"dtype": "bfloat16", "compute_dtype": "float32"}
+    assert comparability_problem(out, now, "torch.bfloat16", ProbeConfig()) is None
+    old = {"dtype": "bfloat16"}
+    problem = comparability_problem(out, old, "torch.bfloat16", ProbeConfig())
+    assert problem is not None and "\n" not in problem and str(out) in problem
+    assert "computed in bfloat16 vs float32" in problem
+    assert "--model.probe.compute_dtype model" in problem
+    assert comparability_problem(out, old, "torch.bfloat16", ProbeConfig(compute_dtype="model")
+                                 ) is None
+    # float32 weights compute in float32 under either setting
+    assert comparability_problem(out, {"dtype": "float32"}, "torch.float32", ProbeConfig()) is None
+    assert knowledge.effective_compute_dtype("model", torch.float16) == "float16"
+    assert knowledge.effective_compute_dtype("float32", "torch.float64") == "float64"
