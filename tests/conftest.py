@@ -12,6 +12,11 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one worker per core (pyproject's `-n auto`): each worker, and every process a test starts,
+    # keeps to one torch thread; two workers of two threads each on two cores ran far slower
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
 
 
 def _test_home() -> None:
@@ -40,6 +45,8 @@ _test_home()
 try:  # the interpreter only where there is no GPU to run the kernels for real
     import torch
 
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
     # LORA_LIGHTNING_TEST_DEVICE=cuda (benchmarks/gpu_check.sh): tensors the tests make without
