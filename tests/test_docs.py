@@ -293,3 +293,18 @@ def test_every_relative_link_in_the_docs_resolves():
         and not (doc.parent / target.split("#")[0]).exists()
     ]
     assert not broken
+
+
+def test_the_readmes_fact_file_example_writes_facts_that_load(tmp_path, monkeypatch):
+    """The README's ten lines that build a fact file from a user's own data run as written, and
+    what they write is read as facts, the answers clean under the paper's matching rule."""
+    from lora_lightning.facts import answer_problems, load_facts
+
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    (example,) = [b for b in blocks if ".jsonl" in b]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(example, "README.md", "exec"), {})
+    (written,) = tmp_path.glob("*.jsonl")
+    facts = load_facts(written)
+    assert len(facts) >= 2 and all(f.answers and f.relation for f in facts)
+    assert not answer_problems(facts)
