@@ -300,11 +300,16 @@ def answer_problems_line(
 
 def write_answer_problems(problems: Sequence[AnswerProblem], path: str | Path) -> Path:
     """The problems as JSONL (one object per problem), atomically."""
+    return _write_jsonl((asdict(p) for p in problems), path)
+
+
+def _write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path) -> Path:
+    """Rows as JSONL, atomically: a crash never leaves a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        for problem in problems:
-            fh.write(json.dumps(asdict(problem), ensure_ascii=False) + "\n")
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
 
 
@@ -715,12 +720,7 @@ def fact_to_row(fact: Fact) -> dict[str, Any]:
 
 def save_facts(facts: Iterable[Fact], path: str | Path) -> Path:
     """Write facts as our flat JSONL, atomically: a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        for fact in facts:
-            fh.write(json.dumps(fact_to_row(fact), ensure_ascii=False) + "\n")
-    return path
+    return _write_jsonl(map(fact_to_row, facts), path)
 
 
 def pool_sidecar(facts_path: str | Path) -> Path:
