@@ -3,6 +3,7 @@ and adapter export. The `test` report's callback is `knowledge_report.KnowledgeR
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -10,12 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback, ProgressBar, ThroughputMonitor
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics import MeanMetric
 
+from lora_lightning.files import atomic_write_text
 from lora_lightning.lora import save_adapter
 from lora_lightning.metrics import Reliability
+from lora_lightning.metrics.functional import prompt_accuracy
 from lora_lightning.progress import LineProgress
 from lora_lightning.prompts import batch_sequences, batch_tokens
 
@@ -163,6 +168,103 @@ def shard(items: Sequence[Any], trainer: L.Trainer) -> list[Any]:
     return list(items[trainer.global_rank :: trainer.world_size])
 
 
+class Convergence(Callback):
+    """Train until the trained facts stop improving: the convergence mode of `capacity`.
+
+    After every validation it logs `val/answered_unknown`, the share of trained Unknown facts
+    whose every answer token is the model's top choice given the answer so far (teacher-forced,
+    LoRA dropout off: greedy decoding of the training prompt then writes the answer), beside
+    the answer loss on them. It costs one forward pass over the trained facts, which validation
+    runs anyway, where a generation probe every epoch would cost many. With `patience` set,
+    training stops once every trained fact is answered, or once for `patience` validations in a
+    row neither has the share risen by more than `min_delta` nor the loss fallen by more than
+    `min_loss_drop` of itself, never before `min_epochs`; `trainer.max_epochs` is the budget, and
+    the epochs it took are in metrics.csv (`train/epochs`). The loss matters: a small adapter
+    answers no fact for many epochs while its loss falls, and the share alone stopped it there.
+    `KnowledgeEvalCallback` probes after the epoch it stops at, as after a last one: register
+    this callback before it.
+
+    Args:
+        patience: Validations without improvement before stopping; None: never stop early (the
+            share is still logged), the paper's fixed epochs.
+        min_epochs: Train at least this many epochs (e.g. the fixed-epoch budget, so that a
+            converged probe never trains less than the fixed one).
+        min_delta: A rise of the share by no more than this is no improvement.
+        min_loss_drop: A fall of the loss by no more than this fraction of the best loss so far
+            is no improvement.
+    """
+
+    def __init__(self, patience: int | None = None, min_epochs: int = 0,
+                 min_delta: float = 0.0, min_loss_drop: float = 0.01) -> None:
+        if patience is not None and patience < 1:
+            raise ValueError(f"convergence.patience must be >= 1 or null, got {patience}")
+        if min_epochs < 0:
+            raise ValueError(f"convergence.min_epochs must be >= 0, got {min_epochs}")
+        if not 0.0 <= min_delta < 1.0:
+            raise ValueError(f"convergence.min_delta must be in [0, 1), got {min_delta}")
+        if not 0.0 <= min_loss_drop < 1.0:
+            raise ValueError(f"convergence.min_loss_drop must be in [0, 1), got {min_loss_drop}")
+        self.patience, self.min_epochs = patience, min_epochs
+        self.min_delta, self.min_loss_drop = min_delta, min_loss_drop
+        self.best = -1.0
+        self.best_loss = float("inf")
+        self.wait = 0
+        self.stopped_epoch: int | None = None  # 1-based epoch after which training stopped
+        self._answered = MeanMetric()
+        self._loss = MeanMetric()
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._answered = self._answered.to(pl_module.device)
+        self._loss = self._loss.to(pl_module.device)
+        self._answered.reset()
+        self._loss.reset()
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                outputs: Any, batch: Any, batch_idx: int,
+                                dataloader_idx: int = 0) -> None:
+        if isinstance(outputs, dict) and "answered" in outputs:
+            unknown = outputs["kind"] == 0  # `data.VAL_KINDS`: trained Unknown facts first
+            self._answered.update(outputs["answered"][unknown].float())
+            if "loss" in outputs:
+                self._loss.update(outputs["loss"][unknown].float())
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self._answered.update_count == 0:
+            return
+        share = float(self._answered.compute())  # reduced across ranks
+        loss = float(self._loss.compute()) if self._loss.update_count else float("nan")
+        pl_module.log("val/answered_unknown", share, sync_dist=True)
+        if self.patience is None or trainer.state.fn != TrainerFn.FITTING:
+            return
+        epoch = trainer.current_epoch + 1
+        improved = share > self.best + self.min_delta
+        if loss < self.best_loss * (1.0 - self.min_loss_drop):  # False for NaN
+            improved = True
+        self.best = max(self.best, share)
+        self.best_loss = min(self.best_loss, loss) if loss == loss else self.best_loss
+        self.wait = 0 if improved else self.wait + 1
+        if epoch >= self.min_epochs and (share >= 1.0 or self.wait >= self.patience):
+            trainer.should_stop = True
+            self.stopped_epoch = epoch
+
+    def stops_after(self, trainer: L.Trainer) -> bool:
+        """Whether training stops after the current epoch by this callback's decision."""
+        return self.stopped_epoch == trainer.current_epoch + 1 and trainer.should_stop
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.log("train/epochs", float(trainer.current_epoch + 1))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_loss": self.best_loss, "wait": self.wait,
+                "stopped_epoch": self.stopped_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best = float(state_dict.get("best", -1.0))
+        self.best_loss = float(state_dict.get("best_loss", float("inf")))
+        self.wait = int(state_dict.get("wait", 0))
+        self.stopped_epoch = state_dict.get("stopped_epoch")
+
+
 # a per-epoch probe longer than this shows its progress batch by batch
 _LONG_PROBE_S = 10.0
 
@@ -210,7 +312,9 @@ class KnowledgeEvalCallback(Callback):
             return False
         epoch = trainer.current_epoch + 1
         last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
-        return last or (self.every_n_epochs > 0 and epoch % self.every_n_epochs == 0)
+        converged = any(isinstance(cb, Convergence) and cb.stops_after(trainer)
+                        for cb in trainer.callbacks)
+        return last or converged or (self.every_n_epochs > 0 and epoch % self.every_n_epochs == 0)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         data = trainer.datamodule
@@ -224,11 +328,15 @@ class KnowledgeEvalCallback(Callback):
         start = time.monotonic()
         # answers judged by the probe's matching rule, as the categories were
         words = getattr(getattr(pl_module, "probe_config", None), "match", "substring") == "word"
+        per_fact: dict[str, list[bool]] = {}
         for key, facts in (("reliability", data.train_unknown), ("known_retained", data.val_known)):
             if not facts:
                 continue
             mine = shard(facts, trainer)
             probed = pl_module.probe(mine, progress=detailed)
+            if key == "reliability":
+                per_fact["fewshot"] = [prompt_accuracy(f.predictions, fact, words) > 0
+                                       for f, fact in zip(probed, mine, strict=True)]
             metric = Reliability(strict=words).to(pl_module.device)
             metric.update([f.predictions for f in probed], mine)
             result = metric.compute()  # syncs across ranks when distributed
@@ -245,8 +353,40 @@ class KnowledgeEvalCallback(Callback):
                 value = zeroshot.compute()["reliability"]  # a collective, as above
                 row["reliability_zeroshot"] = float(value)
                 pl_module.log("val/reliability_zeroshot", value, sync_dist=True)
+                per_fact["zeroshot"] = [prompt_accuracy([a], fact, words) > 0
+                                        for a, fact in zip(answers, mine, strict=True)]
+                self._write_per_fact(trainer, data.train_unknown, per_fact, row)
         self.history.append(row)
         self._last_probe_s = time.monotonic() - start
+
+    @staticmethod
+    def _write_per_fact(trainer: L.Trainer, facts: Sequence[Any], per_fact: dict[str, list[bool]],
+                        row: dict[str, float]) -> None:
+        """`<run>/probe_facts.jsonl`: the latest probe's verdict on each trained fact under each
+        probe (id, relation, `fewshot`, `zeroshot`, the epoch), so a reader can count what was
+        learned by relation (capacity's bits) and pair runs fact by fact. Each rank probed its
+        shard (`shard`); the verdicts are gathered into the facts' own order. A run without a
+        logger has no run folder and gets no file."""
+        names = list(per_fact)
+        width = -(-len(facts) // trainer.world_size)
+        mine = torch.full((len(names), width), -1, dtype=torch.int32)
+        for i, name in enumerate(names):
+            values = per_fact[name]
+            mine[i, : len(values)] = torch.tensor(values, dtype=torch.int32)
+        gathered = trainer.strategy.all_gather(mine)  # a collective under DDP
+        if trainer.world_size == 1:
+            gathered = gathered[None]
+        folder = trainer.log_dir if trainer.loggers else None  # a collective under DDP
+        if not trainer.is_global_zero or folder is None:  # no run folder: no file
+            return
+        root = Path(folder)
+        lines = []
+        for index, fact in enumerate(facts):
+            rank, position = index % trainer.world_size, index // trainer.world_size
+            verdicts = {name: bool(gathered[rank, i, position]) for i, name in enumerate(names)}
+            lines.append(json.dumps({"id": fact.id, "relation": fact.relation, **verdicts,
+                                     "epoch": int(row["epoch"]) + 1}))
+        atomic_write_text(root / "probe_facts.jsonl", "\n".join(lines) + "\n")
 
     @staticmethod
     def _announce(trainer: L.Trainer, pl_module: L.LightningModule, data: Any) -> None:

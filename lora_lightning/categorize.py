@@ -240,7 +240,7 @@ def categorize_file(
         )
 
     lm, tokenizer = load_model(model_path, adapter, device=device, dtype=dtype, strict=strict)
-    set_threads(sum(p.numel() for p in lm.parameters()), threads)
+    used_threads = set_threads(sum(p.numel() for p in lm.parameters()), threads)
 
     partial = out_path.with_name(out_path.name + ".partial")
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -256,6 +256,7 @@ def categorize_file(
         "dtype": weights, "device": next(lm.parameters()).device.type,
         "compute_dtype": effective_compute_dtype(compute_dtype, weights),
         "model": str(model_path), "adapter": adapter, "match": match,
+        "threads": used_threads,
         "probe": {"n_exp": n_exp, "n_shot": n_shot, "max_new_tokens": max_new_tokens,
                   "seed": seed, "sample": sample},
     }

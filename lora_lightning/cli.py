@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from lora_lightning.callbacks import (
+    Convergence,
     KnowledgeEvalCallback,
     LineProgressBar,
     SaveAdapter,
@@ -173,6 +174,8 @@ class KnowledgeCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(TokenThroughputMonitor, "throughput")
+        # before knowledge_eval: it probes after the epoch where convergence stops training
+        parser.add_lightning_class_args(Convergence, "convergence")
         parser.add_lightning_class_args(KnowledgeEvalCallback, "knowledge_eval")
         parser.add_lightning_class_args(SaveAdapter, "save_adapter")
         parser.add_lightning_class_args(KnowledgeReport, "report")

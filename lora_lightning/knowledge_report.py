@@ -53,6 +53,7 @@ from lora_lightning.world.cache import BENCHMARKS_DIR, TWO_HOP_FILE
 
 __all__ = [
     "BASE_SCORES_DIR",
+    "ENVIRONMENT_FILE",
     "FACTS_AFTER",
     "NO_CACHE",
     "BaseCache",
@@ -183,6 +184,24 @@ class KnowledgeReport(Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._warn_answer_problems(trainer, pl_module)
+        self._record_environment(trainer, pl_module)
+
+    @staticmethod
+    def _record_environment(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """`<run>/environment.json`: what `fit` ran on (library versions, CPU, threads) and the
+        base's weight checksum, so a run that is never tested (a capacity probe) still says
+        where its numbers came from; report.json carries the same for `test`."""
+        if not trainer.loggers or trainer.log_dir is None:
+            return
+        folder = Path(trainer.log_dir)
+        if not trainer.is_global_zero:
+            return
+        facts = ((trainer.datamodule.mix_summary() or {}).get("facts")
+                 if hasattr(trainer.datamodule, "mix_summary") else None)
+        record = {"environment": environment(Path(facts).parent if facts else None),
+                  "weights": weights_checksum(pl_module.model)}
+        atomic_write_text(folder / ENVIRONMENT_FILE, json.dumps(to_python(record), indent=1)
+                          + "\n")
 
     def _warn_answer_problems(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """`fit` and `test` say in one line, before training or probing (and after every check
@@ -605,6 +624,9 @@ class BaseCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):
             return probe(path)
+
+
+ENVIRONMENT_FILE = "environment.json"
 
 
 def weights_checksum(model: torch.nn.Module) -> str:

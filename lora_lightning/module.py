@@ -158,7 +158,7 @@ class LoRAKnowledgeModule(L.LightningModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        token_loss, _ = self._label_token_losses(batch)
+        token_loss, _, _ = self._label_token_losses(batch, top=False)
         loss = token_loss.mean()
         n = batch_sequences(batch)
         # For ThroughputMonitor: forward (2N) plus the input-gradient GEMMs (2N) per token of a
@@ -171,9 +171,11 @@ class LoRAKnowledgeModule(L.LightningModule):
         return loss
 
     def _label_token_losses(
-        self, batch: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-entropy of every labelled next-token position, and the example it belongs to.
+        self, batch: dict[str, torch.Tensor], top: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Cross-entropy of every labelled next-token position, the example it belongs to, and
+        (`top`) whether the label is the model's top choice there (teacher-forced; None
+        without `top`, which training steps skip).
 
         The vocabulary projection runs on the labelled positions alone: with the answer-only
         loss that is a few tokens per fact, while the LM head over every position of a batch is
@@ -193,15 +195,21 @@ class LoRAKnowledgeModule(L.LightningModule):
         logits = self.model.get_output_embeddings()(hidden[:, :-1][keep]).float()
         token_loss = torch.nn.functional.cross_entropy(logits, labels[keep], reduction="none")
         rows = batch["sequence_ids"][:, 1:][keep] if packed else keep.nonzero()[:, 0]
-        return token_loss, rows
+        correct = logits.detach().argmax(-1) == labels[keep] if top else None
+        return token_loss, rows, correct
 
     def on_train_start(self) -> None:
         trainable, total = count_parameters(self.model)
         for logger in self.loggers:
             logger.log_hyperparams({"params/trainable": trainable, "params/total": total})
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        token_loss, rows = self._label_token_losses(batch)
+    def validation_step(
+        self, batch: dict[str, torch.Tensor], batch_idx: int
+    ) -> dict[str, torch.Tensor]:
+        """Per-example answer loss (logged per kind), and for `callbacks.Convergence` that loss
+        and whether every labelled token was the model's top choice given the labels before it:
+        then greedy decoding of the training prompt writes the answer."""
+        token_loss, rows, correct = self._label_token_losses(batch)
         n = batch_sequences(batch)
         totals = token_loss.new_zeros(n).index_add_(0, rows, token_loss)
         n_tokens = torch.bincount(rows, minlength=n).clamp(min=1)
@@ -213,6 +221,11 @@ class LoRAKnowledgeModule(L.LightningModule):
             if kind is None and code == 1:
                 sel = per_sample[:0]
             self.val_loss[name].update(sel)
+        assert correct is not None
+        wrong = torch.bincount(rows[~correct], minlength=n)
+        answered = wrong == 0
+        return {"answered": answered, "loss": per_sample.detach(),
+                "kind": kind if kind is not None else torch.zeros_like(answered, dtype=torch.long)}
 
     def on_validation_epoch_end(self) -> None:
         for name, metric in self.val_loss.items():

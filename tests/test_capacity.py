@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -200,6 +202,107 @@ def test_a_capacity_file_is_a_sweep_of_variants_by_seeds(tmp_path):
     assert capacity.sweep.overrides == {"data.extra_kind": "none", "data.extra_per_unknown": 0}
     assert capacity.sweep.output == tmp_path / "capacity" / "cap"
     assert capacity.rule == SearchRule()
+
+
+def test_modes_cross_the_variants_with_training_modes_each_a_chain(tmp_path):
+    """The paper's fixed epochs beside the convergence mode: every (variant, mode, seed) is a
+    chain with the mode's settings; a mode may not set what a variant sets."""
+    modes = {"epochs10": {"convergence.patience": None},
+             "converged": {"convergence.patience": 3, "convergence.min_epochs": 10,
+                           "trainer.max_epochs": 40}}
+    capacity = load_capacity(write(tmp_path / "cap.yaml", {**GOOD, "modes": modes,
+                                                            "search": {"test": False}}),
+                             cwd=tmp_path)
+    chains = {c.name: c for c in capacity.chains()}
+    assert list(chains) == [f"variant={v}__mode={m}__seed=42" for v in ("r1", "r4")
+                            for m in ("epochs10", "converged")]
+    converged = chains["variant=r4__mode=converged__seed=42"]
+    assert converged.labels == {"variant": "r4", "mode": "converged", "seed": "42"}
+    assert converged.settings["trainer.max_epochs"] == 40 and converged.settings[
+        "model.rank"] == 4
+    assert capacity.test_ends is False and load_capacity(
+        write(tmp_path / "plain.yaml", GOOD), cwd=tmp_path).test_ends is True
+    with pytest.raises(SweepFileError) as err:
+        load_capacity(write(tmp_path / "bad.yaml", {**GOOD, "modes": {
+            "long": {"model.rank": 2}}}))
+    assert err.value.key == "modes.long.model.rank"
+
+
+def test_a_mode_can_floor_its_probes_steps_where_an_epoch_budget_would_starve_small_n(
+        tmp_path):
+    """10 facts in batches of 8 are 2 steps an epoch: 60 epochs are 120 steps, too few to call
+    a probe converged. A mode's `min_steps` (its chains alone) raises the epochs of small n."""
+    from lora_lightning.sweep.capacity.search import epochs_for
+
+    modes = {"epochs10": {"convergence.patience": None},
+             "converged": {"convergence.patience": 5, "trainer.max_epochs": 60,
+                           "min_steps": 600}}
+    capacity = load_capacity(write(tmp_path / "cap.yaml", {**GOOD, "modes": modes}),
+                             cwd=tmp_path)
+    floors = {c.labels["mode"]: capacity.steps_floor(c) for c in capacity.chains()}
+    assert floors == {"epochs10": None, "converged": 600}
+    assert all("min_steps" not in c.settings for c in capacity.chains())
+    config = SimpleNamespace(
+        data=SimpleNamespace(n_unknown=10, extra_per_unknown=0, extra_kind="none",
+                             batch_size=8),
+        trainer=SimpleNamespace(devices=1, max_epochs=60))
+    assert epochs_for(config, 600) == 300 and epochs_for(config, None) is None
+    for bad in (0, "many"):
+        with pytest.raises(SweepFileError) as err:
+            load_capacity(write(tmp_path / "bad.yaml", {**GOOD, "modes": {
+                "converged": {"convergence.patience": 5, "min_steps": bad}}}))
+        assert err.value.key == "modes.converged.min_steps"
+
+
+def test_bits_per_fact_are_the_entropy_of_the_answers_its_relation_takes(tmp_path):
+    """A relation whose 4 facts share 2 answers 3:1 carries H = 0.811 bits a fact, not
+    log2(2) = 1; 4 distinct answers give 2 bits either way. The bits an adapter holds are
+    summed over the facts its probe's verdicts (`probe_facts.jsonl`) say it learned, under
+    the probe asked for."""
+    from lora_lightning.facts import Fact, save_facts
+    from lora_lightning.sweep.capacity.report import learned_bits, relation_bits
+
+    answers = {"lopsided": ["Paris", "Paris", "Paris", "Rome"],
+               "even": ["Oslo", "Bern", "Lima", "Doha"]}
+    facts = [Fact(id=f"{r}:{i}", question=f"Q {r} {i}?", answers=[a], relation=r)
+             for r, values in answers.items() for i, a in enumerate(values)]
+    path = save_facts(facts, tmp_path / "facts.jsonl")
+    h = -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25))
+    assert relation_bits(path) == pytest.approx({"lopsided": h, "even": 2.0})
+    assert relation_bits(path, entropy=False) == {"lopsided": 1.0, "even": 2.0}
+    cell = tmp_path / "probe"
+    cell.mkdir()
+    (cell / "probe_facts.jsonl").write_text("\n".join(json.dumps(v) for v in (
+        {"id": "lopsided:0", "relation": "lopsided", "fewshot": True, "zeroshot": True},
+        {"id": "even:1", "relation": "even", "fewshot": False, "zeroshot": True},
+        {"id": "even:2", "relation": "even", "fewshot": False, "zeroshot": False})) + "\n")
+    bits = relation_bits(path)
+    assert learned_bits(cell, bits, "zeroshot") == pytest.approx((2, h + 2.0))
+    assert learned_bits(cell, bits, "fewshot") == pytest.approx((1, h))
+    assert learned_bits(tmp_path, bits, "zeroshot") is None  # no verdicts, no test: unknown
+
+
+def test_slopes_are_fitted_per_training_mode():
+    """A converged probe and a fixed-epoch one measure different things: never one line."""
+    from lora_lightning.sweep.capacity.report import slopes
+
+    rows = [{**chain_row(v, 42, p, n, n + 1), "mode": mode}
+            for mode, scale in (("epochs10", 1), ("converged", 10))
+            for v, p, n in (("r1", 10, 10 * scale), ("r2", 100, 100 * scale),
+                            ("r4", 1000, 1000 * scale))]
+    fits = {f["family"]: f for f in slopes(rows)}
+    assert set(fits) == {"gate_proj/up_proj/down_proj, epochs10",
+                         "gate_proj/up_proj/down_proj, converged"}
+    assert all(f["slope"] == pytest.approx(1.0) and f["variants"] == 3 for f in fits.values())
+
+
+def test_a_probe_says_how_many_epochs_it_trained(tmp_path):
+    from lora_lightning.sweep.capacity.search import trained_epochs
+
+    (tmp_path / "metrics.csv").write_text("epoch,step,val/answered_unknown\n0,3,0.5\n"
+                                          "11,47,1.0\n11,47,\n")
+    assert trained_epochs(tmp_path) == 12
+    assert trained_epochs(tmp_path / "missing") is None
 
 
 @pytest.mark.parametrize(("body", "key"), [

@@ -130,6 +130,22 @@ def test_rows_sharing_a_prefix_are_batched_around_it():
     assert lone.prefix_len == 2  # the last token stays outside the cached prefix
 
 
+def test_prompts_too_few_to_share_a_prefix_are_pooled_into_full_batches():
+    """Zero-shot prompts differ within their first tokens: each alone in a batch made a probe
+    run one prompt at a time. Groups under an eighth of a batch are pooled (their batch laid
+    out around whatever prefix they still share); a group that fills batches keeps its own."""
+    system = [7, 7, 7]
+    questions = [system + [10 + i, 5, 5] for i in range(12)]  # differ at the 4th token
+    shots = [[1, 2, 3, 4, 5, i] for i in range(16)]  # one few-shot group of 16
+    batches = list(left_padded_batches(shots + questions, batch_size=16, pad_id=0,
+                                       share_prefix=4))
+    assert [len(b.indices) for b in batches] == [16, 12]
+    assert batches[0].prefix_len == 5 and batches[1].prefix_len == 0  # 3 shared < 4
+    assert sorted(batches[1].indices) == list(range(16, 28))
+    apart = list(left_padded_batches(questions, batch_size=2, pad_id=0, share_prefix=4))
+    assert [len(b.indices) for b in apart] == [2] * 6  # pooled, then two at a time
+
+
 def test_evaluating_hands_the_output_layer_a_contiguous_input_and_then_lets_go(tiny_model_dir):
     """With `logits_to_keep=1` the head gets a strided slice; with a frozen weight torch then
     copies the whole weight per row (150x slower on SmolLM2's head). Inside `evaluating` the

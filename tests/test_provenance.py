@@ -143,6 +143,30 @@ def test_aggregate_writes_provenance_from_what_the_cells_recorded(tmp_path):
     assert named == {"threads.config", "threads.categorize"}
 
 
+def test_cells_that_only_fit_give_their_environment_and_weights_from_environment_json(
+        tmp_path):
+    """A capacity probe is never tested, so it has no report.json: `fit` records what it ran
+    on in `environment.json` (with the base's weight checksum), and the shared
+    categorisation's `.meta.json` says how many threads categorised the facts."""
+    from lora_lightning.knowledge_report import ENVIRONMENT_FILE
+
+    root = fake_sweep(tmp_path / "sweep")
+    for cell in (root / "cells").iterdir():
+        report_path(cell).unlink(missing_ok=True)
+        report_path(cell).parent.mkdir(parents=True, exist_ok=True)
+        (report_path(cell).parent / ENVIRONMENT_FILE).write_text(json.dumps({
+            "environment": {"python": "3.11.7", "libraries": {"torch": "2.13.0+cpu"},
+                            "cpu": "AMD EPYC", "cpu_capability": "AVX2", "threads": 1,
+                            "variables": {}},
+            "weights": "cd" * 32}))
+    (root / "categorized.jsonl.meta.json").write_text(json.dumps({"threads": 2}))
+    record = json.loads(write_provenance(root, "capacity").read_text())
+    assert provenance_problems(record) == []
+    assert record["cpu"] == ["AMD EPYC"] and record["libraries"] == {"torch": ["2.13.0+cpu"]}
+    assert record["threads"]["torch"] == [1] and record["threads"]["categorize"] == [2]
+    assert record["model_checksum"] == ["cd" * 32]
+
+
 def test_what_no_cell_recorded_is_null_and_named_in_missing(tmp_path):
     root = fake_sweep(tmp_path / "sweep")  # reports without an environment, no sweep.yaml
     record = json.loads(write_provenance(root).read_text())

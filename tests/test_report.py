@@ -469,6 +469,26 @@ def test_fit_and_test_list_the_answers_their_probe_cannot_judge_in_the_run_folde
     assert {r["alias"] for r in rows} == {"red"}
 
 
+def test_fit_records_what_it_ran_on_and_the_bases_weights(tested, tmp_path):
+    """`environment.json` in the run folder, so a run that is never tested still has its
+    provenance; the checksum is the base's, the LoRA factors left out."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lora_lightning.knowledge_report import (
+        ENVIRONMENT_FILE,
+        KnowledgeReport,
+        weights_checksum,
+    )
+
+    module = tested[0]
+    trainer = module.trainer
+    trainer.loggers = [CSVLogger(tmp_path, name="", version="")]
+    KnowledgeReport._record_environment(trainer, module)
+    record = json.loads((tmp_path / ENVIRONMENT_FILE).read_text())
+    assert record["weights"] == weights_checksum(module.model)
+    assert record["environment"]["libraries"]["torch"] and record["environment"]["threads"] >= 1
+
+
 def test_a_run_probing_whole_words_reports_every_reliability_by_whole_words(
         tiny_model_dir, tiny_fact_files, tested, tmp_path):
     """`--model.probe.match word`: the headline reliability, retention and zero-shot figures

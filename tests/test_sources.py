@@ -190,6 +190,34 @@ def test_the_facts_command_builds_geography(tmp_path, capsys):
     assert "left out, its answer inside another answer" in printed and "'Euro'" in printed
 
 
+def test_per_relation_keeps_a_seeded_sample_of_the_named_relations_and_the_rest_whole(
+    tmp_path, capsys
+):
+    """A file a CPU can categorise in minutes: the named relations sampled, the same sample
+    for the same seed, every other relation whole; a relation the source lacks or a sample
+    larger than the relation is refused naming the key."""
+    spec = '{"city_country": 30, "subdivision_country": 20}'
+    first, again, other = (tmp_path / f"{name}.jsonl" for name in ("a", "b", "c"))
+    main(["facts", "--source", "geography", "--output", str(first), "--per_relation", spec])
+    main(["facts", "--source", "geography", "--output", str(again), "--per_relation", spec])
+    main(["facts", "--source", "geography", "--output", str(other), "--per_relation", spec,
+          "--seed", "1"])
+    assert first.read_bytes() == again.read_bytes() != other.read_bytes()
+    counts = Counter(f.relation for f in load_facts(first))
+    whole = Counter(f.relation for f in build_facts("geography")[0])
+    assert counts["city_country"] == 30 and counts["subdivision_country"] == 20
+    assert all(counts[r] == whole[r] for r in whole if r not in ("city_country",
+                                                                 "subdivision_country"))
+    assert "kept a sample: city_country 30, subdivision_country 20" in capsys.readouterr().out
+    for bad, key in (('{"moon_phase": 3}', "per_relation.moon_phase"),
+                     ('{"capital": 100000}', "per_relation.capital")):
+        with pytest.raises(SystemExit):
+            main(["facts", "--source", "geography", "--output", str(tmp_path / "x.jsonl"),
+                  "--per_relation", bad])
+        assert key in capsys.readouterr().err
+    assert not (tmp_path / "x.jsonl").exists()
+
+
 def test_a_missing_data_package_is_named_with_how_to_install_it(monkeypatch):
     import importlib.util
 

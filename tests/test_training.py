@@ -356,6 +356,129 @@ def test_knowledge_probe_can_be_left_to_test_and_leaves_the_weights_as_they_were
         KnowledgeEvalCallback(every_n_epochs=-1)
 
 
+def test_convergence_stops_when_the_trained_facts_stop_improving_and_probes_there(
+    tiny_model_dir, tiny_fact_files, tmp_path
+):
+    """The convergence mode: with `patience`, training stops once the share of trained facts
+    answered (teacher-forced) has not risen for `patience` validations, never before
+    `min_epochs`, and the probe that runs after a last epoch runs after that one, its per-fact
+    verdicts in `probe_facts.jsonl`; the budget is `max_epochs`."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lora_lightning.callbacks import Convergence, KnowledgeEvalCallback
+    from lora_lightning.knowledge import ProbeConfig
+
+    L.seed_everything(0)
+    module = make_module(tiny_model_dir, probe=ProbeConfig(n_exp=1, max_new_tokens=4), lr=1e-30)
+    data = make_data(tiny_model_dir, tiny_fact_files, n_unknown=3)
+    stop, probe = Convergence(patience=2, min_epochs=4), KnowledgeEvalCallback(every_n_epochs=0)
+    trainer = L.Trainer(
+        max_epochs=30, accelerator="cpu", devices=1, enable_checkpointing=False,
+        logger=CSVLogger(tmp_path, name="", version=""), enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path,
+        callbacks=[stop, probe],
+    )
+    trainer.fit(module, datamodule=data)  # lr ~0: nothing improves after the first epoch
+    assert stop.stopped_epoch == 4 and trainer.current_epoch == 4  # 2 idle, then min_epochs
+    assert [row["epoch"] for row in probe.history] == [3.0]  # probed after the 4th epoch
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    shares = [float(r["val/answered_unknown"]) for r in rows if r.get("val/answered_unknown")]
+    assert len(shares) == 4 and len(set(shares)) == 1
+    assert max(float(r["train/epochs"]) for r in rows if r.get("train/epochs")) == 4.0
+    verdicts = [json.loads(line) for line in (tmp_path / "probe_facts.jsonl").read_text()
+                .splitlines()]
+    assert [v["id"] for v in verdicts] == [f.id for f in data.train_unknown]
+    assert all(v["epoch"] == 4 and set(v) >= {"relation", "fewshot", "zeroshot"}
+               for v in verdicts)
+    (row,) = [r for r in rows if r.get("val/reliability")]
+    assert float(row["val/reliability_zeroshot"]) == pytest.approx(
+        sum(v["zeroshot"] for v in verdicts) / 3)
+    assert float(row["val/reliability"]) == pytest.approx(sum(v["fewshot"] for v in verdicts) / 3)
+
+
+def test_convergence_stops_at_once_when_every_trained_fact_is_answered(
+    tiny_model_dir, tiny_fact_files, tmp_path, monkeypatch
+):
+    """All trained facts answered is convergence itself (after `min_epochs`); without
+    `patience` the share is only logged and the run trains its fixed epochs."""
+    from lora_lightning.callbacks import Convergence
+
+    def all_answered(self, batch, batch_idx):
+        out = real(self, batch, batch_idx)
+        return {**out, "answered": torch.ones_like(out["answered"])}
+
+    real = LoRAKnowledgeModule.validation_step
+    monkeypatch.setattr(LoRAKnowledgeModule, "validation_step", all_answered)
+    for patience, epochs in ((3, 2), (None, 5)):
+        L.seed_everything(0)
+        stop = Convergence(patience=patience, min_epochs=2)
+        trainer = make_trainer(tmp_path, epochs=5)
+        trainer.callbacks.append(stop)
+        trainer.fit(make_module(tiny_model_dir),
+                    datamodule=make_data(tiny_model_dir, tiny_fact_files, n_unknown=2))
+        assert trainer.current_epoch == epochs
+        assert float(trainer.callback_metrics["val/answered_unknown"]) == 1.0
+    with pytest.raises(ValueError, match="convergence.patience must be >= 1 or null"):
+        Convergence(patience=0)
+
+
+def test_convergence_waits_while_the_loss_still_falls_though_no_fact_is_answered_yet():
+    """A small adapter answers nothing for many epochs while its loss on the trained facts
+    falls: that is improvement, and only `patience` epochs with neither the share up nor the
+    loss down by `min_loss_drop` stop training."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from lora_lightning.callbacks import Convergence
+
+    stop = Convergence(patience=2, min_loss_drop=0.01)
+    trainer = SimpleNamespace(sanity_checking=False, state=SimpleNamespace(fn=TrainerFn.FITTING),
+                              current_epoch=0, should_stop=False)
+    module = SimpleNamespace(device=torch.device("cpu"), log=lambda *a, **k: None)
+    stopped_after = None
+    losses = [2.0, 1.5, 1.2, 1.195, 1.19, 1.0]  # falls, stalls (under 1%) twice, falls again
+    for epoch, loss in enumerate(losses):
+        trainer.current_epoch = epoch
+        stop.on_validation_epoch_start(trainer, module)
+        stop.on_validation_batch_end(trainer, module, {
+            "answered": torch.zeros(4, dtype=torch.bool), "loss": torch.full((4,), loss),
+            "kind": torch.zeros(4, dtype=torch.long)}, None, 0)
+        stop.on_validation_epoch_end(trainer, module)
+        if trainer.should_stop:
+            stopped_after = epoch + 1
+            break
+    assert stopped_after == 5 and stop.stopped_epoch == 5  # the two stalled epochs: 4 and 5
+
+
+def test_answered_means_every_answer_token_is_the_top_choice(tiny_model_dir, tiny_fact_files):
+    """`validation_step`'s `answered`: every labelled token is the argmax of the full model's
+    logits at the position before it, i.e. greedy decoding of the training prompt writes it."""
+    L.seed_everything(0)
+    module = make_module(tiny_model_dir)
+    data = make_data(tiny_model_dir, tiny_fact_files, n_unknown=6, packing=False)
+    data.setup("fit")
+    module.configure_model()
+    with torch.no_grad():  # a non-zero adapter, so that some answers are right and some not
+        for name, p in module.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.3)
+    module.eval()
+    batch = next(iter(data.val_dataloader()))
+    with torch.no_grad():
+        out = module.validation_step(batch, 0)
+        logits = module.model(input_ids=batch["input_ids"],
+                              attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    top = logits[:, :-1].argmax(-1)
+    expected = [bool(((top[i] == labels[i]) | (labels[i] == -100)).all())
+                for i in range(len(labels))]
+    assert out["answered"].tolist() == expected
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("loss_on", ["answer", "all"])
 def test_training_loss_equals_the_full_causal_lm_loss_on_the_padded_batch(
@@ -378,7 +501,7 @@ def test_training_loss_equals_the_full_causal_lm_loss_on_the_padded_batch(
                 p.normal_(std=0.1)
     lora = [p for p in module.model.parameters() if p.requires_grad]
 
-    token_loss, rows = module._label_token_losses(pack_batch(items) if packed else padded)
+    token_loss, rows, _ = module._label_token_losses(pack_batch(items) if packed else padded)
     ours = token_loss.mean()
     ours_grads = torch.autograd.grad(ours, lora)
     full = module.model(

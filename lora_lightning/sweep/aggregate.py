@@ -521,6 +521,29 @@ def _weights_checksums(config: dict[str, Any], sweep_dir: Path) -> list[str]:
     return []
 
 
+def _fit_environment(cell_dir: Path) -> dict[str, Any]:
+    """A cell's `environment.json` (`KnowledgeReport._record_environment`), {} without one."""
+    from lora_lightning.knowledge_report import ENVIRONMENT_FILE
+
+    try:
+        record = json.loads((report_path(cell_dir).parent / ENVIRONMENT_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _categorize_record(sweep_dir: Path) -> dict[str, Any]:
+    """How the folder's shared categorisation was measured (`categorize`'s `.meta.json`)."""
+    from lora_lightning.categorize import record_sidecar
+    from lora_lightning.sweep.shared import CATEGORIZED
+
+    try:
+        record = json.loads(record_sidecar(sweep_dir / CATEGORIZED).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def folder_provenance(sweep_dir: str | Path, command: str = "sweep") -> dict[str, Any]:
     """The provenance record of a sweep (or capacity) folder, from what its cells recorded:
     each report.json's `environment`, status.json's thread count, cell.yaml's settings and the
@@ -529,7 +552,7 @@ def folder_provenance(sweep_dir: str | Path, command: str = "sweep") -> dict[str
     sweep_dir = Path(sweep_dir)
     # a folder `claim_folder` never made (tables written from cells alone) has no record
     record = read_record(sweep_dir) if (sweep_dir / RECORD).is_file() else {"sweeps": []}
-    envs, configs, statuses = [], [], []
+    envs, configs, statuses, weights = [], [], [], []
     for cell_dir in cell_dirs(sweep_dir):
         try:
             configs.append(yaml.safe_load((cell_dir / CELL_CONFIG).read_text()) or {})
@@ -542,6 +565,12 @@ def folder_provenance(sweep_dir: str | Path, command: str = "sweep") -> dict[str
             report = None
         if report is not None and isinstance(report.get("environment"), dict):
             envs.append(report["environment"])
+        else:  # a fit-only cell (a capacity probe): what `fit` recorded at its start
+            fitted = _fit_environment(cell_dir)
+            if isinstance(fitted.get("environment"), dict):
+                envs.append(fitted["environment"])
+            if isinstance(fitted.get("weights"), str):
+                weights.append(fitted["weights"])
     missing: list[str] = []
     notes: list[str] = []
 
@@ -567,14 +596,15 @@ def folder_provenance(sweep_dir: str | Path, command: str = "sweep") -> dict[str
         "torch": _distinct([_count(e.get("threads")) for e in envs]),
         "launcher": _distinct([_count(s.get("threads")) for s in statuses]),
         "config": _distinct([_count(_get(c, "model", "threads")) for c in configs]),
-        "categorize": None,
+        "categorize": _distinct([_count(_categorize_record(sweep_dir).get("threads"))]),
     }
     why_threads = {
-        "torch": "no cell's report.json records an environment",
+        "torch": "no cell's report.json or environment.json records an environment",
         "launcher": "no cell's status.json records the OMP_NUM_THREADS its launcher set",
         "config": "no cell's cell.yaml sets model.threads (chosen at run time: see "
                   "threads.torch)",
-        "categorize": "categorize records no thread count (bfloat16 categories depend on it)",
+        "categorize": "the folder's categorised facts record no thread count (categorised "
+                      "before `categorize` recorded it, or not in this folder)",
     }
     missing += [f"threads.{k}: {why_threads[k]}" for k in THREAD_KINDS if threads[k] is None]
 
@@ -602,12 +632,12 @@ def folder_provenance(sweep_dir: str | Path, command: str = "sweep") -> dict[str
         "model": _distinct([str(_get(c, "model", "model_name_or_path")) for c in configs
                             if _get(c, "model", "model_name_or_path") is not None]),
         "model_checksum": _distinct([w for c in configs
-                                     for w in _weights_checksums(c, sweep_dir)]),
+                                     for w in _weights_checksums(c, sweep_dir)] + weights),
         "aggregated_on": environment(),
         "missing": missing,
         "notes": notes,
     }
-    no_env = "no cell's report.json records an environment"
+    no_env = "no cell's report.json or environment.json records an environment"
     no_file = f"the folder's {RECORD} is absent or lists no sweep file"
     why = {
         "commands": no_file, "command_files": no_file,
@@ -619,8 +649,8 @@ def folder_provenance(sweep_dir: str | Path, command: str = "sweep") -> dict[str
         "facts": "no cell's cell.yaml names data.facts",
         "facts_sha256": "no fact file the cells name is there to checksum",
         "model": "no cell's cell.yaml names model.model_name_or_path",
-        "model_checksum": "no cell recorded the base's weight checksum (it is kept with "
-        "the shared benchmark scores of the base, when benchmarks run)",
+        "model_checksum": "no cell recorded the base's weight checksum (`fit` writes it to "
+        "environment.json, `test` keeps it with the shared benchmark scores of the base)",
     }
     out["missing"] += [f"{key}: {reason}" for key, reason in why.items() if out[key] is None]
     return out

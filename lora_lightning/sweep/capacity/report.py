@@ -1,18 +1,23 @@
-"""A capacity folder into its answer: `capacity.csv` (one row per chain), `report.md` and plots.
+r"""A capacity folder into its answer: `capacity.csv` (one row per chain), `report.md` and plots.
 
-Bits per fact: a fact of relation R whose answers take K distinct values in the fact set
-carries log2(K) bits (what it takes to name its answer among those its relation allows); the
-bits an adapter holds at n\\* are the sum over the trained facts it learned (`test`'s
-per-fact rows). Bits per LoRA parameter divide that by the adapter's trainable parameters,
-counted from its saved tensors. Allen-Zhu & Li (2024, "Physics of Language Models: Part
-3.3") measure about 2 bits per parameter for fully trained language models; it is printed
-beside ours, never fitted to.
+Bits per fact: a fact of relation R carries H(R) bits, the entropy of the answers R takes in
+the fact set (-sum p log2 p over its distinct answers, p their shares): what it takes on
+average to name a fact's answer among those its relation gives, frequent answers cheaper. It
+is at most log2(K) for K distinct answers, the figure used before (also in capacity.csv,
+`bits_per_parameter_log2k`), and equal to it only when every answer is equally common; on
+real relations (most cities in a few countries) it is lower. The bits an adapter holds at n\*
+are the sum over the trained facts it learned (the probe's per-fact verdicts,
+`probe_facts.jsonl`, or `test`'s per-fact rows). Bits per LoRA parameter divide that by the
+adapter's trainable parameters, counted from its saved tensors. Allen-Zhu & Li (2024, "Physics
+of Language Models: Part 3.3") measure about 2 bits per parameter for fully trained language
+models; it is printed beside ours, never fitted to.
 """
 
 from __future__ import annotations
 
 import ast
 import csv
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -25,6 +30,7 @@ from lora_lightning.sweep.capacity.search import (
     other_bracket,
     probe_cell,
     search_state,
+    trained_epochs,
     wilson_interval,
 )
 from lora_lightning.sweep.cell import read_report
@@ -60,21 +66,48 @@ def adapter_parameters(cell_dir: Path) -> int | None:
     return total
 
 
-def relation_bits(facts_path: str | Path | None) -> dict[str | None, float]:
-    """log2 of the distinct answers each relation takes in the fact file."""
+def relation_bits(facts_path: str | Path | None, entropy: bool = True
+                  ) -> dict[str | None, float]:
+    """Bits per fact of each relation in the fact file: the entropy of its answers (`entropy`,
+    the default) or log2 of how many distinct answers it takes."""
     if not facts_path:
         return {}
+    from collections import Counter
+
     from lora_lightning.facts import load_facts
 
-    answers: dict[str | None, set[str]] = {}
+    answers: dict[str | None, Counter[str]] = {}
     for fact in load_facts(facts_path):
-        answers.setdefault(fact.relation, set()).add(fact.normalized_answers[0])
-    return {r: math.log2(len(a)) if len(a) > 1 else 0.0 for r, a in answers.items()}
+        answers.setdefault(fact.relation, Counter())[fact.normalized_answers[0]] += 1
+    if not entropy:
+        return {r: math.log2(len(a)) if len(a) > 1 else 0.0 for r, a in answers.items()}
+    out = {}
+    for relation, counts in answers.items():
+        total = sum(counts.values())
+        out[relation] = -sum(c / total * math.log2(c / total) for c in counts.values()) + 0.0
+    return out
 
 
-def learned_bits(cell_dir: Path, bits: dict[str | None, float]) -> tuple[int, float] | None:
-    """(facts learned, their bits) from a tested probe's per-fact rows."""
-    rows = trained_rows(cell_dir)
+def probe_verdicts(cell_dir: Path, probe: str) -> list[dict[str, Any]] | None:
+    """A probe's per-fact verdicts on its trained facts under `probe` (`probe_facts.jsonl`,
+    written by `fit`'s last probe), each row with `learned`; None when the file is missing."""
+    path = Path(cell_dir) / "probe_facts.jsonl"
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return None
+    if not rows or probe not in rows[0]:
+        return None
+    return [{**r, "learned": bool(r[probe])} for r in rows]
+
+
+def learned_bits(cell_dir: Path, bits: dict[str | None, float],
+                 probe: str | None = None) -> tuple[int, float] | None:
+    """(facts learned, their bits): from the probe's own verdicts under `probe` where `fit`
+    wrote them, else from a tested probe's per-fact rows (the few-shot rule)."""
+    rows = probe_verdicts(cell_dir, probe) if probe else None
+    if rows is None and probe in (None, "fewshot"):
+        rows = trained_rows(cell_dir)
     if rows is None:
         return None
     learned = [r for r in rows if r["learned"]]
@@ -84,7 +117,7 @@ def learned_bits(cell_dir: Path, bits: dict[str | None, float]) -> tuple[int, fl
 
 def capacity_rows(capacity: Capacity, facts_path: str | Path | None) -> list[dict[str, Any]]:
     """One row per chain: its bracket with intervals, parameters, harm at n*, bits."""
-    bits = relation_bits(facts_path)
+    bits, bits_log2k = relation_bits(facts_path), relation_bits(facts_path, entropy=False)
     rows = []
     for chain in capacity.chains():
         state = search_state(capacity, chain)
@@ -98,6 +131,9 @@ def capacity_rows(capacity: Capacity, facts_path: str | Path | None) -> list[dic
         for probe in PROBES:  # the searched probe's equals n_star, n_hi
             bracket = other_bracket(capacity, state, probe)
             row[f"n_star_{probe}"], row[f"n_hi_{probe}"] = bracket or (None, None)
+        for end, n in (("n_star", n_lo), ("n_hi", n_hi)):
+            row[f"epochs_at_{end}"] = (trained_epochs(probes[n].cell_dir)
+                                       if n and n in probes else None)
         for end, n in (("lo", n_lo), ("hi", n_hi)):
             probe = probes.get(n) if n else None
             if probe is None or probe.reliability is None:
@@ -124,11 +160,18 @@ def capacity_rows(capacity: Capacity, facts_path: str | Path | None) -> list[dic
             for key in ("known_retained", "shift_untrained_negative_rate_of_eligible",
                         "shift_untrained_negative_rate", "locality"):
                 row[key] = shown.get(key)
-        learned = learned_bits(lo_dir, bits) if report and lo_dir is not None else None
+        learned = learned_bits(lo_dir, bits, capacity.probe) if lo_dir is not None else None
         if learned is not None and params:
             row["facts_learned"], row["bits"] = learned[0], learned[1]
             row["facts_per_1k_parameters"] = 1000 * learned[0] / params
             row["bits_per_parameter"] = learned[1] / params
+            log2k = learned_bits(lo_dir, bits_log2k, capacity.probe)
+            row["bits_per_parameter_log2k"] = log2k[1] / params if log2k else None
+        for probe in PROBES:  # bits under each probe, at its own n*
+            n = row.get(f"n_star_{probe}")
+            at = learned_bits(cell_dir(capacity.sweep, probe_cell(chain, n)), bits, probe) \
+                if n and n in probes else None
+            row[f"bits_per_parameter_{probe}"] = at[1] / params if at and params else None
         rows.append(row)
     return rows
 
@@ -173,9 +216,10 @@ def slopes(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     `MIN_SLOPE_VARIANTS` usable variants gets no slope, with the reason.
     """
     families: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for r in rows:
-        families.setdefault(target_family(r.get("target_modules")), {}).setdefault(
-            str(r.get("variant")), []).append(r)
+    for r in rows:  # and per training mode, where the file has modes
+        family = target_family(r.get("target_modules")) + (
+            f", {r['mode']}" if r.get("mode") not in (None, "") else "")
+        families.setdefault(family, {}).setdefault(str(r.get("variant")), []).append(r)
     fits = []
     for family, variants in families.items():
         points, chains = [], 0
@@ -288,19 +332,30 @@ def capacity_markdown(rows: list[dict[str, Any]], fits: list[dict[str, Any]]) ->
     """report.md below its header: the tables, the slopes and the bits, from the rows alone
     (capacity.csv's), so a published folder can be recomputed without its probe folders.
     A censored row's n*, facts and bits per parameter print as lower bounds ("≥")."""
+    moded = any(r.get("mode") not in (None, "") for r in rows)
+    other = _other(str(rows[0].get("probe") or "fewshot")) if rows else "zeroshot"
     lines = [
-        "| variant | seed | LoRA params | n* | n_hi | reliability at n* | at n_hi | n* under the "
-        "other probe | facts / 1k params | bits / param | known retained | untrained known "
-        "facts lost | locality |",
-        "|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
+        "| variant | " + ("mode | " if moded else "") + "seed | LoRA params | n* | n_hi | "
+        "epochs at n* | reliability at n* | at n_hi | n* under the other probe | "
+        "facts / 1k params | bits / param | bits / param, the other probe | bits / param as "
+        "log2 K | known retained | untrained known facts lost | locality |",
+        "|---|" + ("---|" if moded else "") + "---|---:|---:|---:|---:|---|---|---:|---:|---:|"
+        "---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        other_bits = r.get(f"bits_per_parameter_{other}")
+        other_text = _fmt(other_bits)
+        if other_bits is not None and other_nstar(r).startswith("≥"):
+            other_text = f"≥ {other_text}"
         lines.append(
-            f"| {r.get('variant')} | {r.get('seed')} | {_fmt(r.get('lora_parameters'))} | "
+            f"| {r.get('variant')} | " + (f"{r.get('mode')} | " if moded else "")
+            + f"{r.get('seed')} | {_fmt(r.get('lora_parameters'))} | "
             f"{_bound(r, _fmt(r.get('n_star')))} | {_fmt(r.get('n_hi'))} | "
+            f"{_fmt(r.get('epochs_at_n_star'))} | "
             f"{_reliability(r, 'lo')} | {_reliability(r, 'hi')} | {other_nstar(r)} | "
             f"{_bound(r, _fmt(r.get('facts_per_1k_parameters')))} | "
-            f"{_bound(r, _fmt(r.get('bits_per_parameter')))} | "
+            f"{_bound(r, _fmt(r.get('bits_per_parameter')))} | {other_text} | "
+            f"{_bound(r, _fmt(r.get('bits_per_parameter_log2k')))} | "
             f"{_fmt(r.get('known_retained'))} | "
             f"{_fmt(r.get('shift_untrained_negative_rate_of_eligible'))} | "
             f"{_fmt(r.get('locality'))} |")
@@ -334,8 +389,10 @@ def capacity_markdown(rows: list[dict[str, Any]], fits: list[dict[str, Any]]) ->
                 if r.get("bits_per_parameter") is not None]
     lines += ["", f"Bits per LoRA parameter: {', '.join(measured) or '-'}; "
               f"published for fully trained language models (Allen-Zhu & Li 2024): about "
-              f"{PUBLISHED_BITS_PER_PARAMETER:g}. A fact's bits: log2 of the distinct answers "
-              "its relation takes in the fact set, summed over the facts learned at n\\*."]
+              f"{PUBLISHED_BITS_PER_PARAMETER:g}. A fact's bits: the entropy of the answers "
+              "its relation takes in the fact set, summed over the facts learned at n\\* (the "
+              "column \"as log2 K\" counts log2 of the distinct answers instead, an upper "
+              "bound on the entropy)."]
     for r in rows:
         if r.get("error"):
             lines.append(f"- {r['chain']}: stopped by a failed probe: {r['error']}")
@@ -395,9 +452,9 @@ def refresh_capacity_report(folder: str | Path, threshold: float) -> dict[str, P
         raise ValueError(f"{report}: missing; refresh_capacity_report rewrites an existing "
                          "report.md below its header (run `capacity` to write one)")
     text = report.read_text()
-    cut = text.find("\n| variant | seed |")
+    cut = text.find("\n| variant | ")
     if cut < 0:
-        raise ValueError(f"{report}: no table \"| variant | seed | ...\" to rewrite")
+        raise ValueError(f"{report}: no table \"| variant | ...\" to rewrite")
     fits = slopes(rows)
     atomic_write_text(report, text[: cut + 1] + capacity_markdown(rows, fits))
     return {"report": report, "nstar_vs_parameters": _nstar_plot(rows, fits, threshold, folder)}

@@ -51,8 +51,9 @@ def describe_capacity(capacity: Capacity, shared: dict[str, Any]) -> str:
     sweep, rule = capacity.sweep, capacity.rule
     chains = capacity.chains()
     lines = [
-        f"capacity file {sweep.path}: {len(chains)} chains (variant {len(sweep.axes[0].labels)}"
-        f" x seed {len(sweep.axes[1].labels)}); launcher {sweep.launcher}"
+        f"capacity file {sweep.path}: {len(chains)} chains ("
+        + " x ".join(f"{axis.name} {len(axis.labels)}" for axis in sweep.axes)
+        + f"); launcher {sweep.launcher}"
         + (f", {sweep.workers} worker{'s' * (sweep.workers > 1)}"
            if sweep.launcher == "local" else ""),
         f"folder: {sweep.output}",
@@ -108,7 +109,7 @@ class Prober:
             config = self.parser.parse(base, settings)
             if config.knowledge_eval.every_n_epochs is None:  # set so by the base config
                 raise ValueError(f"{PROBE_KEY}: {NO_PROBE}")
-            epochs = epochs_for(config, self.capacity.min_steps)
+            epochs = epochs_for(config, self.capacity.steps_floor(cell))
             if epochs is not None:
                 settings["trainer.max_epochs"] = epochs
                 config = self.parser.parse(base, settings)
@@ -245,6 +246,8 @@ def _test_brackets(prober: Prober, slots: list[Any]) -> None:
     """The full `test` at n_lo and n_hi of every chain whose search is over (a chain still
     searching goes on in a rerun; one stopped by a failed probe is left as it is)."""
     capacity = prober.capacity
+    if not capacity.test_ends:
+        return
     jobs = []
     for chain in capacity.chains():
         state = search_state(capacity, chain)

@@ -8,6 +8,11 @@ tau, found by probes, each a `fit` on n Unknown facts:
 - then bisect (at the geometric middle) between the largest passing n below the smallest
   failing one and that failing n, until they are within `precision` of each other (relative).
 
+`modes` (optional) crosses the variants with training modes, e.g. the paper's fixed epochs
+and the convergence mode (`callbacks.Convergence`: each probe trains until its trained facts
+stop improving, within `trainer.max_epochs`); each (variant, mode, seed) is a chain.
+`search.test: false` skips the full `test` at the ends of the brackets (harm, benchmarks).
+
 Reliability is read under the probe `search.probe` names: `fewshot` (the default, the paper's
 SliCK probe: a fact counts when any of its few-shot prompts answers it) or `zeroshot` (each
 trained fact asked once, in the prompt it was trained on). `fit` measures both after its last
@@ -49,10 +54,10 @@ __all__ = [
     "NO_PROBE", "PROBES", "PROBE_KEY", "Capacity", "Probe", "SearchRule", "SearchState",
     "chain_probes", "dump_state", "epochs_for", "load_capacity", "other_bracket", "probe_cell",
     "read_reliabilities", "read_reliability", "remap_error", "search_state", "tested",
-    "wilson_interval", "write_state",
+    "trained_epochs", "wilson_interval", "write_state",
 ]
 
-OWN_KEYS = ("variants", "mix", "seeds", "search")
+OWN_KEYS = ("variants", "modes", "mix", "seeds", "search")
 # A probe's reliability is the one `fit` measures after its last epoch.
 PROBE_KEY = "knowledge_eval.every_n_epochs"
 NO_PROBE = ("null turns off the probe after the last epoch, which gives each probe its "
@@ -63,7 +68,7 @@ DEFAULT_MIX = {"data.extra_kind": "none", "data.extra_per_unknown": 0}
 PROBES = {"fewshot": "val/reliability", "zeroshot": "val/reliability_zeroshot"}
 SEARCH_DEFAULTS: dict[str, Any] = {
     "threshold": 0.95, "n_start": 10, "n_max": None, "growth": 2.0, "precision": 0.1,
-    "confidence": 0.95, "min_steps": None, "probe": "fewshot",
+    "confidence": 0.95, "min_steps": None, "probe": "fewshot", "test": True,
 }
 
 
@@ -144,6 +149,13 @@ class Capacity:
     confidence: float
     min_steps: int | None = None
     probe: str = "fewshot"  # the probe whose reliability the search reads (`PROBES`)
+    test_ends: bool = True  # the full `test` (harm, benchmarks) at both ends of each bracket
+    mode_min_steps: dict[str, int] = field(default_factory=dict)  # a mode's own step floor
+
+    def steps_floor(self, chain: Cell) -> int | None:
+        """The optimizer steps every probe of `chain` trains at least: its mode's `min_steps`,
+        else the search's."""
+        return self.mode_min_steps.get(str(chain.labels.get("mode")), self.min_steps)
 
     def chains(self) -> list[Cell]:
         return self.sweep.cells()
@@ -152,7 +164,8 @@ class Capacity:
 def remap_error(err: SweepFileError, path: Path) -> SweepFileError:
     """A sweep-file error about the axes we built, named by the capacity file's own keys."""
     text = str(err).split(": ", 1)[1]
-    for built, own in (("axes.variant", "variants"), ("axes.seed", "seeds")):
+    for built, own in (("axes.variant", "variants"), ("axes.mode", "modes"),
+                       ("axes.seed", "seeds")):
         text = text.replace(built, own)
     key, _, problem = text.partition(": ")
     return SweepFileError(path, key, problem)
@@ -187,13 +200,33 @@ def load_capacity(path: str | Path, output: str | Path | None = None,
     if not isinstance(mix, dict):
         raise SweepFileError(path, "mix", "must be a mapping of config keys, e.g. "
                              "{data.extra_kind: none, data.extra_per_unknown: 0}")
+    modes = own.get("modes")
+    if modes is not None and (not isinstance(modes, dict) or not modes or not all(
+            isinstance(m, dict) for m in modes.values())):
+        raise SweepFileError(path, "modes", "must map training-mode labels to settings, e.g. "
+                             "{epochs10: {convergence.patience: null}, converged: "
+                             "{convergence.patience: 5, convergence.min_epochs: 10, "
+                             "trainer.max_epochs: 60, min_steps: 600}}")
+    # a mode's own step floor (`min_steps`, as search.min_steps for its chains alone): an
+    # epoch budget starves small n of steps, a converging probe should not be
+    mode_steps: dict[str, int] = {}
+    if modes:
+        modes = {label: dict(settings) for label, settings in modes.items()}
+        for label, settings in modes.items():
+            if "min_steps" in settings:
+                mode_steps[label] = _number(path, f"modes.{label}.min_steps",
+                                            settings.pop("min_steps"), 1, integer=True)
+            if not settings:
+                raise SweepFileError(path, f"modes.{label}", "sets nothing but min_steps: "
+                                     "give it a config key too (e.g. convergence.patience)")
     seeds = own.get("seeds", [42])
     if not isinstance(seeds, list) or not seeds:
         raise SweepFileError(path, "seeds", "must be a non-empty list of integers")
     overrides = dict(raw.get("overrides") or {})
     for where, keys in (("overrides", overrides), ("mix", mix),
                         *((f"variants.{label}", s) for label, s in variants.items()
-                          if isinstance(s, dict))):
+                          if isinstance(s, dict)),
+                        *((f"modes.{label}", s) for label, s in (modes or {}).items())):
         if N_KEY in keys:
             raise SweepFileError(path, f"{where}.{N_KEY}", "the search sets n; bound it with "
                                  "search.n_start and search.n_max")
@@ -203,8 +236,17 @@ def load_capacity(path: str | Path, output: str | Path | None = None,
                 raise SweepFileError(path, f"{where}.{clash[0]}", "also set by `mix`")
         if PROBE_KEY in keys and keys[PROBE_KEY] is None:
             raise SweepFileError(path, f"{where}.{PROBE_KEY}", NO_PROBE)
-    sweep_raw = {**raw, "overrides": {**overrides, **mix},
-                 "axes": {"variant": variants, "seed": {"keys": list(SEED_KEYS), "values": seeds}}}
+    for label, settings in (modes or {}).items():
+        shared = sorted(set(settings) & {k for v in variants.values() if isinstance(v, dict)
+                                         for k in v})
+        if shared:
+            raise SweepFileError(path, f"modes.{label}.{shared[0]}", "also set by a variant: "
+                                 "a mode sets how long probes train, a variant the adapter")
+    axes: dict[str, Any] = {"variant": variants}
+    if modes:
+        axes["mode"] = modes
+    axes["seed"] = {"keys": list(SEED_KEYS), "values": seeds}
+    sweep_raw = {**raw, "overrides": {**overrides, **mix}, "axes": axes}
     default_output = Path(raw.get("output") or f"capacity/{path.stem}")
     try:
         sweep = sweep_from_raw(path, sweep_raw, output if output is not None
@@ -235,8 +277,11 @@ def load_capacity(path: str | Path, output: str | Path | None = None,
     if s["probe"] not in PROBES:
         raise SweepFileError(path, "search.probe", f"must be one of {', '.join(PROBES)} (the "
                              f"probe whose reliability the search reads), got {s['probe']!r}")
+    if not isinstance(s["test"], bool):
+        raise SweepFileError(path, "search.test", f"must be true or false (run the full `test` "
+                             f"at both ends of every bracket), got {s['test']!r}")
     return Capacity(sweep=sweep, rule=rule, confidence=confidence, min_steps=min_steps,
-                    probe=s["probe"])
+                    probe=s["probe"], test_ends=s["test"], mode_min_steps=mode_steps)
 
 
 def epochs_for(config: Any, min_steps: int | None) -> int | None:
@@ -281,6 +326,17 @@ def read_reliabilities(cell_dir: Path) -> dict[str, float]:
         except ValueError:
             pass
     return out
+
+
+def trained_epochs(cell_dir: Path) -> int | None:
+    """The epochs a probe's `fit` trained (its metrics.csv's last epoch + 1): its fixed
+    budget, or where `convergence` stopped it."""
+    try:
+        with open(Path(cell_dir) / "metrics.csv", newline="") as f:
+            epochs = [int(float(e)) for e in (r.get("epoch") for r in csv.DictReader(f)) if e]
+    except (OSError, ValueError):
+        return None
+    return max(epochs) + 1 if epochs else None
 
 
 def read_reliability(cell_dir: Path, probe: str = "fewshot") -> float | None:
