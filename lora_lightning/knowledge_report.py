@@ -191,16 +191,14 @@ class KnowledgeReport(Callback):
         """`<run>/environment.json`: what `fit` ran on (library versions, CPU, threads) and the
         base's weight checksum, so a run that is never tested (a capacity probe) still says
         where its numbers came from; report.json carries the same for `test`."""
-        if not trainer.loggers or trainer.log_dir is None:
-            return
-        folder = Path(trainer.log_dir)
-        if not trainer.is_global_zero:
+        folder = trainer.log_dir if trainer.loggers else None  # a collective under DDP
+        if folder is None or not trainer.is_global_zero:
             return
         facts = ((trainer.datamodule.mix_summary() or {}).get("facts")
                  if hasattr(trainer.datamodule, "mix_summary") else None)
         record = {"environment": environment(Path(facts).parent if facts else None),
                   "weights": weights_checksum(pl_module.model)}
-        atomic_write_text(folder / ENVIRONMENT_FILE, json.dumps(to_python(record), indent=1)
+        atomic_write_text(Path(folder) / ENVIRONMENT_FILE, json.dumps(to_python(record), indent=1)
                           + "\n")
 
     def _warn_answer_problems(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

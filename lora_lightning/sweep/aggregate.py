@@ -532,23 +532,14 @@ def _fit_environment(cell_dir: Path) -> dict[str, Any]:
     return record if isinstance(record, dict) else {}
 
 
-def _categorize_record(sweep_dir: Path) -> dict[str, Any]:
-    """How the folder's shared categorisation was measured (`categorize`'s `.meta.json`)."""
-    from lora_lightning.categorize import record_sidecar
-    from lora_lightning.sweep.shared import CATEGORIZED
-
-    try:
-        record = json.loads(record_sidecar(sweep_dir / CATEGORIZED).read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
 def folder_provenance(sweep_dir: str | Path, command: str = "sweep") -> dict[str, Any]:
     """The provenance record of a sweep (or capacity) folder, from what its cells recorded:
     each report.json's `environment`, status.json's thread count, cell.yaml's settings and the
     shared "before" scores file's weight checksum. A field no cell recorded is null and named,
     with the reason, in "missing". `command`: the subcommand that made the folder."""
+    from lora_lightning.categorize import categorization_record
+    from lora_lightning.sweep.shared import CATEGORIZED
+
     sweep_dir = Path(sweep_dir)
     # a folder `claim_folder` never made (tables written from cells alone) has no record
     record = read_record(sweep_dir) if (sweep_dir / RECORD).is_file() else {"sweeps": []}
@@ -596,7 +587,8 @@ def folder_provenance(sweep_dir: str | Path, command: str = "sweep") -> dict[str
         "torch": _distinct([_count(e.get("threads")) for e in envs]),
         "launcher": _distinct([_count(s.get("threads")) for s in statuses]),
         "config": _distinct([_count(_get(c, "model", "threads")) for c in configs]),
-        "categorize": _distinct([_count(_categorize_record(sweep_dir).get("threads"))]),
+        "categorize": _distinct([_count((categorization_record(sweep_dir / CATEGORIZED)
+                                         or {}).get("threads"))]),
     }
     why_threads = {
         "torch": "no cell's report.json or environment.json records an environment",

@@ -19,6 +19,7 @@ import ast
 import csv
 import json
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -66,19 +67,17 @@ def adapter_parameters(cell_dir: Path) -> int | None:
     return total
 
 
-def relation_bits(facts_path: str | Path | None, entropy: bool = True
-                  ) -> dict[str | None, float]:
-    """Bits per fact of each relation in the fact file: the entropy of its answers (`entropy`,
-    the default) or log2 of how many distinct answers it takes."""
-    if not facts_path:
-        return {}
-    from collections import Counter
-
+def _answer_counts(facts_path: str | Path) -> dict[str | None, Counter[str]]:
+    """How often each answer occurs among each relation's facts in the fact file."""
     from lora_lightning.facts import load_facts
 
     answers: dict[str | None, Counter[str]] = {}
     for fact in load_facts(facts_path):
         answers.setdefault(fact.relation, Counter())[fact.normalized_answers[0]] += 1
+    return answers
+
+
+def _bits(answers: dict[str | None, Counter[str]], entropy: bool) -> dict[str | None, float]:
     if not entropy:
         return {r: math.log2(len(a)) if len(a) > 1 else 0.0 for r, a in answers.items()}
     out = {}
@@ -86,6 +85,13 @@ def relation_bits(facts_path: str | Path | None, entropy: bool = True
         total = sum(counts.values())
         out[relation] = -sum(c / total * math.log2(c / total) for c in counts.values()) + 0.0
     return out
+
+
+def relation_bits(facts_path: str | Path | None, entropy: bool = True
+                  ) -> dict[str | None, float]:
+    """Bits per fact of each relation in the fact file: the entropy of its answers (`entropy`,
+    the default) or log2 of how many distinct answers it takes."""
+    return _bits(_answer_counts(facts_path), entropy) if facts_path else {}
 
 
 def probe_verdicts(cell_dir: Path, probe: str) -> list[dict[str, Any]] | None:
@@ -101,23 +107,31 @@ def probe_verdicts(cell_dir: Path, probe: str) -> list[dict[str, Any]] | None:
     return [{**r, "learned": bool(r[probe])} for r in rows]
 
 
-def learned_bits(cell_dir: Path, bits: dict[str | None, float],
-                 probe: str | None = None) -> tuple[int, float] | None:
-    """(facts learned, their bits): from the probe's own verdicts under `probe` where `fit`
-    wrote them, else from a tested probe's per-fact rows (the few-shot rule)."""
+def learned_facts(cell_dir: Path, probe: str | None = None) -> list[dict[str, Any]] | None:
+    """The trained facts a probe learned: from its own verdicts under `probe` where `fit` wrote
+    them, else from a tested probe's per-fact rows (the few-shot rule); None without either."""
     rows = probe_verdicts(cell_dir, probe) if probe else None
     if rows is None and probe in (None, "fewshot"):
         rows = trained_rows(cell_dir)
-    if rows is None:
-        return None
-    learned = [r for r in rows if r["learned"]]
+    return None if rows is None else [r for r in rows if r["learned"]]
+
+
+def _sum_bits(learned: list[dict[str, Any]], bits: dict[str | None, float]) -> float:
     fallback = max(bits.values(), default=0.0) if len(bits) == 1 else 0.0
-    return len(learned), sum(bits.get(r.get("relation"), fallback) for r in learned)
+    return sum(bits.get(r.get("relation"), fallback) for r in learned)
+
+
+def learned_bits(cell_dir: Path, bits: dict[str | None, float],
+                 probe: str | None = None) -> tuple[int, float] | None:
+    """(facts learned, their bits) of a probe (`learned_facts`)."""
+    learned = learned_facts(cell_dir, probe)
+    return None if learned is None else (len(learned), _sum_bits(learned, bits))
 
 
 def capacity_rows(capacity: Capacity, facts_path: str | Path | None) -> list[dict[str, Any]]:
     """One row per chain: its bracket with intervals, parameters, harm at n*, bits."""
-    bits, bits_log2k = relation_bits(facts_path), relation_bits(facts_path, entropy=False)
+    answers = _answer_counts(facts_path) if facts_path else {}
+    bits, bits_log2k = _bits(answers, entropy=True), _bits(answers, entropy=False)
     rows = []
     for chain in capacity.chains():
         state = search_state(capacity, chain)
@@ -160,18 +174,19 @@ def capacity_rows(capacity: Capacity, facts_path: str | Path | None) -> list[dic
             for key in ("known_retained", "shift_untrained_negative_rate_of_eligible",
                         "shift_untrained_negative_rate", "locality"):
                 row[key] = shown.get(key)
-        learned = learned_bits(lo_dir, bits, capacity.probe) if lo_dir is not None else None
+        learned = learned_facts(lo_dir, capacity.probe) if lo_dir is not None else None
         if learned is not None and params:
-            row["facts_learned"], row["bits"] = learned[0], learned[1]
-            row["facts_per_1k_parameters"] = 1000 * learned[0] / params
-            row["bits_per_parameter"] = learned[1] / params
-            log2k = learned_bits(lo_dir, bits_log2k, capacity.probe)
-            row["bits_per_parameter_log2k"] = log2k[1] / params if log2k else None
+            row["facts_learned"], row["bits"] = len(learned), _sum_bits(learned, bits)
+            row["facts_per_1k_parameters"] = 1000 * len(learned) / params
+            row["bits_per_parameter"] = row["bits"] / params
+            row["bits_per_parameter_log2k"] = _sum_bits(learned, bits_log2k) / params
         for probe in PROBES:  # bits under each probe, at its own n*
             n = row.get(f"n_star_{probe}")
-            at = learned_bits(cell_dir(capacity.sweep, probe_cell(chain, n)), bits, probe) \
-                if n and n in probes else None
-            row[f"bits_per_parameter_{probe}"] = at[1] / params if at and params else None
+            at = (learned if probe == capacity.probe and n == n_lo else
+                  learned_facts(cell_dir(capacity.sweep, probe_cell(chain, n)), probe)
+                  if n and n in probes else None)
+            row[f"bits_per_parameter_{probe}"] = (_sum_bits(at, bits) / params
+                                                 if at is not None and params else None)
         rows.append(row)
     return rows
 
